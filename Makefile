@@ -1,0 +1,52 @@
+# The front door. `make demo` and `make test` work on a fresh clone with
+# nothing but Python 3.11+ installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTOS := $(wildcard protos/lmx/v1/*.proto)
+STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
+
+# torch: a CUDA build where an NVIDIA driver answers, else the CPU build
+# (torch==2.13.0 lies on disk on the project's machines). Override with
+# `make setup TORCH_SPEC=...`.
+TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
+
+.PHONY: setup proto test test-all demo bench lint clean admission status
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+proto: setup $(STUBS)
+
+lmx/v1/%_pb2.py: protos/lmx/v1/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+test: setup proto
+	$(PY) -m pytest -q
+
+test-all: setup proto
+	$(PY) -m pytest -q -m ''
+
+demo: setup proto
+	$(VENV)/bin/lmx demo
+
+bench: setup proto
+	$(PY) bench/admission.py
+
+admission: setup proto
+	$(VENV)/bin/lmx admission
+
+status: setup proto
+	$(VENV)/bin/lmx status
+
+lint: setup
+	$(PY) -m compileall -q services tests bench
+
+clean:
+	rm -rf $(VENV) lmx/v1/*_pb2*.py lmx/v1/*_pb2*.pyi .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""lmx.v1 protocol: generated from protos/lmx/v1 by `make proto`."""

@@ -1,0 +1,1 @@
+"""lmx services: admission, worker and kvstore, and what they share (common)."""

@@ -1,0 +1,1 @@
+"""Admission: the GPU memory book. Grants VRAM leases under a cap per device."""

@@ -1,0 +1,168 @@
+"""The admission core's asynchronous side: callers wait for grants here, and
+two background tasks keep the ledger current (lease expiry, device figures).
+
+The ledger is only ever touched from the event loop's thread, one call at a
+time, so its invariant needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from services.admission.devices import DeviceSource
+from services.admission.events import EventBus, Published
+from services.admission.ledger import DeviceView, Holder, Lease, Ledger, Purpose, Waiter
+from services.common.errors import CapacityExhausted, InvalidArgument
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    devices: list[DeviceView]
+    leases: list[Lease]
+    waiters: list[Waiter]
+    now: float
+
+
+class Broker:
+    def __init__(self, ledger: Ledger, source: DeviceSource, *, max_wait_s: float = 300.0,
+                 sweep_interval_s: float = 0.1, poll_interval_s: float = 1.0,
+                 bus: EventBus | None = None):
+        self.ledger = ledger
+        self.source = source
+        self.bus = bus or EventBus()
+        self.max_wait_s = max_wait_s
+        self.sweep_interval_s = sweep_interval_s
+        self.poll_interval_s = poll_interval_s
+        self._futures: dict[Waiter, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._clock = ledger.clock
+
+    # ---- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="lease-expiry"))
+        if any(view.memory.source == "nvml" for view in self.ledger.devices()):
+            self._tasks.append(asyncio.create_task(self._poll_loop(), name="device-poll"))
+
+    def drain(self) -> None:
+        self.bus.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.bus.close()
+        self.source.close()
+
+    # ---- requests --------------------------------------------------------
+    async def acquire(self, holder: Holder, num_bytes: int, purpose: Purpose, *,
+                      device: str | None = None, priority: int = 0, ttl_s: float = 0.0,
+                      wait_s: float = 0.0) -> Lease:
+        self._check_wait(wait_s)
+        waiter = self.ledger.acquire(holder, num_bytes, purpose, device, priority, ttl_s)
+        return await self._settle(waiter, wait_s)
+
+    async def resize(self, lease_id: str, epoch: int, num_bytes: int, *,
+                     wait_s: float = 0.0) -> Lease:
+        self._check_wait(wait_s)
+        result = self.ledger.resize(lease_id, epoch, num_bytes)
+        if isinstance(result, Lease):
+            self._publish()
+            return result
+        return await self._settle(result, wait_s)
+
+    def release(self, lease_id: str, epoch: int) -> Lease:
+        lease = self.ledger.release(lease_id, epoch)
+        self._publish()
+        return lease
+
+    def renew(self, lease_id: str, epoch: int) -> Lease:
+        lease = self.ledger.renew(lease_id, epoch)
+        self._publish()
+        return lease
+
+    def snapshot(self) -> Snapshot:
+        self.ledger.expire_due()
+        self._publish()
+        return Snapshot(self.ledger.devices(), self.ledger.leases(), self.ledger.waiters(),
+                        self._clock())
+
+    def watch(self) -> AsyncIterator[Published]:
+        return self.bus.subscribe()
+
+    # ---- internals -------------------------------------------------------
+    @staticmethod
+    def _check_wait(wait_s: float) -> None:
+        if wait_s < 0:
+            raise InvalidArgument("wait_ms", f"must not be negative, got {wait_s * 1000:.0f}")
+
+    async def _settle(self, waiter: Waiter, wait_s: float) -> Lease:
+        self._publish()
+        if waiter.lease is None and waiter.error is None:
+            future = asyncio.get_running_loop().create_future()
+            self._futures[waiter] = future
+            try:
+                async with asyncio.timeout(min(wait_s, self.max_wait_s)):
+                    await future
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                # The caller went away: give back what may have been granted
+                # meanwhile, or leave the queue.
+                granted = waiter.lease
+                if granted is not None and waiter.lease_id is None:
+                    self.ledger.release(granted.lease_id, granted.epoch)
+                elif granted is not None and self.ledger.holds(granted.lease_id):
+                    current = self.ledger.lease(granted.lease_id)
+                    self.ledger.resize(current.lease_id, current.epoch,
+                                       current.bytes - waiter.bytes)
+                self.ledger.cancel(waiter, "cancelled")
+                self._publish()
+                raise
+            finally:
+                self._futures.pop(waiter, None)
+        if waiter.lease is not None:
+            return waiter.lease
+        if waiter.error is not None:
+            raise waiter.error
+        shortfall = self.ledger.shortfall(waiter)
+        retry_after_s = self.ledger.retry_after_s(waiter)
+        self.ledger.cancel(waiter, "timed_out")
+        self._publish()
+        what = f"grow lease {waiter.lease_id} by" if waiter.lease_id else "grant"
+        raise CapacityExhausted(
+            f"cannot {what} {shortfall.requested_bytes} bytes on {shortfall.device}: "
+            f"{shortfall.free_bytes} free under the cap, {shortfall.missing_bytes} missing; "
+            f"retry in {retry_after_s:.1f}s or wait longer (wait_ms)",
+            shortfall, retry_after_s)
+
+    def _publish(self) -> None:
+        for waiter in self.ledger.drain_settled():
+            future = self._futures.get(waiter)
+            if future is not None and not future.done():
+                future.set_result(None)
+        for event in self.ledger.drain_events():
+            self.bus.publish(event)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            self.ledger.expire_due()
+            self._publish()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                memories = await asyncio.to_thread(self.source.read, self.ledger.leased_by_pid())
+            except Exception as exc:  # noqa: BLE001 - keep the last figures, say so
+                log.warning("device_poll_failed", error=str(exc))
+                continue
+            self.ledger.update_devices(memories)
+            self._publish()

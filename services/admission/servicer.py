@@ -1,0 +1,128 @@
+"""AdmissionService over gRPC: converts protobuf to domain values, calls one
+broker method per RPC, converts back. No logic of its own."""
+
+from __future__ import annotations
+
+import structlog
+
+from lmx.v1 import admission_pb2 as pb
+from lmx.v1 import admission_pb2_grpc
+from services.admission.broker import Broker
+from services.admission.events import Published
+from services.admission.ledger import DeviceView, EventKind, Holder, Lease, Purpose, Waiter
+from services.common.errors import InvalidArgument
+
+log = structlog.get_logger(__name__)
+
+PURPOSE_FROM_PB = {
+    pb.PURPOSE_WEIGHTS: Purpose.WEIGHTS,
+    pb.PURPOSE_KV: Purpose.KV,
+    pb.PURPOSE_WORKSPACE: Purpose.WORKSPACE,
+    pb.PURPOSE_OTHER: Purpose.OTHER,
+}
+PURPOSE_TO_PB = {value: key for key, value in PURPOSE_FROM_PB.items()}
+LEFT_REASON_TO_PB = {
+    "timed_out": pb.WaiterLeft.REASON_TIMED_OUT,
+    "cancelled": pb.WaiterLeft.REASON_CANCELLED,
+}
+
+
+def purpose_from_pb(value: int) -> Purpose:
+    purpose = PURPOSE_FROM_PB.get(value)
+    if purpose is None:
+        raise InvalidArgument("purpose", "is required: PURPOSE_WEIGHTS, PURPOSE_KV, "
+                              "PURPOSE_WORKSPACE or PURPOSE_OTHER")
+    return purpose
+
+
+def holder_from_pb(holder: pb.Holder, present: bool) -> Holder:
+    if not present:
+        raise InvalidArgument("holder", "is required: {name, pid}")
+    return Holder(holder.name, holder.pid)
+
+
+def lease_to_pb(lease: Lease, now: float) -> pb.Lease:
+    return pb.Lease(
+        lease_id=lease.lease_id, device=lease.device, bytes=lease.bytes, epoch=lease.epoch,
+        ttl_ms=round(lease.ttl_s * 1000),
+        holder=pb.Holder(name=lease.holder.name, pid=lease.holder.pid),
+        purpose=PURPOSE_TO_PB[lease.purpose], priority=lease.priority,
+        age_s=now - lease.granted_at, since_renewal_s=now - lease.renewed_at,
+        expires_in_ms=round((lease.expires_at - now) * 1000))
+
+
+def waiter_to_pb(waiter: Waiter, now: float) -> pb.Waiter:
+    return pb.Waiter(
+        waiter_id=waiter.waiter_id,
+        holder=pb.Holder(name=waiter.holder.name, pid=waiter.holder.pid),
+        device=waiter.device or "", bytes=waiter.bytes, purpose=PURPOSE_TO_PB[waiter.purpose],
+        priority=waiter.priority, waited_s=now - waiter.enqueued_at,
+        lease_id=waiter.lease_id or "")
+
+
+def device_to_pb(view: DeviceView) -> pb.DeviceStatus:
+    memory = view.memory
+    return pb.DeviceStatus(
+        device=memory.device, name=memory.name, uuid=memory.uuid,
+        total_bytes=memory.total_bytes, cap_fraction=view.cap_fraction,
+        cap_bytes=view.cap_bytes, foreign_bytes=memory.foreign_bytes,
+        budget_bytes=view.budget_bytes, leased_bytes=view.leased_bytes,
+        free_bytes=view.free_bytes, num_leases=view.num_leases,
+        num_waiting=view.num_waiting, source=memory.source)
+
+
+def event_to_pb(item: Published, now: float) -> pb.Event:
+    event = item.event
+    out = pb.Event(seq=item.seq, time_unix=item.time_unix, device=event.device)
+    lease = lease_to_pb(event.lease, now) if event.lease is not None else None
+    if event.kind is EventKind.GRANTED:
+        out.granted.CopyFrom(pb.LeaseGranted(lease=lease, waited_s=event.waited_s))
+    elif event.kind is EventKind.RESIZED:
+        out.resized.CopyFrom(pb.LeaseResized(lease=lease, old_bytes=event.old_bytes))
+    elif event.kind is EventKind.RELEASED:
+        out.released.CopyFrom(pb.LeaseReleased(lease=lease))
+    elif event.kind is EventKind.EXPIRED:
+        out.expired.CopyFrom(pb.LeaseExpired(lease=lease))
+    elif event.kind is EventKind.QUEUED:
+        out.queued.CopyFrom(pb.WaiterQueued(waiter=waiter_to_pb(event.waiter, now)))
+    elif event.kind is EventKind.LEFT:
+        out.left.CopyFrom(pb.WaiterLeft(waiter=waiter_to_pb(event.waiter, now),
+                                        reason=LEFT_REASON_TO_PB[event.reason]))
+    return out
+
+
+class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
+    def __init__(self, broker: Broker):
+        self.broker = broker
+
+    async def Acquire(self, request: pb.AcquireRequest, context) -> pb.AcquireResponse:
+        lease = await self.broker.acquire(
+            holder_from_pb(request.holder, request.HasField("holder")), request.bytes,
+            purpose_from_pb(request.purpose), device=request.device or None,
+            priority=request.priority, ttl_s=request.ttl_ms / 1000,
+            wait_s=request.wait_ms / 1000)
+        return pb.AcquireResponse(lease=lease_to_pb(lease, self.broker.ledger.clock()))
+
+    async def Resize(self, request: pb.ResizeRequest, context) -> pb.ResizeResponse:
+        lease = await self.broker.resize(request.lease_id, request.epoch, request.bytes,
+                                         wait_s=request.wait_ms / 1000)
+        return pb.ResizeResponse(lease=lease_to_pb(lease, self.broker.ledger.clock()))
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
+        lease = self.broker.release(request.lease_id, request.epoch)
+        return pb.ReleaseResponse(released_bytes=lease.bytes)
+
+    async def Renew(self, request: pb.RenewRequest, context) -> pb.RenewResponse:
+        lease = self.broker.renew(request.lease_id, request.epoch)
+        return pb.RenewResponse(lease=lease_to_pb(lease, self.broker.ledger.clock()))
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        snap = self.broker.snapshot()
+        return pb.StatusResponse(
+            devices=[device_to_pb(view) for view in snap.devices],
+            leases=[lease_to_pb(lease, snap.now) for lease in snap.leases],
+            waiters=[waiter_to_pb(waiter, snap.now) for waiter in snap.waiters])
+
+    async def Watch(self, request: pb.WatchRequest, context):
+        async for item in self.broker.watch():
+            yield event_to_pb(item, self.broker.ledger.clock())

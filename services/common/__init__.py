@@ -1,0 +1,1 @@
+"""What the lmx services share: settings, logging, errors, the server bootstrap."""

@@ -1,0 +1,131 @@
+"""The one server bootstrap shared by the lmx services.
+
+    aio server (+ the error-mapping interceptor)
+    -> health: every service NOT_SERVING
+    -> reflection
+    -> bind (a taken port is a clear error, never silently shared)
+    -> app.start()          (the service gets ready: devices, models, ...)
+    -> health SERVING, log "server_ready"
+    -> wait for SIGTERM / SIGINT
+    -> health NOT_SERVING, server.stop(grace), app.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import ConfigError
+from services.common.interceptors import ErrorMappingInterceptor
+
+log = structlog.get_logger(__name__)
+
+# 64 MiB: room for later chunked KV transfers; limits for hostile input are
+# per-RPC in the services.
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class App(Protocol):
+    """What a service hands to the bootstrap."""
+
+    #: Full names of the gRPC services it serves, e.g. "lmx.v1.AdmissionService".
+    service_names: Sequence[str]
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    def drain(self) -> None:
+        """Shutting down: end long-lived streams (Watch) so stop() need not
+        wait out the grace period for them."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Server:
+    """Runs one App on one address until asked to stop."""
+
+    def __init__(self, app: App, listen: str, grace_s: float = 5.0):
+        self.app = app
+        self.listen = listen
+        self.grace_s = grace_s
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind, get ready, turn health SERVING. Returns the bound port."""
+        server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                # A second server on a taken port must fail, not share it.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._server = server
+        self.app.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = list(self.app.service_names)
+        for name in ["", *names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+        try:
+            port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            raise ConfigError("listen", f"cannot listen on {self.listen}: {exc}",
+                              fix="is another server using that port? pass --listen HOST:PORT") from None
+        if not port:
+            raise ConfigError("listen", f"cannot listen on {self.listen}",
+                              fix="is another server using that port? pass --listen HOST:PORT")
+        self.port = port
+        await server.start()
+        await self.app.start()
+        for name in ["", *names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.listen.rpartition(":")[0]
+        log.info("server_ready", services=names, address=f"{host}:{port}")
+        return port
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, stop accepting, let calls finish for grace_s, close."""
+        log.info("server_stopping", grace_s=self.grace_s)
+        await self._health.enter_graceful_shutdown()
+        self.app.drain()
+        try:
+            if self._server is not None:
+                await self._server.stop(self.grace_s)
+        finally:
+            await self.app.close()
+        log.info("server_stopped")
+
+
+async def serve(app: App, listen: str, grace_s: float) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = Server(app, listen, grace_s)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    try:
+        await server.start()
+        await server.wait()
+    finally:
+        await server.stop()
