@@ -65,13 +65,14 @@ class Broker:
                       device: str | None = None, priority: int = 0, ttl_s: float = 0.0,
                       wait_s: float = 0.0) -> Lease:
         self._check_wait(wait_s)
-        waiter = self.ledger.acquire(holder, num_bytes, purpose, device, priority, ttl_s)
+        waiter = self.ledger.acquire(holder, num_bytes, purpose, device, priority, ttl_s,
+                                     wait=wait_s > 0)
         return await self._settle(waiter, wait_s)
 
     async def resize(self, lease_id: str, epoch: int, num_bytes: int, *,
                      wait_s: float = 0.0) -> Lease:
         self._check_wait(wait_s)
-        result = self.ledger.resize(lease_id, epoch, num_bytes)
+        result = self.ledger.resize(lease_id, epoch, num_bytes, wait=wait_s > 0)
         if isinstance(result, Lease):
             self._publish()
             return result
@@ -104,7 +105,7 @@ class Broker:
 
     async def _settle(self, waiter: Waiter, wait_s: float) -> Lease:
         self._publish()
-        if waiter.lease is None and waiter.error is None:
+        if waiter.lease is None and waiter.error is None and wait_s > 0:
             future = asyncio.get_running_loop().create_future()
             self._futures[waiter] = future
             try:
@@ -133,7 +134,7 @@ class Broker:
             raise waiter.error
         shortfall = self.ledger.shortfall(waiter)
         retry_after_s = self.ledger.retry_after_s(waiter)
-        self.ledger.cancel(waiter, "timed_out")
+        self.ledger.cancel(waiter, "timed_out")  # a no-op for one never queued (wait 0)
         self._publish()
         what = f"grow lease {waiter.lease_id} by" if waiter.lease_id else "grant"
         raise CapacityExhausted(

@@ -289,10 +289,12 @@ class Ledger:
 
     # ---- requests --------------------------------------------------------
     def acquire(self, holder: Holder, num_bytes: int, purpose: Purpose, device: str | None = None,
-                priority: int = 0, ttl_s: float = 0.0) -> Waiter:
+                priority: int = 0, ttl_s: float = 0.0, wait: bool = True) -> Waiter:
         """Queue a request for a new lease and serve the queue. The returned
         waiter has `lease` set if it was granted at once; otherwise it stays
-        queued until a later call settles it or `cancel` removes it."""
+        queued until a later call settles it or `cancel` removes it. With
+        wait=False a request that cannot be granted at once is not queued
+        (the returned waiter is left unsettled and outside the queue)."""
         self._check_holder(holder)
         devices = self._check_device(device)
         self._check_bytes(num_bytes, devices)
@@ -302,11 +304,12 @@ class Ledger:
             raise InvalidArgument("ttl_ms", f"must not be negative, got {ttl_s}")
         waiter = Waiter(uuid.uuid4().hex[:12], next(self._seq), holder, device or None,
                         num_bytes, purpose, priority, self.ttl.clamp(ttl_s), self.clock())
-        return self._enqueue(waiter)
+        return self._enqueue(waiter, wait)
 
-    def resize(self, lease_id: str, epoch: int, new_bytes: int) -> Waiter | Lease:
+    def resize(self, lease_id: str, epoch: int, new_bytes: int,
+               wait: bool = True) -> Waiter | Lease:
         """Shrink (or keep) at once and return the lease; a growth is queued
-        like an acquire and the waiter returned."""
+        like an acquire (`wait` as there) and the waiter returned."""
         lease = self._fenced(lease_id, epoch)
         self._check_bytes(new_bytes, [lease.device])
         if new_bytes <= lease.bytes:
@@ -317,7 +320,7 @@ class Ledger:
         waiter = Waiter(uuid.uuid4().hex[:12], next(self._seq), lease.holder, lease.device,
                         new_bytes - lease.bytes, lease.purpose, lease.priority, lease.ttl_s,
                         self.clock(), lease_id=lease_id)
-        return self._enqueue(waiter)
+        return self._enqueue(waiter, wait)
 
     def release(self, lease_id: str, epoch: int) -> Lease:
         lease = self._fenced(lease_id, epoch)
@@ -385,12 +388,17 @@ class Ledger:
         return settled
 
     # ---- internals -------------------------------------------------------
-    def _enqueue(self, waiter: Waiter) -> Waiter:
+    def _enqueue(self, waiter: Waiter, wait: bool) -> Waiter:
         index = bisect.bisect_right(self._queue_keys, waiter.sort_key)
         self._queue.insert(index, waiter)
         self._queue_keys.insert(index, waiter.sort_key)
         self._pump()
-        if waiter.lease is None and waiter.error is None:
+        if waiter.lease is None and waiter.error is None and not wait:
+            index = bisect.bisect_left(self._queue_keys, waiter.sort_key)
+            del self._queue[index]
+            del self._queue_keys[index]
+            self._pump()  # it may have blocked those behind it in that pass
+        elif waiter.lease is None and waiter.error is None:
             self._events.append(Event(EventKind.QUEUED, waiter.device or "", waiter=waiter))
             log.info("waiter_queued", waiter_id=waiter.waiter_id, holder=waiter.holder.name,
                      device=waiter.device, bytes=waiter.bytes, priority=waiter.priority,

@@ -1,0 +1,135 @@
+"""A small asyncio client for AdmissionService, used by the CLI, the demo and
+the other lmx services. Holds a lease alive with `keep_alive`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from google.rpc import error_details_pb2, status_pb2
+
+from lmx.v1 import admission_pb2 as pb
+from lmx.v1 import admission_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+PURPOSES = {"weights": pb.PURPOSE_WEIGHTS, "kv": pb.PURPOSE_KV,
+            "workspace": pb.PURPOSE_WORKSPACE, "other": pb.PURPOSE_OTHER}
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a refused call's rich status says."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] | None = None
+    retry_after_s: float | None = None
+    field: str = ""
+
+
+def error_details(exc: grpc.aio.AioRpcError) -> ErrorDetails:
+    reason, metadata, retry, field = "", None, None, ""
+    for key, value in exc.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for any_detail in status.details:
+            if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                any_detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif any_detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                any_detail.Unpack(info)
+                retry = info.retry_delay.ToNanoseconds() / 1e9
+            elif any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                info = error_details_pb2.BadRequest()
+                any_detail.Unpack(info)
+                if info.field_violations:
+                    field = info.field_violations[0].field
+    return ErrorDetails(exc.code(), exc.details() or "", reason, metadata, retry, field)
+
+
+class AdmissionClient:
+    def __init__(self, address: str, *, timeout_s: float = 30.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address)
+        self.stub = admission_pb2_grpc.AdmissionServiceStub(self._channel)
+
+    async def __aenter__(self) -> AdmissionClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+
+    async def acquire(self, holder: str, num_bytes: int, purpose: str = "other", *,
+                      device: str = "", priority: int = 0, wait_s: float = 0.0,
+                      ttl_s: float = 0.0, pid: int | None = None) -> pb.Lease:
+        request = pb.AcquireRequest(
+            holder=pb.Holder(name=holder, pid=os.getpid() if pid is None else pid),
+            device=device, bytes=num_bytes, purpose=PURPOSES[purpose], priority=priority,
+            wait_ms=round(wait_s * 1000), ttl_ms=round(ttl_s * 1000))
+        response = await self.stub.Acquire(request, timeout=self.timeout_s + wait_s)
+        return response.lease
+
+    async def resize(self, lease: pb.Lease, num_bytes: int, *, wait_s: float = 0.0) -> pb.Lease:
+        response = await self.stub.Resize(
+            pb.ResizeRequest(lease_id=lease.lease_id, epoch=lease.epoch, bytes=num_bytes,
+                             wait_ms=round(wait_s * 1000)), timeout=self.timeout_s + wait_s)
+        return response.lease
+
+    async def release(self, lease: pb.Lease) -> int:
+        response = await self.stub.Release(
+            pb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch), timeout=self.timeout_s)
+        return response.released_bytes
+
+    async def renew(self, lease: pb.Lease) -> pb.Lease:
+        response = await self.stub.Renew(
+            pb.RenewRequest(lease_id=lease.lease_id, epoch=lease.epoch), timeout=self.timeout_s)
+        return response.lease
+
+    async def status(self) -> pb.StatusResponse:
+        return await self.stub.Status(pb.StatusRequest(), timeout=self.timeout_s)
+
+    async def watch(self) -> AsyncIterator[pb.Event]:
+        async for event in self.stub.Watch(pb.WatchRequest()):
+            yield event
+
+    def keep_alive(self, lease: pb.Lease,
+                   on_lost: Callable[[ErrorDetails], None] | None = None) -> asyncio.Task:
+        """Renew `lease` every third of its TTL until the task is cancelled.
+        If admission says the lease is gone (expired, unknown), call `on_lost`
+        and stop: the holder must stop using the memory."""
+
+        async def renew_forever() -> None:
+            period = max(0.05, lease.ttl_ms / 3000)
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await self.renew(lease)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                      grpc.StatusCode.NOT_FOUND):
+                        details = error_details(exc)
+                        log.warning("lease_lost", lease_id=lease.lease_id, reason=details.reason,
+                                    message=details.message)
+                        if on_lost is not None:
+                            on_lost(details)
+                        return
+                    log.warning("lease_renew_failed", lease_id=lease.lease_id,
+                                code=exc.code().name)
+
+        return asyncio.create_task(renew_forever(), name=f"keep-alive-{lease.lease_id}")

@@ -1,0 +1,99 @@
+"""The `lmx` command: one front door to the services and their tools.
+
+    lmx admission [flags]      the admission server (python -m services.admission)
+    lmx status [--json]        who holds which GPU memory
+    lmx watch                  admission's events as they happen
+    lmx demo                   the main job: see `lmx demo --help`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+ADMISSION_ENV = "LMX_ADMISSION_ADDRESS"
+DEFAULT_ADMISSION = "127.0.0.1:50051"
+
+
+def _admission_address(args: argparse.Namespace) -> str:
+    return args.admission or os.environ.get(ADMISSION_ENV) or DEFAULT_ADMISSION
+
+
+async def _status(address: str, as_json: bool) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from services.admission.client import AdmissionClient
+    from services.admission.table import render_status
+
+    async with AdmissionClient(address, timeout_s=5) as admission:
+        try:
+            status = await admission.status()
+        except grpc.aio.AioRpcError as exc:
+            print(f"lmx status: cannot reach admission at {address}: {exc.code().name} "
+                  f"({exc.details()}); is it running? (lmx admission, or --admission HOST:PORT)",
+                  file=sys.stderr)
+            return 1
+    if as_json:
+        print(json.dumps(json_format.MessageToDict(status, preserving_proto_field_name=True),
+                         indent=2))
+    else:
+        print(render_status(status))
+    return 0
+
+
+async def _watch(address: str) -> int:
+    import grpc
+
+    from services.admission.client import AdmissionClient
+    from services.admission.table import render_event
+
+    async with AdmissionClient(address) as admission:
+        try:
+            async for event in admission.watch():
+                print(f"{event.seq:>6}  {render_event(event)}", flush=True)
+        except grpc.aio.AioRpcError as exc:
+            print(f"lmx watch: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="lmx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("admission", help="run the admission server (flags: lmx admission -h)",
+                        add_help=False)
+    status = commands.add_parser("status", help="show who holds which GPU memory")
+    status.add_argument("--admission", metavar="HOST:PORT",
+                        help=f"admission's address (or {ADMISSION_ENV}; default {DEFAULT_ADMISSION})")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    watch = commands.add_parser("watch", help="print admission's events as they happen")
+    watch.add_argument("--admission", metavar="HOST:PORT")
+    commands.add_parser("demo", help="run the demo (flags: lmx demo -h)", add_help=False)
+
+    if argv and argv[0] == "admission":
+        from services.admission.main import main as admission_main
+        return admission_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from services.demo import main as demo_main
+        return demo_main(argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "status":
+            return asyncio.run(_status(_admission_address(args), args.json))
+        if args.command == "watch":
+            return asyncio.run(_watch(_admission_address(args)))
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
