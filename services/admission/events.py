@@ -39,7 +39,10 @@ class EventBus:
         return len(self._subscribers)
 
     def publish(self, event: Event) -> None:
-        item = Published(next(self._seq), time.time(), event)
+        seq = next(self._seq)  # numbered even when nobody watches
+        if not self._subscribers:
+            return
+        item = Published(seq, time.time(), event)
         for queue in self._subscribers:
             try:
                 queue.put_nowait(item)

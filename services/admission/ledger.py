@@ -18,8 +18,8 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import random
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -174,6 +174,10 @@ class Ledger:
         self._epoch = epoch_start if epoch_start is not None else time.time_ns() // 1000
         self._events: list[Event] = []
         self._settled: list[Waiter] = []
+        # Lease and waiter ids: random hex digits, seeded from os.urandom.
+        # Cheaper than uuid4 (no system call per id); they identify, they are
+        # not secrets (a lease is fenced by its epoch).
+        self._ids = random.Random()
 
     # ---- queries -------------------------------------------------------
     def cap_bytes(self, device: str) -> int:
@@ -302,7 +306,7 @@ class Ledger:
             raise InvalidArgument("priority", f"must be within {PRIORITY_RANGE}, got {priority}")
         if ttl_s < 0:
             raise InvalidArgument("ttl_ms", f"must not be negative, got {ttl_s}")
-        waiter = Waiter(uuid.uuid4().hex[:12], next(self._seq), holder, device or None,
+        waiter = Waiter(self._new_id(12), next(self._seq), holder, device or None,
                         num_bytes, purpose, priority, self.ttl.clamp(ttl_s), self.clock())
         return self._enqueue(waiter, wait)
 
@@ -312,12 +316,17 @@ class Ledger:
         like an acquire (`wait` as there) and the waiter returned."""
         lease = self._fenced(lease_id, epoch)
         self._check_bytes(new_bytes, [lease.device])
+        if any(waiter.lease_id == lease_id for waiter in self._queue):
+            # One resize at a time: a growth waits for a fixed number of bytes.
+            raise FailedPrecondition(
+                f"lease {lease_id!r} already has a growth waiting in the queue; wait for it "
+                "to be granted or to time out", reason="RESIZE_PENDING")
         if new_bytes <= lease.bytes:
             if new_bytes < lease.bytes:
                 self._set_bytes(lease, new_bytes)
                 self._pump()
             return self._leases[lease_id]
-        waiter = Waiter(uuid.uuid4().hex[:12], next(self._seq), lease.holder, lease.device,
+        waiter = Waiter(self._new_id(12), next(self._seq), lease.holder, lease.device,
                         new_bytes - lease.bytes, lease.purpose, lease.priority, lease.ttl_s,
                         self.clock(), lease_id=lease_id)
         return self._enqueue(waiter, wait)
@@ -358,8 +367,8 @@ class Ledger:
         now = self.clock()
         due = [lease for lease in self._leases.values() if lease.expires_at <= now]
         for lease in due:
+            self._expired[lease.lease_id] = lease  # first: a growth still queued fails as expired
             self._drop(lease)
-            self._expired[lease.lease_id] = lease
             while len(self._expired) > EXPIRED_REMEMBERED:
                 self._expired.popitem(last=False)
             self._events.append(Event(EventKind.EXPIRED, lease.device, lease=lease))
@@ -388,6 +397,13 @@ class Ledger:
         return settled
 
     # ---- internals -------------------------------------------------------
+    def _overdue(self, lease_id: str) -> bool:
+        lease = self._leases.get(lease_id)
+        return lease is not None and lease.expires_at <= self.clock()
+
+    def _new_id(self, num_digits: int) -> str:
+        return f"{self._ids.getrandbits(4 * num_digits):0{num_digits}x}"
+
     def _enqueue(self, waiter: Waiter, wait: bool) -> Waiter:
         index = bisect.bisect_right(self._queue_keys, waiter.sort_key)
         self._queue.insert(index, waiter)
@@ -413,6 +429,9 @@ class Ledger:
         while index < len(self._queue) and len(blocked) < len(self._devices):
             waiter = self._queue[index]
             candidates = [waiter.device] if waiter.device else list(self._devices)
+            if waiter.lease_id is not None and self._overdue(waiter.lease_id):
+                index += 1  # its lease lapsed: the sweep expires it and fails the growth
+                continue
             open_devices = [d for d in candidates if d not in blocked]
             fitting = [d for d in open_devices if self.free_bytes(d) >= waiter.bytes]
             if not fitting:
@@ -429,7 +448,7 @@ class Ledger:
         now = self.clock()
         if waiter.lease_id is None:
             self._epoch += 1
-            lease = Lease(f"lease-{uuid.uuid4().hex[:16]}", device, waiter.bytes, self._epoch,
+            lease = Lease(f"lease-{self._new_id(16)}", device, waiter.bytes, self._epoch,
                           waiter.ttl_s, waiter.holder, waiter.purpose, waiter.priority, now, now)
             self._store(lease)
             self._events.append(Event(EventKind.GRANTED, device, lease=lease,
@@ -471,6 +490,12 @@ class Ledger:
             if waiter.lease_id == lease.lease_id:
                 del self._queue[index]
                 del self._queue_keys[index]
-                waiter.error = NotFound("lease", lease.lease_id,
-                                        "it was released or expired while the resize waited")
+                if lease.lease_id in self._expired:
+                    waiter.error = FailedPrecondition(
+                        f"lease {lease.lease_id!r} expired while the resize waited (not renewed "
+                        "within its TTL): stop using it and acquire a new lease",
+                        reason="LEASE_EXPIRED")
+                else:
+                    waiter.error = NotFound("lease", lease.lease_id,
+                                            "it was released while the resize waited")
                 self._settled.append(waiter)

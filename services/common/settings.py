@@ -101,6 +101,9 @@ def load(cls: type[T], service: str, argv: Sequence[str] | None = None,
             raise ConfigError("config", f"cannot read {config_path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{config_path} is not valid TOML: {exc}") from None
+        if not isinstance(table, dict):
+            raise ConfigError(service, f"{config_path}: {service} must be a table",
+                              fix=f"write the settings under a [{service}] line")
         known = {f.name: f for f in dataclasses.fields(cls)}
         for key, raw in table.items():
             name = key.replace("-", "_")
