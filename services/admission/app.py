@@ -39,7 +39,7 @@ class AdmissionApp:
         admission_pb2_grpc.add_AdmissionServiceServicer_to_server(
             AdmissionServicer(self.broker), server)
 
-    async def start(self) -> None:
+    async def start(self, address: str) -> None:
         await self.broker.start()
 
     def drain(self) -> None:

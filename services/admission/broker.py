@@ -16,7 +16,8 @@ import structlog
 from services.admission.devices import DeviceSource
 from services.admission.events import EventBus, Published
 from services.admission.ledger import DeviceView, Holder, Lease, Ledger, Purpose, Waiter
-from services.common.errors import CapacityExhausted, InvalidArgument
+from services.admission.registry import WorkerRecord, WorkerRegistry
+from services.common.errors import CapacityExhausted, InvalidArgument, LmxError
 
 log = structlog.get_logger(__name__)
 
@@ -26,6 +27,7 @@ class Snapshot:
     devices: list[DeviceView]
     leases: list[Lease]
     waiters: list[Waiter]
+    workers: list[WorkerRecord]
     now: float
 
 
@@ -36,6 +38,7 @@ class Broker:
         self.ledger = ledger
         self.source = source
         self.bus = bus or EventBus()
+        self.registry = WorkerRegistry(ledger.clock, max_ttl_s=ledger.ttl.max_s)
         self.max_wait_s = max_wait_s
         self.sweep_interval_s = sweep_interval_s
         self.poll_interval_s = poll_interval_s
@@ -72,27 +75,33 @@ class Broker:
     async def resize(self, lease_id: str, epoch: int, num_bytes: int, *,
                      wait_s: float = 0.0) -> Lease:
         self._check_wait(wait_s)
-        result = self.ledger.resize(lease_id, epoch, num_bytes, wait=wait_s > 0)
+        try:
+            result = self.ledger.resize(lease_id, epoch, num_bytes, wait=wait_s > 0)
+        except LmxError:
+            self._publish()
+            raise
         if isinstance(result, Lease):
             self._publish()
             return result
         return await self._settle(result, wait_s)
 
     def release(self, lease_id: str, epoch: int) -> Lease:
-        lease = self.ledger.release(lease_id, epoch)
-        self._publish()
-        return lease
+        try:
+            return self.ledger.release(lease_id, epoch)
+        finally:  # also when it failed because the lease just expired
+            self._publish()
 
     def renew(self, lease_id: str, epoch: int) -> Lease:
-        lease = self.ledger.renew(lease_id, epoch)
-        self._publish()
-        return lease
+        try:
+            return self.ledger.renew(lease_id, epoch)
+        finally:
+            self._publish()
 
     def snapshot(self) -> Snapshot:
         self.ledger.expire_due()
         self._publish()
         return Snapshot(self.ledger.devices(), self.ledger.leases(), self.ledger.waiters(),
-                        self._clock())
+                        self.registry.workers(), self._clock())
 
     def watch(self) -> AsyncIterator[Published]:
         return self.bus.subscribe()
@@ -121,8 +130,12 @@ class Broker:
                     self.ledger.release(granted.lease_id, granted.epoch)
                 elif granted is not None and self.ledger.holds(granted.lease_id):
                     current = self.ledger.lease(granted.lease_id)
-                    self.ledger.resize(current.lease_id, current.epoch,
-                                       current.bytes - waiter.bytes)
+                    try:
+                        self.ledger.resize(current.lease_id, current.epoch,
+                                           current.bytes - waiter.bytes)
+                    except LmxError as exc:  # the caller is gone either way
+                        log.warning("resize_rollback_failed", lease_id=current.lease_id,
+                                    error=exc.message)
                 self.ledger.cancel(waiter, "cancelled")
                 self._publish()
                 raise
@@ -155,6 +168,7 @@ class Broker:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             self.ledger.expire_due()
+            self.registry.expire_due()
             self._publish()
 
     async def _poll_loop(self) -> None:

@@ -101,6 +101,20 @@ class AdmissionClient:
             pb.RenewRequest(lease_id=lease.lease_id, epoch=lease.epoch), timeout=self.timeout_s)
         return response.lease
 
+    async def register_worker(self, info: pb.WorkerInfo, ttl_s: float) -> None:
+        await self.stub.RegisterWorker(
+            pb.RegisterWorkerRequest(worker=info, ttl_ms=round(ttl_s * 1000)),
+            timeout=self.timeout_s)
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self.stub.UnregisterWorker(pb.UnregisterWorkerRequest(worker_id=worker_id),
+                                         timeout=self.timeout_s)
+
+    async def list_workers(self, model: str = "") -> list[pb.WorkerInfo]:
+        response = await self.stub.ListWorkers(pb.ListWorkersRequest(model=model),
+                                               timeout=self.timeout_s)
+        return list(response.workers)
+
     async def status(self) -> pb.StatusResponse:
         return await self.stub.Status(pb.StatusRequest(), timeout=self.timeout_s)
 

@@ -10,6 +10,7 @@ from lmx.v1 import admission_pb2_grpc
 from services.admission.broker import Broker
 from services.admission.events import Published
 from services.admission.ledger import DeviceView, EventKind, Holder, Lease, Purpose, Waiter
+from services.admission.registry import WorkerRecord
 from services.common.errors import InvalidArgument
 
 log = structlog.get_logger(__name__)
@@ -71,6 +72,22 @@ def device_to_pb(view: DeviceView) -> pb.DeviceStatus:
         num_waiting=view.num_waiting, source=memory.source)
 
 
+WORKER_STATE_TO_PB = {
+    "waiting": pb.WORKER_STATE_WAITING,
+    "loading": pb.WORKER_STATE_LOADING,
+    "ready": pb.WORKER_STATE_READY,
+    "stopping": pb.WORKER_STATE_STOPPING,
+}
+WORKER_STATE_FROM_PB = {value: key for key, value in WORKER_STATE_TO_PB.items()}
+
+
+def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
+    return pb.WorkerInfo(worker_id=record.worker_id, model=record.model, address=record.address,
+                         state=WORKER_STATE_TO_PB[record.state], pid=record.pid,
+                         device=record.device, num_sessions=record.num_sessions,
+                         updated_s_ago=now - record.updated_at)
+
+
 def event_to_pb(item: Published, now: float) -> pb.Event:
     event = item.event
     out = pb.Event(seq=item.seq, time_unix=item.time_unix, device=event.device)
@@ -121,8 +138,33 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         return pb.StatusResponse(
             devices=[device_to_pb(view) for view in snap.devices],
             leases=[lease_to_pb(lease, snap.now) for lease in snap.leases],
-            waiters=[waiter_to_pb(waiter, snap.now) for waiter in snap.waiters])
+            waiters=[waiter_to_pb(waiter, snap.now) for waiter in snap.waiters],
+            workers=[worker_to_pb(record, snap.now) for record in snap.workers])
 
     async def Watch(self, request: pb.WatchRequest, context):
         async for item in self.broker.watch():
             yield event_to_pb(item, self.broker.ledger.clock())
+
+    async def RegisterWorker(self, request: pb.RegisterWorkerRequest,
+                             context) -> pb.RegisterWorkerResponse:
+        if not request.HasField("worker"):
+            raise InvalidArgument("worker", "is required")
+        info = request.worker
+        state = WORKER_STATE_FROM_PB.get(info.state)
+        if state is None:
+            raise InvalidArgument("worker.state", "is required: WORKER_STATE_WAITING, _LOADING, "
+                                  "_READY or _STOPPING")
+        self.broker.registry.register(
+            info.worker_id, info.model, info.address, state, pid=info.pid, device=info.device,
+            num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000)
+        return pb.RegisterWorkerResponse()
+
+    async def UnregisterWorker(self, request: pb.UnregisterWorkerRequest,
+                               context) -> pb.UnregisterWorkerResponse:
+        self.broker.registry.unregister(request.worker_id)
+        return pb.UnregisterWorkerResponse()
+
+    async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
+        now = self.broker.ledger.clock()
+        return pb.ListWorkersResponse(workers=[worker_to_pb(record, now) for record in
+                                               self.broker.registry.workers(request.model)])

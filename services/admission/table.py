@@ -34,6 +34,13 @@ def render_status(status: pb.StatusResponse) -> str:
               f"{lease.expires_in_ms / 1000:.1f}s"] for lease in status.leases])
     else:
         lines.append("no leases")
+    if status.workers:
+        lines.append("")
+        lines += _table(
+            ["WORKER", "MODEL", "ADDRESS", "STATE", "DEVICE", "SESSIONS", "SEEN"],
+            [[w.worker_id, w.model, w.address,
+              pb.WorkerState.Name(w.state).removeprefix("WORKER_STATE_").lower(), w.device,
+              str(w.num_sessions), f"{w.updated_s_ago:.1f}s ago"] for w in status.workers])
     if status.waiters:
         lines.append("")
         lines += _table(

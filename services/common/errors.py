@@ -38,6 +38,14 @@ class NotFound(LmxError):
         self.ident = ident
 
 
+class PermissionDenied(LmxError):
+    """The caller may not touch this object (a session's token does not match)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class FailedPrecondition(LmxError):
     """The request is well formed but the state forbids it: a stale epoch, an
     expired lease. The caller must not keep using what it held."""

@@ -40,7 +40,9 @@ class App(Protocol):
 
     def register(self, server: grpc.aio.Server) -> None: ...
 
-    async def start(self) -> None: ...
+    async def start(self, address: str) -> None:
+        """Get ready to serve; `address` is where the server listens."""
+        ...
 
     def drain(self) -> None:
         """Shutting down: end long-lived streams (Watch) so stop() need not
@@ -92,10 +94,10 @@ class Server:
                               fix="is another server using that port? pass --listen HOST:PORT")
         self.port = port
         await server.start()
-        await self.app.start()
+        host = self.listen.rpartition(":")[0]
+        await self.app.start(f"{host}:{port}")
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        host = self.listen.rpartition(":")[0]
         log.info("server_ready", services=names, address=f"{host}:{port}")
         return port
 

@@ -1,0 +1,85 @@
+"""Which worker serves which model where: workers register (and re-register
+as a heartbeat), clients look a model's workers up. An entry not refreshed
+within its TTL is dropped, so a dead worker disappears by itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from services.common.errors import InvalidArgument, NotFound
+from services.common.units import parse_address
+
+log = structlog.get_logger(__name__)
+
+WORKER_STATES = ("waiting", "loading", "ready", "stopping")
+MAX_FIELD_CHARS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    worker_id: str
+    model: str
+    address: str
+    state: str
+    pid: int
+    device: str
+    num_sessions: int
+    ttl_s: float
+    updated_at: float
+
+
+class WorkerRegistry:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_ttl_s: float = 3600.0):
+        self.clock = clock
+        self.max_ttl_s = max_ttl_s
+        self._workers: dict[str, WorkerRecord] = {}
+
+    def register(self, worker_id: str, model: str, address: str, state: str, *, pid: int = 0,
+                 device: str = "", num_sessions: int = 0, ttl_s: float = 10.0) -> WorkerRecord:
+        for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
+                            ("worker.address", address)):
+            if not value or len(value) > MAX_FIELD_CHARS or not value.isprintable():
+                raise InvalidArgument(name, f"is required: printable, at most {MAX_FIELD_CHARS} chars")
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise InvalidArgument("worker.address", str(exc)) from None
+        if state not in WORKER_STATES:
+            raise InvalidArgument("worker.state", f"must be one of {', '.join(WORKER_STATES)}")
+        if not 0 < ttl_s <= self.max_ttl_s:
+            raise InvalidArgument("ttl_ms", f"must be in (0, {self.max_ttl_s * 1000:.0f}]")
+        if num_sessions < 0 or pid < 0:
+            raise InvalidArgument("worker.num_sessions", "counts must not be negative")
+        previous = self._workers.get(worker_id)
+        record = WorkerRecord(worker_id, model, address, state, pid, device, num_sessions, ttl_s,
+                              self.clock())
+        self._workers[worker_id] = record
+        if previous is None or previous.state != state:
+            log.info("worker_registered", worker_id=worker_id, model=model, address=address,
+                     state=state, device=device)
+        return record
+
+    def unregister(self, worker_id: str) -> WorkerRecord:
+        record = self._workers.pop(worker_id, None)
+        if record is None:
+            raise NotFound("worker", worker_id, "it unregistered or its registration expired")
+        log.info("worker_unregistered", worker_id=worker_id, model=record.model)
+        return record
+
+    def expire_due(self) -> list[WorkerRecord]:
+        now = self.clock()
+        due = [r for r in self._workers.values() if r.updated_at + r.ttl_s <= now]
+        for record in due:
+            del self._workers[record.worker_id]
+            log.warning("worker_registration_expired", worker_id=record.worker_id,
+                        model=record.model, address=record.address)
+        return due
+
+    def workers(self, model: str = "") -> list[WorkerRecord]:
+        self.expire_due()
+        return sorted((r for r in self._workers.values() if not model or r.model == model),
+                      key=lambda r: (r.model, r.worker_id))

@@ -1,0 +1,1 @@
+"""Worker: serves one model to many agent sessions inside its admission lease."""

@@ -1,0 +1,224 @@
+"""The worker as an App for the shared server bootstrap.
+
+Start-up, in order: register with admission (state "waiting"), convert the
+model into the cache if needed, count the weights' bytes without loading
+them, create the CUDA context and measure it, acquire a lease for weights +
+overhead + workspace (waiting in admission's queue, visibly, if it does not
+fit), load the weights once (state "loading"), on CUDA measure the real
+workspace with a full-size warm-up step and resize the lease to it, then
+serve (state "ready"). A heartbeat re-registers every TTL/3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import grpc
+import structlog
+import torch
+
+from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
+from services.admission.client import AdmissionClient
+from services.common.errors import FailedPrecondition
+from services.worker import device as devices
+from services.worker.core import WorkerCore
+from services.worker.engine import Engine, Failed, Finished
+from services.worker.memory import AdmissionMemory, FixedMemory, Memory
+from services.worker.models import LoadedModel, default_cache_dir, estimate_weight_bytes, load_model
+from services.worker.sampling import SamplingParams
+from services.worker.servicer import WorkerServicer
+from services.worker.sessions import SessionTable
+from services.worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+STATE_TO_PB = {"waiting": admission_pb2.WORKER_STATE_WAITING,
+               "loading": admission_pb2.WORKER_STATE_LOADING,
+               "ready": admission_pb2.WORKER_STATE_READY,
+               "stopping": admission_pb2.WORKER_STATE_STOPPING}
+
+
+def workspace_estimate(loaded_config, tokens: int, rows: int, itemsize: int) -> int:
+    """Activations of one step of `tokens` tokens, generously: a few hidden
+    and MLP-wide tensors per token, attention scores, and fp32 logits."""
+    config = loaded_config.get_text_config()
+    per_token = (8 * config.hidden_size + 4 * config.intermediate_size) * itemsize
+    scores = config.num_attention_heads * tokens * tokens * 4
+    logits = rows * config.vocab_size * 4 * 2
+    return tokens * per_token + scores + logits
+
+
+class WorkerApp:
+    service_names = (SERVICE_NAME,)
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.device = devices.resolve_device(settings.device)
+        self.dtype = devices.resolve_dtype(settings.dtype, self.device)
+        self.cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        self.state = "waiting"
+        self.address = ""
+        self.admission_device = ""
+        self.overhead_bytes = 0
+        self.loaded: LoadedModel | None = None
+        self.engine: Engine | None = None
+        self.core: WorkerCore | None = None
+        self.sessions = SessionTable(settings.max_sessions)
+        self.admission: AdmissionClient | None = None
+        self.memory: Memory | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self.worker_id = ""
+
+    # ---- App -------------------------------------------------------------
+    def register(self, server: grpc.aio.Server) -> None:
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self._core, self.status_pb), server)
+
+    async def start(self, address: str) -> None:
+        settings = self.settings
+        self.address = settings.advertise or address
+        self.worker_id = f"{settings.model}@{self.address}"
+        if settings.admission == "none":
+            self.memory = FixedMemory(settings.budget)
+            self.admission_device = "local"
+        else:
+            self.admission = AdmissionClient(settings.admission, timeout_s=10)
+            try:
+                status = await self.admission.status()
+            except grpc.aio.AioRpcError as exc:
+                raise FailedPrecondition(
+                    f"cannot reach admission at {settings.admission}: {exc.code().name}; start it "
+                    "first (lmx admission), or run with --admission none",
+                    reason="ADMISSION_UNREACHABLE") from None
+            self.admission_device = (settings.admission_device
+                                     or devices.admission_device_id(self.device, status.devices))
+            self.memory = AdmissionMemory(self.admission, f"worker/{settings.model}",
+                                          self.admission_device, ttl_s=settings.lease_ttl_s)
+            self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("worker_starting", model=settings.model, device=str(self.device),
+                 dtype=str(self.dtype).removeprefix("torch."), admission=settings.admission,
+                 admission_device=self.admission_device)
+
+        weight_bytes = await asyncio.to_thread(estimate_weight_bytes, settings.model, self.cache,
+                                               self.dtype)
+        workspace = 0
+        if self.device.type == "cuda":
+            self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
+            from services.worker.models import model_config
+            config, _ = await asyncio.to_thread(model_config, settings.model, self.cache)
+            workspace = workspace_estimate(config, settings.max_prefill_tokens, settings.max_batch,
+                                           torch.empty((), dtype=self.dtype).element_size())
+        base = weight_bytes + self.overhead_bytes + workspace
+        log.info("worker_lease_needed", weight_bytes=weight_bytes,
+                 overhead_bytes=self.overhead_bytes, workspace_bytes=workspace, bytes=base)
+        await self.memory.acquire_base(base)
+
+        self._set_state("loading")
+        self.loaded = await asyncio.to_thread(
+            load_model, settings.model, cache=self.cache, device=self.device, dtype=self.dtype,
+            max_context=settings.max_context)
+        self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
+                             chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
+                             max_batch=settings.max_batch,
+                             max_prefill_tokens=settings.max_prefill_tokens)
+        self.engine.start()
+        self.core = WorkerCore(self.loaded, self.engine, self.sessions)
+        if self.device.type == "cuda":
+            await self._measure_workspace()
+        self._set_state("ready")
+
+    def drain(self) -> None:
+        self._set_state("stopping")
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.memory is not None:
+            await self.memory.close()
+        if self.admission is not None:
+            try:
+                await self.admission.unregister_worker(self.worker_id)
+            except grpc.aio.AioRpcError:
+                pass
+            await self.admission.close()
+
+    # ---- internals -------------------------------------------------------
+    def _core(self) -> WorkerCore:
+        if self.core is None or self.state != "ready":
+            raise FailedPrecondition(f"the worker is {self.state}, not ready yet",
+                                     reason="NOT_READY")
+        return self.core
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        log.info("worker_state", state=state, worker_id=self.worker_id)
+        if self._heartbeat is not None:
+            asyncio.ensure_future(self._register())
+
+    async def _register(self) -> None:
+        if self.admission is None:
+            return
+        info = admission_pb2.WorkerInfo(
+            worker_id=self.worker_id, model=self.settings.model, address=self.address,
+            state=STATE_TO_PB[self.state], pid=os.getpid(), device=self.admission_device,
+            num_sessions=len(self.sessions))
+        try:
+            await self.admission.register_worker(info, ttl_s=self.settings.lease_ttl_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("worker_register_failed", code=exc.code().name, message=exc.details())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._register()
+            await asyncio.sleep(self.settings.lease_ttl_s / 3)
+
+    async def _measure_workspace(self) -> None:
+        """Run one full-size prefill, then size the base lease to the peak
+        the allocator really reserved beyond weights and KV."""
+        assert self.core is not None and self.engine is not None and self.loaded is not None
+        tokens = min(self.settings.max_prefill_tokens, self.loaded.max_context - 2)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        session = self.core.open_session().session
+        prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
+        request = self.engine.submit_tokens(session, SamplingParams(max_tokens=1), prompt_ids)
+        while True:
+            event = await request.out.get()
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Finished):
+                break
+        kv_bytes = self.engine.storage.num_bytes
+        peak = torch.cuda.max_memory_reserved(self.device)
+        self.core.close_session(session.session_id, session.token)
+        workspace = max(0, peak - self.loaded.weight_bytes - kv_bytes)
+        base = self.loaded.weight_bytes + self.overhead_bytes + int(workspace * 1.1)
+        log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_bytes,
+                 workspace_bytes=workspace, base_lease_bytes=base)
+        await self.memory.resize_base(base)
+
+    def status_pb(self) -> worker_pb2.GetStatusResponse:
+        granted = self.memory.granted() if self.memory is not None else {}
+        reply = worker_pb2.GetStatusResponse(
+            model=self.settings.model, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."), state=self.state,
+            num_sessions=len(self.sessions), overhead_bytes=self.overhead_bytes,
+            leased_bytes=sum(granted.values()))
+        if self.loaded is not None and self.engine is not None:
+            stats = self.engine.stats()
+            if self.device.type == "cuda":
+                held = torch.cuda.memory_reserved(self.device) + self.overhead_bytes
+            else:
+                held = self.loaded.weight_bytes + stats.kv_bytes
+            reply.MergeFrom(worker_pb2.GetStatusResponse(
+                num_running=stats.num_running, num_waiting=stats.num_waiting,
+                weight_bytes=self.loaded.weight_bytes, kv_bytes=stats.kv_bytes,
+                kv_blocks=stats.num_blocks, kv_blocks_used=stats.num_used_blocks,
+                block_size=self.settings.block_size, held_bytes=held, steps=stats.steps,
+                tokens_generated=stats.tokens_generated, max_context=self.loaded.max_context))
+        return reply

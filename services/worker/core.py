@@ -1,0 +1,86 @@
+"""The worker's core: sessions and generation over the engine, with input
+checked and errors as domain errors. No grpc here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument
+from services.worker.engine import Delta, Engine, Failed, Finished
+from services.worker.models import LoadedModel
+from services.worker.sampling import SamplingParams
+from services.worker.sessions import Session, SessionTable
+
+MAX_PROMPT_CHARS = 1_000_000
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedSession:
+    session: Session
+    model: str
+    max_context: int
+    chat: bool
+
+
+class WorkerCore:
+    def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable):
+        self.loaded = loaded
+        self.engine = engine
+        self.sessions = sessions
+
+    def open_session(self, model: str = "", chat_template: str | None = None,
+                     system_prompt: str = "") -> OpenedSession:
+        if model and model != self.loaded.name:
+            raise InvalidArgument("model", f"this worker serves {self.loaded.name!r}, not "
+                                  f"{model!r}; find the worker for a model through admission")
+        chat = bool(chat_template or self.loaded.has_chat_template)
+        if system_prompt and not chat:
+            raise InvalidArgument("system_prompt", f"{self.loaded.name} has no chat template; "
+                                  "give a chat_template to use a system prompt")
+        session = self.sessions.open(chat_template, system_prompt)
+        return OpenedSession(session, self.loaded.name, self.loaded.max_context, chat)
+
+    def close_session(self, session_id: str, token: str) -> int:
+        session = self.sessions.close(session_id, token)
+        freed = self.engine.pool.length(session_id)
+        self.engine.drop_session(session)
+        return freed
+
+    async def generate(self, session_id: str, token: str, params: SamplingParams, *,
+                       prompt: str | None = None,
+                       message: dict[str, str] | None = None) -> AsyncIterator[Delta | Finished]:
+        """Stream the answer. If the caller stops iterating (cancels), the
+        generation stops and the session keeps only what was yielded."""
+        session = self.sessions.get(session_id, token)
+        if (prompt is None) == (message is None):
+            raise InvalidArgument("input", "give either a prompt or a message")
+        if prompt is not None and not prompt:
+            raise InvalidArgument("prompt", "must not be empty")
+        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument("prompt", f"at most {MAX_PROMPT_CHARS} characters")
+        if message is not None:
+            if message.get("role") != "user":
+                raise InvalidArgument("message.role", "a turn to answer must be role 'user'")
+            if not message.get("content"):
+                raise InvalidArgument("message.content", "must not be empty")
+            if len(message["content"]) > MAX_PROMPT_CHARS:
+                raise InvalidArgument("message.content", f"at most {MAX_PROMPT_CHARS} characters")
+        request = self.engine.submit(session, params, prompt=prompt, message=message)
+        finished = False
+        try:
+            while True:
+                event = await request.out.get()
+                if isinstance(event, Failed):
+                    finished = True
+                    raise event.error
+                yield event
+                if isinstance(event, Delta):
+                    self.engine.delivered(request, len(event.token_ids))
+                else:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(request)

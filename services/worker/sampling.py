@@ -1,0 +1,75 @@
+"""Sampling settings and choosing the next token from logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import InvalidArgument
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """temperature 0 is greedy (argmax); top_k 0 and top_p 1 are off."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise InvalidArgument("sampling.max_tokens", f"must be positive, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0 or self.temperature != self.temperature:
+            raise InvalidArgument("sampling.temperature", f"must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument("sampling.top_k", f"must not be negative, got {self.top_k}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS
+                                                   for s in self.stop):
+            raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} non-empty strings "
+                                  f"of at most {MAX_STOP_CHARS} characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None], vocab_limit: int) -> list[int]:
+    """logits [rows, vocab] -> one token id per row (one host sync)."""
+    logits = logits[:, :vocab_limit]
+    chosen = torch.argmax(logits, dim=-1)
+    for row, (param, generator) in enumerate(zip(params, generators)):
+        if param.greedy:
+            continue
+        scores = logits[row].float() / param.temperature
+        if param.top_k:
+            kth = torch.topk(scores, min(param.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if param.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+            drop = cumulative - torch.softmax(ordered, dim=-1) >= param.top_p
+            scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(scores, dim=-1)
+        chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    return chosen.tolist()

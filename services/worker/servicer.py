@@ -1,0 +1,76 @@
+"""WorkerService over gRPC: protobuf <-> domain values, one core call per RPC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lmx.v1 import worker_pb2 as pb
+from lmx.v1 import worker_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.worker.core import WorkerCore
+from services.worker.engine import (
+    FINISH_CONTEXT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FINISH_STOP_STRING,
+    Delta,
+)
+from services.worker.sampling import SamplingParams
+
+FINISH_TO_PB = {
+    FINISH_STOP: pb.FINISH_REASON_STOP,
+    FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
+    FINISH_STOP_STRING: pb.FINISH_REASON_STOP_STRING,
+    FINISH_CONTEXT: pb.FINISH_REASON_CONTEXT_WINDOW,
+}
+
+
+def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
+    if not request.HasField("sampling"):
+        raise InvalidArgument("sampling", "is required (at least sampling.max_tokens)")
+    sampling = request.sampling
+    return SamplingParams(
+        max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+        top_p=sampling.top_p if sampling.top_p else 1.0, top_k=sampling.top_k,
+        seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(sampling.stop))
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, core: Callable[[], WorkerCore],
+                 status: Callable[[], pb.GetStatusResponse]):
+        self._core = core  # raises FailedPrecondition until the worker is ready
+        self._status = status
+
+    async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
+        opened = self._core().open_session(request.model, request.chat_template or None,
+                                        request.system_prompt)
+        return pb.OpenSessionResponse(session_id=opened.session.session_id,
+                                      token=opened.session.token, model=opened.model,
+                                      max_context=opened.max_context, chat=opened.chat)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        params = sampling_from_pb(request)
+        which = request.WhichOneof("input")
+        prompt = request.prompt if which == "prompt" else None
+        message = ({"role": request.message.role, "content": request.message.content}
+                   if which == "message" else None)
+        if which is None:
+            raise InvalidArgument("input", "give either a prompt or a message")
+        async for event in self._core().generate(request.session_id, request.token, params,
+                                              prompt=prompt, message=message):
+            if isinstance(event, Delta):
+                yield pb.GenerateResponse(delta=pb.TokenDelta(text=event.text,
+                                                              token_ids=event.token_ids))
+            else:
+                yield pb.GenerateResponse(finish=pb.GenerateFinish(
+                    reason=FINISH_TO_PB[event.reason], prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    context_tokens=event.context_tokens))
+
+    async def CloseSession(self, request: pb.CloseSessionRequest,
+                           context) -> pb.CloseSessionResponse:
+        freed = self._core().close_session(request.session_id, request.token)
+        return pb.CloseSessionResponse(freed_tokens=freed)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
+        return self._status()

@@ -1,0 +1,68 @@
+"""Agent sessions: each holds its context (the tokens whose KV is in the
+pool) and, for chat, its messages. A session is reached with its id and a
+secret token handed out once, at OpenSession."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+
+MAX_SYSTEM_PROMPT_CHARS = 64_000
+MAX_TEMPLATE_CHARS = 64_000
+
+
+@dataclass
+class Session:
+    session_id: str
+    token: str
+    chat_template: str | None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False
+    created_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionTable:
+    def __init__(self, max_sessions: int = 1024):
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def open(self, chat_template: str | None = None, system_prompt: str = "") -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            raise FailedPrecondition(f"this worker holds its maximum of {self.max_sessions} "
+                                     "sessions; close one first", reason="TOO_MANY_SESSIONS")
+        if chat_template is not None and len(chat_template) > MAX_TEMPLATE_CHARS:
+            raise InvalidArgument("chat_template", f"at most {MAX_TEMPLATE_CHARS} characters")
+        if len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+            raise InvalidArgument("system_prompt", f"at most {MAX_SYSTEM_PROMPT_CHARS} characters")
+        session = Session(f"sess-{secrets.token_hex(8)}", secrets.token_urlsafe(24), chat_template)
+        if system_prompt:
+            session.messages.append({"role": "system", "content": system_prompt})
+        self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str, token: str) -> Session:
+        if not session_id:
+            raise InvalidArgument("session_id", "is required")
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound("session", session_id, "it was closed, or opened on another worker")
+        if not hmac.compare_digest(session.token.encode(), token.encode()):
+            raise PermissionDenied("token", "does not match the session's token")
+        return session
+
+    def close(self, session_id: str, token: str) -> Session:
+        session = self.get(session_id, token)
+        del self._sessions[session_id]
+        return session

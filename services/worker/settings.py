@@ -1,0 +1,80 @@
+"""The worker's settings: one frozen object, built once at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from services.common import settings as loader
+from services.common.errors import ConfigError
+from services.common.units import parse_address, parse_bytes
+
+DEFAULT_LISTEN = "127.0.0.1:50061"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "smollm2-135m, gemma3-270m, synthetic:<shape> or a model directory"})
+    listen: str = field(default=DEFAULT_LISTEN, metadata={"help": "HOST:PORT to serve on"})
+    advertise: str = field(default="", metadata={
+        "help": "address clients should use, when not the listen address"})
+    admission: str = field(default="127.0.0.1:50051", metadata={
+        "help": "admission's address; 'none' runs without admission inside --budget"})
+    budget: int = field(default=8 << 30, metadata={
+        "help": "device bytes to stay within when running without admission",
+        "parse": parse_bytes})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    admission_device: str = field(default="", metadata={
+        "help": "admission's id for this device (default: matched by GPU UUID, else cpu:0)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"})
+    cache_dir: str = field(default="", metadata={
+        "help": "converted-model cache (default LMX_CACHE or ~/.cache/lmx)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    kv_chunk_bytes: int = field(default=32 << 20, metadata={
+        "help": "KV lease growth step", "parse": parse_bytes})
+    kv_wait_s: float = field(default=10.0, metadata={
+        "help": "how long a request waits for KV memory before RESOURCE_EXHAUSTED"})
+    max_batch: int = field(default=64, metadata={"help": "sessions per decode step"})
+    max_prefill_tokens: int = field(default=2048, metadata={"help": "prompt tokens per step"})
+    max_sessions: int = field(default=1024, metadata={"help": "open sessions at most"})
+    max_context: int = field(default=0, metadata={
+        "help": "cap on a session's context (0: the model's window)"})
+    lease_ttl_s: float = field(default=10.0, metadata={"help": "TTL of the worker's leases"})
+    grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
+    log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+
+    def __post_init__(self) -> None:
+        for name in ("listen",) + (("advertise",) if self.advertise else ()):
+            try:
+                parse_address(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        if self.admission != "none":
+            try:
+                parse_address(self.admission)
+            except ValueError as exc:
+                raise ConfigError("admission", str(exc), fix="HOST:PORT, or none") from None
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", fix=" | ".join(DTYPES))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError("device", f"unknown device {self.device!r}",
+                              fix="auto, cpu, cuda or cuda:N")
+        for name in ("block_size", "kv_chunk_bytes", "max_batch", "max_prefill_tokens",
+                     "max_sessions", "budget"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be positive")
+        if self.max_context < 0:
+            raise ConfigError("max_context", "must not be negative")
+        for name in ("kv_wait_s", "lease_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be positive")
+
+
+def load_settings(argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> WorkerSettings:
+    return loader.load(WorkerSettings, "worker", argv, environ,
+                       description="lmx worker: serves one model to many agent sessions")

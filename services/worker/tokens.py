@@ -1,0 +1,48 @@
+"""Text <-> tokens for sessions: chat rendering and streaming detokenization."""
+
+from __future__ import annotations
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def chat_tokens(tokenizer, messages: list[dict[str, str]], template: str) -> list[int]:
+    """The whole conversation rendered with the chat template, ready for the
+    assistant's reply. The session keeps the longest prefix of its context
+    that this rendering shares and computes only the rest."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class Detokenizer:
+    """Incremental decoding that never splits a character: text is released
+    only once the bytes decoded so far form whole characters (the method of
+    text-generation-inference's decode_token). End-of-sequence tokens give no
+    text."""
+
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.eos = eos_token_ids
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token: int) -> str:
+        if token in self.eos:
+            return ""
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return text[len(prefix):]
+        return ""
