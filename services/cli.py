@@ -1,6 +1,8 @@
 """The `lmx` command: one front door to the services and their tools.
 
     lmx admission [flags]      the admission server (python -m services.admission)
+    lmx worker --model NAME    a worker serving one model (python -m services.worker)
+    lmx chat [--model NAME]    talk to a model, streaming (one-shot with -p)
     lmx status [--json]        who holds which GPU memory
     lmx watch                  admission's events as they happen
     lmx demo                   the main job: see `lmx demo --help`
@@ -69,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("admission", help="run the admission server (flags: lmx admission -h)",
                         add_help=False)
+    commands.add_parser("worker", help="run a worker (flags: lmx worker -h)", add_help=False)
+    commands.add_parser("chat", help="talk to a model (flags: lmx chat -h)", add_help=False)
     status = commands.add_parser("status", help="show who holds which GPU memory")
     status.add_argument("--admission", metavar="HOST:PORT",
                         help=f"admission's address (or {ADMISSION_ENV}; default {DEFAULT_ADMISSION})")
@@ -80,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "admission":
         from services.admission.main import main as admission_main
         return admission_main(argv[1:])
+    if argv and argv[0] == "worker":
+        from services.worker.main import main as worker_main
+        return worker_main(argv[1:])
+    if argv and argv[0] == "chat":
+        from services.chat import main as chat_main
+        return chat_main(argv[1:], os.environ.get(ADMISSION_ENV) or DEFAULT_ADMISSION)
     if argv and argv[0] == "demo":
         from services.demo import main as demo_main
         return demo_main(argv[1:])

@@ -89,5 +89,6 @@ def test_nvml_devices_and_foreign_memory(tmp_path):
             stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch),
                          timeout=5)
         del leased, unleased
+        torch.cuda.empty_cache()
     finally:
         assert service.stop() == 0
