@@ -75,11 +75,14 @@ class WorkerCore:
                 if isinstance(event, Failed):
                     finished = True
                     raise event.error
-                yield event
                 if isinstance(event, Delta):
+                    # Counted when handed to the transport: a cancel or deadline
+                    # may interrupt the send of a delta the caller still receives.
                     self.engine.delivered(request, len(event.token_ids))
                 else:
                     finished = True
+                yield event
+                if finished:
                     return
         finally:
             if not finished:

@@ -29,6 +29,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     LmxError,
+    NotFound,
     Shortfall,
 )
 from services.worker.kv_pool import BlockPool
@@ -46,6 +47,14 @@ FINISH_STOP = "stop"              # end-of-sequence token
 FINISH_LENGTH = "length"          # max_tokens reached
 FINISH_STOP_STRING = "stop_string"
 FINISH_CONTEXT = "context_window"  # the model's window is full
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the start of a stop string."""
+    for n in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(stop.startswith(text[-n:]) for stop in stops):
+            return n
+    return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,7 @@ class Request:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     text: str = ""
+    held: str = ""                      # text not sent yet: it may begin a stop string
     delivered: int = 0                  # tokens the caller has received
     cancelled: bool = False
     done: bool = False
@@ -120,6 +130,8 @@ class Engine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmx-compute")
         self._loop_task: asyncio.Task | None = None
         self._resize_task: asyncio.Task | None = None
+        self._step: asyncio.Future | None = None          # the forward pass in flight
+        self._unsafe_step: asyncio.Future | None = None   # it may read blocks freed since
         self._growth_error: CapacityExhausted | None = None
         self._steps = 0
         self._tokens_generated = 0
@@ -206,18 +218,27 @@ class Engine:
         request.delivered += num_tokens
 
     def cancel(self, request: Request) -> None:
-        """The caller stopped listening: end the request at the next step,
-        keeping in the context only the tokens it received."""
+        """The caller stopped listening: end the request now (a step in flight
+        for it is ignored), keeping in the context only the tokens it
+        received, so that the session takes its next turn at once."""
         if request.done:
             return
         request.cancelled = True
+        if self._step is not None and not self._step.done():
+            self._unsafe_step = self._step  # no shrink until it is done (see _resize)
+        self._finish_cancelled(request)
         self._wake.set()
 
     def drop_session(self, session: Session) -> None:
         """A closed session: stop its generation, free its blocks."""
+        if self._step is not None and not self._step.done():
+            self._unsafe_step = self._step  # no shrink until it is done (see _resize)
         request = self._busy.get(session.session_id)
         if request is not None:
             self._finish_cancelled(request)
+            # End the caller's stream (it would wait for the next token forever).
+            request.out.put_nowait(Failed(NotFound("session", session.session_id,
+                                                   "it was closed during this generation")))
         self.pool.free(session.session_id)
         self._slots.pop(session.session_id, None)
         self._maybe_shrink()
@@ -236,10 +257,12 @@ class Engine:
                     except TimeoutError:
                         pass
                 else:
+                    self._maybe_shrink()  # one skipped while another resize was running
                     await self._wake.wait()
                 continue
             try:
-                tokens = await loop.run_in_executor(self._executor, self.runner.step, items)
+                self._step = loop.run_in_executor(self._executor, self.runner.step, items)
+                tokens = await self._step
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                 log.error("step_failed", exc_info=exc, batch=len(batch))
                 for request in batch:
@@ -258,7 +281,7 @@ class Engine:
             elif request.blocked_since is not None and (
                     now - request.blocked_since > self.kv_wait_s or self._growth_error):
                 error = self._growth_error or CapacityExhausted(
-                    f"no KV memory for this request within {self.kv_wait_s:.0f}s",
+                    f"no KV memory for this request within {self.kv_wait_s:g}s",
                     Shortfall("kv", self.pool.block_size, 0), 1.0)
                 self._fail(request, error)
         if self._growth_error is not None and not any(
@@ -284,6 +307,10 @@ class Engine:
             batch.append(request)
             budget -= len(feed)
         if batch:
+            # The running requests wait for these prefills, not for memory:
+            # their kv_wait_s clocks restart when they are next considered.
+            for request in self._running:
+                request.blocked_since = None
             return items, batch
         for request in self._running[: self.max_batch]:
             session = request.session
@@ -322,20 +349,26 @@ class Engine:
             reason = FINISH_STOP
         text = request.detok.push(token)
         if request.params.stop:
-            combined = request.text + text
+            pending = request.held + text
+            combined = request.text + pending
             window = max(map(len, request.params.stop))
             search_from = max(0, len(request.text) - window)
             hits = [combined.find(s, search_from) for s in request.params.stop]
             hits = [h for h in hits if h >= 0]
             if hits:
-                text = combined[: min(hits)][len(request.text):]
+                text, request.held = combined[: min(hits)][len(request.text):], ""
                 reason = FINISH_STOP_STRING
-        request.text += text
-        request.out.put_nowait(Delta(text, [token]))
+            else:  # hold back an end that may grow into a stop string
+                hold = _stop_prefix_len(pending, request.params.stop)
+                text, request.held = pending[: len(pending) - hold], pending[len(pending) - hold:]
         if reason is None and len(request.generated) >= request.params.max_tokens:
             reason = FINISH_LENGTH
         if reason is None and len(session.tokens) >= self.loaded.max_context:
             reason = FINISH_CONTEXT
+        if reason is not None and reason != FINISH_STOP_STRING:
+            text, request.held = text + request.held, ""
+        request.text += text
+        request.out.put_nowait(Delta(text, [token]))
         if reason is not None:
             self._finish(request, reason)
 
@@ -425,7 +458,10 @@ class Engine:
                     self.pool.add_chunk()
                 log.info("kv_grown", chunks=target_chunks, bytes=target_chunks * chunk_bytes)
             elif target_chunks < current:
-                count = min(current - target_chunks, self.pool.num_removable_chunks())
+                # A session closed during a step freed blocks that step may still read.
+                while self._unsafe_step is not None and not self._unsafe_step.done():
+                    await asyncio.wait([self._unsafe_step])
+                count = min(self.pool.num_chunks - target_chunks, self.pool.num_removable_chunks())
                 if count <= 0:
                     return
                 self.pool.remove_chunks(count)
