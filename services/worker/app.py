@@ -111,6 +111,8 @@ class WorkerApp:
             config, _ = await asyncio.to_thread(model_config, settings.model, self.cache)
             workspace = workspace_estimate(config, settings.max_prefill_tokens, settings.max_batch,
                                            torch.empty((), dtype=self.dtype).element_size())
+        if self.device.type == "cuda":
+            self.memory.on_change = self._cap_allocator
         base = weight_bytes + self.overhead_bytes + workspace
         log.info("worker_lease_needed", weight_bytes=weight_bytes,
                  overhead_bytes=self.overhead_bytes, workspace_bytes=workspace, bytes=base)
@@ -155,6 +157,20 @@ class WorkerApp:
                                      reason="NOT_READY")
         return self.core
 
+    def _cap_allocator(self, granted_bytes: int) -> None:
+        """Hold torch's CUDA allocator to what the leases grant (less the
+        context): past it, the allocator frees its cache and, failing that,
+        raises inside the step that asked, never taking more."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        allowed = max(0, granted_bytes - self.overhead_bytes)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), self.device)
+        if torch.cuda.memory_reserved(self.device) > allowed:
+            torch.cuda.empty_cache()  # a lower cap does not shrink what is cached
+            reserved = torch.cuda.memory_reserved(self.device)
+            if reserved > allowed:
+                log.warning("allocator_over_lease", reserved=reserved, allowed=allowed)
+        log.debug("allocator_capped", bytes=allowed)
+
     def _set_state(self, state: str) -> None:
         self.state = state
         log.info("worker_state", state=state, worker_id=self.worker_id)
@@ -193,13 +209,19 @@ class WorkerApp:
                 raise event.error
             if isinstance(event, Finished):
                 break
-        kv_bytes = self.engine.storage.num_bytes
+        kv_at_peak = self.engine.storage.num_bytes
         peak = torch.cuda.max_memory_reserved(self.device)
         self.core.close_session(session.session_id, session.token)
-        workspace = max(0, peak - self.loaded.weight_bytes - kv_bytes)
-        base = self.loaded.weight_bytes + self.overhead_bytes + int(workspace * 1.1)
-        log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_bytes,
-                 workspace_bytes=workspace, base_lease_bytes=base)
+        await self.engine.wait_settled()  # the warm-up's KV chunks are given back
+        torch.cuda.empty_cache()
+        steady = torch.cuda.memory_reserved(self.device)
+        workspace = max(0, peak - self.loaded.weight_bytes - kv_at_peak)
+        # Whichever is larger: the peak step's needs, or what the allocator
+        # keeps after it (cuBLAS workspaces, blocks still split); plus slack.
+        base = self.overhead_bytes + max(self.loaded.weight_bytes + int(workspace * 1.1),
+                                         steady) + (32 << 20)
+        log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_at_peak,
+                 steady_reserved=steady, workspace_bytes=workspace, base_lease_bytes=base)
         await self.memory.resize_base(base)
 
     def status_pb(self) -> worker_pb2.GetStatusResponse:

@@ -75,9 +75,21 @@ class BatchPlan:
 
         spc = storage.slots_per_chunk
         return cls(storage, num_seqs, max_new, max_len,
-                   SlotGroups.build(tensor(new_slots), spc), SlotGroups.build(tensor(gather), spc),
+                   SlotGroups.build(new_slots, spc, device), SlotGroups.build(gather, spc, device),
                    tensor(q_index), tensor(out_index), tensor(positions),
                    tensor(key_valid, torch.bool), tensor(query_valid, torch.bool))
+
+    def sdpa_mask(self, sliding_window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for SDPA. A lone sequence needs no mask when it
+        decodes over all of its context, or computes its whole context at
+        once (causal): then SDPA can use its fused kernels."""
+        windowed = sliding_window is not None and self.max_len > sliding_window
+        if self.num_seqs == 1 and not windowed:
+            if self.max_new == 1:
+                return None, False
+            if self.max_new == self.max_len:
+                return None, True
+        return self.mask(sliding_window), False
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """[num_seqs, 1, max_new, max_len]: causal, within the context, and
@@ -117,17 +129,17 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     v_all = v_all.view(plan.num_seqs, plan.max_len, kv_heads, dim).transpose(1, 2)
     q = query[0].transpose(0, 1).index_select(0, plan.q_index)
     q = q.view(plan.num_seqs, plan.max_new, heads, dim).transpose(1, 2)
-    mask = plan.mask(sliding_window)
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scaling,
-                                             enable_gqa=heads != kv_heads)
+        mask, causal = plan.sdpa_mask(sliding_window)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=causal,
+                                             scale=scaling, enable_gqa=heads != kv_heads)
     else:  # logit soft-capping (Gemma 2): no fused kernel takes it
         groups = heads // kv_heads
         k_rep = k_all.repeat_interleave(groups, dim=1)
         v_rep = v_all.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k_rep.transpose(-1, -2)) * (scaling or dim ** -0.5)
         scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~plan.mask(sliding_window), float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v_rep)
     out = out.transpose(1, 2).reshape(plan.num_seqs * plan.max_new, heads, dim)
     return out.index_select(0, plan.out_index).unsqueeze(0), None

@@ -150,6 +150,17 @@ class Engine:
                 await asyncio.gather(task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    async def wait_settled(self, timeout_s: float = 10.0) -> None:
+        """Until no KV resize is in flight and unused chunks went back."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            resizing = self._resize_task is not None and not self._resize_task.done()
+            if not resizing and self.pool.num_removable_chunks() <= (
+                    0 if not self._busy else self.spare_chunks):
+                return
+            self._maybe_shrink()
+            await asyncio.sleep(0.01)
+
     def stats(self) -> EngineStats:
         usage = self.pool.usage()
         return EngineStats(len(self._waiting), len(self._running), usage.num_blocks,
@@ -280,6 +291,13 @@ class Engine:
                 self._finish_cancelled(request)
             elif request.blocked_since is not None and (
                     now - request.blocked_since > self.kv_wait_s or self._growth_error):
+                session_id = request.session.session_id
+                pending = len(request.session.tokens) - self.pool.length(session_id)
+                if self.pool.can_append(session_id, pending):
+                    # Its memory came while a step ran: it was waiting for the
+                    # compute, not for memory.
+                    request.blocked_since = None
+                    continue
                 error = self._growth_error or CapacityExhausted(
                     f"no KV memory for this request within {self.kv_wait_s:g}s",
                     Shortfall("kv", self.pool.block_size, 0), 1.0)

@@ -5,6 +5,7 @@ and freed one at a time, in step with the KV lease."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,23 +27,32 @@ class KVShape:
 @dataclass(frozen=True, slots=True)
 class SlotGroups:
     """Slots split by chunk: for each chunk touched, the local slots and the
-    positions (in the caller's flat order) they belong to."""
+    positions (in the caller's flat order) they belong to; positions None
+    means all of them, in order (the common case of a single chunk).
 
-    groups: tuple[tuple[int, torch.Tensor, torch.Tensor], ...]  # (chunk, local, positions)
+    Built from Python ints, so that planning a step needs no device sync."""
+
+    groups: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]
 
     @classmethod
-    def build(cls, slots: torch.Tensor, slots_per_chunk: int) -> SlotGroups:
-        chunk_of = torch.div(slots, slots_per_chunk, rounding_mode="floor")
-        local = slots - chunk_of * slots_per_chunk
-        chunks = torch.unique(chunk_of).tolist()
-        if len(chunks) == 1:
-            positions = torch.arange(slots.numel(), device=slots.device)
-            return cls(((chunks[0], local, positions),))
-        groups = []
-        for chunk in chunks:
-            positions = torch.nonzero(chunk_of == chunk).flatten()
-            groups.append((chunk, local[positions], positions))
-        return cls(tuple(groups))
+    def build(cls, slots: Sequence[int] | torch.Tensor, slots_per_chunk: int,
+              device: torch.device | None = None) -> SlotGroups:
+        if isinstance(slots, torch.Tensor):
+            device = device or slots.device
+            slots = slots.tolist()
+        device = device or torch.device("cpu")
+        by_chunk: dict[int, tuple[list[int], list[int]]] = {}
+        for position, slot in enumerate(slots):
+            chunk, local = divmod(slot, slots_per_chunk)
+            entry = by_chunk.setdefault(chunk, ([], []))
+            entry[0].append(local)
+            entry[1].append(position)
+        if len(by_chunk) == 1:
+            (chunk, (local, _)), = by_chunk.items()
+            return cls(((chunk, torch.tensor(local, dtype=torch.long, device=device), None),))
+        return cls(tuple((chunk, torch.tensor(local, dtype=torch.long, device=device),
+                          torch.tensor(positions, dtype=torch.long, device=device))
+                         for chunk, (local, positions) in sorted(by_chunk.items())))
 
 
 class KVStorage:
@@ -79,8 +89,12 @@ class KVStorage:
     def write(self, layer: int, groups: SlotGroups, key: torch.Tensor, value: torch.Tensor) -> None:
         """key, value: [num_tokens, kv_heads, head_dim] for the grouped slots."""
         for chunk, local, positions in groups.groups:
-            self._k[chunk][layer].index_copy_(0, local, key.index_select(0, positions))
-            self._v[chunk][layer].index_copy_(0, local, value.index_select(0, positions))
+            if positions is not None:
+                key_part, value_part = key.index_select(0, positions), value.index_select(0, positions)
+            else:
+                key_part, value_part = key, value
+            self._k[chunk][layer].index_copy_(0, local, key_part)
+            self._v[chunk][layer].index_copy_(0, local, value_part)
 
     def gather(self, layer: int, groups: SlotGroups, num: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at the grouped slots: [num, kv_heads, head_dim] each."""
@@ -99,7 +113,7 @@ class KVStorage:
     def read_tokens(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers' K and V at these slots: [num_layers, n, kv_heads, head_dim]
         (parking a context, tests)."""
-        groups = SlotGroups.build(slots.to(self.device), self.slots_per_chunk)
+        groups = SlotGroups.build(slots.tolist(), self.slots_per_chunk, self.device)
         keys, values = zip(*(self.gather(layer, groups, slots.numel())
                              for layer in range(self.shape.num_layers)))
         return torch.stack(keys), torch.stack(values)

@@ -28,6 +28,10 @@ log = structlog.get_logger(__name__)
 
 
 class Memory(Protocol):
+    #: Called with the bytes granted in all, after every change (the worker
+    #: caps its CUDA allocator there).
+    on_change: Callable[[int], None] | None
+
     async def acquire_base(self, num_bytes: int) -> None:
         """Weights + fixed overhead; waits until granted."""
         ...
@@ -49,6 +53,11 @@ class FixedMemory:
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
         self._held = {"weights": 0, "kv": 0}
+        self.on_change: Callable[[int], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(sum(self._held.values()))
 
     async def acquire_base(self, num_bytes: int) -> None:
         if num_bytes > self.capacity_bytes:
@@ -56,6 +65,7 @@ class FixedMemory:
                                     f"{self.capacity_bytes}",
                                     Shortfall("local", num_bytes, self.capacity_bytes), 1.0)
         self._held["weights"] = num_bytes
+        self._changed()
 
     async def resize_base(self, num_bytes: int) -> None:
         await self.acquire_base(num_bytes)
@@ -66,6 +76,7 @@ class FixedMemory:
             raise CapacityExhausted(f"KV needs {num_bytes} bytes, {free} left in the budget",
                                     Shortfall("local", num_bytes, free), 1.0)
         self._held["kv"] = num_bytes
+        self._changed()
 
     def granted(self) -> dict[str, int]:
         return dict(self._held)
@@ -94,6 +105,11 @@ class AdmissionMemory:
         self._leases: dict[str, pb.Lease] = {}
         self._keepers: dict[str, asyncio.Task] = {}
         self.pid = os.getpid()
+        self.on_change: Callable[[int], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(sum(lease.bytes for lease in self._leases.values()))
 
     def lease_ids(self) -> list[str]:
         return [lease.lease_id for lease in self._leases.values()]
@@ -103,6 +119,7 @@ class AdmissionMemory:
 
     def _keep(self, purpose: str, lease: pb.Lease) -> None:
         self._leases[purpose] = lease
+        self._changed()
         old = self._keepers.pop(purpose, None)
         if old is not None:
             old.cancel()
@@ -150,6 +167,7 @@ class AdmissionMemory:
                 if lease is not None:
                     self._keepers.pop("kv").cancel()
                     del self._leases["kv"]
+                    self._changed()
                     await self.client.release(lease)
                 return
             if lease is None:
