@@ -11,7 +11,7 @@ STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 # `make setup TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: setup proto test test-all demo bench lint clean admission status
+.PHONY: setup proto test test-all demo bench bench-worker lint clean admission status
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ demo: setup proto
 
 bench: setup proto
 	$(PY) bench/admission.py
+
+# Worker decode tokens/s vs HF generate (CPU or CUDA), e.g.
+# make bench-worker BENCH_WORKER_ARGS="--device cuda --model synthetic:llama-1b"
+bench-worker: setup proto
+	$(PY) bench/worker.py $(BENCH_WORKER_ARGS)
 
 admission: setup proto
 	$(VENV)/bin/lmx admission
