@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LMX_CACHE", str(ROOT / ".cache" / "lmx"))
 
+from benchkit import busy_cpu_seconds, cpu_model, cpu_seconds, git_commit, wait_quiet  # noqa: E402
 import grpc  # noqa: E402
 
 from lmx.v1 import worker_pb2 as pb  # noqa: E402
@@ -75,49 +75,6 @@ SEED = 0  # load_model's default seed for synthetic weights
 
 
 # ---- the machine ----------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, check=True,
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time all processes of the machine have used so far (/proc/stat)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = fh.readline().split()[1:]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -141,18 +98,6 @@ class CpuMeter:
         other = busy_cpu_seconds() - self._busy0 - sum(own.values())
         self.cores = {name: round(v / elapsed, 2) for name, v in own.items()}
         self.cores["other"] = round(max(0.0, other) / elapsed, 2)
-
-
-def wait_quiet(max_wait_s: float, threshold_cores: float = 0.25) -> float:
-    """Wait (at most max_wait_s) until the machine is idle: less than
-    threshold_cores busy over one second. Returns the last figure seen."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        before = busy_cpu_seconds()
-        time.sleep(1.0)
-        busy = busy_cpu_seconds() - before
-        if busy < threshold_cores or time.monotonic() >= deadline:
-            return round(busy, 2)
 
 
 def machine_info(device: str) -> dict:

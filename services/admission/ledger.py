@@ -28,7 +28,6 @@ import structlog
 
 from services.admission.devices import DeviceMemory
 from services.common.errors import (
-    CapacityExhausted,
     FailedPrecondition,
     InvalidArgument,
     LmxError,

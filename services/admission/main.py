@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import Sequence
 
-from services.admission.settings import load_settings
-from services.common import logging as lmx_logging
-from services.common.errors import ConfigError
-from services.common.server import serve
+from services.admission.settings import AdmissionSettings, load_settings
+from services.common.server import App, run_service
+
+
+def _app(settings: AdmissionSettings) -> App:
+    from services.admission.app import AdmissionApp
+
+    return AdmissionApp(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        settings = load_settings(argv)
-        lmx_logging.configure(settings.log_format, settings.log_level)
-        from services.admission.app import AdmissionApp  # after logging is set up
-
-        asyncio.run(serve(AdmissionApp(settings), settings.listen, settings.grace_s))
-    except ConfigError as exc:
-        print(f"lmx admission: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("admission", load_settings, _app, argv)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
-from typing import Protocol
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import ConfigError
+from services.common import logging as lmx_logging
+from services.common.errors import ConfigError, LmxError
 from services.common.interceptors import ErrorMappingInterceptor
 
 log = structlog.get_logger(__name__)
@@ -131,3 +133,21 @@ async def serve(app: App, listen: str, grace_s: float) -> None:
         await server.wait()
     finally:
         await server.stop()
+
+
+def run_service(service: str, load_settings: Callable[[Sequence[str] | None], Any],
+                make_app: Callable[[Any], App], argv: Sequence[str] | None = None) -> int:
+    """A service's main: settings, then logging, then the app (imported by
+    make_app, after logging is set up), served until SIGTERM. A bad setting
+    exits 2 and a failed start 1, each with one clear line, no traceback."""
+    try:
+        settings = load_settings(argv)
+        lmx_logging.configure(settings.log_format, settings.log_level)
+        asyncio.run(serve(make_app(settings), settings.listen, settings.grace_s))
+    except ConfigError as exc:
+        print(f"lmx {service}: error: {exc}", file=sys.stderr)
+        return 2
+    except LmxError as exc:
+        print(f"lmx {service}: error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
