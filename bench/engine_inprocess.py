@@ -1,0 +1,143 @@
+"""The worker's engine in one process, without gRPC: decode tokens per
+second at N sessions, next to HF generate at batch 1, to tell the cost of
+the engine's steps from the cost of serving them over gRPC.
+
+    python bench/engine_inprocess.py --model synthetic:llama-1b --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from services.worker.engine import Delta, Engine  # noqa: E402
+from services.worker.memory import FixedMemory  # noqa: E402
+from services.worker.models import default_cache_dir, load_model  # noqa: E402
+from services.worker.sampling import SamplingParams  # noqa: E402
+from services.worker.sessions import SessionTable  # noqa: E402
+
+
+async def engine_rate(loaded, sessions: int, tokens: int) -> tuple[float, float]:
+    engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60)
+    engine.start()
+    table = SessionTable()
+
+    async def one(i: int) -> None:
+        session = table.open()
+        request = engine.submit(session, SamplingParams(max_tokens=tokens),
+                                prompt=f"Agent {i} writes a long story about the sea:")
+        while True:
+            event = await request.out.get()
+            if not isinstance(event, Delta):
+                return
+            engine.delivered(request, 1)
+
+    await asyncio.gather(*(one(i) for i in range(sessions)))  # warm-up
+    started = time.perf_counter()
+    steps0 = engine.stats().steps
+    await asyncio.gather(*(one(i) for i in range(sessions)))
+    wall = time.perf_counter() - started
+    steps = engine.stats().steps - steps0
+    await engine.close()
+    return sessions * tokens / wall, wall / steps * 1000
+
+
+def profile_steps(loaded, sessions: int, context: int = 64, steps: int = 20) -> None:
+    """torch.profiler over decode steps of the runner alone (this thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from services.worker.runner import StepItem
+
+    engine = Engine(loaded, FixedMemory(1 << 40))
+    engine.pool.add_chunk()
+    engine.storage.add_chunk()
+    items = []
+    for i in range(sessions):
+        slots = engine.pool.append(f"s{i}", context)
+        items.append(StepItem([5], slots[-1:], slots, SamplingParams(max_tokens=8), None))
+    for _ in range(5):
+        engine.runner.step(items)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if loaded.device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.runner.step(items)
+    print(f"profiled N={sessions}: {(time.perf_counter() - started) / steps * 1000:.2f} ms/step "
+          "(with the profiler's own cost)", flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    if loaded.device.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+    plain = time.perf_counter()
+    for _ in range(steps):
+        engine.runner.step(items)
+    print(f"unprofiled runner.step N={sessions}: "
+          f"{(time.perf_counter() - plain) / steps * 1000:.2f} ms/step", flush=True)
+
+
+def hf_rate(loaded, tokens: int) -> float:
+    import copy
+
+    from transformers import GenerationConfig
+
+    model = copy.deepcopy(loaded.model)
+    model.set_attn_implementation("sdpa")
+    ids = torch.tensor([loaded.tokenizer("Agent 0 writes a long story about the sea:")["input_ids"]],
+                       device=loaded.device)
+    config = GenerationConfig(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                              pad_token_id=0)
+    model.generate(ids, generation_config=config)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    model.generate(ids, generation_config=config)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="synthetic:llama-1b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sessions", default="1,16")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's table of the timed run (slows it down)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = load_model(args.model, cache=default_cache_dir(), device=device, dtype=dtype)
+    rows = []
+    for n in [int(x) for x in args.sessions.split(",")]:
+        if args.profile:
+            profile_steps(loaded, n)
+            continue
+        rate, step_ms = asyncio.run(engine_rate(loaded, n, args.tokens))
+        rows.append({"sessions": n, "engine_tokens_per_s": round(rate, 1),
+                     "step_ms": round(step_ms, 2)})
+        print(f"engine N={n:<3} {rate:8.1f} tok/s  {step_ms:6.2f} ms/step", flush=True)
+    hf = 0.0 if args.profile else hf_rate(loaded, args.tokens)
+    print(f"HF generate batch 1 {hf:8.1f} tok/s", flush=True)
+    report = {"model": args.model, "device": str(device), "dtype": str(dtype), "rows": rows,
+              "hf_batch_1_tokens_per_s": round(hf, 1), "tokens": args.tokens,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
