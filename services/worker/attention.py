@@ -45,6 +45,7 @@ class BatchPlan:
     positions: torch.Tensor      # [num_seqs, max_new] absolute position of each query
     key_valid: torch.Tensor      # [num_seqs, max_len]
     query_valid: torch.Tensor    # [num_seqs, max_new]
+    unpadded: bool               # every sequence feeds max_new tokens: no re-ordering needed
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -77,7 +78,8 @@ class BatchPlan:
         return cls(storage, num_seqs, max_new, max_len,
                    SlotGroups.build(new_slots, spc, device), SlotGroups.build(gather, spc, device),
                    tensor(q_index), tensor(out_index), tensor(positions),
-                   tensor(key_valid, torch.bool), tensor(query_valid, torch.bool))
+                   tensor(key_valid, torch.bool), tensor(query_valid, torch.bool),
+                   all(len(s.new_slots) == max_new for s in segments))
 
     def sdpa_mask(self, sliding_window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for SDPA. A lone sequence needs no mask when it
@@ -127,8 +129,10 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     k_all, v_all = plan.storage.gather(layer, plan.gather_groups, rows)
     k_all = k_all.view(plan.num_seqs, plan.max_len, kv_heads, dim).transpose(1, 2)
     v_all = v_all.view(plan.num_seqs, plan.max_len, kv_heads, dim).transpose(1, 2)
-    q = query[0].transpose(0, 1).index_select(0, plan.q_index)
-    q = q.view(plan.num_seqs, plan.max_new, heads, dim).transpose(1, 2)
+    q = query[0].transpose(0, 1)
+    if not plan.unpadded:
+        q = q.index_select(0, plan.q_index)
+    q = q.reshape(plan.num_seqs, plan.max_new, heads, dim).transpose(1, 2)
     if softcap is None:
         mask, causal = plan.sdpa_mask(sliding_window)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=causal,
@@ -142,7 +146,9 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         scores = scores.masked_fill(~plan.mask(sliding_window), float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v_rep)
     out = out.transpose(1, 2).reshape(plan.num_seqs * plan.max_new, heads, dim)
-    return out.index_select(0, plan.out_index).unsqueeze(0), None
+    if not plan.unpadded:
+        out = out.index_select(0, plan.out_index)
+    return out.unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs) -> None:
