@@ -2,6 +2,7 @@
 
     lmx admission [flags]      the admission server (python -m services.admission)
     lmx worker --model NAME    a worker serving one model (python -m services.worker)
+    lmx kvstore [flags]        the KV store server (python -m services.kvstore)
     lmx chat [--model NAME]    talk to a model, streaming (one-shot with -p)
     lmx status [--json]        who holds which GPU memory
     lmx watch                  admission's events as they happen
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("admission", help="run the admission server (flags: lmx admission -h)",
                         add_help=False)
     commands.add_parser("worker", help="run a worker (flags: lmx worker -h)", add_help=False)
+    commands.add_parser("kvstore", help="run the KV store (flags: lmx kvstore -h)",
+                        add_help=False)
     commands.add_parser("chat", help="talk to a model (flags: lmx chat -h)", add_help=False)
     status = commands.add_parser("status", help="show who holds which GPU memory")
     status.add_argument("--admission", metavar="HOST:PORT",
@@ -87,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "worker":
         from services.worker.main import main as worker_main
         return worker_main(argv[1:])
+    if argv and argv[0] == "kvstore":
+        from services.kvstore.main import main as kvstore_main
+        return kvstore_main(argv[1:])
     if argv and argv[0] == "chat":
         from services.chat import main as chat_main
         return chat_main(argv[1:], os.environ.get(ADMISSION_ENV) or DEFAULT_ADMISSION)

@@ -198,4 +198,27 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=self._lenient_for(rpc, handler.request_deserializer),
                 response_serializer=handler.response_serializer)
 
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):
+                with structlog.contextvars.bound_contextvars(request_id=request_id,
+                                                             rpc=short_rpc):
+                    try:
+                        return await inner_su(_checked_stream(request_iterator), context)
+                    except Exception as exc:  # noqa: BLE001
+                        await _abort(context, exc, request_id, rpc)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary,
+                request_deserializer=self._lenient_for(rpc, handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+
         return handler
+
+
+async def _checked_stream(requests):
+    """A request stream whose undecodable messages raise INVALID_ARGUMENT."""
+    async for request in requests:
+        _check_decoded(request)
+        yield request

@@ -1,0 +1,119 @@
+"""A parked context: its layout, tokens, owner, where its bytes are, and the
+hash of its session's secret. Plain values; no grpc."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.kvstore.arena import Region
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Generous bounds so that hostile layouts cannot overflow anything.
+MAX_DIM = 1 << 24
+ENTRY_ID = re.compile(r"^kv-[0-9a-f]{16}$")
+
+
+class State:
+    RESERVED = "reserved"
+    READY = "ready"
+    SPILLED = "spilled"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """K then V, each [num_layers][num_tokens][num_kv_heads][head_dim] of dtype."""
+
+    model: str
+    model_version: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_tokens: int
+    block_size: int = 0
+
+    @property
+    def num_bytes(self) -> int:
+        return (2 * self.num_layers * self.num_tokens * self.num_kv_heads * self.head_dim
+                * ITEMSIZE[self.dtype])
+
+    def validate(self, num_token_ids: int) -> None:
+        """Raises InvalidArgument naming the field (as in the proto)."""
+        if not self.model:
+            raise InvalidArgument("layout.model", "is required")
+        if self.dtype not in ITEMSIZE:
+            raise InvalidArgument("layout.dtype", f"must be float32, bfloat16 or float16, "
+                                                  f"got {self.dtype!r}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_tokens"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_DIM:
+                raise InvalidArgument(f"layout.{name}", f"must be in [1, {MAX_DIM}], got {value}")
+        if self.block_size < 0:
+            raise InvalidArgument("layout.block_size", "must not be negative")
+        if self.num_tokens > num_token_ids:
+            raise InvalidArgument("layout.num_tokens",
+                                  f"{self.num_tokens} exceeds len(token_ids) = {num_token_ids}")
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def secret_matches(secret: str, secret_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), secret_hash)
+
+
+@dataclass
+class Entry:
+    entry_id: str
+    owner: str
+    session_id: str
+    layout: Layout
+    token_ids: tuple[int, ...]
+    secret_hash: str
+    created_at: float
+    last_used_at: float
+    state: str = State.RESERVED
+    region: Region | None = None
+    checksum: int | None = None
+    #: Readers streaming it out (Export): never spilled or deleted meanwhile.
+    pins: int = field(default=0, repr=False)
+
+    @property
+    def num_bytes(self) -> int:
+        return self.layout.num_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entry_id": self.entry_id, "owner": self.owner, "session_id": self.session_id,
+            "layout": asdict(self.layout), "token_ids": list(self.token_ids),
+            "secret_hash": self.secret_hash, "created_at": self.created_at,
+            "last_used_at": self.last_used_at, "state": self.state,
+            "region": asdict(self.region) if self.region else None,
+            "checksum": self.checksum, "num_bytes": self.num_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Entry:
+        """Raises KeyError/TypeError/ValueError on a malformed record."""
+        layout = Layout(**data["layout"])
+        if layout.dtype not in ITEMSIZE:
+            raise ValueError(f"bad dtype {layout.dtype!r}")
+        region = Region(**data["region"]) if data.get("region") else None
+        entry = cls(
+            entry_id=str(data["entry_id"]), owner=str(data["owner"]),
+            session_id=str(data["session_id"]), layout=layout,
+            token_ids=tuple(int(t) for t in data["token_ids"]),
+            secret_hash=str(data["secret_hash"]), created_at=float(data["created_at"]),
+            last_used_at=float(data["last_used_at"]), state=str(data["state"]),
+            region=region, checksum=int(data["checksum"]))
+        if not ENTRY_ID.match(entry.entry_id):
+            raise ValueError(f"bad entry id {entry.entry_id!r}")
+        if entry.state not in (State.READY, State.SPILLED):
+            raise ValueError(f"state {entry.state!r} is not kept")
+        return entry

@@ -1,0 +1,371 @@
+"""The entry table and its policy: reserve, commit, open, delete, list and
+status over the shared-memory arena; capacity, least-recently-used spilling
+or refusal when full; re-adoption after a crash; a clean stop. No grpc.
+
+Every method is synchronous and runs on the server's event loop thread, so
+the table needs no lock. Checksums are zlib's CRC-32 over the region.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from services.common.errors import (
+    CapacityExhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Shortfall,
+)
+from services.kvstore.arena import Arena, Region, parse_segment_name
+from services.kvstore.entry import Entry, Layout, State, hash_secret, secret_matches
+from services.kvstore.manifest import Manifest, StoreLock, has_manifest, is_locked
+from services.kvstore.spill import SpillDir
+
+log = structlog.get_logger(__name__)
+
+WHEN_FULL = ("spill", "refuse")
+MAX_NAME_CHARS = 1024
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    shm_dir: Path
+    store_id: str
+    segment_bytes: int
+    capacity_bytes: int
+    when_full: str
+    spill_dir: Path
+    state_dir: Path
+    keep_on_stop: bool = True
+    clean_stale: bool = True
+    max_entry_bytes: int = 0  # 0: capacity_bytes
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    capacity_bytes: int
+    used_bytes: int
+    spilled_bytes: int
+    num_entries: int
+    num_segments: int
+    when_full: str
+
+
+def checksum(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+class Store:
+    def __init__(self, config: StoreConfig, clock: Callable[[], float] = time.time):
+        if config.when_full not in WHEN_FULL:
+            raise ValueError(f"when_full must be spill or refuse, got {config.when_full!r}")
+        self.config = config
+        self.clock = clock
+        self.arena = Arena(config.shm_dir, config.store_id, config.segment_bytes)
+        self.spill = SpillDir(config.spill_dir)
+        self.manifest = Manifest(config.state_dir)
+        self._lock = StoreLock(config.shm_dir, config.store_id)
+        self._entries: dict[str, Entry] = {}
+        self._closed = False
+
+    @property
+    def max_entry_bytes(self) -> int:
+        limit = self.config.max_entry_bytes or self.config.capacity_bytes
+        return min(limit, self.config.capacity_bytes)
+
+    # ---- life cycle -------------------------------------------------------
+    def start(self) -> None:
+        """Take the store's lock, re-adopt what the manifest knows, remove stale files."""
+        self.config.shm_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        self._recover()
+        if self.config.clean_stale:
+            self._clean_other_stores()
+        self._save()
+        log.info("store_started", store_id=self.config.store_id, entries=len(self._entries),
+                 segments=len(self.arena.segments()), used_bytes=self.used_bytes,
+                 capacity_bytes=self.config.capacity_bytes)
+
+    def close(self) -> None:
+        """A clean stop: no segment is left behind. With keep_on_stop, ready
+        entries are spilled first (and the manifest lists them); without it,
+        every entry is forgotten."""
+        if self._closed:
+            return
+        self._closed = True
+        kept = 0
+        for entry in list(self._entries.values()):
+            if self.config.keep_on_stop and entry.state == State.READY:
+                try:
+                    self._spill(entry)
+                    kept += 1
+                    continue
+                except OSError as exc:
+                    log.error("entry_lost", entry_id=entry.entry_id, error=str(exc))
+            if entry.state == State.SPILLED and self.config.keep_on_stop:
+                kept += 1
+                continue
+            self._forget(entry)
+        self.arena.close()
+        if self.config.keep_on_stop:
+            self._save()
+        else:
+            self.manifest.remove()
+        self._lock.release()
+        log.info("store_closed", store_id=self.config.store_id, kept_entries=kept)
+
+    # ---- requests ---------------------------------------------------------
+    def reserve(self, owner: str, session_id: str, secret: str, layout: Layout,
+                token_ids: Iterable[int]) -> tuple[Entry, Region]:
+        token_ids = tuple(token_ids)
+        for name, value in (("owner", owner), ("session_id", session_id), ("secret", secret)):
+            if not value:
+                raise InvalidArgument(name, "is required")
+            if len(value) > MAX_NAME_CHARS:
+                raise InvalidArgument(name, f"longer than {MAX_NAME_CHARS} characters")
+        layout.validate(len(token_ids))
+        num_bytes = layout.num_bytes
+        if num_bytes > self.max_entry_bytes:
+            raise InvalidArgument("layout", f"the entry needs {num_bytes} bytes, more than the "
+                                            f"store ever holds ({self.max_entry_bytes})")
+        self._make_room(num_bytes)
+        region = self.arena.allocate(num_bytes)
+        now = self.clock()
+        entry = Entry(entry_id=f"kv-{secrets.token_hex(8)}", owner=owner, session_id=session_id,
+                      layout=layout, token_ids=token_ids, secret_hash=hash_secret(secret),
+                      created_at=now, last_used_at=now, region=region)
+        self._entries[entry.entry_id] = entry
+        log.info("entry_reserved", entry_id=entry.entry_id, owner=owner,
+                 session_id=session_id, bytes=num_bytes, segment=region.segment)
+        return entry, region
+
+    def commit(self, entry_id: str, secret: str, crc: int) -> Entry:
+        entry = self._authorized(entry_id, secret)
+        if entry.state != State.RESERVED:
+            raise FailedPrecondition(f"entry {entry_id!r} is already committed", "ALREADY_COMMITTED")
+        actual = checksum(self.arena.view(entry.region))
+        if actual != crc:
+            self._forget(entry)
+            raise FailedPrecondition(f"checksum mismatch for {entry_id!r}: given {crc:#010x}, "
+                                     f"the bytes have {actual:#010x}; the entry was deleted, "
+                                     f"reserve and write it again", "CHECKSUM_MISMATCH")
+        entry.state = State.READY
+        entry.checksum = actual
+        entry.last_used_at = self.clock()
+        self._save()
+        log.info("entry_committed", entry_id=entry_id, bytes=entry.num_bytes, checksum=actual)
+        return entry
+
+    def open(self, entry_id: str, secret: str) -> tuple[Entry, Region]:
+        """The entry's region, its bytes verified; a spilled entry is brought
+        back into shared memory first."""
+        entry = self._authorized(entry_id, secret)
+        if entry.state == State.RESERVED:
+            raise FailedPrecondition(f"entry {entry_id!r} is not committed yet", "NOT_COMMITTED")
+        if entry.state == State.SPILLED:
+            self._restore(entry)
+        elif checksum(self.arena.view(entry.region)) != entry.checksum:
+            self._corrupted(entry, "its bytes in shared memory changed after commit")
+        entry.last_used_at = self.clock()
+        return entry, entry.region
+
+    def delete(self, entry_id: str, secret: str) -> int:
+        entry = self._authorized(entry_id, secret)
+        if entry.pins:
+            raise FailedPrecondition(f"entry {entry_id!r} is being exported", "ENTRY_BUSY")
+        self._forget(entry)
+        self._save()
+        log.info("entry_deleted", entry_id=entry_id, bytes=entry.num_bytes)
+        return entry.num_bytes
+
+    def list(self, owner: str = "") -> list[Entry]:
+        entries = [e for e in self._entries.values() if not owner or e.owner == owner]
+        return sorted(entries, key=lambda e: e.created_at)
+
+    def status(self) -> StoreStatus:
+        return StoreStatus(
+            capacity_bytes=self.config.capacity_bytes, used_bytes=self.used_bytes,
+            spilled_bytes=sum(e.num_bytes for e in self._entries.values()
+                              if e.state == State.SPILLED),
+            num_entries=len(self._entries), num_segments=len(self.arena.segments()),
+            when_full=self.config.when_full)
+
+    def view(self, region: Region) -> memoryview:
+        return self.arena.view(region)
+
+    def pin(self, entry_id: str) -> None:
+        self._entries[entry_id].pins += 1
+
+    def unpin(self, entry_id: str) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is not None and entry.pins:
+            entry.pins -= 1
+
+    def get(self, entry_id: str) -> Entry | None:
+        return self._entries.get(entry_id)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.num_bytes for e in self._entries.values() if e.region is not None)
+
+    # ---- internals --------------------------------------------------------
+    def _authorized(self, entry_id: str, secret: str) -> Entry:
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            raise NotFound("entry", entry_id)
+        if not secret or not secret_matches(secret, entry.secret_hash):
+            raise PermissionDenied("secret", f"does not match entry {entry_id!r}'s session")
+        return entry
+
+    def _make_room(self, num_bytes: int) -> None:
+        capacity = self.config.capacity_bytes
+        used = self.used_bytes
+        if used + num_bytes <= capacity:
+            return
+        candidates = sorted((e for e in self._entries.values()
+                             if e.state == State.READY and not e.pins),
+                            key=lambda e: e.last_used_at)
+        spillable = sum(e.num_bytes for e in candidates)
+        if self.config.when_full == "refuse" or used - spillable + num_bytes > capacity:
+            raise CapacityExhausted(
+                f"the KV store is full: {num_bytes} bytes asked, {capacity - used} free of "
+                f"{capacity}" + ("" if self.config.when_full == "refuse"
+                                 else f"; only {spillable} bytes can be spilled"),
+                Shortfall(f"kvstore:{self.config.store_id}", num_bytes, max(0, capacity - used)),
+                RETRY_AFTER_S)
+        for entry in candidates:
+            if used + num_bytes <= capacity:
+                break
+            self._spill(entry)
+            used -= entry.num_bytes
+        self._save()
+
+    def _spill(self, entry: Entry) -> None:
+        with self.arena.view(entry.region) as view:
+            self.spill.write(entry.entry_id, view, entry.to_json())
+        self.arena.free(entry.region)
+        entry.region = None
+        entry.state = State.SPILLED
+        log.info("entry_spilled", entry_id=entry.entry_id, bytes=entry.num_bytes)
+
+    def _restore(self, entry: Entry) -> None:
+        self._make_room(entry.num_bytes)
+        region = self.arena.allocate(entry.num_bytes)
+        try:
+            with self.arena.view(region) as view:
+                self.spill.read_into(entry.entry_id, view)
+                actual = checksum(view)
+        except OSError as exc:
+            self.arena.free(region)
+            self._corrupted(entry, f"its spill file cannot be read: {exc}")
+        entry.region = region
+        entry.state = State.READY
+        if actual != entry.checksum:
+            self._corrupted(entry, "its spill file changed after it was written")
+        self.spill.remove(entry.entry_id)
+        self._save()
+        log.info("entry_restored", entry_id=entry.entry_id, bytes=entry.num_bytes)
+
+    def _corrupted(self, entry: Entry, why: str) -> None:
+        log.error("entry_corrupted", entry_id=entry.entry_id, reason=why)
+        self._forget(entry)
+        self._save()
+        raise FailedPrecondition(f"entry {entry.entry_id!r} is corrupted ({why}); it was "
+                                 f"deleted: recompute the context", "CORRUPTED")
+
+    def _forget(self, entry: Entry) -> None:
+        self._entries.pop(entry.entry_id, None)
+        if entry.region is not None:
+            self.arena.free(entry.region)
+            entry.region = None
+        self.spill.remove(entry.entry_id)
+
+    def _save(self) -> None:
+        segments = [{"name": s.name, "size": s.size, "dedicated": s.dedicated}
+                    for s in self.arena.segments()]
+        entries = [e.to_json() for e in self._entries.values()
+                   if e.state in (State.READY, State.SPILLED)]
+        self.manifest.write(segments, entries)
+
+    def _recover(self) -> None:
+        data = self.manifest.read() or {}
+        for raw in data.get("segments", []):
+            try:
+                self.arena.adopt(str(raw["name"]), int(raw["size"]), bool(raw["dedicated"]))
+            except (KeyError, TypeError, ValueError):
+                log.warning("segment_record_malformed", record=str(raw)[:200])
+        for raw in data.get("entries", []):
+            try:
+                entry = Entry.from_json(raw)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("entry_dropped", reason=f"malformed record: {exc}")
+                continue
+            why = self._adopt(entry)
+            if why:
+                log.warning("entry_dropped", entry_id=entry.entry_id, reason=why)
+            else:
+                self._entries[entry.entry_id] = entry
+                log.info("entry_adopted", entry_id=entry.entry_id, state=entry.state,
+                         bytes=entry.num_bytes)
+        own = {s.name for s in self.arena.segments()}
+        for path in self._shm_files():
+            parsed = parse_segment_name(path.name)
+            if parsed and parsed[0] == self.config.store_id and path.name not in own:
+                path.unlink(missing_ok=True)
+                log.info("stale_segment_removed", segment=path.name, store_id=parsed[0])
+        kept = {e.entry_id for e in self._entries.values() if e.state == State.SPILLED}
+        for entry_id in self.spill.entry_ids() - kept:
+            self.spill.remove(entry_id)
+            for suffix in (".kv.tmp", ".json.tmp"):
+                (self.spill.path / f"lmx-{entry_id}{suffix}").unlink(missing_ok=True)
+            log.info("stale_spill_removed", entry_id=entry_id)
+        self.arena.trim()
+
+    def _adopt(self, entry: Entry) -> str:
+        """'' if the entry is sound and now owned again, else why not."""
+        if entry.entry_id in self._entries:
+            return "listed twice"
+        if entry.state == State.SPILLED:
+            if entry.region is not None or self.spill.size(entry.entry_id) != entry.num_bytes:
+                return "spill file missing or of the wrong size"
+            return ""
+        region = entry.region
+        if region is None or region.length != entry.num_bytes or not self.arena.claim(region):
+            return "its region is not in an adopted segment"
+        if checksum(self.arena.view(region)) != entry.checksum:
+            self.arena.free(region)
+            return "checksum mismatch"
+        return ""
+
+    def _shm_files(self) -> list[Path]:
+        try:
+            return [p for p in self.config.shm_dir.iterdir() if p.is_file()]
+        except OSError:
+            return []
+
+    def _clean_other_stores(self) -> None:
+        """Remove segments of other stores that are not running (their lock
+        is free) and have no manifest to come back to."""
+        for path in self._shm_files():
+            parsed = parse_segment_name(path.name)
+            if parsed is None or parsed[0] == self.config.store_id:
+                continue
+            store_id = parsed[0]
+            if is_locked(self.config.shm_dir, store_id):
+                continue
+            if has_manifest(self.config.state_dir.parent / store_id):
+                continue
+            path.unlink(missing_ok=True)
+            log.info("stale_segment_removed", segment=path.name, store_id=store_id)
+
+

@@ -1,0 +1,105 @@
+"""The shared-memory arena over a temporary directory."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from services.kvstore.arena import ALIGN, Arena, Region, parse_segment_name
+
+SEGMENT = 16 * ALIGN
+
+
+@pytest.fixture
+def arena(tmp_path):
+    arena = Arena(tmp_path, "t", SEGMENT)
+    yield arena
+    arena.close()
+
+
+def names(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_segments_are_named_sized_and_private(arena, tmp_path):
+    region = arena.allocate(100)
+    assert region == Region("lmx-t-0", 0, 100)
+    path = tmp_path / "lmx-t-0"
+    assert path.stat().st_size == SEGMENT
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert parse_segment_name("lmx-t-0") == ("t", 0)
+    assert parse_segment_name("lmx-test-dir") is None
+
+
+def test_first_fit_page_aligned(arena):
+    a = arena.allocate(1)
+    b = arena.allocate(ALIGN + 1)
+    c = arena.allocate(ALIGN)
+    assert (a.offset, b.offset, c.offset) == (0, ALIGN, 3 * ALIGN)
+    arena.free(b)
+    d = arena.allocate(ALIGN)           # first fit: b's hole
+    assert d.offset == ALIGN and d.segment == a.segment
+
+
+def test_free_coalesces_and_drops_empty_segments_beyond_one_spare(arena, tmp_path):
+    first = [arena.allocate(4 * ALIGN) for _ in range(4)]   # fills segment 0
+    second = arena.allocate(ALIGN)                           # opens segment 1
+    assert second.segment == "lmx-t-1"
+    for region in (first[1], first[3], first[2], first[0]):  # out of order
+        arena.free(region)
+    seg0 = arena.segment("lmx-t-0")
+    assert seg0.free == [(0, SEGMENT)]                       # fully coalesced, kept as spare
+    arena.free(second)                                       # second empty segment: dropped
+    assert names(tmp_path) == ["lmx-t-0"]
+    assert arena.allocate(SEGMENT).segment == "lmx-t-0"      # a whole segment fits
+
+
+def test_large_entry_gets_a_dedicated_segment(arena, tmp_path):
+    big = arena.allocate(SEGMENT + 1)
+    seg = arena.segment(big.segment)
+    assert seg.dedicated and seg.size == SEGMENT + ALIGN
+    arena.free(big)
+    assert arena.segment(big.segment) is None and names(tmp_path) == []
+
+
+def test_views_share_the_file(arena, tmp_path):
+    region = arena.allocate(10)
+    arena.view(region)[:] = b"0123456789"
+    with open(tmp_path / region.segment, "rb") as fh:
+        assert fh.read(10) == b"0123456789"
+
+
+def test_double_free_is_refused(arena):
+    region = arena.allocate(ALIGN)
+    arena.allocate(ALIGN)
+    arena.free(region)
+    with pytest.raises(ValueError, match="double free"):
+        arena.free(region)
+
+
+def test_adopt_and_claim(tmp_path):
+    arena = Arena(tmp_path, "t", SEGMENT)
+    region = arena.allocate(ALIGN)
+    arena.view(region)[:4] = b"keep"
+    # a second arena (a restarted process) over the same file
+    again = Arena(tmp_path, "t", SEGMENT)
+    assert again.adopt("lmx-t-0", SEGMENT, False) is not None
+    assert again.adopt("lmx-t-9", SEGMENT, False) is None          # no such file
+    assert again.adopt("lmx-other-0", SEGMENT, False) is None      # not ours
+    assert again.claim(region) and not again.claim(region)
+    assert bytes(again.view(region)[:4]) == b"keep"
+    assert again.allocate(ALIGN).offset == ALIGN
+    again.close()
+    arena._segments.clear()   # its file is gone with `again`
+    assert names(tmp_path) == []
+
+
+def test_close_removes_every_segment(tmp_path):
+    arena = Arena(tmp_path, "t", SEGMENT)
+    arena.allocate(ALIGN)
+    arena.allocate(SEGMENT * 2)
+    view = arena.view(arena.allocate(ALIGN))   # a live view must not block the unlink
+    arena.close()
+    del view
+    assert names(tmp_path) == []
