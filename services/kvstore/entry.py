@@ -3,6 +3,7 @@ hash of its session's secret. Plain values; no grpc."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -81,6 +82,8 @@ class Entry:
     state: str = State.RESERVED
     region: Region | None = None
     checksum: int | None = None
+    #: Opaque bytes kept with the entry (a worker's session metadata, JSON).
+    metadata: bytes = b""
     #: Readers streaming it out (Export): never spilled or deleted meanwhile.
     pins: int = field(default=0, repr=False)
 
@@ -96,6 +99,7 @@ class Entry:
             "last_used_at": self.last_used_at, "state": self.state,
             "region": asdict(self.region) if self.region else None,
             "checksum": self.checksum, "num_bytes": self.num_bytes,
+            "metadata": base64.b64encode(self.metadata).decode("ascii"),
         }
 
     @classmethod
@@ -111,7 +115,8 @@ class Entry:
             token_ids=tuple(int(t) for t in data["token_ids"]),
             secret_hash=str(data["secret_hash"]), created_at=float(data["created_at"]),
             last_used_at=float(data["last_used_at"]), state=str(data["state"]),
-            region=region, checksum=int(data["checksum"]))
+            region=region, checksum=int(data["checksum"]),
+            metadata=base64.b64decode(data.get("metadata", ""), validate=True))
         if not ENTRY_ID.match(entry.entry_id):
             raise ValueError(f"bad entry id {entry.entry_id!r}")
         if entry.state not in (State.READY, State.SPILLED):

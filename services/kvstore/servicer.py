@@ -41,6 +41,7 @@ def entry_to_pb(entry: Entry, now: float) -> pb.EntryInfo:
         entry_id=entry.entry_id, owner=entry.owner, session_id=entry.session_id,
         layout=layout_to_pb(entry.layout), token_ids=entry.token_ids,
         num_bytes=entry.num_bytes, checksum=entry.checksum or 0, state=entry.state,
+        metadata=entry.metadata,
         age_s=max(0.0, now - entry.created_at), idle_s=max(0.0, now - entry.last_used_at))
 
 
@@ -57,7 +58,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
     def _reserve(self, request: pb.ReserveRequest) -> tuple[Entry, Region]:
         return self.store.reserve(request.owner, request.session_id, request.secret,
                                   layout_from_pb(request.layout, request.HasField("layout")),
-                                  request.token_ids)
+                                  request.token_ids, request.metadata)
 
     async def Reserve(self, request, context):
         entry, region = self._reserve(request)

@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 
 WHEN_FULL = ("spill", "refuse")
 MAX_NAME_CHARS = 1024
+MAX_METADATA_BYTES = 1 << 20
 RETRY_AFTER_S = 1.0
 
 
@@ -126,8 +127,10 @@ class Store:
 
     # ---- requests ---------------------------------------------------------
     def reserve(self, owner: str, session_id: str, secret: str, layout: Layout,
-                token_ids: Iterable[int]) -> tuple[Entry, Region]:
+                token_ids: Iterable[int], metadata: bytes = b"") -> tuple[Entry, Region]:
         token_ids = tuple(token_ids)
+        if len(metadata) > MAX_METADATA_BYTES:
+            raise InvalidArgument("metadata", f"at most {MAX_METADATA_BYTES} bytes")
         for name, value in (("owner", owner), ("session_id", session_id), ("secret", secret)):
             if not value:
                 raise InvalidArgument(name, "is required")
@@ -143,7 +146,8 @@ class Store:
         now = self.clock()
         entry = Entry(entry_id=f"kv-{secrets.token_hex(8)}", owner=owner, session_id=session_id,
                       layout=layout, token_ids=token_ids, secret_hash=hash_secret(secret),
-                      created_at=now, last_used_at=now, region=region)
+                      created_at=now, last_used_at=now, region=region,
+                      metadata=bytes(metadata))
         self._entries[entry.entry_id] = entry
         log.info("entry_reserved", entry_id=entry.entry_id, owner=owner,
                  session_id=session_id, bytes=num_bytes, segment=region.segment)

@@ -26,7 +26,9 @@ from services.worker import device as devices
 from services.worker.core import WorkerCore
 from services.worker.engine import Engine, Failed, Finished
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
+from services.worker.kv_link import KVStoreLink
 from services.worker.models import LoadedModel, default_cache_dir, estimate_weight_bytes, load_model
+from services.worker.parking import Parking
 from services.worker.sampling import SamplingParams
 from services.worker.servicer import WorkerServicer
 from services.worker.sessions import SessionTable
@@ -69,6 +71,7 @@ class WorkerApp:
         self.sessions = SessionTable(settings.max_sessions)
         self.admission: AdmissionClient | None = None
         self.memory: Memory | None = None
+        self.kvstore: KVStoreLink | None = None
         self._heartbeat: asyncio.Task | None = None
         self.worker_id = ""
 
@@ -127,7 +130,10 @@ class WorkerApp:
                              max_batch=settings.max_batch,
                              max_prefill_tokens=settings.max_prefill_tokens)
         self.engine.start()
-        self.core = WorkerCore(self.loaded, self.engine, self.sessions)
+        if settings.kvstore != "none":
+            self.kvstore = KVStoreLink(settings.kvstore, owner=self.worker_id)
+        self.core = WorkerCore(self.loaded, self.engine, self.sessions,
+                               Parking(self.loaded, self.engine, self.sessions, self.kvstore))
         if self.device.type == "cuda":
             await self._measure_workspace()
         self._set_state("ready")
@@ -141,6 +147,8 @@ class WorkerApp:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.kvstore is not None:
+            await self.kvstore.close()
         if self.memory is not None:
             await self.memory.close()
         if self.admission is not None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.worker.engine import Delta, Engine, Failed, Finished
 from services.worker.models import LoadedModel
+from services.worker.parking import Parked, Parking, Restored
 from services.worker.sampling import SamplingParams
 from services.worker.sessions import Session, SessionTable
 
@@ -25,10 +26,12 @@ class OpenedSession:
 
 
 class WorkerCore:
-    def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable):
+    def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
+                 parking: Parking | None = None):
         self.loaded = loaded
         self.engine = engine
         self.sessions = sessions
+        self.parking = parking or Parking(loaded, engine, sessions, None)
 
     def open_session(self, model: str = "", chat_template: str | None = None,
                      system_prompt: str = "") -> OpenedSession:
@@ -43,10 +46,24 @@ class WorkerCore:
         return OpenedSession(session, self.loaded.name, self.loaded.max_context, chat)
 
     def close_session(self, session_id: str, token: str) -> int:
+        if self.sessions.get(session_id, token).moving:
+            raise FailedPrecondition(f"session {session_id} is being parked or restored; "
+                                     "close it when that is done", reason="SESSION_BUSY")
         session = self.sessions.close(session_id, token)
         freed = self.engine.pool.length(session_id)
         self.engine.drop_session(session)
+        self.parking.forget(session)
         return freed
+
+    async def park_session(self, session_id: str, token: str) -> Parked:
+        return await self.parking.park(self.sessions.get(session_id, token))
+
+    async def restore_session(self, entry_id: str, token: str) -> Restored:
+        if not entry_id:
+            raise InvalidArgument("entry_id", "is required")
+        if not token:
+            raise InvalidArgument("token", "is required (the parked session's token)")
+        return await self.parking.restore(entry_id, token)
 
     async def generate(self, session_id: str, token: str, params: SamplingParams, *,
                        prompt: str | None = None,
@@ -67,6 +84,11 @@ class WorkerCore:
                 raise InvalidArgument("message.content", "must not be empty")
             if len(message["content"]) > MAX_PROMPT_CHARS:
                 raise InvalidArgument("message.content", f"at most {MAX_PROMPT_CHARS} characters")
+        if session.moving:
+            raise FailedPrecondition(f"session {session_id} is being parked or restored",
+                                     reason="SESSION_BUSY")
+        if session.parked_entry:
+            await self.parking.unpark(session)
         request = self.engine.submit(session, params, prompt=prompt, message=message)
         finished = False
         try:

@@ -126,6 +126,7 @@ class Engine:
         self._running: list[Request] = []
         self._slots: dict[str, list[int]] = {}
         self._busy: dict[str, Request] = {}
+        self._allocating = 0                               # restores waiting for blocks
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmx-compute")
         self._loop_task: asyncio.Task | None = None
@@ -253,6 +254,44 @@ class Engine:
         self.pool.free(session.session_id)
         self._slots.pop(session.session_id, None)
         self._maybe_shrink()
+
+    # ---- parking ---------------------------------------------------------
+    def kv_slots(self, session: Session) -> list[int]:
+        """The slots of the session's KV in token order (to park it)."""
+        session_id = session.session_id
+        return list(self._slots.get(session_id, [])[: self.pool.length(session_id)])
+
+    def release_kv(self, session: Session) -> int:
+        """Free the session's blocks (it was parked); how many were freed."""
+        num_blocks = len(self.pool.table(session.session_id))
+        self.pool.free(session.session_id)
+        self._slots.pop(session.session_id, None)
+        self._maybe_shrink()
+        return num_blocks
+
+    async def allocate_kv(self, session: Session, num_tokens: int) -> list[int]:
+        """Blocks for num_tokens tokens of restored KV after the session's
+        (growing the KV lease if needed); RESOURCE_EXHAUSTED past kv_wait_s."""
+        session_id = session.session_id
+        if self.pool.length(session_id) + num_tokens > len(session.tokens):
+            raise ValueError("more KV than the session has tokens")
+        deadline = time.monotonic() + self.kv_wait_s
+        self._allocating += 1   # no shrink of the chunks grown for it meanwhile
+        try:
+            while not self.pool.can_append(session_id, num_tokens):
+                if time.monotonic() > deadline:
+                    raise CapacityExhausted(
+                        f"no KV memory to restore {num_tokens} tokens within {self.kv_wait_s:g}s",
+                        Shortfall("kv", self.pool.blocks_needed(session_id, num_tokens)
+                                  * self.pool.block_size * self.loaded.kv_shape.bytes_per_token,
+                                  0), 1.0)
+                self._grow(self.pool.blocks_needed(session_id, num_tokens))
+                await asyncio.sleep(0.01)
+        finally:
+            self._allocating -= 1
+        slots = self.pool.append(session_id, num_tokens)
+        self._slots.setdefault(session_id, []).extend(slots)
+        return slots
 
     # ---- the loop --------------------------------------------------------
     async def _loop(self) -> None:
@@ -459,7 +498,8 @@ class Engine:
     def _maybe_shrink(self) -> None:
         if self._resize_task is not None and not self._resize_task.done():
             return
-        spare = 0 if not self._busy and not self.pool.usage().num_used_blocks else self.spare_chunks
+        idle = not self._busy and not self._allocating and not self.pool.usage().num_used_blocks
+        spare = 0 if idle else self.spare_chunks
         removable = self.pool.num_removable_chunks() - spare
         if removable > 0:
             self._resize_task = asyncio.create_task(

@@ -72,5 +72,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         freed = self._core().close_session(request.session_id, request.token)
         return pb.CloseSessionResponse(freed_tokens=freed)
 
+    async def ParkSession(self, request: pb.ParkSessionRequest,
+                          context) -> pb.ParkSessionResponse:
+        parked = await self._core().park_session(request.session_id, request.token)
+        return pb.ParkSessionResponse(entry_id=parked.entry_id, parked_tokens=parked.num_tokens,
+                                      freed_blocks=parked.freed_blocks)
+
+    async def RestoreSession(self, request: pb.RestoreSessionRequest,
+                             context) -> pb.RestoreSessionResponse:
+        restored = await self._core().restore_session(request.entry_id, request.token)
+        return pb.RestoreSessionResponse(session_id=restored.session.session_id,
+                                         restored_tokens=restored.num_tokens)
+
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
         return self._status()

@@ -23,6 +23,10 @@ class Session:
     messages: list[dict[str, str]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     busy: bool = False
+    #: Parked: the kvstore entry holding its KV (the pool holds none of it).
+    parked_entry: str | None = None
+    #: Being parked or restored (its KV is being copied).
+    moving: bool = False
     created_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -51,6 +55,23 @@ class SessionTable:
             session.messages.append({"role": "system", "content": system_prompt})
         self._sessions[session.session_id] = session
         return session
+
+    def adopt(self, token: str, chat_template: str | None, messages: list[dict[str, str]],
+              tokens: list[int]) -> Session:
+        """A new session for a restored context, keeping its token."""
+        if len(self._sessions) >= self.max_sessions:
+            raise FailedPrecondition(f"this worker holds its maximum of {self.max_sessions} "
+                                     "sessions; close one first", reason="TOO_MANY_SESSIONS")
+        session = Session(f"sess-{secrets.token_hex(8)}", token, chat_template,
+                          messages=list(messages), tokens=list(tokens))
+        self._sessions[session.session_id] = session
+        return session
+
+    def find_parked(self, entry_id: str) -> Session | None:
+        return next((s for s in self._sessions.values() if s.parked_entry == entry_id), None)
+
+    def remove(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
 
     def get(self, session_id: str, token: str) -> Session:
         if not session_id:

@@ -22,6 +22,8 @@ class WorkerSettings:
         "help": "address clients should use, when not the listen address"})
     admission: str = field(default="127.0.0.1:50051", metadata={
         "help": "admission's address; 'none' runs without admission inside --budget"})
+    kvstore: str = field(default="127.0.0.1:50052", metadata={
+        "help": "the kvstore's address, for ParkSession/RestoreSession; 'none' disables parking"})
     budget: int = field(default=8 << 30, metadata={
         "help": "device bytes to stay within when running without admission",
         "parse": parse_bytes})
@@ -58,6 +60,11 @@ class WorkerSettings:
                 parse_address(self.admission)
             except ValueError as exc:
                 raise ConfigError("admission", str(exc), fix="HOST:PORT, or none") from None
+        if self.kvstore != "none":
+            try:
+                parse_address(self.kvstore)
+            except ValueError as exc:
+                raise ConfigError("kvstore", str(exc), fix="HOST:PORT, or none") from None
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", fix=" | ".join(DTYPES))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -303,3 +303,21 @@ def test_clean_stop_without_keep_forgets_everything(make_store, dirs):
     assert not (dirs["state_dir"] / "manifest.json").exists()
     assert list(dirs["spill_dir"].iterdir()) == []
     assert make_store(keep_on_stop=False).list() == []
+
+
+def test_metadata_is_kept_through_spill_restart_and_readoption(make_store, dirs):
+    store = make_store(capacity_bytes=ENTRY)
+    lay = layout()
+    meta = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    entry, region = store.reserve("w1", "sess", SECRET, lay, range(lay.num_tokens), meta)
+    data = os.urandom(lay.num_bytes)
+    store.view(region)[:] = data
+    store.commit(entry.entry_id, SECRET, zlib.crc32(data))
+    park(store)                                   # the first is spilled
+    assert store.open(entry.entry_id, SECRET)[0].metadata == meta, "lost through a spill"
+    store.close()
+    again = make_store(capacity_bytes=ENTRY)
+    assert again.open(entry.entry_id, SECRET)[0].metadata == meta, "lost through a restart"
+    again.close()
+    with pytest.raises(InvalidArgument, match="metadata"):
+        make_store().reserve("w1", "s", SECRET, lay, range(lay.num_tokens), b"x" * (2 << 20))

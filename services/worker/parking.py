@@ -1,0 +1,221 @@
+"""Parking a session's KV in the kvstore and restoring it, on this worker or
+another of the same model.
+
+The bytes are K then V, each [layers][tokens][kv_heads][head_dim] of the
+worker's dtype, contiguous (the kvstore's KVLayout). The copies between the
+pool and the shared-memory region run off the event loop; the pool and the
+session table change on it. A parked session keeps its tokens and messages
+but no KV blocks; a Generate on it restores it first (or, if its entry is
+gone or corrupted, recomputes the context from its tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import structlog
+import torch
+
+from services.common.errors import FailedPrecondition, LmxError, NotFound
+from services.kvstore.entry import Layout
+from services.worker.engine import Engine
+from services.worker.kv_storage import KVStorage, SlotGroups
+from services.worker.models import LoadedModel
+from services.worker.sessions import Session, SessionTable
+
+if TYPE_CHECKING:  # the link speaks grpc; parking itself does not
+    from services.worker.kv_link import KVStoreLink
+
+log = structlog.get_logger(__name__)
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# ---- the byte layout ---------------------------------------------------------
+
+def kv_to_bytes(storage: KVStorage, slots: Sequence[int]) -> bytes:
+    """The KV at `slots` (token order): K then V, [layers][n][kv_heads][head_dim]."""
+    keys, values = storage.read_tokens(torch.tensor(list(slots), dtype=torch.long))
+    flat = torch.cat([keys.reshape(-1), values.reshape(-1)]).cpu()
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def bytes_to_kv(storage: KVStorage, slots: Sequence[int], data: bytes | bytearray) -> None:
+    """Write bytes in kv_to_bytes' layout into the pool at `slots`."""
+    shape = storage.shape
+    dims = (2, shape.num_layers, len(slots), shape.num_kv_heads, shape.head_dim)
+    itemsize = torch.empty((), dtype=shape.dtype).element_size()
+    expected = itemsize * dims[0] * dims[1] * dims[2] * dims[3] * dims[4]
+    if len(data) != expected:
+        raise ValueError(f"{len(data)} bytes given, the layout needs {expected}")
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    kv = flat.view(shape.dtype).reshape(dims).to(storage.device)
+    groups = SlotGroups.build(list(slots), storage.slots_per_chunk, storage.device)
+    for layer in range(shape.num_layers):
+        storage.write(layer, groups, kv[0, layer], kv[1, layer])
+
+
+def model_version(loaded: LoadedModel) -> str:
+    """Changes whenever the weights could: config, weight bytes and dtype."""
+    config = loaded.model.config.to_json_string(use_diff=False)
+    text = f"{config}\n{loaded.weight_bytes}\n{DTYPE_NAMES[loaded.kv_shape.dtype]}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- park and restore ----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    entry_id: str
+    num_tokens: int
+    freed_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    session: Session
+    num_tokens: int
+
+
+class Parking:
+    def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
+                 link: KVStoreLink | None):
+        self.loaded = loaded
+        self.engine = engine
+        self.sessions = sessions
+        self.link = link
+        self.model_version = model_version(loaded)
+        self._deletes: set[asyncio.Task] = set()
+
+    def layout(self, num_tokens: int) -> Layout:
+        shape = self.loaded.kv_shape
+        return Layout(model=self.loaded.name, model_version=self.model_version,
+                      dtype=DTYPE_NAMES[shape.dtype], num_layers=shape.num_layers,
+                      num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                      num_tokens=num_tokens, block_size=self.engine.pool.block_size)
+
+    def _link(self) -> KVStoreLink:
+        if self.link is None:
+            raise FailedPrecondition("parking is disabled on this worker (--kvstore none); "
+                                     "restart it with --kvstore HOST:PORT", "PARKING_DISABLED")
+        return self.link
+
+    async def park(self, session: Session) -> Parked:
+        link = self._link()
+        if session.parked_entry:
+            raise FailedPrecondition(f"session {session.session_id} is already parked "
+                                     f"(entry {session.parked_entry})", "ALREADY_PARKED")
+        if session.busy or session.moving:
+            raise FailedPrecondition(f"session {session.session_id} is generating or moving; "
+                                     "wait for it to finish", "SESSION_BUSY")
+        slots = self.engine.kv_slots(session)
+        if not slots:
+            raise FailedPrecondition(f"session {session.session_id} holds no KV yet",
+                                     "NOTHING_TO_PARK")
+        session.moving = True
+        try:
+            data = await asyncio.to_thread(kv_to_bytes, self.engine.storage, slots)
+            metadata = json.dumps({"messages": session.messages,
+                                   "chat_template": session.chat_template}).encode()
+            entry_id = await link.park(self.layout(len(slots)), session.session_id,
+                                       session.token, list(session.tokens), metadata, data)
+            freed = self.engine.release_kv(session)
+            session.parked_entry = entry_id
+        finally:
+            session.moving = False
+        log.info("session_parked", session_id=session.session_id, entry_id=entry_id,
+                 tokens=len(slots), bytes=len(data), freed_blocks=freed)
+        return Parked(entry_id, len(slots), freed)
+
+    async def restore(self, entry_id: str, token: str) -> Restored:
+        """The entry into a new session (keeping the token); the entry is then
+        deleted, and a session of this worker parked in it goes away."""
+        link = self._link()
+        fetched = await link.fetch(entry_id, token)
+        self._check_layout(fetched.layout, len(fetched.token_ids))
+        try:
+            meta = json.loads(fetched.metadata or b"{}")
+            messages = [{"role": str(m["role"]), "content": str(m["content"])}
+                        for m in meta.get("messages", [])]
+            template = meta.get("chat_template") or None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FailedPrecondition(f"entry {entry_id!r} has unreadable metadata ({exc})",
+                                     "BAD_METADATA") from None
+        session = self.sessions.adopt(token, template, messages, fetched.token_ids)
+        try:
+            await self._fill(session, fetched.layout.num_tokens, fetched.data)
+        except BaseException:
+            self.engine.release_kv(session)
+            self.sessions.remove(session.session_id)
+            raise
+        old = self.sessions.find_parked(entry_id)
+        if old is not None:
+            self.sessions.remove(old.session_id)
+        await link.delete(entry_id, token)
+        log.info("session_restored", session_id=session.session_id, entry_id=entry_id,
+                 tokens=fetched.layout.num_tokens,
+                 moved_from=old.session_id if old is not None else "another worker")
+        return Restored(session, fetched.layout.num_tokens)
+
+    async def unpark(self, session: Session) -> None:
+        """Before a Generate on a parked session: its KV back in the pool; if
+        its entry is gone or corrupted, its tokens are recomputed instead."""
+        link = self._link()
+        entry_id = session.parked_entry
+        assert entry_id is not None
+        session.moving = True
+        try:
+            try:
+                fetched = await link.fetch(entry_id, session.token)
+                self._check_layout(fetched.layout, len(session.tokens))
+            except NotFound:
+                self.sessions.remove(session.session_id)
+                raise NotFound("session", session.session_id,
+                               f"its parked entry {entry_id} was restored elsewhere "
+                               "(RestoreSession) or deleted") from None
+            except LmxError as exc:
+                log.warning("restore_recomputes", session_id=session.session_id,
+                            entry_id=entry_id, error=exc.message)
+                session.parked_entry = None
+                return
+            try:
+                await self._fill(session, fetched.layout.num_tokens, fetched.data)
+            except BaseException:
+                self.engine.release_kv(session)
+                raise
+            session.parked_entry = None
+        finally:
+            session.moving = False
+        await link.delete(entry_id, session.token)
+        log.info("session_unparked", session_id=session.session_id, entry_id=entry_id,
+                 tokens=fetched.layout.num_tokens)
+
+    def forget(self, session: Session) -> None:
+        """A closed parked session: delete its entry in the background."""
+        if session.parked_entry and self.link is not None:
+            task = asyncio.create_task(self.link.delete(session.parked_entry, session.token))
+            self._deletes.add(task)
+            task.add_done_callback(self._deletes.discard)
+
+    def _check_layout(self, layout: Layout, num_token_ids: int) -> None:
+        expected = self.layout(layout.num_tokens)
+        if replace(layout, block_size=expected.block_size) != expected:
+            raise FailedPrecondition(
+                f"the entry was parked by {layout.model} version {layout.model_version} "
+                f"({layout.dtype}, {layout.num_layers} layers, {layout.num_kv_heads} KV heads, "
+                f"head dim {layout.head_dim}); this worker serves {expected.model} version "
+                f"{expected.model_version} ({expected.dtype}): restore it on a worker of that "
+                "model and dtype", "LAYOUT_MISMATCH")
+        if not 0 < layout.num_tokens <= num_token_ids < self.loaded.max_context:
+            raise FailedPrecondition(f"the entry's {num_token_ids} tokens do not fit this "
+                                     f"worker's context of {self.loaded.max_context}",
+                                     "LAYOUT_MISMATCH")
+
+    async def _fill(self, session: Session, num_tokens: int, data: bytes) -> None:
+        slots = await self.engine.allocate_kv(session, num_tokens)
+        await asyncio.to_thread(bytes_to_kv, self.engine.storage, slots, data)
