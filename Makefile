@@ -11,7 +11,7 @@ STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 # `make setup TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: setup proto test test-all demo bench bench-worker lint clean admission status
+.PHONY: setup proto test test-all demo bench bench-worker bench-kvstore lint clean admission status
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ bench: setup proto
 # make bench-worker BENCH_WORKER_ARGS="--device cuda --model synthetic:llama-1b"
 bench-worker: setup proto
 	$(PY) bench/worker.py $(BENCH_WORKER_ARGS)
+
+# KV store park/restore GB/s against context size, restore vs prefill, e.g.
+# make bench-kvstore BENCH_KVSTORE_ARGS="--sizes-mib 1,64 --contexts 512"
+bench-kvstore: setup proto
+	$(PY) bench/kvstore.py $(BENCH_KVSTORE_ARGS)
 
 admission: setup proto
 	$(VENV)/bin/lmx admission
