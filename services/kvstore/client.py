@@ -57,9 +57,11 @@ def map_region(region, writable: bool = False) -> Iterator[memoryview]:
         mapping.close()
 
 
-def read_region(region) -> bytes:
+def read_region(region) -> bytearray:
+    """A copy of the region's bytes (mutable, so that torch can wrap it
+    without another copy)."""
     with map_region(region) as view:
-        return bytes(view)
+        return bytearray(view)
 
 
 def write_region(region, data) -> int:
@@ -71,7 +73,7 @@ def write_region(region, data) -> int:
     return checksum(data)
 
 
-async def read_region_async(region) -> bytes:
+async def read_region_async(region) -> bytearray:
     return await asyncio.to_thread(read_region, region)
 
 

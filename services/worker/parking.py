@@ -38,11 +38,17 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 # ---- the byte layout ---------------------------------------------------------
 
-def kv_to_bytes(storage: KVStorage, slots: Sequence[int]) -> bytes:
-    """The KV at `slots` (token order): K then V, [layers][n][kv_heads][head_dim]."""
-    keys, values = storage.read_tokens(torch.tensor(list(slots), dtype=torch.long))
-    flat = torch.cat([keys.reshape(-1), values.reshape(-1)]).cpu()
-    return flat.view(torch.uint8).numpy().tobytes()
+def kv_to_bytes(storage: KVStorage, slots: Sequence[int]) -> memoryview:
+    """The KV at `slots` (token order): K then V, [layers][n][kv_heads][head_dim],
+    as a read-only view of one flat buffer (bytes-like, no further copy)."""
+    shape = storage.shape
+    n = len(slots)
+    out = torch.empty((2, shape.num_layers, n, shape.num_kv_heads, shape.head_dim),
+                      dtype=shape.dtype, device=storage.device)
+    groups = SlotGroups.build(list(slots), storage.slots_per_chunk, storage.device)
+    for layer in range(shape.num_layers):
+        out[0, layer], out[1, layer] = storage.gather(layer, groups, n)
+    return out.reshape(-1).cpu().view(torch.uint8).numpy().data.toreadonly()
 
 
 def bytes_to_kv(storage: KVStorage, slots: Sequence[int], data: bytes | bytearray) -> None:
@@ -53,7 +59,9 @@ def bytes_to_kv(storage: KVStorage, slots: Sequence[int], data: bytes | bytearra
     expected = itemsize * dims[0] * dims[1] * dims[2] * dims[3] * dims[4]
     if len(data) != expected:
         raise ValueError(f"{len(data)} bytes given, the layout needs {expected}")
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    # torch.frombuffer wants a writable buffer; a bytearray is used as it is.
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)
     kv = flat.view(shape.dtype).reshape(dims).to(storage.device)
     groups = SlotGroups.build(list(slots), storage.slots_per_chunk, storage.device)
     for layer in range(shape.num_layers):
