@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from services.admission.devices import SimulatedDeviceSpec, parse_device_spec
 from services.common import settings as loader
 from services.common.errors import ConfigError
-from services.common.units import parse_address
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -40,10 +39,7 @@ class AdmissionSettings:
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def __post_init__(self) -> None:
-        try:
-            parse_address(self.listen)
-        except ValueError as exc:
-            raise ConfigError("listen", str(exc)) from None
+        loader.check_common(self)
         if not 0 < self.cap_fraction <= 1:
             raise ConfigError("cap_fraction", f"must be in (0, 1], got {self.cap_fraction}")
         if not 0 < self.min_ttl_s <= self.default_ttl_s <= self.max_ttl_s:
@@ -51,11 +47,6 @@ class AdmissionSettings:
         for name in ("max_wait_s", "sweep_interval_s", "poll_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")
-        if self.grace_s < 0:
-            raise ConfigError("grace_s", "must not be negative")
-        if self.log_format not in ("auto", "json", "console"):
-            raise ConfigError("log_format", f"unknown format {self.log_format!r}",
-                              fix="use auto, json or console")
 
 
 def load_settings(argv: Sequence[str] | None = None,

@@ -125,3 +125,26 @@ def load(cls: type[T], service: str, argv: Sequence[str] | None = None,
         return cls(**values)
     except ValueError as exc:  # __post_init__ validation that raised plainly
         raise ConfigError(service, str(exc)) from None
+
+
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def check_common(settings: Any) -> None:
+    """What every service's settings share: listen, grace_s, log_format,
+    log_level. Called from each settings class's __post_init__."""
+    from services.common.units import parse_address
+
+    try:
+        parse_address(settings.listen)
+    except ValueError as exc:
+        raise ConfigError("listen", str(exc)) from None
+    if settings.grace_s < 0:
+        raise ConfigError("grace_s", "must not be negative")
+    if settings.log_format not in LOG_FORMATS:
+        raise ConfigError("log_format", f"unknown format {settings.log_format!r}",
+                          fix=" | ".join(LOG_FORMATS))
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError("log_level", f"unknown level {settings.log_level!r}",
+                          fix=" | ".join(LOG_LEVELS))

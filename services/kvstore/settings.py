@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.common import settings as loader
 from services.common.errors import ConfigError
-from services.common.units import parse_address, parse_bytes
+from services.common.units import parse_bytes
 from services.kvstore.arena import ALIGN
 
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -55,10 +55,7 @@ class KVStoreSettings:
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def __post_init__(self) -> None:
-        try:
-            parse_address(self.listen)
-        except ValueError as exc:
-            raise ConfigError("listen", str(exc)) from None
+        loader.check_common(self)
         if not STORE_ID.match(self.store_id):
             raise ConfigError("store_id", f"bad store id {self.store_id!r}",
                               fix="1-64 letters, digits or _")
@@ -72,11 +69,6 @@ class KVStoreSettings:
                 raise ConfigError(name, "must not be negative")
         if not 0 < self.export_chunk_bytes <= 32 << 20:
             raise ConfigError("export_chunk_bytes", "must be in (0, 32MiB]")
-        if self.grace_s < 0:
-            raise ConfigError("grace_s", "must not be negative")
-        if self.log_format not in ("auto", "json", "console"):
-            raise ConfigError("log_format", f"unknown format {self.log_format!r}",
-                              fix="use auto, json or console")
         # Resolve the defaults that depend on the host, once.
         if not self.capacity_bytes:
             object.__setattr__(self, "capacity_bytes", default_capacity())

@@ -50,11 +50,12 @@ class WorkerSettings:
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def __post_init__(self) -> None:
-        for name in ("listen",) + (("advertise",) if self.advertise else ()):
+        loader.check_common(self)
+        if self.advertise:
             try:
-                parse_address(getattr(self, name))
+                parse_address(self.advertise)
             except ValueError as exc:
-                raise ConfigError(name, str(exc)) from None
+                raise ConfigError("advertise", str(exc)) from None
         if self.admission != "none":
             try:
                 parse_address(self.admission)

@@ -194,3 +194,20 @@ def test_loader_errors_name_the_field():
         loader.load(Toy, "toy", ["--count", "-1"], {})
     assert err.value.setting == "toy" and "negative" in err.value.message, (
         "a plain ValueError from __post_init__ becomes a ConfigError for the service")
+
+
+@pytest.mark.parametrize("flags, setting", [
+    (["--log-level", "loud"], "log_level"),
+    (["--log-format", "xml"], "log_format"),
+    (["--grace-s", "-1"], "grace_s"),
+    (["--listen", "nowhere"], "listen"),
+])
+def test_every_service_checks_the_shared_settings(flags, setting):
+    from services.admission.settings import load_settings as admission
+    from services.kvstore.settings import load_settings as kvstore
+    from services.worker.settings import load_settings as worker
+
+    for load in (admission, worker, kvstore):
+        with pytest.raises(ConfigError) as refused:
+            load(flags, environ={})
+        assert refused.value.setting == setting, (load.__module__, refused.value)
