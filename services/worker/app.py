@@ -73,6 +73,7 @@ class WorkerApp:
         self.memory: Memory | None = None
         self.kvstore: KVStoreLink | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._registering: set[asyncio.Future] = set()  # state changes on their way
         self.worker_id = ""
 
     # ---- App -------------------------------------------------------------
@@ -147,6 +148,9 @@ class WorkerApp:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        # A state change still on its way must land before the unregister,
+        # or it would register the worker again after it.
+        await asyncio.gather(*self._registering, return_exceptions=True)
         if self.kvstore is not None:
             await self.kvstore.close()
         if self.memory is not None:
@@ -183,7 +187,9 @@ class WorkerApp:
         self.state = state
         log.info("worker_state", state=state, worker_id=self.worker_id)
         if self._heartbeat is not None:
-            asyncio.ensure_future(self._register())
+            task = asyncio.ensure_future(self._register())
+            self._registering.add(task)
+            task.add_done_callback(self._registering.discard)
 
     async def _register(self) -> None:
         if self.admission is None:
