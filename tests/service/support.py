@@ -50,6 +50,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def server_ready_address(log_text: str) -> str:
+    """The address in the last "server_ready" line of a JSON log ("" if none):
+    servers listen on port 0 and say there which port they took; a restarted
+    server appends to the same log."""
+    address = ""
+    for line in log_text.splitlines():
+        if '"server_ready"' in line:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                address = json.loads(line)["address"]
+    return address
+
+
 @dataclass
 class AdmissionProcess:
     """`python -m services.admission` on a free loopback port."""
@@ -90,14 +102,7 @@ class AdmissionProcess:
         return self
 
     def _ready_address(self) -> str:
-        for line in self.log().splitlines():
-            if '"server_ready"' not in line:
-                continue
-            try:
-                return json.loads(line)["address"]
-            except (ValueError, KeyError):
-                continue
-        return ""
+        return server_ready_address(self.log())
 
     def _wait_serving(self, deadline: float) -> None:
         last = "no answer"

@@ -5,7 +5,6 @@ that is removed however the test ends."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -24,7 +23,7 @@ from lmx.v1 import kvstore_pb2 as pb
 from lmx.v1 import kvstore_pb2_grpc
 from services.kvstore.client import write_region
 
-from ..support import REPO_ROOT, _die_with_parent  # noqa: F401 - REPO_ROOT re-exported
+from ..support import REPO_ROOT, _die_with_parent, server_ready_address  # noqa: F401 - REPO_ROOT re-exported
 
 SERVICE = "lmx.v1.KVStoreService"
 RPC_TIMEOUT_S = 5.0
@@ -106,13 +105,8 @@ class KVStoreProcess:
         return self
 
     def _ready_address(self) -> str:
-        # the last server_ready line: a restarted server appends to the same log
-        address = ""
-        for line in self.log().splitlines()[self._skip:]:
-            if '"server_ready"' in line:
-                with contextlib.suppress(ValueError, KeyError):
-                    address = json.loads(line)["address"]
-        return address
+        # the lines of this start only: a restarted server appends to the same log
+        return server_ready_address("\n".join(self.log().splitlines()[self._skip:]))
 
     _skip: int = 0
 

@@ -28,7 +28,7 @@ from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
 from services.admission.client import ErrorDetails, error_details
 
-from ..support import REPO_ROOT, _die_with_parent
+from ..support import REPO_ROOT, _die_with_parent, server_ready_address
 
 WORKER_SERVICE = "lmx.v1.WorkerService"
 #: Converting a GGUF the first time takes 40-110 s on a small machine.
@@ -124,10 +124,7 @@ class WorkerProcess:
                              f"(last: {last}); log:\n{self.log_tail()}")
 
     def ready_address(self) -> str:
-        for line in self.log_lines():
-            if line.get("event") == "server_ready":
-                return line.get("address", "")
-        return ""
+        return server_ready_address(self.log())
 
     def log(self) -> str:
         try:
