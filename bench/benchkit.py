@@ -24,6 +24,10 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (+dirty); LMX_BENCH_COMMIT where there is no
+    git history (a copy of the tree on a lent GPU machine)."""
+    if os.environ.get("LMX_BENCH_COMMIT"):
+        return os.environ["LMX_BENCH_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout.strip()

@@ -1,28 +1,34 @@
 """KV store benchmark: park and restore bandwidth against context size, and
-restore time against recomputing the same context (prefill), in one run.
+restore time against recomputing the same context (prefill), in one run, on
+the CPU or a CUDA GPU (--device; default cuda when there is one).
 
 Starts a real kvstore as its own process (`python -m services.kvstore` on a
 free loopback port, a unique --store-id, a fresh --shm-dir under /dev/shm and
 a temporary --state-dir, all removed at the end, even on failure) and drives
-it with the worker's own code: services/worker/parking.py turns KVStorage
-slots into bytes and back (kv_to_bytes / bytes_to_kv), and the worker's
-KVStoreLink stub does the RPCs; the shared-memory copies and the CRC-32 are
-services/kvstore/client.py's. The stages of KVStoreLink.park / fetch are timed
-one by one:
+it with the worker's own code: the worker's KVStoreLink makes the RPCs and
+services/worker/kv_transfer.py's KVTransfer copies between a KVStorage (on
+the device) and the shared-memory region, computing the sum64 checksum on the
+device, exactly as Parking does. Stages, timed one by one:
 
-  park     = gather (kv_to_bytes: KVStorage -> bytes) + Reserve RPC
-             + copy into the shm region + CRC-32 + Commit RPC
-  restore  = Open RPC + copy out of the shm region + CRC-32 check
-             + scatter (bytes_to_kv: bytes -> KVStorage)
+  park     = Reserve RPC + KVTransfer.park (gather, checksum, copy into the
+             region; on a GPU asynchronous on a side stream, from pinned
+             segments) + Commit RPC
+  restore  = Open RPC + KVTransfer.restore (copy out of the region, checksum,
+             scatter into the pool)
 
-GB/s = entry bytes / stage time (10^9 bytes). Each size: one warm-up round,
-then --repeats timed rounds; the median round (by park + restore) is shown.
+GB/s = entry bytes / stage time (10^9 bytes). Each size: one warm-up round
+(its park maps the segment and, on a GPU, registers it with cudaHostRegister:
+reported as first_park_ms), then --repeats timed rounds; the median round (by
+park + restore) is shown. Baselines on the same machine: on the CPU a plain
+memcpy and numpy's sum64 of the same bytes; on a GPU a pinned host<->device
+copy of the same bytes (torch, cudaMemcpyAsync), the ceiling.
 
-Recompute: smollm2-135m (real weights from LMX_CACHE, CPU float32) through
-the worker's Engine/ModelRunner: one prefill step of N tokens (the first N
-tokens of README.md) into a KVStorage, one untimed warm-up step at the full
-size, then --repeats timed (median); against parking that very KV and
-restoring it into a second KVStorage (checked equal).
+Recompute: one prefill step of N tokens (the first N tokens of README.md)
+through the worker's Engine/ModelRunner into a KVStorage (one untimed warm-up
+step, then --repeats timed, median), against parking that very KV and
+restoring it into a second KVStorage (checked equal). --model: smollm2-135m
+(real weights from LMX_CACHE) or a synthetic:<shape> (random weights, real
+architecture).
 
     .venv/bin/python bench/kvstore.py                 # make bench-kvstore
 
@@ -55,14 +61,13 @@ from benchkit import busy_cpu_seconds, cpu_model, cpu_seconds, git_commit, wait_
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from lmx.v1 import kvstore_pb2 as pb  # noqa: E402
 from services.common.launch import start_service  # noqa: E402
-from services.kvstore.client import checksum, map_region  # noqa: E402
+from services.kvstore.checksum import checksum  # noqa: E402
 from services.kvstore.entry import Layout  # noqa: E402
-from services.kvstore.servicer import layout_to_pb  # noqa: E402
 from services.worker.kv_link import KVStoreLink  # noqa: E402
 from services.worker.kv_storage import KVShape, KVStorage  # noqa: E402
-from services.worker.parking import DTYPE_NAMES, bytes_to_kv, kv_to_bytes  # noqa: E402
+from services.worker.kv_transfer import KVTransfer  # noqa: E402
+from services.worker.parking import DTYPE_NAMES  # noqa: E402
 
 KVSTORE_SERVICE = "lmx.v1.KVStoreService"
 SHAPES = {
@@ -90,10 +95,10 @@ def storage_for(shape: KVShape, num_tokens: int, device: torch.device) -> KVStor
 
 
 def fill_random(storage: KVStorage) -> None:
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=storage.device).manual_seed(0)
     for tensors in (storage._k, storage._v):
         for t in tensors:
-            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+            t.copy_(torch.randn(t.shape, generator=gen, device=storage.device).to(t.dtype))
 
 
 def layout_of(shape: KVShape, model: str, num_tokens: int) -> Layout:
@@ -102,48 +107,30 @@ def layout_of(shape: KVShape, model: str, num_tokens: int) -> Layout:
                   head_dim=shape.head_dim, num_tokens=num_tokens, block_size=BLOCK_SIZE)
 
 
-async def park_restore(link: KVStoreLink, storage: KVStorage, slots: list[int],
-                       layout: Layout, target: KVStorage, target_slots: list[int]) -> dict:
-    """One park and one restore, stage by stage, as KVStoreLink.park/fetch and
-    Parking.park/_fill do them (without the to_thread hops)."""
+async def park_restore(link: KVStoreLink, transfer: KVTransfer, slots: list[int],
+                       layout: Layout, target: KVTransfer, target_slots: list[int]) -> dict:
+    """One park and one restore, stage by stage, as Parking.park and _fill do
+    them (without the to_thread hops)."""
     secret = uuid.uuid4().hex
     t = {}
     t0 = time.perf_counter()
-    data = kv_to_bytes(storage, slots)
+    reserved = await link.reserve(layout, "bench-" + secret[:8], secret,
+                                  list(range(len(slots))), b"{}")
     t1 = time.perf_counter()
-    reserved = await link.stub.Reserve(pb.ReserveRequest(
-        owner="bench", session_id="bench-" + secret[:8], secret=secret,
-        layout=layout_to_pb(layout), token_ids=list(range(len(slots))), metadata=b"{}"),
-        timeout=60)
+    crc = transfer.park(slots, reserved.region)
     t2 = time.perf_counter()
-    with map_region(reserved.region, writable=True) as view:
-        view[:] = data
+    await link.commit(reserved.entry_id, secret, crc)
     t3 = time.perf_counter()
-    crc = checksum(data)
-    t4 = time.perf_counter()
-    await link.stub.Commit(pb.CommitRequest(entry_id=reserved.entry_id, secret=secret,
-                                            checksum=crc), timeout=60)
-    t5 = time.perf_counter()
-    t.update(park_gather=t1 - t0, park_reserve_rpc=t2 - t1, park_copy_to_shm=t3 - t2,
-             park_checksum=t4 - t3, park_commit_rpc=t5 - t4, park_total=t5 - t0)
-    del data
+    t.update(park_reserve_rpc=t1 - t0, park_copy=t2 - t1, park_commit_rpc=t3 - t2,
+             park_total=t3 - t0)
     t0 = time.perf_counter()
-    opened = await link.stub.Open(pb.OpenRequest(entry_id=reserved.entry_id, secret=secret),
-                                  timeout=60)
+    opened = await link.open(reserved.entry_id, secret)
     t1 = time.perf_counter()
-    with map_region(opened.region) as view:
-        back = bytes(view)
+    target.restore(target_slots, opened.region, opened.checksum)
     t2 = time.perf_counter()
-    ok = len(back) == opened.entry.num_bytes and checksum(back) == opened.entry.checksum
-    t3 = time.perf_counter()
-    if not ok:
-        raise RuntimeError("checksum mismatch on restore")
-    bytes_to_kv(target, target_slots, back)
-    t4 = time.perf_counter()
-    t.update(restore_open_rpc=t1 - t0, restore_copy_from_shm=t2 - t1, restore_checksum=t3 - t2,
-             restore_scatter=t4 - t3, restore_total=t4 - t0)
+    t.update(restore_open_rpc=t1 - t0, restore_copy=t2 - t1, restore_total=t2 - t0)
     await link.delete(reserved.entry_id, secret)
-    t["bytes"] = len(back)
+    t["bytes"] = layout.num_bytes
     return t
 
 
@@ -154,19 +141,32 @@ def restored_equal(a: KVStorage, b: KVStorage, slots_a: list[int],
     return torch.equal(ka, kb) and torch.equal(va, vb)
 
 
-def raw_copy_and_crc(num_bytes: int) -> dict:
-    """Baselines on the same machine: a plain single-threaded memcpy of
-    num_bytes between two already faulted-in buffers (numpy.copyto), and
-    zlib.crc32 of them; best of 5."""
+def raw_baselines(num_bytes: int, device: torch.device) -> dict:
+    """The same bytes on the same machine, best of 5: on the CPU a plain
+    single-threaded memcpy between two buffers already faulted in
+    (numpy.copyto) and numpy's sum64; on a GPU a pinned host-to-device and
+    device-to-host copy (torch; cudaMemcpyAsync, then a sync)."""
     import numpy as np
 
+    if device.type == "cuda":
+        host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        host.random_(0, 255)
+        dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+
+        def copy(dst, src):
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+
+        copy(dev, host)
+        return {"h2d_s": min(_timed(lambda: copy(dev, host)) for _ in range(5)),
+                "d2h_s": min(_timed(lambda: copy(host, dev)) for _ in range(5))}
     src = np.random.default_rng(0).integers(0, 255, num_bytes, dtype=np.uint8)
     dst = np.empty_like(src)
     np.copyto(dst, src)
     best_copy = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
     view = memoryview(src)
-    best_crc = min(_timed(lambda: checksum(view)) for _ in range(5))
-    return {"memcpy_s": best_copy, "crc32_s": best_crc}
+    best_sum = min(_timed(lambda: checksum(view)) for _ in range(5))
+    return {"memcpy_s": best_copy, "sum64_s": best_sum}
 
 
 def _timed(fn) -> float:
@@ -188,10 +188,15 @@ def summarise(rounds: list[dict]) -> dict:
     return out
 
 
-async def bandwidth(address: str, repeats: int, sizes_mib: list[int], quiet_wait_s: float) -> list[dict]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+async def bandwidth(address: str, device: torch.device, repeats: int, sizes_mib: list[int],
+                    quiet_wait_s: float) -> list[dict]:
     rows = []
     link = KVStoreLink(address, owner="bench")
-    device = torch.device("cpu")
     try:
         for name, (layers, heads, dim, dtype) in SHAPES.items():
             shape = KVShape(layers, heads, dim, dtype)
@@ -200,36 +205,42 @@ async def bandwidth(address: str, repeats: int, sizes_mib: list[int], quiet_wait
                 source = storage_for(shape, tokens, device)
                 fill_random(source)
                 target = storage_for(shape, tokens, device)
+                park_with, restore_with = KVTransfer(source), KVTransfer(target)
                 slots = list(range(tokens))
                 layout = layout_of(shape, name, tokens)
-                await park_restore(link, source, slots, layout, target, slots)  # warm-up
+                _sync(device)
+                first = await park_restore(link, park_with, slots, layout, restore_with, slots)
                 busy = wait_quiet(quiet_wait_s)
                 load = load_average()
-                rounds = [await park_restore(link, source, slots, layout, target, slots)
+                rounds = [await park_restore(link, park_with, slots, layout, restore_with, slots)
                           for _ in range(repeats)]
                 ok = restored_equal(source, target, slots)
                 row = {"shape": name, "tokens": tokens, "bytes": rounds[0]["bytes"],
                        "bytes_per_token": shape.bytes_per_token, **summarise(rounds),
+                       "first_park_ms": round(first["park_total"] * 1000, 2),
+                       "first_restore_ms": round(first["restore_total"] * 1000, 2),
                        "restored_equal": ok, "load_average_before": load,
-                       "machine_busy_before_cores": busy}
-                raw = raw_copy_and_crc(row["bytes"])
-                row["raw_memcpy_ms"] = round(raw["memcpy_s"] * 1000, 3)
-                row["raw_crc32_ms"] = round(raw["crc32_s"] * 1000, 3)
+                       "machine_busy_before_cores": busy,
+                       "segments_pinned": park_with.segments.pin and not park_with.segments.pin_failed}
+                raw = raw_baselines(row["bytes"], device)
+                row.update({f"raw_{k[:-2]}_ms": round(v * 1000, 3) for k, v in raw.items()})
                 rows.append(row)
                 print(f"{name:13} {tokens:6d} tok {row['bytes'] / 2**20:7.1f} MiB  park "
-                      f"{row['park_total_ms']:8.1f} ms {row['park_gb_s']:6.2f} GB/s  restore "
-                      f"{row['restore_total_ms']:8.1f} ms {row['restore_gb_s']:6.2f} GB/s  "
-                      f"(copy->shm {row['park_copy_to_shm_ms']:.1f}, crc {row['park_checksum_ms']:.1f}, "
-                      f"gather {row['park_gather_ms']:.1f}, scatter {row['restore_scatter_ms']:.1f}) "
-                      f"equal={ok}", file=sys.stderr, flush=True)
-                del source, target
+                      f"{row['park_total_ms']:8.2f} ms {row['park_gb_s']:6.2f} GB/s  restore "
+                      f"{row['restore_total_ms']:8.2f} ms {row['restore_gb_s']:6.2f} GB/s  "
+                      f"(first park {row['first_park_ms']:.1f} ms; raw "
+                      f"{', '.join(f'{k[:-2]}={v * 1000:.2f} ms' for k, v in raw.items())}) equal={ok}",
+                      file=sys.stderr, flush=True)
+                park_with.close()
+                restore_with.close()
+                del source, target, park_with, restore_with
     finally:
         await link.close()
     return rows
 
 
-async def recompute(address: str, kvstore_pid: int, model_name: str, contexts: list[int], repeats: int,
-                    quiet_wait_s: float) -> tuple[list[dict], dict]:
+async def recompute(address: str, kvstore_pid: int, model_name: str, device: torch.device,
+                    contexts: list[int], repeats: int, quiet_wait_s: float) -> tuple[list[dict], dict]:
     from services.worker.engine import Engine
     from services.worker.memory import FixedMemory
     from services.worker.models import default_cache_dir, load_model
@@ -237,8 +248,9 @@ async def recompute(address: str, kvstore_pid: int, model_name: str, contexts: l
     from services.worker.sampling import SamplingParams
 
     started = time.perf_counter()
-    loaded = load_model(model_name, cache=default_cache_dir(), device=torch.device("cpu"),
-                        dtype=torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = load_model(model_name, cache=default_cache_dir(), device=device, dtype=dtype,
+                        max_context=max(contexts) + 16)
     load_s = time.perf_counter() - started
     text = (ROOT / "README.md").read_text() * 20
     ids_all = loaded.tokenizer(text)["input_ids"]
@@ -254,6 +266,7 @@ async def recompute(address: str, kvstore_pid: int, model_name: str, contexts: l
             slots = engine.pool.append("ctx", n)
             item = StepItem(ids, slots, slots, SamplingParams(max_tokens=1), None)
             engine.runner.step([item])  # warm-up at the full size
+            _sync(device)
             busy = wait_quiet(quiet_wait_s)
             load = load_average()
             prefill = []
@@ -261,35 +274,40 @@ async def recompute(address: str, kvstore_pid: int, model_name: str, contexts: l
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 engine.runner.step([item])
+                _sync(device)
                 prefill.append(time.perf_counter() - t0)
             wall = time.perf_counter() - w0
             kv_cores = round((cpu_seconds(kvstore_pid) - kv0) / wall, 2)
             machine_cores = round((busy_cpu_seconds() - busy0) / wall, 2)
-            target = storage_for(loaded.kv_shape, n, torch.device("cpu"))
+            target = storage_for(loaded.kv_shape, n, device)
             layout = layout_of(loaded.kv_shape, model_name, n)
             tslots = list(range(n))
-            await park_restore(link, engine.storage, slots, layout, target, tslots)  # warm-up
-            rounds = [await park_restore(link, engine.storage, slots, layout, target, tslots)
+            park_with, restore_with = KVTransfer(engine.storage), KVTransfer(target)
+            await park_restore(link, park_with, slots, layout, restore_with, tslots)  # warm-up
+            rounds = [await park_restore(link, park_with, slots, layout, restore_with, tslots)
                       for _ in range(repeats)]
             ok = restored_equal(engine.storage, target, slots, tslots)
             s = summarise(rounds)
             pre = statistics.median(prefill)
-            row = {"model": model_name, "tokens": n, "bytes": rounds[0]["bytes"],
-                   "prefill_ms": round(pre * 1000, 1),
-                   "prefill_ms_min": round(min(prefill) * 1000, 1),
-                   "prefill_ms_runs": [round(p * 1000, 1) for p in prefill],
+            row = {"model": model_name, "device": str(device), "dtype": DTYPE_NAMES[dtype],
+                   "tokens": n, "bytes": rounds[0]["bytes"],
+                   "prefill_ms": round(pre * 1000, 2),
+                   "prefill_ms_min": round(min(prefill) * 1000, 2),
+                   "prefill_ms_runs": [round(p * 1000, 2) for p in prefill],
                    "restore_ms": s["restore_total_ms"], "park_ms": s["park_total_ms"],
-                   "restore_detail": s, "prefill_over_restore": round(pre * 1000 / s["restore_total_ms"], 1),
+                   "restore_detail": s,
+                   "prefill_over_restore": round(pre * 1000 / s["restore_total_ms"], 1),
                    "restored_equal": ok, "load_average_before": load,
                    "machine_busy_before_cores": busy,
                    "during_prefill_cores": {"kvstore": kv_cores, "machine": machine_cores}}
             rows.append(row)
-            print(f"{model_name} {n:5d} tok  prefill {row['prefill_ms']:8.1f} ms  restore "
-                  f"{row['restore_ms']:7.1f} ms  park {row['park_ms']:7.1f} ms  "
-                  f"prefill/restore {row['prefill_over_restore']}x  equal={ok}  "
-                  f"cores during prefill {row['during_prefill_cores']}",
+            print(f"{model_name} {n:5d} tok  prefill {row['prefill_ms']:8.2f} ms  restore "
+                  f"{row['restore_ms']:7.2f} ms  park {row['park_ms']:7.2f} ms  "
+                  f"prefill/restore {row['prefill_over_restore']}x  equal={ok}",
                   file=sys.stderr, flush=True)
-            del engine, target
+            park_with.close()
+            restore_with.close()
+            del engine, target, park_with, restore_with
     finally:
         await link.close()
     return rows, {"load_s": round(load_s, 1), "torch_threads": torch.get_num_threads()}
@@ -306,34 +324,37 @@ def machine_info() -> dict:
 
 
 def print_tables(result: dict) -> None:
+    gpu = result["device"] == "cuda"
+    raw = ("raw H2D | raw D2H" if gpu else "raw memcpy | raw sum64")
     print("\nPark and restore through the kvstore (median round; ms and GB/s)")
     print("| shape | tokens | MiB | park ms | park GB/s | restore ms | restore GB/s | "
-          "gather | copy→shm | CRC park | Reserve+Commit | Open | copy←shm | CRC restore | "
-          "scatter | raw memcpy | raw CRC |")
-    print("| --- |" + " ---: |" * 16)
+          f"Reserve+Commit | park copy | Open | restore copy | first park | {raw} |")
+    print("| --- |" + " ---: |" * 13)
     for r in result["bandwidth"]:
+        base = ((r["raw_h2d_ms"], r["raw_d2h_ms"]) if gpu else (r["raw_memcpy_ms"], r["raw_sum64_ms"]))
         print(f"| {r['shape']} | {r['tokens']:,} | {r['bytes'] / 2**20:.1f} | "
-              f"{r['park_total_ms']:.1f} | {r['park_gb_s']:.2f} | {r['restore_total_ms']:.1f} | "
-              f"{r['restore_gb_s']:.2f} | {r['park_gather_ms']:.1f} | {r['park_copy_to_shm_ms']:.1f} | "
-              f"{r['park_checksum_ms']:.1f} | "
-              f"{r['park_reserve_rpc_ms'] + r['park_commit_rpc_ms']:.1f} | "
-              f"{r['restore_open_rpc_ms']:.1f} | {r['restore_copy_from_shm_ms']:.1f} | "
-              f"{r['restore_checksum_ms']:.1f} | {r['restore_scatter_ms']:.1f} | "
-              f"{r['raw_memcpy_ms']:.1f} | {r['raw_crc32_ms']:.1f} |")
+              f"{r['park_total_ms']:.2f} | {r['park_gb_s']:.1f} | {r['restore_total_ms']:.2f} | "
+              f"{r['restore_gb_s']:.1f} | "
+              f"{r['park_reserve_rpc_ms'] + r['park_commit_rpc_ms']:.2f} | {r['park_copy_ms']:.2f} | "
+              f"{r['restore_open_rpc_ms']:.2f} | {r['restore_copy_ms']:.2f} | "
+              f"{r['first_park_ms']:.1f} | {base[0]:.2f} | {base[1]:.2f} |")
     print("\nRestore against recomputing (prefill) the same context")
     print("| model | tokens | MiB | prefill ms | restore ms | prefill / restore | park ms |")
     print("| --- |" + " ---: |" * 6)
     for r in result["recompute"]:
-        print(f"| {r['model']} | {r['tokens']:,} | {r['bytes'] / 2**20:.1f} | {r['prefill_ms']:.1f} | "
-              f"{r['restore_ms']:.1f} | {r['prefill_over_restore']:.1f} | {r['park_ms']:.1f} |")
+        print(f"| {r['model']} | {r['tokens']:,} | {r['bytes'] / 2**20:.1f} | {r['prefill_ms']:.2f} | "
+              f"{r['restore_ms']:.2f} | {r['prefill_over_restore']:.1f} | {r['park_ms']:.2f} |")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mib", default=",".join(map(str, SIZES_MIB)))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="comma-separated: smollm2-135m (real weights) or synthetic:<shape>")
     p.add_argument("--contexts", default="512,1024,2048")
+    p.add_argument("--segment-bytes", default="256MiB", help="the kvstore's --segment-bytes")
     p.add_argument("--quiet-wait-s", type=float, default=10.0)
     p.add_argument("--skip-recompute", action="store_true")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
@@ -344,16 +365,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = [int(x) for x in args.sizes_mib.split(",") if x]
     contexts = [int(x) for x in args.contexts.split(",") if x]
+    device = torch.device(args.device)
     store_id = "bench_" + uuid.uuid4().hex[:10]
     shm_dir = Path(tempfile.mkdtemp(prefix="lmx-bench-kvstore-", dir="/dev/shm"))
     state_dir = Path(tempfile.mkdtemp(prefix="lmx-bench-kvstore-state-"))
     log_path = state_dir / "kvstore.log"
     kv_args = ["--store-id", store_id, "--shm-dir", str(shm_dir), "--state-dir", str(state_dir),
-               "--capacity-bytes", "4GiB", "--when-full", "refuse", "--keep-on-stop", "false",
+               "--capacity-bytes", "8GiB", "--segment-bytes", args.segment_bytes, "--when-full", "refuse", "--keep-on-stop", "false",
                "--log-format", "json", "--log-level", "warning"]
     started = dt.datetime.now(dt.timezone.utc)
     result = {"benchmark": "kvstore", "date": started.isoformat(timespec="seconds"),
-              "commit": git_commit(), "machine": machine_info(),
+              "commit": git_commit(), "machine": machine_info(), "device": device.type,
               "load_average_start": load_average(),
               "kvstore_command": "python -m services.kvstore --listen 127.0.0.1:PORT "
                                  + " ".join(kv_args)}
@@ -363,13 +385,18 @@ def main(argv=None) -> int:
     try:
         kvstore = start_service("services.kvstore", KVSTORE_SERVICE, kv_args,
                                 log_path=log_path, timeout_s=60)
-        result["bandwidth"] = asyncio.run(bandwidth(kvstore.address, args.repeats, sizes,
+        result["bandwidth"] = asyncio.run(bandwidth(kvstore.address, device, args.repeats, sizes,
                                                     args.quiet_wait_s))
         if args.skip_recompute:
             result["recompute"] = []
         else:
-            result["recompute"], result["recompute_info"] = asyncio.run(
-                recompute(kvstore.address, kvstore.process.pid, args.model, contexts, args.repeats, args.quiet_wait_s))
+            result["recompute"], result["recompute_info"] = [], {}
+            for model in args.model.split(","):
+                rows, info = asyncio.run(recompute(
+                    kvstore.address, kvstore.process.pid, model, device, contexts,
+                    args.repeats, args.quiet_wait_s))
+                result["recompute"] += rows
+                result["recompute_info"][model] = info
     finally:
         if kvstore is not None:
             exit_code = kvstore.stop(30)
@@ -386,7 +413,7 @@ def main(argv=None) -> int:
     print_tables(result)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = "cuda" if result["machine"]["gpu"] else "cpu"
+    dev = device.type
     for name in (f"kvstore-{dev}-{started.date().isoformat()}.json", f"kvstore-{dev}-latest.json"):
         (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out_dir}/kvstore-{dev}-{started.date().isoformat()}.json", file=sys.stderr)

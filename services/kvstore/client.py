@@ -3,8 +3,9 @@ answer it) and read or write its bytes directly, without gRPC.
 
     with map_region(reserve.region, writable=True) as view:
         view[:] = kv_bytes                      # then Commit with checksum(kv_bytes)
-    data = read_region(open_.region)            # bytes, checked against entry.checksum
-    data = await read_region_async(region)      # the same off the event loop
+    crc = write_region(reserve.region, kv_bytes)          # the same; its checksum
+    data = read_checked(open_.region, open_.entry.checksum)  # ChecksumMismatch if not
+    data = await read_region_async(region)      # unchecked, off the event loop
 
 `region` is anything with `segment` (the segment file's path), `offset` and
 `length`: the proto's ShmRegion or services.kvstore.arena.Region with a path.
@@ -16,18 +17,21 @@ import asyncio
 import contextlib
 import mmap
 import os
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from services.kvstore.checksum import checksum
+
+__all__ = ["ChecksumMismatch", "RegionError", "checksum", "map_region", "read_checked",
+           "read_region", "read_region_async", "write_region", "write_region_async"]
 
 
 class RegionError(Exception):
     """The region cannot be mapped (not an lmx- segment, or out of bounds)."""
 
 
-def checksum(data) -> int:
-    """CRC-32 (zlib's), as Commit expects and EntryInfo.checksum holds."""
-    return zlib.crc32(data) & 0xFFFFFFFF
+class ChecksumMismatch(Exception):
+    """The region's bytes do not have the entry's checksum: never use them."""
 
 
 @contextlib.contextmanager
@@ -62,6 +66,15 @@ def read_region(region) -> bytearray:
     without another copy)."""
     with map_region(region) as view:
         return bytearray(view)
+
+
+def read_checked(region, expected: int) -> bytearray:
+    """read_region, then the bytes checked against the entry's checksum."""
+    data = read_region(region)
+    if checksum(data) != expected:
+        raise ChecksumMismatch(f"{region.segment}[{region.offset}, +{region.length}) does "
+                               f"not have the entry's checksum {expected:#018x}")
+    return data
 
 
 def write_region(region, data) -> int:

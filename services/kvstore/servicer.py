@@ -132,7 +132,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
                                               f"{region.length}")
             if crc is None:
                 raise InvalidArgument("checksum", "is required as the last chunk")
-            entry = self.store.commit(entry.entry_id, header.secret, crc)
+            entry = self.store.commit(entry.entry_id, header.secret, crc, verify=True)
         except BaseException:
             if self.store.get(entry.entry_id) is not None:
                 try:

@@ -145,6 +145,8 @@ class WorkerApp:
     async def close(self) -> None:
         if self.engine is not None:
             await self.engine.close()
+        if self.core is not None:
+            self.core.parking.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

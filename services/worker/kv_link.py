@@ -1,11 +1,12 @@
-"""The worker's client of the kvstore: park bytes (Reserve, write straight
-into the shared-memory region, Commit with the CRC-32), fetch them (Open,
-read, check the CRC-32 again) and delete an entry. gRPC errors come back as
-domain errors, so that the worker's callers see the kvstore's answer."""
+"""The worker's client of the kvstore's control plane: Reserve a region,
+Commit it with the checksum of what was written, Open an entry (its region
+and checksum), Delete it. The bytes themselves never pass through here:
+services/worker/kv_transfer.py copies them straight to and from the shared
+memory. gRPC errors come back as domain errors, so that the worker's callers
+see the kvstore's answer."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import grpc
@@ -23,7 +24,6 @@ from services.common.errors import (
     PermissionDenied,
     Shortfall,
 )
-from services.kvstore.client import checksum, read_region, write_region
 from services.kvstore.entry import Layout
 from services.kvstore.servicer import layout_to_pb
 
@@ -31,12 +31,19 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class FetchedEntry:
+class Reservation:
+    entry_id: str
+    region: pb.ShmRegion
+
+
+@dataclass(frozen=True)
+class OpenedEntry:
     entry_id: str
     layout: Layout
     token_ids: list[int]
     metadata: bytes
-    data: bytes
+    region: pb.ShmRegion
+    checksum: int
 
 
 def domain_error(exc: grpc.aio.AioRpcError, what: str) -> LmxError:
@@ -72,11 +79,9 @@ class KVStoreLink:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def park(self, layout: Layout, session_id: str, secret: str, token_ids: list[int],
-                   metadata: bytes, data: bytes) -> str:
-        """A committed entry holding `data`; its id."""
-        if len(data) != layout.num_bytes:
-            raise ValueError(f"{len(data)} bytes for a layout of {layout.num_bytes}")
+    async def reserve(self, layout: Layout, session_id: str, secret: str,
+                      token_ids: list[int], metadata: bytes) -> Reservation:
+        """A region of layout.num_bytes to write the KV into, then Commit."""
         try:
             reserved = await self.stub.Reserve(pb.ReserveRequest(
                 owner=self.owner, session_id=session_id, secret=secret,
@@ -84,37 +89,30 @@ class KVStoreLink:
                 timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, "") from None
-        try:
-            crc = await asyncio.to_thread(write_region, reserved.region, data)
-            await self.stub.Commit(pb.CommitRequest(entry_id=reserved.entry_id, secret=secret,
-                                                    checksum=crc), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            await self.delete(reserved.entry_id, secret)
-            raise domain_error(exc, reserved.entry_id) from None
-        except BaseException:
-            await self.delete(reserved.entry_id, secret)
-            raise
-        return reserved.entry_id
+        return Reservation(reserved.entry_id, reserved.region)
 
-    async def fetch(self, entry_id: str, secret: str) -> FetchedEntry:
-        """The entry's bytes, checked against its checksum (CORRUPTED if not)."""
+    async def commit(self, entry_id: str, secret: str, checksum: int) -> None:
+        try:
+            await self.stub.Commit(pb.CommitRequest(entry_id=entry_id, secret=secret,
+                                                    checksum=checksum), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, entry_id) from None
+
+    async def open(self, entry_id: str, secret: str) -> OpenedEntry:
+        """The entry's region and checksum (the reader checks the bytes)."""
         try:
             opened = await self.stub.Open(pb.OpenRequest(entry_id=entry_id, secret=secret),
                                           timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, entry_id) from None
         entry = opened.entry
-        data = await asyncio.to_thread(read_region, opened.region)
-        if len(data) != entry.num_bytes or checksum(data) != entry.checksum:
-            # The region is not pinned after Open: it changed since.
-            raise FailedPrecondition(f"entry {entry_id!r} changed while it was read "
-                                     "(checksum mismatch); it was not used", "CORRUPTED")
         lay = entry.layout
         layout = Layout(model=lay.model, model_version=lay.model_version, dtype=lay.dtype,
                         num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads,
                         head_dim=lay.head_dim, num_tokens=lay.num_tokens,
                         block_size=lay.block_size)
-        return FetchedEntry(entry_id, layout, list(entry.token_ids), entry.metadata, data)
+        return OpenedEntry(entry_id, layout, list(entry.token_ids), entry.metadata,
+                           opened.region, entry.checksum)
 
     async def delete(self, entry_id: str, secret: str) -> None:
         """Best effort: a failure is logged (the entry stays until deleted)."""

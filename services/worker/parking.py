@@ -2,11 +2,13 @@
 another of the same model.
 
 The bytes are K then V, each [layers][tokens][kv_heads][head_dim] of the
-worker's dtype, contiguous (the kvstore's KVLayout). The copies between the
-pool and the shared-memory region run off the event loop; the pool and the
-session table change on it. A parked session keeps its tokens and messages
-but no KV blocks; a Generate on it restores it first (or, if its entry is
-gone or corrupted, recomputes the context from its tokens).
+worker's dtype, contiguous (the kvstore's KVLayout). The link reserves,
+commits and opens entries; services/worker/kv_transfer.py copies between the
+pool and the shared-memory region, off the event loop (on a GPU: pinned, on
+a side stream), and checks the checksum; the pool and the session table
+change on the loop. A parked session keeps its tokens and messages but no KV
+blocks; a Generate on it restores it first (or, if its entry is gone or
+corrupted, recomputes the context from its tokens).
 """
 
 from __future__ import annotations
@@ -14,59 +16,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import structlog
 import torch
 
-from services.common.errors import FailedPrecondition, LmxError, NotFound
+from services.common.errors import FailedPrecondition, NotFound
 from services.kvstore.entry import Layout
 from services.worker.engine import Engine
-from services.worker.kv_storage import KVStorage, SlotGroups
+from services.worker.kv_transfer import ChecksumMismatch, KVTransfer, RegionError
 from services.worker.models import LoadedModel
 from services.worker.sessions import Session, SessionTable
 
 if TYPE_CHECKING:  # the link speaks grpc; parking itself does not
-    from services.worker.kv_link import KVStoreLink
+    from services.worker.kv_link import KVStoreLink, OpenedEntry
 
 log = structlog.get_logger(__name__)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-# ---- the byte layout ---------------------------------------------------------
-
-def kv_to_bytes(storage: KVStorage, slots: Sequence[int]) -> memoryview:
-    """The KV at `slots` (token order): K then V, [layers][n][kv_heads][head_dim],
-    as a read-only view of one flat buffer (bytes-like, no further copy)."""
-    shape = storage.shape
-    n = len(slots)
-    out = torch.empty((2, shape.num_layers, n, shape.num_kv_heads, shape.head_dim),
-                      dtype=shape.dtype, device=storage.device)
-    groups = SlotGroups.build(list(slots), storage.slots_per_chunk, storage.device)
-    for layer in range(shape.num_layers):
-        out[0, layer], out[1, layer] = storage.gather(layer, groups, n)
-    return out.reshape(-1).cpu().view(torch.uint8).numpy().data.toreadonly()
-
-
-def bytes_to_kv(storage: KVStorage, slots: Sequence[int], data: bytes | bytearray) -> None:
-    """Write bytes in kv_to_bytes' layout into the pool at `slots`."""
-    shape = storage.shape
-    dims = (2, shape.num_layers, len(slots), shape.num_kv_heads, shape.head_dim)
-    itemsize = torch.empty((), dtype=shape.dtype).element_size()
-    expected = itemsize * dims[0] * dims[1] * dims[2] * dims[3] * dims[4]
-    if len(data) != expected:
-        raise ValueError(f"{len(data)} bytes given, the layout needs {expected}")
-    # torch.frombuffer wants a writable buffer; a bytearray is used as it is.
-    buffer = data if isinstance(data, bytearray) else bytearray(data)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8)
-    kv = flat.view(shape.dtype).reshape(dims).to(storage.device)
-    groups = SlotGroups.build(list(slots), storage.slots_per_chunk, storage.device)
-    for layer in range(shape.num_layers):
-        storage.write(layer, groups, kv[0, layer], kv[1, layer])
-
+# ---- entries -------------------------------------------------------------------
 
 def model_version(loaded: LoadedModel) -> str:
     """Changes whenever the weights could: config, weight bytes and dtype."""
@@ -98,7 +69,12 @@ class Parking:
         self.sessions = sessions
         self.link = link
         self.model_version = model_version(loaded)
+        self.transfer = KVTransfer(engine.storage)
         self._deletes: set[asyncio.Task] = set()
+
+    def close(self) -> None:
+        """Unmap (and unpin) the kvstore's segments."""
+        self.transfer.close()
 
     def layout(self, num_tokens: int) -> Layout:
         shape = self.loaded.kv_shape
@@ -127,24 +103,34 @@ class Parking:
                                      "NOTHING_TO_PARK")
         session.moving = True
         try:
-            data = await asyncio.to_thread(kv_to_bytes, self.engine.storage, slots)
             metadata = json.dumps({"messages": session.messages,
                                    "chat_template": session.chat_template}).encode()
-            entry_id = await link.park(self.layout(len(slots)), session.session_id,
-                                       session.token, list(session.tokens), metadata, data)
+            layout = self.layout(len(slots))
+            reservation = await link.reserve(layout, session.session_id, session.token,
+                                             list(session.tokens), metadata)
+            entry_id = reservation.entry_id
+            try:
+                crc = await asyncio.to_thread(self.transfer.park, slots, reservation.region)
+                await link.commit(entry_id, session.token, crc)
+            except RegionError as exc:
+                await link.delete(entry_id, session.token)
+                raise _unreachable_region(exc) from None
+            except BaseException:
+                await link.delete(entry_id, session.token)
+                raise
             freed = self.engine.release_kv(session)
             session.parked_entry = entry_id
         finally:
             session.moving = False
         log.info("session_parked", session_id=session.session_id, entry_id=entry_id,
-                 tokens=len(slots), bytes=len(data), freed_blocks=freed)
+                 tokens=len(slots), bytes=layout.num_bytes, freed_blocks=freed)
         return Parked(entry_id, len(slots), freed)
 
     async def restore(self, entry_id: str, token: str) -> Restored:
         """The entry into a new session (keeping the token); the entry is then
         deleted, and a session of this worker parked in it goes away."""
         link = self._link()
-        fetched = await link.fetch(entry_id, token)
+        fetched = await link.open(entry_id, token)
         self._check_layout(fetched.layout, len(fetched.token_ids))
         try:
             meta = json.loads(fetched.metadata or b"{}")
@@ -156,7 +142,7 @@ class Parking:
                                      "BAD_METADATA") from None
         session = self.sessions.adopt(token, template, messages, fetched.token_ids)
         try:
-            await self._fill(session, fetched.layout.num_tokens, fetched.data)
+            await self._fill(session, fetched)
         except BaseException:
             self.engine.release_kv(session)
             self.sessions.remove(session.session_id)
@@ -179,23 +165,23 @@ class Parking:
         session.moving = True
         try:
             try:
-                fetched = await link.fetch(entry_id, session.token)
+                fetched = await link.open(entry_id, session.token)
                 self._check_layout(fetched.layout, len(session.tokens))
+                await self._fill(session, fetched)
             except NotFound:
                 self.sessions.remove(session.session_id)
                 raise NotFound("session", session.session_id,
                                f"its parked entry {entry_id} was restored elsewhere "
                                "(RestoreSession) or deleted") from None
-            except LmxError as exc:
+            except FailedPrecondition as exc:
+                if exc.reason not in RECOMPUTABLE:
+                    raise
                 log.warning("restore_recomputes", session_id=session.session_id,
-                            entry_id=entry_id, error=exc.message)
+                            entry_id=entry_id, reason=exc.reason, error=exc.message)
                 session.parked_entry = None
+                if exc.reason != "CORRUPTED":  # a corrupted entry is deleted already
+                    await link.delete(entry_id, session.token)
                 return
-            try:
-                await self._fill(session, fetched.layout.num_tokens, fetched.data)
-            except BaseException:
-                self.engine.release_kv(session)
-                raise
             session.parked_entry = None
         finally:
             session.moving = False
@@ -224,6 +210,33 @@ class Parking:
                                      f"worker's context of {self.loaded.max_context}",
                                      "LAYOUT_MISMATCH")
 
-    async def _fill(self, session: Session, num_tokens: int, data: bytes) -> None:
-        slots = await self.engine.allocate_kv(session, num_tokens)
-        await asyncio.to_thread(bytes_to_kv, self.engine.storage, slots, data)
+    async def _fill(self, session: Session, entry: OpenedEntry) -> None:
+        """The entry's KV into new blocks of the session, checked; on a
+        checksum mismatch the entry is deleted and CORRUPTED raised."""
+        slots = await self.engine.allocate_kv(session, entry.layout.num_tokens)
+        try:
+            await asyncio.to_thread(self.transfer.restore, slots, entry.region, entry.checksum)
+        except ChecksumMismatch as exc:
+            self.engine.release_kv(session)
+            log.error("entry_corrupted", entry_id=entry.entry_id, error=str(exc))
+            await self._link().delete(entry.entry_id, session.token)
+            raise FailedPrecondition(f"entry {entry.entry_id!r} is corrupted (its bytes do not "
+                                     "have its checksum); it was not used and is deleted: "
+                                     "recompute the context", "CORRUPTED") from None
+        except RegionError as exc:
+            self.engine.release_kv(session)
+            raise _unreachable_region(exc) from None
+        except BaseException:
+            self.engine.release_kv(session)
+            raise
+
+
+#: Restore failures after which a parked session recomputes its context.
+RECOMPUTABLE = frozenset({"CORRUPTED", "LAYOUT_MISMATCH", "BAD_METADATA",
+                          "KVSTORE_UNAVAILABLE", "SHM_UNREACHABLE"})
+
+
+def _unreachable_region(exc: RegionError) -> FailedPrecondition:
+    return FailedPrecondition(f"the kvstore's shared memory is not readable here ({exc}): "
+                              "run the worker on the kvstore's host, with access to its "
+                              "--shm-dir", "SHM_UNREACHABLE")

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmx.v1 import kvstore_pb2 as pb
 from lmx.v1 import kvstore_pb2_grpc
+from services.kvstore.checksum import checksum as host_checksum
 from services.kvstore.client import write_region
 
 from ..support import REPO_ROOT, _die_with_parent, server_ready_address  # noqa: F401 - REPO_ROOT re-exported
@@ -57,7 +57,7 @@ def park(kv, data: bytes | None = None, **kw) -> tuple[pb.EntryInfo, bytes]:
     data = data if data is not None else os.urandom(num_bytes(request.layout))
     answer = kv.Reserve(request, timeout=RPC_TIMEOUT_S)
     crc = write_region(answer.region, data)
-    assert crc == zlib.crc32(data)
+    assert crc == host_checksum(data)
     entry = kv.Commit(pb.CommitRequest(entry_id=answer.entry_id, secret=request.secret,
                                        checksum=crc), timeout=RPC_TIMEOUT_S).entry
     return entry, data

@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import zlib
 
 import grpc
 import pytest
 
 from lmx.v1 import kvstore_pb2 as pb
 from services.admission.client import error_details
-from services.kvstore.client import read_region, write_region
+from services.kvstore.checksum import checksum
+from services.kvstore.client import ChecksumMismatch, read_checked, read_region, write_region
 
 from .support import (
     REPO_ROOT,
@@ -53,7 +53,7 @@ def import_chunks(header: pb.ReserveRequest, data: bytes, crc: int | None, chunk
 def test_reserve_write_commit_open_read_back(kv, shared_kvstore):
     entry, data = park(kv)
     assert entry.state == "ready" and entry.num_bytes == len(data) == 8192
-    assert entry.checksum == zlib.crc32(data)
+    assert entry.checksum == checksum(data)
     opened = kv.Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET),
                      timeout=RPC_TIMEOUT_S)
     assert opened.region.segment.startswith(str(shared_kvstore.shm_dir) + "/lmx-main-")
@@ -102,15 +102,7 @@ def test_bad_reserve_is_invalid_argument_naming_the_field(kv, request_, field):
     assert error_details(exc).field == field
 
 
-def test_checksum_mismatch_and_corruption(kv):
-    request = reserve_request()
-    answer = kv.Reserve(request, timeout=RPC_TIMEOUT_S)
-    crc = write_region(answer.region, b"\7" * answer.region.length)
-    exc = rpc_error(kv.Commit, pb.CommitRequest(entry_id=answer.entry_id, secret=SECRET,
-                                                checksum=crc ^ 1))
-    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_details(exc).reason == "CHECKSUM_MISMATCH"
-
+def test_corruption_is_caught_by_the_reader(kv):
     entry, _ = park(kv)
     opened = kv.Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET), timeout=RPC_TIMEOUT_S)
     with open(opened.region.segment, "r+b") as fh:    # flip a byte of the parked context
@@ -118,19 +110,19 @@ def test_checksum_mismatch_and_corruption(kv):
         byte = fh.read(1)[0]
         fh.seek(opened.region.offset + 17)
         fh.write(bytes([byte ^ 0x40]))
-    exc = rpc_error(kv.Open, pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET))
-    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_details(exc).reason == "CORRUPTED"
+    opened = kv.Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET), timeout=RPC_TIMEOUT_S)
+    with pytest.raises(ChecksumMismatch):
+        read_checked(opened.region, opened.entry.checksum)
 
 
 def test_import_checks_sizes_and_checksum(kv):
     header = reserve_request()
     data = os.urandom(num_bytes(header.layout))
     cases = [
-        (import_chunks(header, data[:-1], zlib.crc32(data[:-1])), grpc.StatusCode.INVALID_ARGUMENT),
-        (import_chunks(header, data + b"x", zlib.crc32(data)), grpc.StatusCode.INVALID_ARGUMENT),
+        (import_chunks(header, data[:-1], checksum(data[:-1])), grpc.StatusCode.INVALID_ARGUMENT),
+        (import_chunks(header, data + b"x", checksum(data)), grpc.StatusCode.INVALID_ARGUMENT),
         (import_chunks(header, data, None), grpc.StatusCode.INVALID_ARGUMENT),
-        (import_chunks(header, data, zlib.crc32(data) ^ 1), grpc.StatusCode.FAILED_PRECONDITION),
+        (import_chunks(header, data, checksum(data) ^ 1), grpc.StatusCode.FAILED_PRECONDITION),
         (iter([pb.ImportChunk(data=b"x")]), grpc.StatusCode.INVALID_ARGUMENT),
         (iter([]), grpc.StatusCode.INVALID_ARGUMENT),
     ]
@@ -150,7 +142,7 @@ def test_export_import_between_two_servers(start_kvstore):
         kv_a, kv_b = stub(ca), stub(cb)
         entry, data = park(kv_a, lay=layout(num_tokens=100))          # 100 KiB
         info, exported, num_chunks = export(kv_a, entry.entry_id, chunk_bytes=16 << 10)
-        assert exported == data and num_chunks == 7 and info.checksum == zlib.crc32(data)
+        assert exported == data and num_chunks == 7 and info.checksum == checksum(data)
         header = pb.ReserveRequest(owner="worker-2", session_id=info.session_id, secret="s2",
                                    layout=info.layout, token_ids=info.token_ids)
         imported = kv_b.Import(import_chunks(header, exported, info.checksum),

@@ -1,14 +1,16 @@
-"""Parking: the byte layout (KVStorage -> bytes, K then V, each
+"""Parking: the copies (KVStorage -> a shared-memory region, K then V, each
 [layers][tokens][kv_heads][head_dim], contiguous -> another KVStorage at
-other slots, exactly; float32 and bfloat16), and park / restore / a
-transparent restore over a real engine (llama-tiny) with an in-memory
-kvstore: exact continuation and the refusals."""
+other slots, exactly; float32 and bfloat16; the sum64 checksum over what was
+copied, a changed region refused), the segments mapped once, and park /
+restore / a transparent restore over a real engine (llama-tiny) with the
+kvstore's control plane in memory: exact continuation and the refusals."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import secrets
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +19,13 @@ from services.common.errors import FailedPrecondition, NotFound, PermissionDenie
 from services.kvstore.entry import ITEMSIZE
 from services.worker.core import WorkerCore
 from services.worker.engine import Engine, Finished
-from services.worker.kv_link import FetchedEntry
+from services.kvstore.arena import Arena, Region
+from services.kvstore.checksum import MASK, checksum
+from services.worker.kv_link import OpenedEntry, Reservation
 from services.worker.kv_storage import KVShape, KVStorage, SlotGroups
+from services.worker.kv_transfer import ChecksumMismatch, KVTransfer, RegionError, sum64, sum64_torch
 from services.worker.memory import FixedMemory
-from services.worker.parking import DTYPE_NAMES, Parking, bytes_to_kv, kv_to_bytes
+from services.worker.parking import DTYPE_NAMES, Parking
 from services.worker.sampling import SamplingParams
 from services.worker.sessions import SessionTable
 
@@ -48,15 +53,33 @@ def fill(storage: KVStorage, slots: list[int], seed: int) -> tuple[torch.Tensor,
     return keys, values
 
 
+@pytest.fixture
+def arena(tmp_path):
+    """Real shared-memory segments (the kvstore's arena) in a test directory."""
+    arena = Arena(tmp_path, f"t{secrets.token_hex(4)}", 64 << 10)
+    yield arena
+    arena.close()
+
+
+def region_of(arena: Arena, num_bytes: int) -> SimpleNamespace:
+    region = arena.allocate(num_bytes)
+    return SimpleNamespace(segment=str(arena.path_of(region.segment)), offset=region.offset,
+                           length=region.length, name=region.segment)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bytes_round_trip_across_chunks_and_slots(dtype):
+def test_transfer_round_trip_across_chunks_and_slots(dtype, arena):
     source = make_storage(dtype, 3)
     slots = [17, 3, 4, 9, 10, 11, 12, 0, 23, 5, 6]   # scattered over three chunks
     keys, values = fill(source, slots, seed=1)
-    data = kv_to_bytes(source, slots)
+    transfer = KVTransfer(source)
     itemsize = ITEMSIZE[DTYPE_NAMES[dtype]]
-    assert len(data) == 2 * LAYERS * len(slots) * KV_HEADS * DIM * itemsize, (
-        f"{len(data)} bytes: not 2 x layers x tokens x kv_heads x head_dim x itemsize")
+    num_bytes = 2 * LAYERS * len(slots) * KV_HEADS * DIM * itemsize
+    assert transfer.num_bytes(len(slots)) == num_bytes
+    region = region_of(arena, num_bytes)
+    crc = transfer.park(slots, region)
+    data = bytes(arena.view(Region(region.name, region.offset, region.length)))
+    assert crc == checksum(data), "park's checksum is not the sum64 of the bytes it wrote"
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
     half = flat.numel() // 2
     assert torch.equal(flat[:half].reshape(keys.shape), keys), "the first half is not K in order"
@@ -64,35 +87,94 @@ def test_bytes_round_trip_across_chunks_and_slots(dtype):
 
     target = make_storage(dtype, 2)
     other_slots = [8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2]
-    bytes_to_kv(target, other_slots, data)
+    KVTransfer(target).restore(other_slots, region, crc)
     got_keys, got_values = target.read_tokens(torch.tensor(other_slots))
     assert torch.equal(got_keys, keys) and torch.equal(got_values, values), (
         "K/V restored at other slots differ from the parked ones")
-    assert kv_to_bytes(target, other_slots) == data, "parking the restored KV gives other bytes"
+    again = region_of(arena, num_bytes)
+    assert KVTransfer(target).park(other_slots, again) == crc, "re-parking gives other bytes"
+    transfer.close()
 
 
-def test_bytes_of_the_wrong_size_are_refused():
+def test_restore_refuses_a_changed_region_and_bad_regions(arena):
+    source = make_storage(torch.float32, 1)
+    slots = [0, 1, 2]
+    fill(source, slots, seed=2)
+    transfer = KVTransfer(source)
+    region = region_of(arena, transfer.num_bytes(3))
+    crc = transfer.park(slots, region)
+    view = arena.view(Region(region.name, region.offset, region.length))
+    view[100] ^= 0x01   # one bit flipped after commit
+    view.release()
+    with pytest.raises(ChecksumMismatch):
+        transfer.restore([4, 5, 6], region, crc)
+    with pytest.raises(RegionError, match="bytes for 2 tokens"):
+        transfer.restore([4, 5], region, crc)
+    outside = SimpleNamespace(segment=region.segment, offset=1 << 20, length=region.length)
+    with pytest.raises(RegionError, match="outside"):
+        transfer.park(slots, outside)
+    foreign = SimpleNamespace(segment="/etc/passwd", offset=0, length=region.length)
+    with pytest.raises(RegionError, match="not an lmx- segment"):
+        transfer.park(slots, foreign)
+    gone = SimpleNamespace(segment=region.segment + "9", offset=0, length=region.length)
+    with pytest.raises(RegionError, match="cannot open"):
+        transfer.park(slots, gone)
+
+
+def test_segments_are_mapped_once_and_dropped_when_gone(arena):
     storage = make_storage(torch.float32, 1)
-    with pytest.raises(ValueError, match="bytes given"):
-        bytes_to_kv(storage, [0, 1], b"\0" * 10)
+    fill(storage, [0, 1], seed=3)
+    transfer = KVTransfer(storage)
+    regions = [region_of(arena, transfer.num_bytes(2)) for _ in range(3)]
+    assert len({r.segment for r in regions}) == 1, "the arena should share one segment"
+    for region in regions:
+        transfer.park([0, 1], region)
+    assert transfer.segments.num_mapped == 1, "a segment was mapped once per region"
+    big = region_of(arena, 128 << 10)   # over the segment size: a dedicated segment
+    assert big.segment != regions[0].segment
+    transfer.park([0, 1], SimpleNamespace(segment=big.segment, offset=0,
+                                          length=transfer.num_bytes(2)))
+    assert transfer.segments.num_mapped == 2
+    for region in regions:
+        arena.free(Region(region.name, region.offset, region.length))
+    arena.free(Region(big.name, big.offset, big.length))   # the dedicated one is unlinked
+    transfer.park([0, 1], region_of(arena, transfer.num_bytes(2)))
+    assert transfer.segments.num_mapped == 1, "the unlinked segment's mapping was kept"
+    transfer.close()
+    assert transfer.segments.num_mapped == 0
 
 
-# ---- Parking over a real engine (llama-tiny) and an in-memory kvstore ---------------
+@pytest.mark.parametrize("num_bytes", [8, 64, 8 * 65536, 8 * (65536 * 2 + 3)])
+def test_sum64_on_torch_matches_the_host_checksum(num_bytes):
+    data = torch.randint(0, 256, (num_bytes,), dtype=torch.uint8)
+    for offset in (0, 5, 1 << 30):
+        expected = checksum(data.numpy(), offset)
+        assert int(sum64_torch(data, offset)) & MASK == expected, (num_bytes, offset)
+        assert int(sum64(data, offset)) & MASK == expected, (num_bytes, offset)
+
+
+# ---- Parking over a real engine (llama-tiny) and a kvstore in memory ---------------
 
 class FakeLink:
-    """The kvstore's contract in memory: entries by id, guarded by the secret."""
+    """The kvstore's control plane in memory (entries by id, guarded by the
+    secret) over a real shared-memory arena for the bytes."""
 
-    def __init__(self):
-        self.entries: dict[str, tuple[str, FetchedEntry]] = {}
+    def __init__(self, arena: Arena):
+        self.arena = arena
+        self.entries: dict[str, tuple[str, OpenedEntry]] = {}
 
-    async def park(self, layout, session_id, secret, token_ids, metadata, data) -> str:
-        assert len(data) == layout.num_bytes, "park bytes do not match the layout"
+    async def reserve(self, layout, session_id, secret, token_ids, metadata) -> Reservation:
         entry_id = f"kv-{secrets.token_hex(8)}"
-        self.entries[entry_id] = (secret, FetchedEntry(entry_id, layout, list(token_ids),
-                                                       metadata, bytes(data)))
-        return entry_id
+        region = region_of(self.arena, layout.num_bytes)
+        self.entries[entry_id] = (secret, OpenedEntry(entry_id, layout, list(token_ids),
+                                                      metadata, region, -1))
+        return Reservation(entry_id, region)
 
-    async def fetch(self, entry_id, secret) -> FetchedEntry:
+    async def commit(self, entry_id, secret, crc) -> None:
+        entry = self.entries[entry_id][1]
+        self.entries[entry_id] = (secret, dataclasses.replace(entry, checksum=crc))
+
+    async def open(self, entry_id, secret) -> OpenedEntry:
         if entry_id not in self.entries:
             raise NotFound("entry", entry_id)
         if self.entries[entry_id][0] != secret:
@@ -100,7 +182,10 @@ class FakeLink:
         return self.entries[entry_id][1]
 
     async def delete(self, entry_id, secret) -> None:
-        self.entries.pop(entry_id, None)
+        entry = self.entries.pop(entry_id, None)
+        if entry is not None:
+            region = entry[1].region
+            self.arena.free(Region(region.name, region.offset, region.length))
 
 
 def run_core(loaded, scenario, link=None):
@@ -126,7 +211,7 @@ async def ids_of(core, session, prompt, max_tokens=8) -> list[int]:
     return ids
 
 
-def test_park_restore_and_unpark_continue_exactly(tiny):
+def test_park_restore_and_unpark_continue_exactly(tiny, arena):
     async def scenario(core, link):
         control, a, b = (core.open_session().session for _ in range(3))
         first = [await ids_of(core, s, "one two three") for s in (control, a, b)]
@@ -147,10 +232,10 @@ def test_park_restore_and_unpark_continue_exactly(tiny):
         assert link.entries == {}, f"entries not deleted after restore: {list(link.entries)}"
         return parked_b
 
-    run_core(tiny, scenario, FakeLink())
+    run_core(tiny, scenario, FakeLink(arena))
 
 
-def test_parking_refusals(tiny):
+def test_parking_refusals(tiny, arena):
     async def scenario(core, link):
         fresh = core.open_session().session
         with pytest.raises(FailedPrecondition) as caught:
@@ -176,7 +261,7 @@ def test_parking_refusals(tiny):
         with pytest.raises(PermissionDenied):
             await core.restore_session(parked.entry_id, "wrong")
 
-    run_core(tiny, scenario, FakeLink())
+    run_core(tiny, scenario, FakeLink(arena))
 
 
 def test_parking_disabled(tiny):

@@ -1,0 +1,314 @@
+"""Copies between the KV pool and the kvstore's shared memory, both ways, with
+the sum64 checksum computed on the pool's device.
+
+The entry's bytes are K then V, each [layers][tokens][kv_heads][head_dim] of
+the worker's dtype (the kvstore's KVLayout): one slab per (K or V, layer).
+Parking gathers a slab from the pool, adds its checksum and copies it into
+the region; restoring copies a slab out of the region onto the device, adds
+its checksum and scatters it into the pool. The checksum is over the very
+bytes written (park) and the very bytes used (restore), so a region changed
+under a copy is caught, never used.
+
+On a CUDA device the kvstore's segments are mapped once per process and
+registered as pinned memory once (cudaHostRegister), so that the copies run
+at pinned speed and asynchronously, on a side stream: the engine's steps go
+on meanwhile on theirs. The checksum runs on the GPU (a sum, so per slab and
+in any order). On the CPU the same code copies between the pool and the
+mapped segment directly.
+
+Called from worker threads (asyncio.to_thread); no grpc here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from services.kvstore.checksum import MASK
+from services.kvstore.checksum import checksum as host_checksum
+from services.worker.kv_storage import KVStorage, SlotGroups
+
+log = structlog.get_logger(__name__)
+
+#: Words per row of the checksum's 2-D view (its column weights are kept on
+#: the device once).
+_ROW_WORDS = 1 << 16
+
+
+class RegionError(Exception):
+    """The region cannot be mapped (not an lmx- segment, or out of bounds)."""
+
+
+class ChecksumMismatch(Exception):
+    """The bytes copied out of the region do not have the entry's checksum."""
+
+
+# ---- sum64 on a torch device ------------------------------------------------------
+
+_column_weights: dict[torch.device, torch.Tensor] = {}
+
+
+def sum64(data: torch.Tensor, word_offset: int = 0) -> torch.Tensor:
+    """services/kvstore/checksum.py's sum64 of a contiguous uint8 tensor whose
+    length is a multiple of 8, its first word being word `word_offset` of the
+    whole; a 0-d int64 tensor on data's device (wrapped modulo 2**64: read it
+    with `int(x) & MASK`). No host sync on a GPU; numpy's on the CPU (one
+    pass, where torch's needs a temporary)."""
+    if data.device.type == "cpu":
+        value = host_checksum(memoryview(data.numpy()), word_offset)
+        return torch.tensor(value - (1 << 64) if value >> 63 else value, dtype=torch.int64)
+    return sum64_torch(data, word_offset)
+
+
+def sum64_torch(data: torch.Tensor, word_offset: int = 0) -> torch.Tensor:
+    """sum64 with torch operations, on any device."""
+    words = data.view(torch.int64)
+    n = words.numel()
+    total = torch.zeros((), dtype=torch.int64, device=data.device)
+    if n == 0:
+        return total
+    weights = _column_weights.get(data.device)
+    if weights is None:
+        weights = 2 * torch.arange(_ROW_WORDS, dtype=torch.int64, device=data.device) + 1
+        _column_weights[data.device] = weights
+    rows, rest = divmod(n, _ROW_WORDS)
+    if rows:
+        # word (r, c) has weight 2*(offset + r*R + c) + 1 = (2c + 1) + 2*(offset + r*R)
+        grid = words[:rows * _ROW_WORDS].view(rows, _ROW_WORDS)
+        total += (grid * weights).sum()
+        row_first = torch.arange(rows, dtype=torch.int64, device=data.device) * _ROW_WORDS
+        total += 2 * ((row_first + word_offset) * grid.sum(dim=1)).sum()
+    if rest:
+        tail = words[rows * _ROW_WORDS:]
+        total += (tail * weights[:rest]).sum() + 2 * (word_offset + rows * _ROW_WORDS) * tail.sum()
+    return total
+
+
+# ---- the kvstore's segments, mapped once -------------------------------------------------
+
+@dataclass
+class _Mapped:
+    inode: int
+    size: int
+    mapping: mmap.mmap
+    tensor: torch.Tensor
+    pinned: bool
+    users: int = 0
+
+
+class HostSegments:
+    """The kvstore's segment files mapped into this process, each once, and
+    with `pin` registered with CUDA as pinned memory once. A mapping whose
+    file is gone (or replaced) is dropped at the next use of any segment,
+    unless a copy is using it."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._lock = threading.Lock()
+        self._maps: dict[str, _Mapped] = {}
+        self.pin_failed = False
+
+    @contextlib.contextmanager
+    def region(self, region) -> Iterator[torch.Tensor]:
+        """The region's bytes as a uint8 CPU tensor aliasing the segment."""
+        path = Path(region.segment)
+        if not path.name.startswith("lmx-"):
+            raise RegionError(f"{region.segment!r} is not an lmx- segment")
+        offset, length = int(region.offset), int(region.length)
+        with self._lock:
+            self._sweep()
+            mapped = self._map(path)
+            if length <= 0 or offset < 0 or offset + length > mapped.size:
+                raise RegionError(f"region [{offset}, +{length}) is outside {path}")
+            mapped.users += 1
+        try:
+            yield mapped.tensor[offset:offset + length]
+        finally:
+            with self._lock:
+                mapped.users -= 1
+
+    @property
+    def num_mapped(self) -> int:
+        return len(self._maps)
+
+    def close(self) -> None:
+        with self._lock:
+            for key in list(self._maps):
+                self._drop(key)
+
+    def _map(self, path: Path) -> _Mapped:
+        key = str(path)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise RegionError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            mapped = self._maps.get(key)
+            if mapped is not None and (mapped.inode, mapped.size) == (st.st_ino, st.st_size):
+                return mapped
+            if mapped is not None:
+                self._drop(key)
+            if st.st_size <= 0:
+                raise RegionError(f"{path} is empty")
+            mapping = mmap.mmap(fd, st.st_size)
+        finally:
+            os.close(fd)
+        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+        pinned = self.pin and self._register(tensor, path)
+        mapped = _Mapped(st.st_ino, st.st_size, mapping, tensor, pinned)
+        self._maps[key] = mapped
+        return mapped
+
+    def _register(self, tensor: torch.Tensor, path: Path) -> bool:
+        started = time.perf_counter()
+        # cudaHostRegisterPortable: pinned for every CUDA context of the process.
+        error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 1))
+        if error:
+            if not self.pin_failed:
+                log.warning("segment_pin_failed", segment=path.name, cuda_error=error,
+                            effect="copies to and from the kvstore run at pageable speed")
+            self.pin_failed = True
+            return False
+        log.info("segment_pinned", segment=path.name, bytes=tensor.numel(),
+                 ms=round((time.perf_counter() - started) * 1e3, 1))
+        return True
+
+    def _sweep(self) -> None:
+        for key, mapped in list(self._maps.items()):
+            if mapped.users:
+                continue
+            try:
+                st = os.stat(key)
+                gone = (st.st_ino, st.st_size) != (mapped.inode, mapped.size)
+            except OSError:
+                gone = True
+            if gone:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        mapped = self._maps.pop(key)
+        if mapped.pinned:
+            torch.cuda.cudart().cudaHostUnregister(mapped.tensor.data_ptr())
+        del mapped.tensor
+        try:
+            mapped.mapping.close()
+        except BufferError:  # a slice is still alive somewhere; unmapped when collected
+            pass
+
+
+# ---- park and restore copies ---------------------------------------------------------
+
+class KVTransfer:
+    """Copies a session's KV between `storage` and kvstore regions."""
+
+    def __init__(self, storage: KVStorage):
+        self.storage = storage
+        self.device = storage.device
+        self.cuda = self.device.type == "cuda"
+        self.segments = HostSegments(pin=self.cuda)
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        shape = storage.shape
+        self._itemsize = torch.empty((), dtype=shape.dtype).element_size()
+        self._row_bytes = shape.num_kv_heads * shape.head_dim * self._itemsize
+
+    def num_bytes(self, num_tokens: int) -> int:
+        return 2 * self.storage.shape.num_layers * num_tokens * self._row_bytes
+
+    def close(self) -> None:
+        self.segments.close()
+
+    def park(self, slots: Sequence[int], region) -> int:
+        """The KV at `slots` (token order) into the region; its sum64."""
+        n = len(slots)
+        self._check_length(region, n)
+        with self.segments.region(region) as dest, self._on_side_stream():
+            slabs = self._slabs(dest, n)
+            groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
+            total = torch.zeros((), dtype=torch.int64, device=self.device)
+            for layer in range(self.storage.shape.num_layers):
+                for kv, tensor in enumerate(self.storage.gather(layer, groups, n)):
+                    data = tensor.reshape(-1).view(torch.uint8)
+                    index = kv * self.storage.shape.num_layers + layer
+                    if slabs.aligned:
+                        total += sum64(data, slabs.word_offset(index))
+                    slabs.at(index).copy_(data, non_blocking=True)
+            self._wait()
+            if not slabs.aligned:  # rows not a multiple of 8 bytes: summed on the host
+                return host_checksum(memoryview(dest.numpy()))
+            return int(total.item()) & MASK
+
+    def restore(self, slots: Sequence[int], region, expected: int) -> None:
+        """The region's KV into the pool at `slots`, checked against
+        `expected` (ChecksumMismatch: the slots then hold garbage; free them)."""
+        n = len(slots)
+        self._check_length(region, n)
+        shape = self.storage.shape
+        dims = (n, shape.num_kv_heads, shape.head_dim)
+        with self.segments.region(region) as src, self._on_side_stream():
+            slabs = self._slabs(src, n)
+            if not slabs.aligned and host_checksum(memoryview(src.numpy())) != expected:
+                raise ChecksumMismatch("the region does not have the entry's checksum")
+            groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
+            total = torch.zeros((), dtype=torch.int64, device=self.device)
+            for layer in range(shape.num_layers):
+                kv = []
+                for index in (layer, shape.num_layers + layer):
+                    # A copy: on the CPU too, so that the bytes summed are the bytes used.
+                    data = torch.empty(slabs.slab_bytes, dtype=torch.uint8, device=self.device)
+                    data.copy_(slabs.at(index), non_blocking=True)
+                    if slabs.aligned:
+                        total += sum64(data, slabs.word_offset(index))
+                    kv.append(data.view(shape.dtype).view(dims))
+                self.storage.write(layer, groups, kv[0], kv[1])
+            self._wait()
+            if slabs.aligned and int(total.item()) & MASK != expected:
+                raise ChecksumMismatch("the bytes read do not have the entry's checksum")
+
+    # ---- helpers ----
+    def _check_length(self, region, num_tokens: int) -> None:
+        if num_tokens <= 0 or int(region.length) != self.num_bytes(num_tokens):
+            raise RegionError(f"region of {region.length} bytes for {num_tokens} tokens of "
+                              f"{self.num_bytes(1)} bytes")
+
+    def _slabs(self, region: torch.Tensor, num_tokens: int) -> _Slabs:
+        return _Slabs(region, num_tokens * self._row_bytes)
+
+    @contextlib.contextmanager
+    def _on_side_stream(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+            return
+        # After whatever the engine has queued (the session's last step wrote its KV).
+        self._stream.wait_stream(torch.cuda.default_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+
+    def _wait(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+
+@dataclass(frozen=True, slots=True)
+class _Slabs:
+    region: torch.Tensor
+    slab_bytes: int
+
+    @property
+    def aligned(self) -> bool:
+        return self.slab_bytes % 8 == 0
+
+    def at(self, index: int) -> torch.Tensor:
+        return self.region[index * self.slab_bytes:(index + 1) * self.slab_bytes]
+
+    def word_offset(self, index: int) -> int:
+        return index * self.slab_bytes // 8
