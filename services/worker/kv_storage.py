@@ -110,6 +110,28 @@ class KVStorage:
             value.index_copy_(0, positions, self._v[chunk][layer].index_select(0, local))
         return key, value
 
+    def gather_layers(self, kv: int, first: int, last: int, groups: SlotGroups,
+                      num: int) -> torch.Tensor:
+        """K (kv=0) or V (kv=1) of layers [first, last) at the grouped slots:
+        one contiguous [last - first, num, kv_heads, head_dim] tensor."""
+        chunks = self._k if kv == 0 else self._v
+        if len(groups.groups) == 1:
+            chunk, local, _ = groups.groups[0]
+            return chunks[chunk][first:last].index_select(1, local)
+        out = torch.empty((last - first, num, self.shape.num_kv_heads, self.shape.head_dim),
+                          dtype=self.shape.dtype, device=self.device)
+        for chunk, local, positions in groups.groups:
+            out.index_copy_(1, positions, chunks[chunk][first:last].index_select(1, local))
+        return out
+
+    def write_layers(self, kv: int, first: int, last: int, groups: SlotGroups,
+                     data: torch.Tensor) -> None:
+        """The inverse of gather_layers: data [last - first, n, kv_heads, head_dim]."""
+        chunks = self._k if kv == 0 else self._v
+        for chunk, local, positions in groups.groups:
+            part = data if positions is None else data.index_select(1, positions)
+            chunks[chunk][first:last].index_copy_(1, local, part)
+
     def read_tokens(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers' K and V at these slots: [num_layers, n, kv_heads, head_dim]
         (parking a context, tests)."""

@@ -209,13 +209,17 @@ class HostSegments:
 # ---- park and restore copies ---------------------------------------------------------
 
 class KVTransfer:
-    """Copies a session's KV between `storage` and kvstore regions."""
+    """Copies a session's KV between `storage` and kvstore regions, in pieces
+    of at most `piece_bytes` (a run of layers of K or of V, contiguous both in
+    the pool's gather and in the region), so that a few large copies and a
+    few kernels move the whole context."""
 
-    def __init__(self, storage: KVStorage):
+    def __init__(self, storage: KVStorage, piece_bytes: int = 32 << 20):
         self.storage = storage
         self.device = storage.device
         self.cuda = self.device.type == "cuda"
         self.segments = HostSegments(pin=self.cuda)
+        self.piece_bytes = piece_bytes
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
         shape = storage.shape
         self._itemsize = torch.empty((), dtype=shape.dtype).element_size()
@@ -232,18 +236,18 @@ class KVTransfer:
         n = len(slots)
         self._check_length(region, n)
         with self.segments.region(region) as dest, self._on_side_stream():
-            slabs = self._slabs(dest, n)
             groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
             total = torch.zeros((), dtype=torch.int64, device=self.device)
-            for layer in range(self.storage.shape.num_layers):
-                for kv, tensor in enumerate(self.storage.gather(layer, groups, n)):
-                    data = tensor.reshape(-1).view(torch.uint8)
-                    index = kv * self.storage.shape.num_layers + layer
-                    if slabs.aligned:
-                        total += sum64(data, slabs.word_offset(index))
-                    slabs.at(index).copy_(data, non_blocking=True)
+            aligned = True
+            for piece in self._pieces(n):
+                data = self.storage.gather_layers(piece.kv, piece.first, piece.last, groups, n)
+                data = data.view(-1).view(torch.uint8)
+                aligned = aligned and piece.offset % 8 == 0 and piece.length % 8 == 0
+                if aligned:
+                    total += sum64(data, piece.offset // 8)
+                dest[piece.offset:piece.offset + piece.length].copy_(data, non_blocking=True)
             self._wait()
-            if not slabs.aligned:  # rows not a multiple of 8 bytes: summed on the host
+            if not aligned:  # rows not a multiple of 8 bytes: summed on the host
                 return host_checksum(memoryview(dest.numpy()))
             return int(total.item()) & MASK
 
@@ -253,35 +257,41 @@ class KVTransfer:
         n = len(slots)
         self._check_length(region, n)
         shape = self.storage.shape
-        dims = (n, shape.num_kv_heads, shape.head_dim)
         with self.segments.region(region) as src, self._on_side_stream():
-            slabs = self._slabs(src, n)
-            if not slabs.aligned and host_checksum(memoryview(src.numpy())) != expected:
+            pieces = self._pieces(n)
+            aligned = all(p.offset % 8 == 0 and p.length % 8 == 0 for p in pieces)
+            if not aligned and host_checksum(memoryview(src.numpy())) != expected:
                 raise ChecksumMismatch("the region does not have the entry's checksum")
             groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
             total = torch.zeros((), dtype=torch.int64, device=self.device)
-            for layer in range(shape.num_layers):
-                kv = []
-                for index in (layer, shape.num_layers + layer):
-                    # A copy: on the CPU too, so that the bytes summed are the bytes used.
-                    data = torch.empty(slabs.slab_bytes, dtype=torch.uint8, device=self.device)
-                    data.copy_(slabs.at(index), non_blocking=True)
-                    if slabs.aligned:
-                        total += sum64(data, slabs.word_offset(index))
-                    kv.append(data.view(shape.dtype).view(dims))
-                self.storage.write(layer, groups, kv[0], kv[1])
+            for piece in pieces:
+                # A copy on the CPU too, so that the bytes summed are the bytes used.
+                data = torch.empty(piece.length, dtype=torch.uint8, device=self.device)
+                data.copy_(src[piece.offset:piece.offset + piece.length], non_blocking=True)
+                if aligned:
+                    total += sum64(data, piece.offset // 8)
+                self.storage.write_layers(
+                    piece.kv, piece.first, piece.last, groups,
+                    data.view(shape.dtype).view(piece.last - piece.first, n,
+                                                shape.num_kv_heads, shape.head_dim))
             self._wait()
-            if slabs.aligned and int(total.item()) & MASK != expected:
+            if aligned and int(total.item()) & MASK != expected:
                 raise ChecksumMismatch("the bytes read do not have the entry's checksum")
 
     # ---- helpers ----
+    def _pieces(self, num_tokens: int) -> list[_Piece]:
+        layers = self.storage.shape.num_layers
+        layer_bytes = num_tokens * self._row_bytes
+        per = max(1, self.piece_bytes // layer_bytes)
+        return [_Piece(kv, first, min(layers, first + per),
+                       (kv * layers + first) * layer_bytes,
+                       (min(layers, first + per) - first) * layer_bytes)
+                for kv in (0, 1) for first in range(0, layers, per)]
+
     def _check_length(self, region, num_tokens: int) -> None:
         if num_tokens <= 0 or int(region.length) != self.num_bytes(num_tokens):
             raise RegionError(f"region of {region.length} bytes for {num_tokens} tokens of "
                               f"{self.num_bytes(1)} bytes")
-
-    def _slabs(self, region: torch.Tensor, num_tokens: int) -> _Slabs:
-        return _Slabs(region, num_tokens * self._row_bytes)
 
     @contextlib.contextmanager
     def _on_side_stream(self) -> Iterator[None]:
@@ -299,16 +309,11 @@ class KVTransfer:
 
 
 @dataclass(frozen=True, slots=True)
-class _Slabs:
-    region: torch.Tensor
-    slab_bytes: int
-
-    @property
-    def aligned(self) -> bool:
-        return self.slab_bytes % 8 == 0
-
-    def at(self, index: int) -> torch.Tensor:
-        return self.region[index * self.slab_bytes:(index + 1) * self.slab_bytes]
-
-    def word_offset(self, index: int) -> int:
-        return index * self.slab_bytes // 8
+class _Piece:
+    """Layers [first, last) of K (kv=0) or V (kv=1): bytes [offset, +length)
+    of the region."""
+    kv: int
+    first: int
+    last: int
+    offset: int
+    length: int
