@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from services.common.errors import InvalidArgument
 from services.kvstore.arena import Region
 
@@ -94,7 +96,7 @@ class Entry:
     def to_json(self) -> dict[str, Any]:
         return {
             "entry_id": self.entry_id, "owner": self.owner, "session_id": self.session_id,
-            "layout": asdict(self.layout), "token_ids": list(self.token_ids),
+            "layout": asdict(self.layout), "token_ids": encode_tokens(self.token_ids),
             "secret_hash": self.secret_hash, "created_at": self.created_at,
             "last_used_at": self.last_used_at, "state": self.state,
             "region": asdict(self.region) if self.region else None,
@@ -112,7 +114,7 @@ class Entry:
         entry = cls(
             entry_id=str(data["entry_id"]), owner=str(data["owner"]),
             session_id=str(data["session_id"]), layout=layout,
-            token_ids=tuple(int(t) for t in data["token_ids"]),
+            token_ids=decode_tokens(data["token_ids"]),
             secret_hash=str(data["secret_hash"]), created_at=float(data["created_at"]),
             last_used_at=float(data["last_used_at"]), state=str(data["state"]),
             region=region, checksum=int(data["checksum"]),
@@ -122,3 +124,16 @@ class Entry:
         if entry.state not in (State.READY, State.SPILLED):
             raise ValueError(f"state {entry.state!r} is not kept")
         return entry
+
+
+def encode_tokens(token_ids) -> str:
+    """Token ids for the manifest: base64 of little-endian int32 (a JSON list
+    of a long context cost milliseconds per commit)."""
+    return base64.b64encode(np.asarray(token_ids, dtype="<i4").tobytes()).decode("ascii")
+
+
+def decode_tokens(text: str) -> tuple[int, ...]:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) % 4:
+        raise ValueError("token ids are not whole int32s")
+    return tuple(np.frombuffer(raw, dtype="<i4").tolist())

@@ -23,7 +23,7 @@ from services.common.errors import ConfigError
 log = structlog.get_logger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-VERSION = 1
+VERSION = 2  # 2: token ids as base64 int32
 
 
 class Manifest:

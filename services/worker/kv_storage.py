@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,8 @@ class SlotGroups:
             device = device or slots.device
             slots = slots.tolist()
         device = device or torch.device("cpu")
+        if len(slots) > 256:   # a whole context (parking): vectorised
+            return cls._build_many(slots, slots_per_chunk, device)
         by_chunk: dict[int, tuple[list[int], list[int]]] = {}
         for position, slot in enumerate(slots):
             chunk, local = divmod(slot, slots_per_chunk)
@@ -53,6 +56,21 @@ class SlotGroups:
         return cls(tuple((chunk, torch.tensor(local, dtype=torch.long, device=device),
                           torch.tensor(positions, dtype=torch.long, device=device))
                          for chunk, (local, positions) in sorted(by_chunk.items())))
+
+    @classmethod
+    def _build_many(cls, slots: Sequence[int], slots_per_chunk: int,
+                    device: torch.device) -> SlotGroups:
+        flat = np.asarray(slots, dtype=np.int64)
+        chunks, local = np.divmod(flat, slots_per_chunk)
+        present = np.unique(chunks)
+        if len(present) == 1:
+            return cls(((int(present[0]), torch.from_numpy(local).to(device), None),))
+        groups = []
+        for chunk in present.tolist():
+            positions = np.flatnonzero(chunks == chunk)
+            groups.append((chunk, torch.from_numpy(local[positions]).to(device),
+                           torch.from_numpy(positions).to(device)))
+        return cls(tuple(groups))
 
 
 class KVStorage:
@@ -111,15 +129,17 @@ class KVStorage:
         return key, value
 
     def gather_layers(self, kv: int, first: int, last: int, groups: SlotGroups,
-                      num: int) -> torch.Tensor:
+                      num: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """K (kv=0) or V (kv=1) of layers [first, last) at the grouped slots:
-        one contiguous [last - first, num, kv_heads, head_dim] tensor."""
+        one contiguous [last - first, num, kv_heads, head_dim] tensor (`out`
+        if given)."""
         chunks = self._k if kv == 0 else self._v
+        if out is None:
+            out = torch.empty((last - first, num, self.shape.num_kv_heads, self.shape.head_dim),
+                              dtype=self.shape.dtype, device=self.device)
         if len(groups.groups) == 1:
             chunk, local, _ = groups.groups[0]
-            return chunks[chunk][first:last].index_select(1, local)
-        out = torch.empty((last - first, num, self.shape.num_kv_heads, self.shape.head_dim),
-                          dtype=self.shape.dtype, device=self.device)
+            return torch.index_select(chunks[chunk][first:last], 1, local, out=out)
         for chunk, local, positions in groups.groups:
             out.index_copy_(1, positions, chunks[chunk][first:last].index_select(1, local))
         return out

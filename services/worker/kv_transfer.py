@@ -211,8 +211,12 @@ class HostSegments:
 class KVTransfer:
     """Copies a session's KV between `storage` and kvstore regions, in pieces
     of at most `piece_bytes` (a run of layers of K or of V, contiguous both in
-    the pool's gather and in the region), so that a few large copies and a
-    few kernels move the whole context."""
+    the pool's gather and in the region).
+
+    On a GPU two staging buffers of piece_bytes alternate between two side
+    streams: while the copy stream moves one piece over PCIe, the compute
+    stream gathers (or scatters) and sums the other, so the copies run back
+    to back and the GPU memory used is bounded by the two buffers."""
 
     def __init__(self, storage: KVStorage, piece_bytes: int = 32 << 20):
         self.storage = storage
@@ -220,7 +224,9 @@ class KVTransfer:
         self.cuda = self.device.type == "cuda"
         self.segments = HostSegments(pin=self.cuda)
         self.piece_bytes = piece_bytes
-        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        if self.cuda:
+            self._compute = torch.cuda.Stream(self.device)
+            self._copy = torch.cuda.Stream(self.device)
         shape = storage.shape
         self._itemsize = torch.empty((), dtype=shape.dtype).element_size()
         self._row_bytes = shape.num_kv_heads * shape.head_dim * self._itemsize
@@ -235,46 +241,65 @@ class KVTransfer:
         """The KV at `slots` (token order) into the region; its sum64."""
         n = len(slots)
         self._check_length(region, n)
-        with self.segments.region(region) as dest, self._on_side_stream():
-            groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
-            total = torch.zeros((), dtype=torch.int64, device=self.device)
-            aligned = True
-            for piece in self._pieces(n):
-                data = self.storage.gather_layers(piece.kv, piece.first, piece.last, groups, n)
-                data = data.view(-1).view(torch.uint8)
-                aligned = aligned and piece.offset % 8 == 0 and piece.length % 8 == 0
-                if aligned:
-                    total += sum64(data, piece.offset // 8)
-                dest[piece.offset:piece.offset + piece.length].copy_(data, non_blocking=True)
-            self._wait()
+        pieces = self._pieces(n)
+        aligned = all(p.offset % 8 == 0 and p.length % 8 == 0 for p in pieces)
+        with self.segments.region(region) as dest:
+            self._begin()
+            with self._on(self._compute_stream):
+                groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
+                total = torch.zeros((), dtype=torch.int64, device=self.device)
+                buffers = self._buffers(pieces)
+            copied: list = [None, None]   # per buffer: its last copy out, done
+            for i, piece in enumerate(pieces):
+                buffer = buffers[i % 2][:piece.length]
+                with self._on(self._compute_stream):
+                    self._wait_for(copied[i % 2])
+                    self.storage.gather_layers(piece.kv, piece.first, piece.last, groups, n,
+                                               out=self._as_kv(buffer, piece, n))
+                    if aligned:
+                        total += sum64(buffer, piece.offset // 8)
+                    gathered = self._mark()
+                with self._on(self._copy_stream):
+                    self._wait_for(gathered)
+                    dest[piece.offset:piece.offset + piece.length].copy_(buffer, non_blocking=True)
+                    copied[i % 2] = self._mark()
+            self._finish()
             if not aligned:  # rows not a multiple of 8 bytes: summed on the host
                 return host_checksum(memoryview(dest.numpy()))
             return int(total.item()) & MASK
 
     def restore(self, slots: Sequence[int], region, expected: int) -> None:
         """The region's KV into the pool at `slots`, checked against
-        `expected` (ChecksumMismatch: the slots then hold garbage; free them)."""
+        `expected` (ChecksumMismatch: the slots then hold garbage; free them).
+        The bytes summed are the bytes used: copied out of the region first,
+        on the CPU too."""
         n = len(slots)
         self._check_length(region, n)
-        shape = self.storage.shape
-        with self.segments.region(region) as src, self._on_side_stream():
-            pieces = self._pieces(n)
-            aligned = all(p.offset % 8 == 0 and p.length % 8 == 0 for p in pieces)
+        pieces = self._pieces(n)
+        aligned = all(p.offset % 8 == 0 and p.length % 8 == 0 for p in pieces)
+        with self.segments.region(region) as src:
             if not aligned and host_checksum(memoryview(src.numpy())) != expected:
                 raise ChecksumMismatch("the region does not have the entry's checksum")
-            groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
-            total = torch.zeros((), dtype=torch.int64, device=self.device)
-            for piece in pieces:
-                # A copy on the CPU too, so that the bytes summed are the bytes used.
-                data = torch.empty(piece.length, dtype=torch.uint8, device=self.device)
-                data.copy_(src[piece.offset:piece.offset + piece.length], non_blocking=True)
-                if aligned:
-                    total += sum64(data, piece.offset // 8)
-                self.storage.write_layers(
-                    piece.kv, piece.first, piece.last, groups,
-                    data.view(shape.dtype).view(piece.last - piece.first, n,
-                                                shape.num_kv_heads, shape.head_dim))
-            self._wait()
+            self._begin()
+            with self._on(self._compute_stream):
+                groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
+                total = torch.zeros((), dtype=torch.int64, device=self.device)
+                buffers = self._buffers(pieces)
+            used: list = [None, None]   # per buffer: its last scatter, done
+            for i, piece in enumerate(pieces):
+                buffer = buffers[i % 2][:piece.length]
+                with self._on(self._copy_stream):
+                    self._wait_for(used[i % 2])
+                    buffer.copy_(src[piece.offset:piece.offset + piece.length], non_blocking=True)
+                    filled = self._mark()
+                with self._on(self._compute_stream):
+                    self._wait_for(filled)
+                    if aligned:
+                        total += sum64(buffer, piece.offset // 8)
+                    self.storage.write_layers(piece.kv, piece.first, piece.last, groups,
+                                              self._as_kv(buffer, piece, n))
+                    used[i % 2] = self._mark()
+            self._finish()
             if aligned and int(total.item()) & MASK != expected:
                 raise ChecksumMismatch("the bytes read do not have the entry's checksum")
 
@@ -288,24 +313,50 @@ class KVTransfer:
                        (min(layers, first + per) - first) * layer_bytes)
                 for kv in (0, 1) for first in range(0, layers, per)]
 
+    def _buffers(self, pieces: list[_Piece]) -> list[torch.Tensor]:
+        size = max(p.length for p in pieces)
+        count = 2 if len(pieces) > 1 else 1
+        buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        return buffers * (2 // count)
+
+    def _as_kv(self, buffer: torch.Tensor, piece: _Piece, num_tokens: int) -> torch.Tensor:
+        shape = self.storage.shape
+        return buffer.view(shape.dtype).view(piece.last - piece.first, num_tokens,
+                                             shape.num_kv_heads, shape.head_dim)
+
     def _check_length(self, region, num_tokens: int) -> None:
         if num_tokens <= 0 or int(region.length) != self.num_bytes(num_tokens):
             raise RegionError(f"region of {region.length} bytes for {num_tokens} tokens of "
                               f"{self.num_bytes(1)} bytes")
 
-    @contextlib.contextmanager
-    def _on_side_stream(self) -> Iterator[None]:
-        if self._stream is None:
-            yield
-            return
-        # After whatever the engine has queued (the session's last step wrote its KV).
-        self._stream.wait_stream(torch.cuda.default_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            yield
+    # Streams: on the CPU every one of these is a no-op and the loop runs in order.
+    @property
+    def _compute_stream(self):
+        return self._compute if self.cuda else None
 
-    def _wait(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
+    @property
+    def _copy_stream(self):
+        return self._copy if self.cuda else None
+
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _begin(self) -> None:
+        if self.cuda:  # after whatever the engine has queued (the session's last step)
+            self._compute.wait_stream(torch.cuda.default_stream(self.device))
+            self._copy.wait_stream(torch.cuda.default_stream(self.device))
+
+    def _mark(self):
+        return torch.cuda.current_stream(self.device).record_event() if self.cuda else None
+
+    def _wait_for(self, event) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _finish(self) -> None:
+        if self.cuda:
+            self._copy.synchronize()
+            self._compute.synchronize()
 
 
 @dataclass(frozen=True, slots=True)
