@@ -52,10 +52,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
 
     def _region_to_pb(self, region: Region) -> pb.ShmRegion:
         # The full path: a client needs no setting to find the file.
-        segment = self.store.arena.segment(region.segment)
         return pb.ShmRegion(segment=str(self.store.arena.path_of(region.segment)),
-                            offset=region.offset, length=region.length,
-                            dedicated=segment is not None and segment.dedicated)
+                            offset=region.offset, length=region.length)
 
     def _reserve(self, request: pb.ReserveRequest) -> tuple[Entry, Region]:
         return self.store.reserve(request.owner, request.session_id, request.secret,

@@ -107,11 +107,9 @@ class _Mapped:
 
 class HostSegments:
     """The kvstore's segment files mapped into this process, each once, and
-    with `pin` registered with CUDA as pinned memory once (not a dedicated
-    segment, one entry's alone: registering it would cost more than copying
-    it pageable, about 0.5 ms per MiB against 0.1 measured on an H200). A
-    mapping whose file is gone (or replaced) is dropped at the next use of
-    any segment, unless a copy is using it."""
+    with `pin` registered with CUDA as pinned memory once. A mapping whose
+    file is gone (or replaced) is dropped at the next use of any segment,
+    unless a copy is using it."""
 
     def __init__(self, pin: bool):
         self.pin = pin
@@ -128,7 +126,7 @@ class HostSegments:
         offset, length = int(region.offset), int(region.length)
         with self._lock:
             self._sweep()
-            mapped = self._map(path, pin=self.pin and not getattr(region, "dedicated", False))
+            mapped = self._map(path)
             if length <= 0 or offset < 0 or offset + length > mapped.size:
                 raise RegionError(f"region [{offset}, +{length}) is outside {path}")
             mapped.users += 1
@@ -147,7 +145,7 @@ class HostSegments:
             for key in list(self._maps):
                 self._drop(key)
 
-    def _map(self, path: Path, pin: bool) -> _Mapped:
+    def _map(self, path: Path) -> _Mapped:
         key = str(path)
         try:
             fd = os.open(path, os.O_RDWR)
@@ -166,7 +164,7 @@ class HostSegments:
         finally:
             os.close(fd)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)
-        pinned = pin and self._register(tensor, path)
+        pinned = self.pin and self._register(tensor, path)
         mapped = _Mapped(st.st_ino, st.st_size, mapping, tensor, pinned)
         self._maps[key] = mapped
         return mapped
