@@ -15,7 +15,17 @@ import structlog
 
 from services.admission.devices import DeviceSource
 from services.admission.events import EventBus, Published
-from services.admission.ledger import DeviceView, Holder, Lease, Ledger, Purpose, Waiter
+from services.admission.ledger import (
+    DeviceView,
+    Event,
+    EventKind,
+    Holder,
+    Lease,
+    Ledger,
+    Purpose,
+    Waiter,
+)
+from services.admission.reclaim import Activity, Reclaim, Reclaimer
 from services.admission.registry import WorkerRecord, WorkerRegistry
 from services.common.errors import CapacityExhausted, InvalidArgument, LmxError
 
@@ -28,14 +38,16 @@ class Snapshot:
     leases: list[Lease]
     waiters: list[Waiter]
     workers: list[WorkerRecord]
+    reclaims: list[Reclaim]
     now: float
 
 
 class Broker:
     def __init__(self, ledger: Ledger, source: DeviceSource, *, max_wait_s: float = 300.0,
                  sweep_interval_s: float = 0.1, poll_interval_s: float = 1.0,
-                 bus: EventBus | None = None):
+                 bus: EventBus | None = None, reclaim_deadline_s: float = 5.0):
         self.ledger = ledger
+        self.reclaimer = Reclaimer(ledger, reclaim_deadline_s)
         self.source = source
         self.bus = bus or EventBus()
         self.registry = WorkerRegistry(ledger.clock, max_ttl_s=ledger.ttl.max_s)
@@ -101,7 +113,22 @@ class Broker:
         self.ledger.expire_due()
         self._publish()
         return Snapshot(self.ledger.devices(), self.ledger.leases(), self.ledger.waiters(),
-                        self.registry.workers(), self._clock())
+                        self.registry.workers(), self.reclaimer.reclaims(), self._clock())
+
+    def answer_reclaim(self, reclaim_id: str, freed_bytes: int, detail: str) -> Reclaim:
+        answered = self.reclaimer.answer(reclaim_id, freed_bytes, detail)
+        self.bus.publish(Event(EventKind.RECLAIM_ANSWERED, answered.device, lease=answered.lease,
+                               detail=answered))
+        self._publish()   # the next stage may start
+        return answered
+
+    def report_activity(self, activity: Activity) -> None:
+        device = next((w.device for w in self.registry.workers()
+                       if w.worker_id == activity.worker_id), "")
+        log.info("worker_activity", kind=activity.kind, worker_id=activity.worker_id,
+                 model=activity.model, session_id=activity.session_id, bytes=activity.bytes,
+                 seconds=round(activity.seconds, 4), reason=activity.reason)
+        self.bus.publish(Event(EventKind.ACTIVITY, device, detail=activity))
 
     def watch(self) -> AsyncIterator[Published]:
         return self.bus.subscribe()
@@ -163,12 +190,18 @@ class Broker:
                 future.set_result(None)
         for event in self.ledger.drain_events():
             self.bus.publish(event)
+        for ask in self.reclaimer.plan():
+            self.bus.publish(Event(EventKind.RECLAIM_REQUESTED, ask.device, lease=ask.lease,
+                                   detail=ask))
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             self.ledger.expire_due()
             self.registry.expire_due()
+            for ask in self.reclaimer.overdue():
+                self.bus.publish(Event(EventKind.RECLAIM_OVERDUE, ask.device, lease=ask.lease,
+                                       detail=ask))
             self._publish()
 
     async def _poll_loop(self) -> None:

@@ -67,6 +67,8 @@ class Lease:
     priority: int
     granted_at: float
     renewed_at: float
+    #: When its size last changed (grant or resize): how recently it was used.
+    resized_at: float = 0.0
 
     @property
     def expires_at(self) -> float:
@@ -118,6 +120,11 @@ class EventKind(enum.Enum):
     EXPIRED = "expired"
     QUEUED = "queued"
     LEFT = "left"
+    # Memory pressure (services/admission/reclaim.py) and what workers report.
+    RECLAIM_REQUESTED = "reclaim_requested"
+    RECLAIM_ANSWERED = "reclaim_answered"
+    RECLAIM_OVERDUE = "reclaim_overdue"
+    ACTIVITY = "activity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,9 @@ class Event:
     old_bytes: int = 0
     waited_s: float = 0.0
     reason: str = ""           # LEFT: "timed_out" | "cancelled"
+    #: RECLAIM_*: the ask (a services.admission.reclaim.Reclaim); ACTIVITY: a
+    #: services.admission.reclaim.Activity.
+    detail: object = None
 
 
 @dataclass(slots=True)
@@ -448,7 +458,8 @@ class Ledger:
         if waiter.lease_id is None:
             self._epoch += 1
             lease = Lease(f"lease-{self._new_id(16)}", device, waiter.bytes, self._epoch,
-                          waiter.ttl_s, waiter.holder, waiter.purpose, waiter.priority, now, now)
+                          waiter.ttl_s, waiter.holder, waiter.purpose, waiter.priority, now, now,
+                          now)
             self._store(lease)
             self._events.append(Event(EventKind.GRANTED, device, lease=lease,
                                       waited_s=now - waiter.enqueued_at))
@@ -463,7 +474,7 @@ class Ledger:
         self._settled.append(waiter)
 
     def _set_bytes(self, lease: Lease, new_bytes: int) -> Lease:
-        resized = replace(lease, bytes=new_bytes, renewed_at=self.clock())
+        resized = replace(lease, bytes=new_bytes, renewed_at=self.clock(), resized_at=self.clock())
         self._store(resized)
         self._events.append(Event(EventKind.RESIZED, lease.device, lease=resized,
                                   old_bytes=lease.bytes))

@@ -15,7 +15,7 @@ from services.common.units import parse_address
 
 log = structlog.get_logger(__name__)
 
-WORKER_STATES = ("waiting", "loading", "ready", "stopping")
+WORKER_STATES = ("waiting", "loading", "ready", "asleep", "stopping")
 MAX_FIELD_CHARS = 256
 
 
@@ -30,6 +30,7 @@ class WorkerRecord:
     num_sessions: int
     ttl_s: float
     updated_at: float
+    num_parked: int = 0
 
 
 class WorkerRegistry:
@@ -39,7 +40,8 @@ class WorkerRegistry:
         self._workers: dict[str, WorkerRecord] = {}
 
     def register(self, worker_id: str, model: str, address: str, state: str, *, pid: int = 0,
-                 device: str = "", num_sessions: int = 0, ttl_s: float = 10.0) -> WorkerRecord:
+                 device: str = "", num_sessions: int = 0, ttl_s: float = 10.0,
+                 num_parked: int = 0) -> WorkerRecord:
         for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
                             ("worker.address", address)):
             if not value or len(value) > MAX_FIELD_CHARS or not value.isprintable():
@@ -52,11 +54,11 @@ class WorkerRegistry:
             raise InvalidArgument("worker.state", f"must be one of {', '.join(WORKER_STATES)}")
         if not 0 < ttl_s <= self.max_ttl_s:
             raise InvalidArgument("ttl_ms", f"must be in (0, {self.max_ttl_s * 1000:.0f}]")
-        if num_sessions < 0 or pid < 0:
+        if num_sessions < 0 or pid < 0 or not 0 <= num_parked <= num_sessions:
             raise InvalidArgument("worker.num_sessions", "counts must not be negative")
         previous = self._workers.get(worker_id)
         record = WorkerRecord(worker_id, model, address, state, pid, device, num_sessions, ttl_s,
-                              self.clock())
+                              self.clock(), num_parked)
         self._workers[worker_id] = record
         if previous is None or previous.state != state:
             log.info("worker_registered", worker_id=worker_id, model=model, address=address,

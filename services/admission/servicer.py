@@ -3,6 +3,8 @@ broker method per RPC, converts back. No logic of its own."""
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
 from lmx.v1 import admission_pb2 as pb
@@ -10,6 +12,7 @@ from lmx.v1 import admission_pb2_grpc
 from services.admission.broker import Broker
 from services.admission.events import Published
 from services.admission.ledger import DeviceView, EventKind, Holder, Lease, Purpose, Waiter
+from services.admission.reclaim import Activity, Reclaim
 from services.admission.registry import WorkerRecord
 from services.common.errors import InvalidArgument
 
@@ -76,6 +79,7 @@ WORKER_STATE_TO_PB = {
     "waiting": pb.WORKER_STATE_WAITING,
     "loading": pb.WORKER_STATE_LOADING,
     "ready": pb.WORKER_STATE_READY,
+    "asleep": pb.WORKER_STATE_ASLEEP,
     "stopping": pb.WORKER_STATE_STOPPING,
 }
 WORKER_STATE_FROM_PB = {value: key for key, value in WORKER_STATE_TO_PB.items()}
@@ -85,7 +89,45 @@ def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
     return pb.WorkerInfo(worker_id=record.worker_id, model=record.model, address=record.address,
                          state=WORKER_STATE_TO_PB[record.state], pid=record.pid,
                          device=record.device, num_sessions=record.num_sessions,
-                         updated_s_ago=now - record.updated_at)
+                         updated_s_ago=now - record.updated_at, num_parked=record.num_parked)
+
+
+ACTIVITY_TO_PB = {
+    "session_parked": pb.WorkerActivity.KIND_SESSION_PARKED,
+    "session_restored": pb.WorkerActivity.KIND_SESSION_RESTORED,
+    "model_asleep": pb.WorkerActivity.KIND_MODEL_ASLEEP,
+    "model_awake": pb.WorkerActivity.KIND_MODEL_AWAKE,
+}
+ACTIVITY_FROM_PB = {value: key for key, value in ACTIVITY_TO_PB.items()}
+
+
+def reclaim_to_pb(ask: Reclaim, now: float) -> pb.Reclaim:
+    # Deadlines are kept on admission's monotonic clock; answers give wall time.
+    wall = time.time() - now
+    return pb.Reclaim(reclaim_id=ask.reclaim_id, lease=lease_to_pb(ask.lease, now),
+                      bytes=ask.bytes, deadline_unix=ask.deadline + wall,
+                      for_holder=ask.for_holder, for_priority=ask.for_priority, state=ask.state,
+                      freed_bytes=ask.freed_bytes, detail=ask.detail)
+
+
+def activity_to_pb(activity: Activity) -> pb.WorkerActivity:
+    return pb.WorkerActivity(kind=ACTIVITY_TO_PB[activity.kind], worker_id=activity.worker_id,
+                             model=activity.model, session_id=activity.session_id,
+                             bytes=activity.bytes, seconds=activity.seconds,
+                             reason=activity.reason)
+
+
+def activity_from_pb(activity: pb.WorkerActivity, present: bool) -> Activity:
+    kind = ACTIVITY_FROM_PB.get(activity.kind)
+    if not present or kind is None:
+        raise InvalidArgument("activity.kind", "is required: KIND_SESSION_PARKED, "
+                              "KIND_SESSION_RESTORED, KIND_MODEL_ASLEEP or KIND_MODEL_AWAKE")
+    if not activity.worker_id or len(activity.worker_id) > 256:
+        raise InvalidArgument("activity.worker_id", "is required (at most 256 characters)")
+    if activity.bytes < 0 or not activity.seconds >= 0:
+        raise InvalidArgument("activity.bytes", "bytes and seconds must not be negative")
+    return Activity(kind, activity.worker_id, activity.model[:256], activity.session_id[:256],
+                    activity.bytes, activity.seconds, activity.reason[:500])
 
 
 def event_to_pb(item: Published, now: float) -> pb.Event:
@@ -105,6 +147,15 @@ def event_to_pb(item: Published, now: float) -> pb.Event:
     elif event.kind is EventKind.LEFT:
         out.left.CopyFrom(pb.WaiterLeft(waiter=waiter_to_pb(event.waiter, now),
                                         reason=LEFT_REASON_TO_PB[event.reason]))
+    elif event.kind is EventKind.RECLAIM_REQUESTED:
+        out.reclaim_requested.CopyFrom(pb.ReclaimRequested(reclaim=reclaim_to_pb(event.detail, now)))
+    elif event.kind is EventKind.RECLAIM_ANSWERED:
+        out.reclaim_answered.CopyFrom(pb.ReclaimAnswered(reclaim=reclaim_to_pb(event.detail, now)))
+    elif event.kind is EventKind.RECLAIM_OVERDUE:
+        out.reclaim_overdue.CopyFrom(pb.ReclaimOverdue(reclaim=reclaim_to_pb(event.detail, now),
+                                                       overdue_s=now - event.detail.deadline))
+    elif event.kind is EventKind.ACTIVITY:
+        out.activity.CopyFrom(activity_to_pb(event.detail))
     return out
 
 
@@ -139,7 +190,8 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             devices=[device_to_pb(view) for view in snap.devices],
             leases=[lease_to_pb(lease, snap.now) for lease in snap.leases],
             waiters=[waiter_to_pb(waiter, snap.now) for waiter in snap.waiters],
-            workers=[worker_to_pb(record, snap.now) for record in snap.workers])
+            workers=[worker_to_pb(record, snap.now) for record in snap.workers],
+            reclaims=[reclaim_to_pb(ask, snap.now) for ask in snap.reclaims])
 
     async def Watch(self, request: pb.WatchRequest, context):
         async for item in self.broker.watch():
@@ -153,10 +205,11 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         state = WORKER_STATE_FROM_PB.get(info.state)
         if state is None:
             raise InvalidArgument("worker.state", "is required: WORKER_STATE_WAITING, _LOADING, "
-                                  "_READY or _STOPPING")
+                                  "_READY, _ASLEEP or _STOPPING")
         self.broker.registry.register(
             info.worker_id, info.model, info.address, state, pid=info.pid, device=info.device,
-            num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000)
+            num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000,
+            num_parked=info.num_parked)
         return pb.RegisterWorkerResponse()
 
     async def UnregisterWorker(self, request: pb.UnregisterWorkerRequest,
@@ -168,3 +221,16 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         now = self.broker.ledger.clock()
         return pb.ListWorkersResponse(workers=[worker_to_pb(record, now) for record in
                                                self.broker.registry.workers(request.model)])
+
+    async def AnswerReclaim(self, request: pb.AnswerReclaimRequest,
+                            context) -> pb.AnswerReclaimResponse:
+        if not request.reclaim_id:
+            raise InvalidArgument("reclaim_id", "is required")
+        self.broker.answer_reclaim(request.reclaim_id, request.freed_bytes, request.detail)
+        return pb.AnswerReclaimResponse()
+
+    async def ReportActivity(self, request: pb.ReportActivityRequest,
+                             context) -> pb.ReportActivityResponse:
+        self.broker.report_activity(activity_from_pb(request.activity,
+                                                     request.HasField("activity")))
+        return pb.ReportActivityResponse()

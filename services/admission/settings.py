@@ -33,6 +33,9 @@ class AdmissionSettings:
         "help": "how often expired leases are looked for"})
     poll_interval_s: float = field(default=1.0, metadata={
         "help": "how often NVML is read for foreign memory"})
+    reclaim_deadline_s: float = field(default=5.0, metadata={
+        "help": "how long a holder asked to give memory back may take to answer before it "
+                "is reported overdue"})
     grace_s: float = field(default=5.0, metadata={
         "help": "how long in-flight calls may finish on shutdown"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
@@ -44,7 +47,7 @@ class AdmissionSettings:
             raise ConfigError("cap_fraction", f"must be in (0, 1], got {self.cap_fraction}")
         if not 0 < self.min_ttl_s <= self.default_ttl_s <= self.max_ttl_s:
             raise ConfigError("default_ttl_s", "need 0 < min_ttl_s <= default_ttl_s <= max_ttl_s")
-        for name in ("max_wait_s", "sweep_interval_s", "poll_interval_s"):
+        for name in ("max_wait_s", "sweep_interval_s", "poll_interval_s", "reclaim_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")
 

@@ -243,6 +243,9 @@ def test_a_renewed_lease_outlives_its_ttl(admission_stub):
 @pytest.mark.parametrize("admission", [SHORT_TTL], indirect=True)
 def test_watch_streams_every_change_in_order(admission_stub):
     admission = admission_stub
+    # The default device: cpu:0 of 8 GiB, cap 0.9. With agent/big's 6 GiB held,
+    # a 4 GiB waiter misses this much, which is asked of agent/big.
+    RECLAIM_ASKED = 4 * GiB - (int(8 * GiB * 0.9) - 6 * GiB)
     watch = WatchStream(admission)
     try:
         last_seq = watch.sync(admission)
@@ -270,6 +273,8 @@ def test_watch_streams_every_change_in_order(admission_stub):
         expected = [
             ("granted", "agent/big", 6 * GiB),
             ("queued", "agent/gives-up", 4 * GiB),
+            # memory pressure: the holder of the device is asked for the shortfall
+            ("reclaim_requested", "agent/big", RECLAIM_ASKED),
             ("left", "agent/gives-up", 4 * GiB),
             ("queued", "agent/waits", 4 * GiB),
             ("resized", "agent/big", 3 * GiB),
@@ -286,6 +291,8 @@ def test_watch_streams_every_change_in_order(admission_stub):
     def summary(event: pb.Event) -> tuple[str, str, int]:
         kind = event.WhichOneof("kind")
         body = getattr(event, kind)
+        if kind.startswith("reclaim_"):
+            return kind, body.reclaim.lease.holder.name, body.reclaim.bytes
         item = body.waiter if kind in ("queued", "left") else body.lease
         return kind, item.holder.name, item.bytes
 
@@ -294,12 +301,13 @@ def test_watch_streams_every_change_in_order(admission_stub):
     assert seqs == list(range(last_seq + 1, last_seq + 1 + len(expected))), \
         f"seq must grow by one per event after {last_seq}: {seqs}"
     assert all(event.device == "cpu:0" for event in events), [e.device for e in events]
-    assert events[2].left.reason == pb.WaiterLeft.REASON_TIMED_OUT
-    assert events[4].resized.old_bytes == 6 * GiB
-    assert events[4].resized.lease.lease_id == big.lease_id
-    assert events[5].granted.waited_s > 0
-    assert events[5].granted.lease.lease_id == waiter_lease.lease_id
-    assert events[8].expired.lease.lease_id == short.lease_id
+    assert events[2].reclaim_requested.reclaim.for_holder == "agent/gives-up"
+    assert events[3].left.reason == pb.WaiterLeft.REASON_TIMED_OUT
+    assert events[5].resized.old_bytes == 6 * GiB
+    assert events[5].resized.lease.lease_id == big.lease_id
+    assert events[6].granted.waited_s > 0
+    assert events[6].granted.lease.lease_id == waiter_lease.lease_id
+    assert events[9].expired.lease.lease_id == short.lease_id
     times = [event.time_unix for event in events]
     assert times == sorted(times) and abs(times[-1] - time.time()) < 60, times
 

@@ -110,10 +110,15 @@ def test_timed_out_waiter_is_reported_as_left_timed_out():
         with pytest.raises(CapacityExhausted):
             await broker.acquire(holder("second"), 10, KV, wait_s=0.02)
         seen = [(await first_event).event]
-        while len(seen) < 3:
+        while len(seen) < 4:
             seen.append((await asyncio.wait_for(anext(stream), 1)).event)
-        assert [e.kind for e in seen] == [EventKind.GRANTED, EventKind.QUEUED, EventKind.LEFT]
-        assert seen[2].reason == "timed_out"
+        assert [e.kind for e in seen] == [EventKind.GRANTED, EventKind.QUEUED,
+                                          EventKind.RECLAIM_REQUESTED, EventKind.LEFT]
+        ask = seen[2].detail
+        assert (ask.lease.lease_id, ask.bytes, ask.for_holder) == (first.lease_id, 10,
+                                                                   "agent/second"), (
+            "the queued waiter should ask the holder of the full device for its 10 bytes")
+        assert seen[3].reason == "timed_out"
         with pytest.raises(CapacityExhausted):
             await broker.acquire(holder("third"), 10, KV, wait_s=0)
         broker.release(first.lease_id, first.epoch)

@@ -1,0 +1,189 @@
+"""Memory pressure: which holders admission asks to give bytes back, and the
+book of those asks. Pure and synchronous, like the ledger it reads.
+
+When the first waiter for a device cannot be served, the shortfall (its bytes
+less the device's free bytes, less what is already asked for and not yet
+answered) is asked of other holders' leases on that device, in this order
+(the policy):
+
+  1. KV leases before any other: a holder gives back KV of idle sessions
+     (parks them), least recently used first; a KV lease whose size changed
+     least recently (its sessions idle longest) is asked first.
+  2. Then weights (and other) leases: a holder puts an idle model to sleep
+     (weights to host memory) and releases the lease; a model pinned by its
+     holder, or one with a session generating, says no.
+  Only leases of a priority at or below the waiter's are asked (a holder's
+  priority is its leases'), lower priorities first; never the waiter's own
+  holder. A second stage (weights) starts only once every KV lease asked
+  has answered or is overdue, so that models sleep only when parking was
+  not enough.
+
+Each ask has a deadline (`deadline_s`); past it, unanswered, it is reported
+overdue once (status and an event). A holder that also stops renewing loses
+its lease to expiry, as before.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import structlog
+
+from services.admission.ledger import Lease, Ledger, Purpose, Waiter
+from services.common.errors import InvalidArgument, NotFound
+
+log = structlog.get_logger(__name__)
+
+#: Answered asks stay in status this long.
+ANSWERED_KEPT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What a worker reports it did: parked or restored a session, slept or
+    woke its model (kind: session_parked | session_restored | model_asleep |
+    model_awake)."""
+    kind: str
+    worker_id: str
+    model: str
+    session_id: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    reclaim_id: str
+    lease: Lease               # as it was when asked
+    bytes: int                 # wanted back
+    asked_at: float
+    deadline: float
+    for_holder: str
+    for_priority: int
+    state: str = "asked"       # asked | answered | overdue
+    freed_bytes: int = 0
+    detail: str = ""
+    answered_at: float = 0.0
+
+    @property
+    def device(self) -> str:
+        return self.lease.device
+
+
+class Reclaimer:
+    def __init__(self, ledger: Ledger, deadline_s: float = 5.0,
+                 clock: Callable[[], float] | None = None):
+        self.ledger = ledger
+        self.deadline_s = deadline_s
+        self.clock = clock or ledger.clock
+        self._asks: dict[str, Reclaim] = {}
+        self._ids = itertools.count(1)
+
+    # ---- queries ----
+    def reclaims(self) -> list[Reclaim]:
+        now = self.clock()
+        return [r for r in self._asks.values()
+                if r.state != "answered" or now - r.answered_at < ANSWERED_KEPT_S]
+
+    def open_asks(self, device: str) -> list[Reclaim]:
+        return [r for r in self._asks.values() if r.device == device and r.state == "asked"]
+
+    # ---- the policy ----
+    def plan(self) -> list[Reclaim]:
+        """New asks for the first blocked waiter of each device."""
+        self._forget_old()
+        new: list[Reclaim] = []
+        served: set[str] = set()
+        for waiter in self.ledger.waiters():
+            devices = [waiter.device] if waiter.device else self.ledger.device_ids()
+            device = max(devices, key=self.ledger.free_bytes)
+            if device in served:
+                continue
+            served.update(devices)    # only the head waiter of a device asks
+            new += self._ask_for(waiter, device)
+        return new
+
+    def _ask_for(self, waiter: Waiter, device: str) -> list[Reclaim]:
+        pending = sum(r.bytes for r in self.open_asks(device))
+        missing = waiter.bytes - self.ledger.free_bytes(device) - pending
+        if missing <= 0:
+            return []
+        asked = {r.lease.lease_id for r in self._asks.values() if r.state != "answered"}
+        now = self.clock()
+        # A holder that just answered (maybe with nothing to give) is not asked
+        # again for the same waiter until a deadline has passed.
+        answered = {r.lease.lease_id for r in self._asks.values()
+                    if r.state == "answered" and r.for_holder == waiter.holder.name
+                    and now - r.answered_at < self.deadline_s}
+        candidates = [lease for lease in self.ledger.leases()
+                      if lease.device == device and lease.holder.name != waiter.holder.name
+                      and lease.priority <= waiter.priority
+                      and lease.lease_id not in asked and lease.lease_id not in answered]
+        kv = [lease for lease in candidates if lease.purpose is Purpose.KV]
+        if not kv:
+            # Stage 2 only once no KV ask for this device is still open.
+            if any(r.lease.purpose is Purpose.KV for r in self.open_asks(device)):
+                return []
+            stage = [lease for lease in candidates if lease.purpose is not Purpose.KV]
+        else:
+            stage = kv
+        stage.sort(key=lambda lease: (lease.priority, lease.resized_at, lease.granted_at))
+        asks = []
+        for lease in stage:
+            if missing <= 0:
+                break
+            # Weights go all at once (a model sleeps whole); KV as much as needed.
+            wanted = lease.bytes if lease.purpose is not Purpose.KV else min(lease.bytes, missing)
+            ask = Reclaim(f"reclaim-{next(self._ids)}", lease, wanted, now,
+                          now + self.deadline_s, waiter.holder.name, waiter.priority)
+            self._asks[ask.reclaim_id] = ask
+            asks.append(ask)
+            missing -= wanted
+            log.info("reclaim_requested", reclaim_id=ask.reclaim_id, lease_id=lease.lease_id,
+                     holder=lease.holder.name, purpose=lease.purpose.value, bytes=wanted,
+                     for_holder=waiter.holder.name, device=device)
+        return asks
+
+    # ---- answers and deadlines ----
+    def answer(self, reclaim_id: str, freed_bytes: int, detail: str) -> Reclaim:
+        ask = self._asks.get(reclaim_id)
+        if ask is None:
+            raise NotFound("reclaim", reclaim_id, "it was answered long ago, or never asked")
+        if freed_bytes < 0:
+            raise InvalidArgument("freed_bytes", f"must not be negative, got {freed_bytes}")
+        answered = replace(ask, state="answered", freed_bytes=freed_bytes, detail=detail[:500],
+                           answered_at=self.clock())
+        self._asks[reclaim_id] = answered
+        log.info("reclaim_answered", reclaim_id=reclaim_id, holder=ask.lease.holder.name,
+                 asked_bytes=ask.bytes, freed_bytes=freed_bytes, detail=detail[:500],
+                 late=ask.state == "overdue")
+        return answered
+
+    def overdue(self) -> list[Reclaim]:
+        """Asks past their deadline, unanswered: each reported once. An ask
+        whose lease is gone (released, expired) counts as answered."""
+        now = self.clock()
+        late = []
+        for reclaim_id, ask in list(self._asks.items()):
+            if ask.state == "answered":
+                continue
+            if not self.ledger.holds(ask.lease.lease_id):
+                self._asks[reclaim_id] = replace(ask, state="answered", freed_bytes=ask.lease.bytes,
+                                                 detail="the lease is gone", answered_at=now)
+                continue
+            if ask.state == "asked" and now > ask.deadline:
+                self._asks[reclaim_id] = replace(ask, state="overdue")
+                late.append(self._asks[reclaim_id])
+                log.warning("reclaim_overdue", reclaim_id=reclaim_id,
+                            holder=ask.lease.holder.name, lease_id=ask.lease.lease_id,
+                            bytes=ask.bytes, overdue_s=round(now - ask.deadline, 3))
+        return late
+
+    def _forget_old(self) -> None:
+        now = self.clock()
+        for reclaim_id, ask in list(self._asks.items()):
+            if ask.state == "answered" and now - ask.answered_at >= ANSWERED_KEPT_S:
+                del self._asks[reclaim_id]
