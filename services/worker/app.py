@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -29,10 +30,12 @@ from services.worker.memory import AdmissionMemory, FixedMemory, Memory
 from services.worker.kv_link import KVStoreLink
 from services.worker.models import LoadedModel, default_cache_dir, estimate_weight_bytes, load_model
 from services.worker.parking import Parking
+from services.worker.pressure import PressureRelief
 from services.worker.sampling import SamplingParams
 from services.worker.servicer import WorkerServicer
 from services.worker.sessions import SessionTable
 from services.worker.settings import WorkerSettings
+from services.worker.sleep import WeightStash
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +43,20 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 STATE_TO_PB = {"waiting": admission_pb2.WORKER_STATE_WAITING,
                "loading": admission_pb2.WORKER_STATE_LOADING,
                "ready": admission_pb2.WORKER_STATE_READY,
+               "asleep": admission_pb2.WORKER_STATE_ASLEEP,
                "stopping": admission_pb2.WORKER_STATE_STOPPING}
+ACTIVITY_TO_PB = {"session_parked": admission_pb2.WorkerActivity.KIND_SESSION_PARKED,
+                  "session_restored": admission_pb2.WorkerActivity.KIND_SESSION_RESTORED,
+                  "model_asleep": admission_pb2.WorkerActivity.KIND_MODEL_ASLEEP,
+                  "model_awake": admission_pb2.WorkerActivity.KIND_MODEL_AWAKE}
+
+
+def session_state(session) -> str:
+    if session.moving:
+        return "moving"
+    if session.parked_entry:
+        return "parked"
+    return "generating" if session.busy else "active"
 
 
 def workspace_estimate(loaded_config, tokens: int, rows: int, itemsize: int) -> int:
@@ -72,7 +88,11 @@ class WorkerApp:
         self.admission: AdmissionClient | None = None
         self.memory: Memory | None = None
         self.kvstore: KVStoreLink | None = None
+        self.pressure: PressureRelief | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._reclaim_task: asyncio.Task | None = None
+        self._reclaim_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
         self._registering: set[asyncio.Future] = set()  # state changes on their way
         self.worker_id = ""
 
@@ -100,7 +120,8 @@ class WorkerApp:
             self.admission_device = (settings.admission_device
                                      or devices.admission_device_id(self.device, status.devices))
             self.memory = AdmissionMemory(self.admission, f"worker/{settings.model}",
-                                          self.admission_device, ttl_s=settings.lease_ttl_s)
+                                          self.admission_device, ttl_s=settings.lease_ttl_s,
+                                          priority=settings.priority)
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         log.info("worker_starting", model=settings.model, device=str(self.device),
                  dtype=str(self.dtype).removeprefix("torch."), admission=settings.admission,
@@ -133,16 +154,28 @@ class WorkerApp:
         self.engine.start()
         if settings.kvstore != "none":
             self.kvstore = KVStoreLink(settings.kvstore, owner=self.worker_id)
-        self.core = WorkerCore(self.loaded, self.engine, self.sessions,
-                               Parking(self.loaded, self.engine, self.sessions, self.kvstore))
+        parking = Parking(self.loaded, self.engine, self.sessions, self.kvstore)
+        parking.on_activity = self._report_activity
+        self.pressure = PressureRelief(
+            self.engine, self.sessions, parking, self.memory,
+            WeightStash(self.loaded.model, self.device), base_bytes=base,
+            pinned=settings.pin_model, on_activity=self._report_activity,
+            on_state=lambda _state: self._register_soon())
+        self.engine.on_kv_short = self.pressure.kv_short
+        self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)
         if self.device.type == "cuda":
             await self._measure_workspace()
         self._set_state("ready")
+        if self.admission is not None:
+            self._reclaim_task = asyncio.create_task(self._reclaim_loop(), name="reclaims")
 
     def drain(self) -> None:
         self._set_state("stopping")
 
     async def close(self) -> None:
+        if self._reclaim_task is not None:
+            self._reclaim_task.cancel()
+            await asyncio.gather(self._reclaim_task, return_exceptions=True)
         if self.engine is not None:
             await self.engine.close()
         if self.core is not None:
@@ -152,7 +185,7 @@ class WorkerApp:
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         # A state change still on its way must land before the unregister,
         # or it would register the worker again after it.
-        await asyncio.gather(*self._registering, return_exceptions=True)
+        await asyncio.gather(*self._registering, *self._background, return_exceptions=True)
         if self.kvstore is not None:
             await self.kvstore.close()
         if self.memory is not None:
@@ -165,6 +198,77 @@ class WorkerApp:
             await self.admission.close()
 
     # ---- internals -------------------------------------------------------
+    # ---- memory pressure ---------------------------------------------------
+    async def _reclaim_loop(self) -> None:
+        """Admission's reclaim requests for this worker's leases, from Watch."""
+        assert self.admission is not None
+        while True:
+            try:
+                async for event in self.admission.watch():
+                    if event.WhichOneof("kind") != "reclaim_requested":
+                        continue
+                    reclaim = event.reclaim_requested.reclaim
+                    purpose = self.memory.purpose_of(reclaim.lease.lease_id)
+                    if purpose is not None:
+                        self._spawn(self._answer_reclaim(reclaim, purpose))
+            except grpc.aio.AioRpcError as exc:
+                log.warning("reclaim_watch_lost", code=exc.code().name)
+            await asyncio.sleep(1.0)
+
+    async def _answer_reclaim(self, reclaim, purpose: str) -> None:
+        assert self.pressure is not None and self.admission is not None
+        async with self._reclaim_lock:   # one at a time
+            reason = f"reclaim {reclaim.reclaim_id}"
+            log.info("reclaim_received", reclaim_id=reclaim.reclaim_id, purpose=purpose,
+                     bytes=reclaim.bytes, for_holder=reclaim.for_holder)
+            if purpose == "kv":
+                relief = await self.pressure.park_idle(reclaim.bytes, reason)
+            else:
+                relief = await self.pressure.sleep(reason)
+            try:
+                await self.admission.stub.AnswerReclaim(admission_pb2.AnswerReclaimRequest(
+                    reclaim_id=reclaim.reclaim_id, freed_bytes=relief.freed_bytes,
+                    detail=relief.detail), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("reclaim_answer_failed", reclaim_id=reclaim.reclaim_id,
+                            code=exc.code().name)
+            log.info("reclaim_answered", reclaim_id=reclaim.reclaim_id,
+                     freed_bytes=relief.freed_bytes, detail=relief.detail)
+
+    def _report_activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
+                         reason: str) -> None:
+        self._register_soon()
+        if self.admission is None:
+            return
+        activity = admission_pb2.WorkerActivity(
+            kind=ACTIVITY_TO_PB[kind], worker_id=self.worker_id, model=self.settings.model,
+            session_id=session_id, bytes=num_bytes, seconds=seconds, reason=reason)
+
+        async def send() -> None:
+            try:
+                await self.admission.stub.ReportActivity(
+                    admission_pb2.ReportActivityRequest(activity=activity), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("activity_report_failed", kind=kind, code=exc.code().name)
+
+        self._spawn(send())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _register_soon(self) -> None:
+        if self._heartbeat is not None:
+            task = asyncio.ensure_future(self._register())
+            self._registering.add(task)
+            task.add_done_callback(self._registering.discard)
+
+    def _reported_state(self) -> str:
+        if self.state == "ready" and self.pressure is not None and self.pressure.state != "ready":
+            return "asleep" if self.pressure.state in ("asleep", "sleeping") else "ready"
+        return self.state
+
     def _core(self) -> WorkerCore:
         if self.core is None or self.state != "ready":
             raise FailedPrecondition(f"the worker is {self.state}, not ready yet",
@@ -188,18 +292,16 @@ class WorkerApp:
     def _set_state(self, state: str) -> None:
         self.state = state
         log.info("worker_state", state=state, worker_id=self.worker_id)
-        if self._heartbeat is not None:
-            task = asyncio.ensure_future(self._register())
-            self._registering.add(task)
-            task.add_done_callback(self._registering.discard)
+        self._register_soon()
 
     async def _register(self) -> None:
         if self.admission is None:
             return
         info = admission_pb2.WorkerInfo(
             worker_id=self.worker_id, model=self.settings.model, address=self.address,
-            state=STATE_TO_PB[self.state], pid=os.getpid(), device=self.admission_device,
-            num_sessions=len(self.sessions))
+            state=STATE_TO_PB[self._reported_state()], pid=os.getpid(),
+            device=self.admission_device, num_sessions=len(self.sessions),
+            num_parked=sum(1 for s in self.sessions.all() if s.parked_entry))
         try:
             await self.admission.register_worker(info, ttl_s=self.settings.lease_ttl_s)
         except grpc.aio.AioRpcError as exc:
@@ -242,11 +344,16 @@ class WorkerApp:
 
     def status_pb(self) -> worker_pb2.GetStatusResponse:
         granted = self.memory.granted() if self.memory is not None else {}
+        now = time.monotonic()
         reply = worker_pb2.GetStatusResponse(
             model=self.settings.model, device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."), state=self.state,
+            dtype=str(self.dtype).removeprefix("torch."), state=self._reported_state(),
             num_sessions=len(self.sessions), overhead_bytes=self.overhead_bytes,
-            leased_bytes=sum(granted.values()))
+            leased_bytes=sum(granted.values()),
+            sessions=[worker_pb2.SessionInfo(session_id=s.session_id, state=session_state(s),
+                                             num_tokens=len(s.tokens), idle_s=now - s.last_used)
+                      for s in self.sessions.all()],
+            num_parked=sum(1 for s in self.sessions.all() if s.parked_entry))
         if self.loaded is not None and self.engine is not None:
             stats = self.engine.stats()
             if self.device.type == "cuda":

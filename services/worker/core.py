@@ -3,6 +3,8 @@ checked and errors as domain errors. No grpc here."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -10,10 +12,13 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.worker.engine import Delta, Engine, Failed, Finished
 from services.worker.models import LoadedModel
 from services.worker.parking import Parked, Parking, Restored
+from services.worker.pressure import PressureRelief
 from services.worker.sampling import SamplingParams
 from services.worker.sessions import Session, SessionTable
 
 MAX_PROMPT_CHARS = 1_000_000
+#: How long a Generate waits for its session to finish moving (park/restore).
+MOVING_WAIT_S = 60.0
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -27,11 +32,17 @@ class OpenedSession:
 
 class WorkerCore:
     def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
-                 parking: Parking | None = None):
+                 parking: Parking | None = None, pressure: PressureRelief | None = None):
         self.loaded = loaded
         self.engine = engine
         self.sessions = sessions
         self.parking = parking or Parking(loaded, engine, sessions, None)
+        #: Sleep and wake under memory pressure (None: the model never sleeps).
+        self.pressure = pressure
+
+    async def _awake(self) -> None:
+        if self.pressure is not None:
+            await self.pressure.ensure_awake()
 
     def open_session(self, model: str = "", chat_template: str | None = None,
                      system_prompt: str = "") -> OpenedSession:
@@ -63,6 +74,7 @@ class WorkerCore:
             raise InvalidArgument("entry_id", "is required")
         if not token:
             raise InvalidArgument("token", "is required (the parked session's token)")
+        await self._awake()
         return await self.parking.restore(entry_id, token)
 
     async def generate(self, session_id: str, token: str, params: SamplingParams, *,
@@ -84,9 +96,14 @@ class WorkerCore:
                 raise InvalidArgument("message.content", "must not be empty")
             if len(message["content"]) > MAX_PROMPT_CHARS:
                 raise InvalidArgument("message.content", f"at most {MAX_PROMPT_CHARS} characters")
-        if session.moving:
-            raise FailedPrecondition(f"session {session_id} is being parked or restored",
-                                     reason="SESSION_BUSY")
+        # Being parked (memory pressure, or a ParkSession): wait, then restore.
+        deadline = time.monotonic() + MOVING_WAIT_S
+        while session.moving:
+            if time.monotonic() > deadline:
+                raise FailedPrecondition(f"session {session_id} is being parked or restored",
+                                         reason="SESSION_BUSY")
+            await asyncio.sleep(0.005)
+        await self._awake()
         if session.parked_entry:
             await self.parking.unpark(session)
         request = self.engine.submit(session, params, prompt=prompt, message=message)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -96,6 +97,11 @@ class Request:
     blocked_since: float | None = None  # waiting for KV blocks since
 
 
+#: A request blocked on KV this long means growing the lease is slow (it
+#: waits in admission's queue): the worker then parks its own idle sessions.
+KV_SHORT_AFTER_S = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     num_waiting: int
@@ -136,6 +142,10 @@ class Engine:
         self._growth_error: CapacityExhausted | None = None
         self._steps = 0
         self._tokens_generated = 0
+        #: Called (bytes short) when a request waits for KV memory: the worker
+        #: parks its own idle sessions then (services/worker/pressure.py).
+        #: True while that relief is under way (the request keeps waiting).
+        self.on_kv_short: Callable[[int], bool] | None = None
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -337,6 +347,9 @@ class Engine:
                     # compute, not for memory.
                     request.blocked_since = None
                     continue
+                if (now - request.blocked_since <= self.kv_wait_s and self.on_kv_short is not None
+                        and self.on_kv_short(self._short_bytes(session_id, pending))):
+                    continue  # the worker is parking its own idle sessions for it
                 error = self._growth_error or CapacityExhausted(
                     f"no KV memory for this request within {self.kv_wait_s:g}s",
                     Shortfall("kv", self.pool.block_size, 0), 1.0)
@@ -384,10 +397,19 @@ class Engine:
             if request.blocked_since is None:
                 request.blocked_since = time.monotonic()
             self._grow(self.pool.blocks_needed(session_id, num_tokens))
+            # Short only when growing takes long (queued in admission) or failed.
+            short = (self._growth_error is not None
+                     or time.monotonic() - request.blocked_since > KV_SHORT_AFTER_S)
+            if short and self.on_kv_short is not None:
+                self.on_kv_short(self._short_bytes(session_id, num_tokens))
             return False
         request.blocked_since = None
         self._slots.setdefault(session_id, []).extend(self.pool.append(session_id, num_tokens))
         return True
+
+    def _short_bytes(self, session_id: str, num_tokens: int) -> int:
+        missing = self.pool.blocks_needed(session_id, num_tokens) - self.pool.num_free_blocks
+        return max(0, missing) * self.pool.block_size * self.loaded.kv_shape.bytes_per_token
 
     def _item(self, request: Request, feed: list[int]) -> StepItem:
         slots = self._slots[request.session.session_id]
@@ -498,6 +520,9 @@ class Engine:
     def _maybe_shrink(self) -> None:
         if self._resize_task is not None and not self._resize_task.done():
             return
+        if self._allocating or any(r.blocked_since is not None
+                                   for r in [*self._waiting, *self._running]):
+            return  # a request or a restore waits for blocks: what is free is for it
         idle = not self._busy and not self._allocating and not self.pool.usage().num_used_blocks
         spare = 0 if idle else self.spare_chunks
         removable = self.pool.num_removable_chunks() - spare

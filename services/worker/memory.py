@@ -38,6 +38,10 @@ class Memory(Protocol):
 
     async def resize_base(self, num_bytes: int) -> None: ...
 
+    async def release_base(self) -> None:
+        """Give the weights' memory back (the model went to sleep)."""
+        ...
+
     async def set_kv_bytes(self, num_bytes: int, wait_s: float) -> None:
         """Make the KV lease exactly num_bytes; raises CapacityExhausted."""
         ...
@@ -70,6 +74,10 @@ class FixedMemory:
     async def resize_base(self, num_bytes: int) -> None:
         await self.acquire_base(num_bytes)
 
+    async def release_base(self) -> None:
+        self._held["weights"] = 0
+        self._changed()
+
     async def set_kv_bytes(self, num_bytes: int, wait_s: float) -> None:
         free = self.capacity_bytes - self._held["weights"]
         if num_bytes > free:
@@ -96,11 +104,13 @@ def _capacity_error(exc: grpc.aio.AioRpcError, what: str) -> CapacityExhausted:
 
 class AdmissionMemory:
     def __init__(self, client: AdmissionClient, holder: str, device: str, *,
-                 ttl_s: float = 10.0, on_lost: Callable[[str], None] | None = None):
+                 ttl_s: float = 10.0, on_lost: Callable[[str], None] | None = None,
+                 priority: int = 0):
         self.client = client
         self.holder = holder
         self.device = device
         self.ttl_s = ttl_s
+        self.priority = priority
         self.on_lost = on_lost
         self._leases: dict[str, pb.Lease] = {}
         self._keepers: dict[str, asyncio.Task] = {}
@@ -113,6 +123,11 @@ class AdmissionMemory:
 
     def lease_ids(self) -> list[str]:
         return [lease.lease_id for lease in self._leases.values()]
+
+    def purpose_of(self, lease_id: str) -> str | None:
+        """"weights" or "kv" for a lease of this worker, else None."""
+        return next((purpose for purpose, lease in self._leases.items()
+                     if lease.lease_id == lease_id), None)
 
     def granted(self) -> dict[str, int]:
         return {purpose: lease.bytes for purpose, lease in self._leases.items()}
@@ -139,7 +154,8 @@ class AdmissionMemory:
             try:
                 lease = await self.client.acquire(self.holder, num_bytes, "weights",
                                                   device=self.device, wait_s=60.0,
-                                                  ttl_s=self.ttl_s, pid=self.pid)
+                                                  ttl_s=self.ttl_s, pid=self.pid,
+                                                  priority=self.priority)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
@@ -160,6 +176,17 @@ class AdmissionMemory:
                 raise _capacity_error(exc, "growing the weights lease") from None
             raise
 
+    async def release_base(self) -> None:
+        lease = self._leases.pop("weights", None)
+        if lease is None:
+            return
+        self._keepers.pop("weights").cancel()
+        self._changed()
+        try:
+            await self.client.release(lease)
+        except grpc.aio.AioRpcError as exc:   # gone already (expired): nothing held either way
+            log.warning("worker_release_failed", lease_id=lease.lease_id, code=exc.code().name)
+
     async def set_kv_bytes(self, num_bytes: int, wait_s: float) -> None:
         lease = self._leases.get("kv")
         try:
@@ -173,7 +200,8 @@ class AdmissionMemory:
             if lease is None:
                 lease = await self.client.acquire(self.holder, num_bytes, "kv",
                                                   device=self.device, wait_s=wait_s,
-                                                  ttl_s=self.ttl_s, pid=self.pid)
+                                                  ttl_s=self.ttl_s, pid=self.pid,
+                                                  priority=self.priority)
             else:
                 lease = await self.client.resize(lease, num_bytes, wait_s=wait_s)
         except grpc.aio.AioRpcError as exc:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -71,6 +73,8 @@ class Parking:
         self.model_version = model_version(loaded)
         self.transfer = KVTransfer(engine.storage)
         self._deletes: set[asyncio.Task] = set()
+        #: (kind, session_id, bytes, seconds, reason) after each park and restore.
+        self.on_activity: Callable[[str, str, int, float, str], None] | None = None
 
     def close(self) -> None:
         """Unmap (and unpin) the kvstore's segments."""
@@ -89,7 +93,7 @@ class Parking:
                                      "restart it with --kvstore HOST:PORT", "PARKING_DISABLED")
         return self.link
 
-    async def park(self, session: Session) -> Parked:
+    async def park(self, session: Session, reason: str = "request") -> Parked:
         link = self._link()
         if session.parked_entry:
             raise FailedPrecondition(f"session {session.session_id} is already parked "
@@ -101,6 +105,7 @@ class Parking:
         if not slots:
             raise FailedPrecondition(f"session {session.session_id} holds no KV yet",
                                      "NOTHING_TO_PARK")
+        started = time.perf_counter()
         session.moving = True
         try:
             metadata = json.dumps({"messages": session.messages,
@@ -123,13 +128,16 @@ class Parking:
         finally:
             session.moving = False
         log.info("session_parked", session_id=session.session_id, entry_id=entry_id,
-                 tokens=len(slots), bytes=layout.num_bytes, freed_blocks=freed)
+                 tokens=len(slots), bytes=layout.num_bytes, freed_blocks=freed, reason=reason)
+        self._activity("session_parked", session.session_id, layout.num_bytes,
+                       time.perf_counter() - started, reason)
         return Parked(entry_id, len(slots), freed)
 
     async def restore(self, entry_id: str, token: str) -> Restored:
         """The entry into a new session (keeping the token); the entry is then
         deleted, and a session of this worker parked in it goes away."""
         link = self._link()
+        started = time.perf_counter()
         fetched = await link.open(entry_id, token)
         self._check_layout(fetched.layout, len(fetched.token_ids))
         try:
@@ -154,6 +162,8 @@ class Parking:
         log.info("session_restored", session_id=session.session_id, entry_id=entry_id,
                  tokens=fetched.layout.num_tokens,
                  moved_from=old.session_id if old is not None else "another worker")
+        self._activity("session_restored", session.session_id, fetched.layout.num_bytes,
+                       time.perf_counter() - started, "restore")
         return Restored(session, fetched.layout.num_tokens)
 
     async def unpark(self, session: Session) -> None:
@@ -162,6 +172,7 @@ class Parking:
         link = self._link()
         entry_id = session.parked_entry
         assert entry_id is not None
+        started = time.perf_counter()
         session.moving = True
         try:
             try:
@@ -188,6 +199,13 @@ class Parking:
         await link.delete(entry_id, session.token)
         log.info("session_unparked", session_id=session.session_id, entry_id=entry_id,
                  tokens=fetched.layout.num_tokens)
+        self._activity("session_restored", session.session_id, fetched.layout.num_bytes,
+                       time.perf_counter() - started, "request")
+
+    def _activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
+                  reason: str) -> None:
+        if self.on_activity is not None:
+            self.on_activity(kind, session_id, num_bytes, seconds, reason)
 
     def forget(self, session: Session) -> None:
         """A closed parked session: delete its entry in the background."""

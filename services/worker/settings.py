@@ -45,6 +45,12 @@ class WorkerSettings:
     max_context: int = field(default=0, metadata={
         "help": "cap on a session's context (0: the model's window)"})
     lease_ttl_s: float = field(default=10.0, metadata={"help": "TTL of the worker's leases"})
+    priority: int = field(default=0, metadata={
+        "help": "priority of this worker's leases in admission (-1000..1000): a holder is asked "
+                "to give memory back only for waiters of its priority or higher"})
+    pin_model: bool = field(default=False, metadata={
+        "help": "never put the model to sleep under memory pressure (its sessions' idle KV "
+                "may still be parked)"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
@@ -77,6 +83,8 @@ class WorkerSettings:
                 raise ConfigError(name, "must be positive")
         if self.max_context < 0:
             raise ConfigError("max_context", "must not be negative")
+        if not -1000 <= self.priority <= 1000:
+            raise ConfigError("priority", "must be within -1000..1000")
         for name in ("kv_wait_s", "lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")

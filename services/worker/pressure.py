@@ -1,0 +1,190 @@
+"""What a worker does when admission asks it for memory back, and how it
+wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
+
+- KV: park idle sessions (not generating, not moving, holding KV) to the
+  kvstore, least recently used first, until the KV lease has shrunk by the
+  bytes asked or no idle session is left.
+- Weights: put the model to sleep: refused while a session is generating or
+  when the model is pinned (--pin-model); otherwise every session with KV is
+  parked, the weights go to host memory (services/worker/sleep.py) and the
+  weights lease is released. The worker is then "asleep".
+- Wake: the next request (Generate, RestoreSession) waits in admission's
+  queue for the weights lease again, copies the weights back and goes on;
+  its sessions come back from the kvstore as they are used. The client's
+  stream simply starts later.
+
+Transitions run one at a time (a lock); a request that arrives while the
+model is going to sleep waits for it, then wakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from services.common.errors import LmxError
+from services.worker.engine import Engine
+from services.worker.memory import Memory
+from services.worker.parking import Parking
+from services.worker.sessions import SessionTable
+from services.worker.sleep import WeightStash
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Relief:
+    freed_bytes: int
+    detail: str
+
+
+class PressureRelief:
+    def __init__(self, engine: Engine, sessions: SessionTable, parking: Parking,
+                 memory: Memory, stash: WeightStash, *, base_bytes: int, pinned: bool = False,
+                 on_activity: Callable[..., None] | None = None,
+                 on_state: Callable[[str], None] | None = None):
+        self.engine = engine
+        self.sessions = sessions
+        self.parking = parking
+        self.memory = memory
+        self.stash = stash
+        self.base_bytes = base_bytes
+        self.pinned = pinned
+        self.on_activity = on_activity
+        self.on_state = on_state
+        self.state = "ready"          # ready | sleeping | asleep | waking
+        self._lock = asyncio.Lock()
+        self._self_relief: asyncio.Task | None = None
+
+    # ---- the worker's own shortage ----
+    def kv_short(self, num_bytes: int) -> bool:
+        """A request of this worker waits for KV memory: park this worker's
+        own idle sessions (least recently used first) so that it can use
+        their blocks, while admission asks the other holders. True while
+        that is under way."""
+        if self._self_relief is not None and not self._self_relief.done():
+            return True
+        if self.parking.link is None or not self.idle_sessions():
+            return False
+        self._self_relief = asyncio.create_task(self._relieve_self(num_bytes),
+                                                name="kv-self-relief")
+        return True
+
+    async def _relieve_self(self, num_bytes: int) -> None:
+        try:
+            free_before = self.engine.pool.num_free_blocks
+            for session in self.idle_sessions():
+                await self.parking.park(session, reason="kv short")
+                blocks = self.engine.pool.num_free_blocks - free_before
+                if blocks * self.engine.pool.block_size * self.engine.loaded.kv_shape.bytes_per_token >= num_bytes:
+                    break
+        except LmxError as exc:
+            log.info("kv_self_relief_stopped", error=exc.message)
+
+    # ---- KV ----
+    def idle_sessions(self) -> list:
+        """Sessions whose KV could be parked now, least recently used first."""
+        candidates = [s for s in self.sessions.all()
+                      if not s.busy and not s.moving and not s.parked_entry
+                      and self.engine.pool.length(s.session_id) > 0]
+        return sorted(candidates, key=lambda s: s.last_used)
+
+    async def park_idle(self, wanted_bytes: int, reason: str) -> Relief:
+        if self.parking.link is None:
+            return Relief(0, "parking is disabled on this worker (--kvstore none)")
+        before = self._held("kv")
+        parked = 0
+        for session in self.idle_sessions():
+            if before - self._held("kv") >= wanted_bytes:
+                break
+            try:
+                await self.parking.park(session, reason=reason)
+            except LmxError as exc:     # became busy, kvstore full...: try the next
+                log.info("reclaim_park_skipped", session_id=session.session_id, error=exc.message)
+                continue
+            parked += 1
+            await self.engine.wait_settled(timeout_s=5.0)
+        freed = max(0, before - self._held("kv"))
+        detail = (f"parked {parked} idle session(s)" if parked else "no idle session to park")
+        return Relief(freed, detail)
+
+    # ---- weights ----
+    async def sleep(self, reason: str) -> Relief:
+        if self.pinned:
+            return Relief(0, "the model is pinned (--pin-model): it never sleeps")
+        async with self._lock:
+            if self.state != "ready":
+                return Relief(0, f"the model is {self.state}")
+            why_not = self._why_not_sleep()
+            if why_not:
+                return Relief(0, why_not)
+            self._set_state("sleeping")
+            try:
+                before = sum(self.memory.granted().values())
+                self.base_bytes = self._held("weights") or self.base_bytes
+                for session in self.idle_sessions():
+                    await self.parking.park(session, reason=reason)
+                await self.engine.wait_settled(timeout_s=10.0)
+                if self.engine.pool.usage().num_used_blocks:
+                    raise LmxError("a session still holds KV")
+                moved = await asyncio.to_thread(self.stash.sleep)
+                await self.memory.release_base()
+            except BaseException as exc:
+                if self.stash.asleep:
+                    await asyncio.to_thread(self.stash.wake)
+                self._set_state("ready")
+                if isinstance(exc, LmxError):
+                    return Relief(0, f"could not sleep: {exc.message}")
+                raise
+            self._set_state("asleep")
+            freed = max(0, before - sum(self.memory.granted().values()))
+            self._activity("model_asleep", "", moved.num_bytes, moved.seconds, reason)
+            return Relief(freed, f"model asleep ({moved.num_bytes} bytes of weights to host "
+                                 "memory)")
+
+    async def ensure_awake(self) -> None:
+        """Before any work on the model: wake it if it sleeps (or is going to)."""
+        if self.state == "ready":
+            return
+        async with self._lock:
+            if self.state != "asleep":
+                return
+            self._set_state("waking")
+            started = time.perf_counter()
+            try:
+                await self.memory.acquire_base(self.base_bytes)
+                moved = await asyncio.to_thread(self.stash.wake)
+            except BaseException:
+                self._set_state("asleep")
+                raise
+            self._set_state("ready")
+            self._activity("model_awake", "", moved.num_bytes, time.perf_counter() - started,
+                           "request")
+
+    def _why_not_sleep(self) -> str:
+        if any(s.busy or s.moving for s in self.sessions.all()):
+            return "a session is generating or moving"
+        stats = self.engine.stats()
+        if stats.num_waiting or stats.num_running:
+            return "requests are queued"
+        if self.parking.link is None and self.engine.pool.usage().num_used_blocks:
+            return "its sessions' KV cannot leave: parking is disabled (--kvstore none)"
+        return ""
+
+    def _held(self, purpose: str) -> int:
+        return self.memory.granted().get(purpose, 0)
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        log.info("model_state", state=state)
+        if self.on_state is not None:
+            self.on_state(state)
+
+    def _activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
+                  reason: str) -> None:
+        if self.on_activity is not None:
+            self.on_activity(kind, session_id, num_bytes, seconds, reason)

@@ -1,0 +1,139 @@
+"""A model's weights out of device memory and back: sleep and wake.
+
+Sleep copies every parameter and buffer into one flat host buffer (pinned on
+a GPU host, allocated once per process and kept, so that the next sleep does
+not pin again) and frees the device copies; wake allocates one flat device
+buffer, copies the host buffer into it in one transfer (pinned, so at PCIe
+speed) and points every parameter and buffer at its slice. Tied weights
+(one tensor under two names) are moved once.
+
+On the CPU the device is host memory: sleeping keeps the tensors where they
+are (there is nothing to free), and only the lease goes back; waking is then
+free. Pure torch; called from a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+log = structlog.get_logger(__name__)
+
+ALIGN = 256   # bytes: every slice of the flat buffers starts on this boundary
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    module: torch.nn.Module
+    name: str
+    is_param: bool
+    offset: int
+    num_bytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    num_bytes: int
+    seconds: float
+
+
+class WeightStash:
+    def __init__(self, model: torch.nn.Module, device: torch.device, moves: bool | None = None):
+        self.model = model
+        self.device = device
+        #: Whether sleeping really moves the tensors (on a CPU device only when
+        #: asked, for tests of the mechanics).
+        self.moves = device.type != "cpu" if moves is None else moves
+        self.cuda = device.type == "cuda"
+        self.asleep = False
+        self._slots: list[_Slot] = []
+        self._host: torch.Tensor | None = None
+        self.num_bytes = 0
+
+    def _plan(self) -> None:
+        seen: dict[int, None] = {}
+        offset = 0
+        slots = []
+        for module in self.model.modules():
+            for name, tensor, is_param in (
+                    [(n, p, True) for n, p in module.named_parameters(recurse=False)]
+                    + [(n, b, False) for n, b in module.named_buffers(recurse=False)]):
+                if tensor is None or id(tensor) in seen:
+                    continue
+                seen[id(tensor)] = None
+                size = tensor.numel() * tensor.element_size()
+                slots.append(_Slot(module, name, is_param, offset, size, tensor.dtype,
+                                   tuple(tensor.shape)))
+                offset += -(-size // ALIGN) * ALIGN
+        self._slots = slots
+        self.num_bytes = offset
+
+    def sleep(self) -> Moved:
+        """Weights to host memory, device copies freed."""
+        if self.asleep:
+            return Moved(0, 0.0)
+        started = time.perf_counter()
+        if not self.moves:
+            self.asleep = True
+            return Moved(0, time.perf_counter() - started)
+        if not self._slots:
+            self._plan()
+        if self._host is None:
+            self._host = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+        with torch.no_grad():
+            for slot in self._slots:
+                tensor = self._get(slot)
+                flat = tensor.detach().reshape(-1).view(torch.uint8)
+                self._host[slot.offset:slot.offset + slot.num_bytes].copy_(flat, non_blocking=True)
+            self._sync()
+            for slot in self._slots:
+                self._set(slot, torch.empty(0, dtype=slot.dtype, device=self.device))
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.asleep = True
+        moved = Moved(self.num_bytes, time.perf_counter() - started)
+        log.info("model_asleep", bytes=moved.num_bytes, seconds=round(moved.seconds, 4))
+        return moved
+
+    def wake(self) -> Moved:
+        """Weights back on the device: one allocation, one copy."""
+        if not self.asleep:
+            return Moved(0, 0.0)
+        started = time.perf_counter()
+        if not self.moves:
+            self.asleep = False
+            return Moved(0, time.perf_counter() - started)
+        assert self._host is not None
+        flat = torch.empty(self.num_bytes, dtype=torch.uint8, device=self.device)
+        flat.copy_(self._host, non_blocking=True)
+        with torch.no_grad():
+            for slot in self._slots:
+                piece = flat[slot.offset:slot.offset + slot.num_bytes]
+                self._set(slot, piece.view(slot.dtype).view(slot.shape))
+        self._sync()
+        self.asleep = False
+        moved = Moved(self.num_bytes, time.perf_counter() - started)
+        log.info("model_awake", bytes=moved.num_bytes, seconds=round(moved.seconds, 4),
+                 gb_s=round(moved.num_bytes / max(moved.seconds, 1e-9) / 1e9, 1))
+        return moved
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @staticmethod
+    def _get(slot: _Slot) -> torch.Tensor:
+        return getattr(slot.module, slot.name)
+
+    @staticmethod
+    def _set(slot: _Slot, tensor: torch.Tensor) -> None:
+        current = getattr(slot.module, slot.name)
+        if slot.is_param:
+            current.data = tensor     # the same Parameter object: tied names follow
+        else:
+            slot.module._buffers[slot.name] = tensor

@@ -1,0 +1,176 @@
+"""Memory pressure on one worker (llama-tiny, a real engine, the kvstore's
+control plane in memory over a real shared-memory arena): idle sessions'
+KV parked least recently used first, the model put to sleep and woken by
+the next request, refusals (pinned, generating), the worker's own shortage
+relieved by parking its idle sessions; and the weight stash's mechanics
+(tensors really moved and freed, tied weights, outputs unchanged)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+import torch
+
+from services.kvstore.arena import Arena
+from services.worker.core import WorkerCore
+from services.worker.engine import Engine
+from services.worker.memory import FixedMemory
+from services.worker.parking import Parking
+from services.worker.pressure import PressureRelief
+from services.worker.sampling import SamplingParams
+from services.worker.sessions import SessionTable
+from services.worker.sleep import WeightStash
+
+from test_parking import FakeLink, ids_of  # noqa: E402 (same directory)
+
+BASE = 64 << 20
+
+
+@pytest.fixture
+def arena(tmp_path):
+    arena = Arena(tmp_path, f"p{secrets.token_hex(4)}", 1 << 20)
+    yield arena
+    arena.close()
+
+
+def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_bytes=1 << 14):
+    async def main():
+        memory = FixedMemory(1 << 30)
+        await memory.acquire_base(BASE)
+        engine = Engine(loaded, memory, chunk_bytes=chunk_bytes, spare_chunks=0)
+        engine.start()
+        sessions = SessionTable()
+        parking = Parking(loaded, engine, sessions, link)
+        activity = []
+        pressure = PressureRelief(engine, sessions, parking, memory,
+                                  WeightStash(loaded.model, loaded.device, moves=moves),
+                                  base_bytes=BASE, pinned=pinned,
+                                  on_activity=lambda *a: activity.append(a))
+        parking.on_activity = lambda *a: activity.append(a)
+        engine.on_kv_short = pressure.kv_short
+        core = WorkerCore(loaded, engine, sessions, parking, pressure)
+        try:
+            return await asyncio.wait_for(scenario(core, pressure, memory, activity), 60)
+        finally:
+            if pressure.stash.asleep:
+                pressure.stash.wake()
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def test_idle_sessions_are_parked_least_recently_used_first(tiny, arena):
+    async def scenario(core, pressure, memory, activity):
+        a, b, c = (core.open_session().session for _ in range(3))
+        for session in (a, b, c):              # a is the least recently used
+            await ids_of(core, session, "one two three four five six " * 4)
+        await core.engine.wait_settled()
+        kv_before = memory.granted()["kv"]
+        relief = await pressure.park_idle(1, "reclaim test")
+        parked = [x[1] for x in activity if x[0] == "session_parked"]
+        assert parked and parked == [a.session_id, b.session_id, c.session_id][:len(parked)], (
+            "sessions must be parked least recently used first")
+        assert relief.freed_bytes >= 1, f"nothing given back: {relief}"
+        assert memory.granted()["kv"] == kv_before - relief.freed_bytes
+        assert all(x[4] == "reclaim test" for x in activity)
+        # everything idle is parked when asked for more than there is
+        await pressure.park_idle(1 << 40, "all")
+        assert all(s.parked_entry for s in (a, b, c))
+        assert memory.granted().get("kv", 0) == 0, "all parked, yet KV is still leased"
+        assert (await pressure.park_idle(1, "none")).detail == "no idle session to park"
+
+    run_pressure(tiny, scenario, FakeLink(arena))
+
+
+@pytest.mark.parametrize("moves", [False, True], ids=["cpu-lease-only", "tensors-moved"])
+def test_sleep_and_wake_continue_exactly(tiny, arena, moves):
+    async def scenario(core, pressure, memory, activity):
+        control, slept = core.open_session().session, core.open_session().session
+        assert await ids_of(core, control, "alpha beta gamma") == \
+            await ids_of(core, slept, "alpha beta gamma")
+        relief = await pressure.sleep("reclaim 7")
+        assert pressure.state == "asleep", relief.detail
+        assert memory.granted()["weights"] == 0 and memory.granted()["kv"] == 0, (
+            f"an asleep worker still holds {memory.granted()}")
+        assert relief.freed_bytes >= BASE and "asleep" in relief.detail
+        assert control.parked_entry and slept.parked_entry, "sleep must park every session"
+        kinds = [a[0] for a in activity]
+        assert kinds.count("session_parked") == 2 and kinds[-1] == "model_asleep"
+        # the next request wakes the model, restores its session, continues
+        got = await ids_of(core, slept, " delta epsilon")
+        assert pressure.state == "ready" and memory.granted()["weights"] == BASE
+        assert "model_awake" in [a[0] for a in activity]
+        assert got == await ids_of(core, control, " delta epsilon"), (
+            "a session of a model that slept continued differently")
+
+    run_pressure(tiny, scenario, FakeLink(arena), moves=moves)
+
+
+def test_sleep_is_refused_when_pinned_or_generating(tiny, arena):
+    async def scenario(core, pressure, memory, activity):
+        session = core.open_session().session
+        stream = core.generate(session.session_id, session.token,
+                               SamplingParams(max_tokens=200), prompt="go on")
+        await anext(stream)
+        relief = await pressure.sleep("busy")
+        assert relief.freed_bytes == 0 and "generating" in relief.detail
+        assert pressure.state == "ready"
+        await stream.aclose()
+
+    run_pressure(tiny, scenario, FakeLink(arena))
+
+    async def pinned(core, pressure, memory, activity):
+        relief = await pressure.sleep("pinned")
+        assert relief.freed_bytes == 0 and "pinned" in relief.detail
+
+    run_pressure(tiny, pinned, FakeLink(arena), pinned=True)
+
+
+def test_a_request_during_sleep_waits_and_wakes_the_model(tiny, arena):
+    async def scenario(core, pressure, memory, activity):
+        session = core.open_session().session
+        await ids_of(core, session, "red green")
+        sleeping = asyncio.create_task(pressure.sleep("race"))
+        await asyncio.sleep(0)            # the sleep has begun (state "sleeping")
+        got = await ids_of(core, session, " blue")
+        await sleeping
+        assert got and pressure.state == "ready", "the request did not wake the model"
+
+    run_pressure(tiny, scenario, FakeLink(arena))
+
+
+def test_the_workers_own_shortage_parks_its_idle_sessions(tiny, arena):
+    async def scenario(core, pressure, memory, activity):
+        idle = core.open_session().session
+        await ids_of(core, idle, "one two three four five six seven eight " * 6)
+        memory.capacity_bytes = BASE + memory.granted()["kv"]   # no room to grow
+        busy = core.open_session().session
+        got = await ids_of(core, busy, "nine ten eleven twelve " * 12, max_tokens=4)
+        assert got, "the new session got no answer"
+        assert idle.parked_entry, "the idle session was not parked to make room"
+        assert any(a[:2] == ("session_parked", idle.session_id) and a[4] == "kv short"
+                   for a in activity)
+
+    run_pressure(tiny, scenario, FakeLink(arena))
+
+
+def test_the_stash_moves_and_frees_every_tensor_once(tiny):
+    model = tiny.model
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    stash = WeightStash(model, tiny.device, moves=True)
+    moved = stash.sleep()
+    try:
+        assert moved.num_bytes >= sum(p.numel() * p.element_size()
+                                      for p in model.parameters()), "not every weight was moved"
+        assert all(p.numel() == 0 for p in model.parameters()), "a weight was left in place"
+        if "lm_head.weight" in params and "model.embed_tokens.weight" in params:
+            assert params["lm_head.weight"] is params["model.embed_tokens.weight"]
+    finally:
+        stash.wake()
+    after = model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items()), (
+        "a weight or buffer changed through sleep and wake")
+    assert stash.sleep().num_bytes == moved.num_bytes and stash.wake().num_bytes == moved.num_bytes
