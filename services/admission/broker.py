@@ -190,9 +190,13 @@ class Broker:
                 future.set_result(None)
         for event in self.ledger.drain_events():
             self.bus.publish(event)
-        for ask in self.reclaimer.plan():
+        asks = self.reclaimer.plan()
+        for ask in asks:
             self.bus.publish(Event(EventKind.RECLAIM_REQUESTED, ask.device, lease=ask.lease,
                                    detail=ask))
+        if asks:  # a holder asked for its weights may now grow past the queue's head
+            self.ledger.pump()
+            self._publish()
 
     async def _sweep_loop(self) -> None:
         while True:

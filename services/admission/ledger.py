@@ -183,6 +183,10 @@ class Ledger:
         self._epoch = epoch_start if epoch_start is not None else time.time_ns() // 1000
         self._events: list[Event] = []
         self._settled: list[Waiter] = []
+        #: Whether a waiter may be served past the head of the queue (when it
+        #: fits). Memory pressure sets it: a holder asked to give its weights
+        #: back may grow its KV to finish the work in flight first.
+        self.may_overtake: Callable[[Waiter], bool] = lambda waiter: False
         # Lease and waiter ids: random hex digits, seeded from os.urandom.
         # Cheaper than uuid4 (no system call per id); they identify, they are
         # not secrets (a lease is fenced by its epoch).
@@ -396,6 +400,10 @@ class Ledger:
                 dev.memory = memory
         self._pump()
 
+    def pump(self) -> None:
+        """Serve the queue again (after may_overtake's answer changed)."""
+        self._pump()
+
     # ---- settling --------------------------------------------------------
     def drain_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -435,13 +443,18 @@ class Ledger:
         blocks its devices for everyone behind it (no overtaking)."""
         blocked: set[str] = set()
         index = 0
-        while index < len(self._queue) and len(blocked) < len(self._devices):
+        while index < len(self._queue):
             waiter = self._queue[index]
+            if len(blocked) == len(self._devices) and not self.may_overtake(waiter):
+                index += 1
+                continue
             candidates = [waiter.device] if waiter.device else list(self._devices)
             if waiter.lease_id is not None and self._overdue(waiter.lease_id):
                 index += 1  # its lease lapsed: the sweep expires it and fails the growth
                 continue
             open_devices = [d for d in candidates if d not in blocked]
+            if blocked and self.may_overtake(waiter):
+                open_devices = candidates
             fitting = [d for d in open_devices if self.free_bytes(d) >= waiter.bytes]
             if not fitting:
                 blocked.update(candidates)

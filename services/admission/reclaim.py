@@ -12,6 +12,9 @@ answered) is asked of other holders' leases on that device, in this order
   2. Then weights (and other) leases: a holder puts an idle model to sleep
      (weights to host memory) and releases the lease; a model pinned by its
      holder, or one with a session generating, says no.
+  A holder asked for its weights finishes its generations in flight first
+  (it drains); meanwhile its KV growths may pass the queue's head when they
+  fit (`finishing`), or it could never finish, nor sleep.
   Only leases of a priority at or below the waiter's are asked (a holder's
   priority is its leases'), lower priorities first; never the waiter's own
   holder. A second stage (weights) starts only once every KV lease asked
@@ -81,6 +84,16 @@ class Reclaimer:
         self.clock = clock or ledger.clock
         self._asks: dict[str, Reclaim] = {}
         self._ids = itertools.count(1)
+        ledger.may_overtake = self.finishing
+
+    def finishing(self, waiter: Waiter) -> bool:
+        """A KV growth of a holder asked (and not yet answered) to give its
+        weights back: it finishes its generations in flight before it sleeps,
+        so its growth may pass the waiter it drains for (when it fits)."""
+        if waiter.lease_id is None or waiter.purpose is not Purpose.KV:
+            return False
+        return any(r.state != "answered" and r.lease.purpose is not Purpose.KV
+                   and r.lease.holder.name == waiter.holder.name for r in self._asks.values())
 
     # ---- queries ----
     def reclaims(self) -> list[Reclaim]:

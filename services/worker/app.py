@@ -266,7 +266,7 @@ class WorkerApp:
 
     def _reported_state(self) -> str:
         if self.state == "ready" and self.pressure is not None and self.pressure.state != "ready":
-            return "asleep" if self.pressure.state in ("asleep", "sleeping") else "ready"
+            return "asleep" if self.pressure.state in ("asleep", "sleeping", "waking") else "ready"
         return self.state
 
     def _core(self) -> WorkerCore:

@@ -4,10 +4,11 @@ wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
 - KV: park idle sessions (not generating, not moving, holding KV) to the
   kvstore, least recently used first, until the KV lease has shrunk by the
   bytes asked or no idle session is left.
-- Weights: put the model to sleep: refused while a session is generating or
-  when the model is pinned (--pin-model); otherwise every session with KV is
-  parked, the weights go to host memory (services/worker/sleep.py) and the
-  weights lease is released. The worker is then "asleep".
+- Weights: put the model to sleep: refused when the model is pinned
+  (--pin-model). Generations in flight finish first ("draining": new
+  requests wait meanwhile); then every session with KV is parked, the weights
+  go to host memory (services/worker/sleep.py) and the weights lease is
+  released. The worker is then "asleep".
 - Wake: the next request (Generate, RestoreSession) waits in admission's
   queue for the weights lease again, copies the weights back and goes on;
   its sessions come back from the kvstore as they are used. The client's
@@ -35,6 +36,9 @@ from services.worker.sleep import WeightStash
 
 log = structlog.get_logger(__name__)
 
+#: Longest a worker asked to sleep waits for its sessions to stop generating.
+DRAIN_LIMIT_S = 300.0
+
 
 @dataclass(frozen=True, slots=True)
 class Relief:
@@ -56,7 +60,7 @@ class PressureRelief:
         self.pinned = pinned
         self.on_activity = on_activity
         self.on_state = on_state
-        self.state = "ready"          # ready | sleeping | asleep | waking
+        self.state = "ready"          # ready | draining | sleeping | asleep | waking
         self._lock = asyncio.Lock()
         self._self_relief: asyncio.Task | None = None
 
@@ -114,14 +118,25 @@ class PressureRelief:
 
     # ---- weights ----
     async def sleep(self, reason: str) -> Relief:
+        """Put the model to sleep. Sessions generating are not interrupted:
+        the worker drains (new requests wait) until they finish, then
+        sleeps; the waiting requests wake it again, queued in admission
+        behind whoever asked."""
         if self.pinned:
             return Relief(0, "the model is pinned (--pin-model): it never sleeps")
         async with self._lock:
             if self.state != "ready":
                 return Relief(0, f"the model is {self.state}")
-            why_not = self._why_not_sleep()
-            if why_not:
-                return Relief(0, why_not)
+            cannot = self._cannot_sleep()
+            if cannot:
+                return Relief(0, cannot)
+            self._set_state("draining")
+            deadline = time.monotonic() + DRAIN_LIMIT_S
+            while self._busy():
+                if time.monotonic() > deadline:
+                    self._set_state("ready")
+                    return Relief(0, f"sessions kept generating for {DRAIN_LIMIT_S:g}s")
+                await asyncio.sleep(0.01)
             self._set_state("sleeping")
             try:
                 before = sum(self.memory.granted().values())
@@ -165,12 +180,13 @@ class PressureRelief:
             self._activity("model_awake", "", moved.num_bytes, time.perf_counter() - started,
                            "request")
 
-    def _why_not_sleep(self) -> str:
+    def _busy(self) -> bool:
         if any(s.busy or s.moving for s in self.sessions.all()):
-            return "a session is generating or moving"
+            return True
         stats = self.engine.stats()
-        if stats.num_waiting or stats.num_running:
-            return "requests are queued"
+        return bool(stats.num_waiting or stats.num_running)
+
+    def _cannot_sleep(self) -> str:
         if self.parking.link is None and self.engine.pool.usage().num_used_blocks:
             return "its sessions' KV cannot leave: parking is disabled (--kvstore none)"
         return ""

@@ -139,3 +139,22 @@ def test_answer_checks(book):
         reclaimer.answer(ask.reclaim_id, -1, "")
     done = reclaimer.answer(ask.reclaim_id, 300, "parked 3 sessions")
     assert (done.state, done.freed_bytes, done.detail) == ("answered", 300, "parked 3 sessions")
+
+
+def test_a_holder_asked_for_its_weights_may_grow_past_the_head(book):
+    ledger, reclaimer, _ = book
+    weights = grant(ledger, "worker/a", 500, WEIGHTS)
+    kv = grant(ledger, "worker/a", 100, KV)
+    head = ledger.acquire(Holder("worker/b", 1), 600, WEIGHTS)   # 400 free: waits
+    growth = ledger.resize(kv.lease_id, kv.epoch, 150)           # fits, but behind the head
+    assert growth.lease is None, "no overtaking before worker/a is asked for its weights"
+    asks = reclaimer.plan()                                      # stage 1: its KV
+    reclaimer.answer(asks[0].reclaim_id, 0, "nothing idle")
+    asks = reclaimer.plan()                                      # stage 2: its weights
+    assert [a.lease.lease_id for a in asks] == [weights.lease_id]
+    ledger.pump()
+    assert growth.lease is not None and growth.lease.bytes == 150, (
+        "worker/a, draining to sleep, must be able to grow its KV to finish")
+    assert head.lease is None
+    other = ledger.acquire(Holder("worker/c", 1), 10, KV)
+    assert other.lease is None, "a holder not asked must still wait its turn"

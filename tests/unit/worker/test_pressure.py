@@ -108,19 +108,32 @@ def test_sleep_and_wake_continue_exactly(tiny, arena, moves):
     run_pressure(tiny, scenario, FakeLink(arena), moves=moves)
 
 
-def test_sleep_is_refused_when_pinned_or_generating(tiny, arena):
+def test_sleep_drains_generations_first_and_holds_new_requests(tiny, arena):
     async def scenario(core, pressure, memory, activity):
-        session = core.open_session().session
-        stream = core.generate(session.session_id, session.token,
-                               SamplingParams(max_tokens=200), prompt="go on")
+        running, other = core.open_session().session, core.open_session().session
+        stream = core.generate(running.session_id, running.token,
+                               SamplingParams(max_tokens=40), prompt="go on")
         await anext(stream)
-        relief = await pressure.sleep("busy")
-        assert relief.freed_bytes == 0 and "generating" in relief.detail
-        assert pressure.state == "ready"
-        await stream.aclose()
+        sleeping = asyncio.create_task(pressure.sleep("drain"))
+        await asyncio.sleep(0.05)
+        assert pressure.state == "draining" and not sleeping.done(), (
+            "the model must not sleep while a session generates")
+        later = asyncio.create_task(ids_of(core, other, "a new request", max_tokens=3))
+        await asyncio.sleep(0.05)
+        assert not later.done(), "a new request should wait while the worker drains"
+        count = 1
+        async for _ in stream:
+            count += 1
+        assert count > 1, "the generation in flight was cut short"
+        relief = await sleeping
+        assert "asleep" in relief.detail and relief.freed_bytes > 0, relief
+        assert await later, "the request held during the drain got no answer"
+        assert pressure.state == "ready", "the held request did not wake the model"
 
     run_pressure(tiny, scenario, FakeLink(arena))
 
+
+def test_a_pinned_model_never_sleeps(tiny, arena):
     async def pinned(core, pressure, memory, activity):
         relief = await pressure.sleep("pinned")
         assert relief.freed_bytes == 0 and "pinned" in relief.detail
