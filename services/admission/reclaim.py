@@ -124,6 +124,12 @@ class Reclaimer:
         missing = waiter.bytes - self.ledger.free_bytes(device) - pending
         if missing <= 0:
             return []
+        # An overdue ask is sent again (a new id) once another deadline has
+        # passed: the holder may have missed it (not watching yet, a dropped
+        # stream); the old one leaves the book, its overdue event told.
+        for reclaim_id, ask in list(self._asks.items()):
+            if ask.state == "overdue" and self.clock() - ask.deadline >= self.deadline_s:
+                del self._asks[reclaim_id]
         asked = {r.lease.lease_id for r in self._asks.values() if r.state != "answered"}
         now = self.clock()
         # A holder that just answered (maybe with nothing to give) is not asked

@@ -115,6 +115,11 @@ def test_overdue_is_reported_once_then_others_are_asked(book):
     second = reclaimer.plan()
     assert [x.lease.lease_id for x in second] == [b.lease_id], (
         "past the deadline the shortfall should be asked of the next holder")
+    clock.now += 5.2          # b's ask is overdue too; a's for a second deadline
+    reclaimer.overdue()
+    third = reclaimer.plan()
+    assert first[0].lease.lease_id in [x.lease.lease_id for x in third], (
+        "an ask overdue for another deadline should be sent again (it may have been missed)")
 
 
 def test_an_ask_whose_lease_went_away_counts_as_answered(book):

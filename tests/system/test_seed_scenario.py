@@ -1,0 +1,233 @@
+"""The seed scenario: three agents, two models, a device too small for both.
+
+Real processes on loopback, CPU, real models: admission with a simulated
+device of 1400 MiB (cap 0.9: 1260 MiB for leases), a kvstore, a smollm2-135m
+worker (538 MB of float32 weights) and a gemma3-270m worker (1,072 MB): the
+two models cannot be resident together. Three agents hold multi-turn
+conversations at once: a code generator and a security reviewer on smollm2
+(one worker, one copy of the weights), a documentation writer on gemma3.
+
+- All finish, none sees an error (no RESOURCE_EXHAUSTED, no out of memory):
+  the workers park idle sessions and put their models to sleep when
+  admission asks, and wake on the next request.
+- Parks, sleeps and wakes happened and were visible in admission's Watch.
+- Every agent's output equals what it produces running alone (greedy).
+- The naive way on the same device: three plain processes that each reserve
+  weights and a KV cache of the whole context window up front
+  (tests/system/naive_engine.py): all but one die out of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from lmx.v1 import admission_pb2 as apb
+from lmx.v1 import admission_pb2_grpc
+from lmx.v1 import worker_pb2 as wpb
+from lmx.v1 import worker_pb2_grpc
+from services.common.launch import start_service
+
+pytestmark = pytest.mark.timeout(900, func_only=True)
+
+ADMISSION = "lmx.v1.AdmissionService"
+KVSTORE = "lmx.v1.KVStoreService"
+WORKER = "lmx.v1.WorkerService"
+NAIVE = Path(__file__).with_name("naive_engine.py")
+MAX_TOKENS = 12
+RPC_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    model: str
+    chat: bool
+    turns: tuple[str, ...]
+
+
+AGENTS = (
+    Agent("coder", "smollm2-135m", True, (
+        "Write a Python function that adds two numbers.",
+        "Now add type hints to it.",
+        "Add a one-line docstring.")),
+    Agent("reviewer", "smollm2-135m", True, (
+        "Is calling eval() on user input safe?",
+        "What should be used instead?",
+        "Name one more risky Python builtin.")),
+    Agent("docs", "gemma3-270m", False, (
+        "# Project README\n\nThis project",
+        "\n\n## Installation\n\nTo install it,",
+        "\n\n## Usage\n\nRun")),
+)
+
+
+def converse(address: str, agent: Agent) -> list[list[int]]:
+    """One session, every turn in order; the token ids of each answer."""
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        session = stub.OpenSession(wpb.OpenSessionRequest(), timeout=RPC_TIMEOUT_S)
+        answers = []
+        for turn in agent.turns:
+            request = wpb.GenerateRequest(session_id=session.session_id, token=session.token,
+                                          sampling=wpb.SamplingParams(max_tokens=MAX_TOKENS))
+            if agent.chat:
+                request.message.CopyFrom(wpb.ChatMessage(role="user", content=turn))
+            else:
+                request.prompt = turn
+            ids = []
+            for reply in stub.Generate(request, timeout=RPC_TIMEOUT_S):
+                if reply.HasField("delta"):
+                    ids.extend(reply.delta.token_ids)
+            answers.append(ids)
+        stub.CloseSession(wpb.CloseSessionRequest(session_id=session.session_id,
+                                                  token=session.token), timeout=RPC_TIMEOUT_S)
+        return answers
+
+
+class Watcher:
+    """Admission's Watch events, collected in a thread."""
+
+    def __init__(self, address: str):
+        self.events: list[apb.Event] = []
+        self._channel = grpc.insecure_channel(address)
+        self._stream = admission_pb2_grpc.AdmissionServiceStub(self._channel).Watch(
+            apb.WatchRequest())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._stream:
+                self.events.append(event)
+        except grpc.RpcError:
+            pass
+
+    def kinds(self) -> list[str]:
+        return [event.WhichOneof("kind") for event in self.events]
+
+    def activities(self, kind: int, model: str = "") -> list[apb.WorkerActivity]:
+        return [e.activity for e in self.events if e.WhichOneof("kind") == "activity"
+                and e.activity.kind == kind and (not model or e.activity.model == model)]
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._channel.close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    shm = Path("/dev/shm") / f"lmx-seed-{secrets.token_hex(4)}"
+    shm.mkdir(mode=0o700)
+    procs = {}
+    try:
+        procs["admission"] = start_service(
+            "services.admission", ADMISSION,
+            ["--device", "cpu:0=1400MiB", "--reclaim-deadline-s", "2", "--log-format", "json"],
+            log_path=tmp_path / "admission.log")
+        procs["kvstore"] = start_service(
+            "services.kvstore", KVSTORE,
+            ["--store-id", f"seed{secrets.token_hex(4)}", "--shm-dir", str(shm),
+             "--state-dir", str(tmp_path / "kvstate"), "--keep-on-stop", "false",
+             "--log-format", "json"], log_path=tmp_path / "kvstore.log")
+        common = ["--admission", procs["admission"].address, "--kvstore",
+                  procs["kvstore"].address, "--kv-chunk-bytes", "4MiB", "--max-context", "1024",
+                  "--kv-wait-s", "300", "--log-format", "json"]
+        # smollm2 first: when gemma3 asks for its memory, smollm2 (idle) sleeps.
+        for name, model in (("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m")):
+            procs[name] = start_service("services.worker", WORKER, ["--model", model, *common],
+                                        log_path=tmp_path / f"{name}.log", timeout_s=300)
+        yield procs, tmp_path
+    finally:
+        problems = []
+        for name in ("gemma3", "smollm2", "kvstore", "admission"):
+            if name in procs and procs[name].stop() != 0:
+                problems.append(f"{name} did not stop cleanly:\n"
+                                + (tmp_path / f"{name}.log").read_text()[-3000:])
+        left = sorted(p.name for p in shm.iterdir())
+        shutil.rmtree(shm, ignore_errors=True)
+        assert not problems, "\n\n".join(problems)
+        assert not left, f"segments left behind: {left}"
+
+
+def test_three_agents_two_models_one_small_device(stack):
+    procs, tmp = stack
+    address = {"smollm2-135m": procs["smollm2"].address, "gemma3-270m": procs["gemma3"].address}
+    watcher = Watcher(procs["admission"].address)
+    try:
+        with ThreadPoolExecutor(len(AGENTS)) as pool:
+            futures = {agent.name: pool.submit(converse, address[agent.model], agent)
+                       for agent in AGENTS}
+            together = {name: future.result(timeout=RPC_TIMEOUT_S * 2)
+                        for name, future in futures.items()}
+    finally:
+        watcher.close()
+    for agent in AGENTS:
+        assert all(together[agent.name]), f"{agent.name} got an empty answer: {together}"
+
+    # Visible: admission asked, workers parked sessions, slept and woke.
+    kinds = watcher.kinds()
+    assert "reclaim_requested" in kinds and "reclaim_answered" in kinds, kinds
+    for model in ("smollm2-135m", "gemma3-270m"):
+        assert watcher.activities(apb.WorkerActivity.KIND_MODEL_ASLEEP, model), (
+            f"{model} never slept: both models were never resident together, so each had to")
+        assert watcher.activities(apb.WorkerActivity.KIND_MODEL_AWAKE, model), f"{model} never woke"
+    assert watcher.activities(apb.WorkerActivity.KIND_SESSION_PARKED), "no session was parked"
+    assert watcher.activities(apb.WorkerActivity.KIND_SESSION_RESTORED), "none was restored"
+
+    # The device's budget was never exceeded: replay every lease event.
+    budget = 1400 * 2**20 * 9 // 10
+    held: dict[str, int] = {}
+    for event in watcher.events:
+        kind = event.WhichOneof("kind")
+        if kind in ("granted", "resized"):
+            lease = getattr(event, kind).lease
+            held[lease.lease_id] = lease.bytes
+        elif kind in ("released", "expired"):
+            held.pop(getattr(event, kind).lease.lease_id, None)
+        assert sum(held.values()) <= budget, f"leases over the budget after event {event}"
+
+    # Each agent alone (one after the other, fresh sessions) answers the same.
+    for agent in AGENTS:
+        alone = converse(address[agent.model], agent)
+        assert alone == together[agent.name], (
+            f"{agent.name} answered differently when it ran with the others:\n"
+            f"together {together[agent.name]}\nalone    {alone}")
+    for name in ("smollm2", "gemma3"):
+        log = (tmp / f"{name}.log").read_text()
+        assert "RESOURCE_EXHAUSTED" not in log and "generation_failed" not in log, (
+            f"{name}'s log shows a failure:\n{log[-3000:]}")
+
+    # The naive way on the same device (an empty one: a second admission with
+    # the same simulated device): each process reserves its whole KV up front.
+    # At most one fits; the others die out of memory.
+    device = start_service("services.admission", ADMISSION,
+                           ["--device", "cpu:0=1400MiB", "--log-format", "json"],
+                           log_path=tmp / "naive-admission.log")
+    try:
+        runs = [subprocess.Popen([sys.executable, str(NAIVE), device.address, agent.model,
+                                  agent.turns[0], str(MAX_TOKENS)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for agent in AGENTS]
+        codes = []
+        for run in runs:
+            out, err = run.communicate(timeout=300)
+            codes.append(run.returncode)
+            assert run.returncode in (0, 3), f"naive engine crashed otherwise:\n{err[-2000:]}"
+            if run.returncode == 3:
+                assert json.loads(out.strip().splitlines()[-1])["error"] == "out of memory"
+    finally:
+        assert device.stop() == 0
+    assert codes.count(3) >= 2, (
+        f"the naive processes should not all fit (exit codes {codes}; 3 = out of memory)")
