@@ -87,10 +87,11 @@ class Reclaimer:
         ledger.may_overtake = self.finishing
 
     def finishing(self, waiter: Waiter) -> bool:
-        """A KV growth of a holder asked (and not yet answered) to give its
-        weights back: it finishes its generations in flight before it sleeps,
-        so its growth may pass the waiter it drains for (when it fits)."""
-        if waiter.lease_id is None or waiter.purpose is not Purpose.KV:
+        """KV (a new lease or a growth) for a holder asked, and not yet
+        answered, to give its weights back: it finishes its generations in
+        flight before it sleeps, so this may pass the waiter it drains for
+        (when it fits)."""
+        if waiter.purpose is not Purpose.KV:
             return False
         return any(r.state != "answered" and r.lease.purpose is not Purpose.KV
                    and r.lease.holder.name == waiter.holder.name for r in self._asks.values())

@@ -30,7 +30,7 @@ from services.worker.memory import AdmissionMemory, FixedMemory, Memory
 from services.worker.kv_link import KVStoreLink
 from services.worker.models import LoadedModel, default_cache_dir, estimate_weight_bytes, load_model
 from services.worker.parking import Parking
-from services.worker.pressure import PressureRelief
+from services.worker.pressure import PressureRelief, Relief
 from services.worker.sampling import SamplingParams
 from services.worker.servicer import WorkerServicer
 from services.worker.sessions import SessionTable
@@ -217,23 +217,30 @@ class WorkerApp:
 
     async def _answer_reclaim(self, reclaim, purpose: str) -> None:
         assert self.pressure is not None and self.admission is not None
-        async with self._reclaim_lock:   # one at a time
-            reason = f"reclaim {reclaim.reclaim_id}"
-            log.info("reclaim_received", reclaim_id=reclaim.reclaim_id, purpose=purpose,
-                     bytes=reclaim.bytes, for_holder=reclaim.for_holder)
-            if purpose == "kv":
-                relief = await self.pressure.park_idle(reclaim.bytes, reason)
-            else:
-                relief = await self.pressure.sleep(reason)
-            try:
-                await self.admission.stub.AnswerReclaim(admission_pb2.AnswerReclaimRequest(
-                    reclaim_id=reclaim.reclaim_id, freed_bytes=relief.freed_bytes,
-                    detail=relief.detail), timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("reclaim_answer_failed", reclaim_id=reclaim.reclaim_id,
-                            code=exc.code().name)
-            log.info("reclaim_answered", reclaim_id=reclaim.reclaim_id,
-                     freed_bytes=relief.freed_bytes, detail=relief.detail)
+        log.info("reclaim_received", reclaim_id=reclaim.reclaim_id, purpose=purpose,
+                 bytes=reclaim.bytes, for_holder=reclaim.for_holder)
+        if self.pressure.state != "ready":
+            # A sleep is under way (or done; all the KV goes with it):
+            # answered at once, not queued behind it.
+            relief = Relief(0, f"the model is {self.pressure.state} already")
+        else:
+            async with self._reclaim_lock:   # one at a time
+                if self.memory.purpose_of(reclaim.lease.lease_id) is None:
+                    relief = Relief(0, "that lease is no longer held")
+                elif purpose == "kv":
+                    relief = await self.pressure.park_idle(reclaim.bytes,
+                                                           f"reclaim {reclaim.reclaim_id}")
+                else:
+                    relief = await self.pressure.sleep(f"reclaim {reclaim.reclaim_id}")
+        try:
+            await self.admission.stub.AnswerReclaim(admission_pb2.AnswerReclaimRequest(
+                reclaim_id=reclaim.reclaim_id, freed_bytes=relief.freed_bytes,
+                detail=relief.detail), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("reclaim_answer_failed", reclaim_id=reclaim.reclaim_id,
+                        code=exc.code().name)
+        log.info("reclaim_answered", reclaim_id=reclaim.reclaim_id,
+                 freed_bytes=relief.freed_bytes, detail=relief.detail)
 
     def _report_activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
                          reason: str) -> None:

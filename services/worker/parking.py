@@ -191,12 +191,14 @@ class Parking:
                             entry_id=entry_id, reason=exc.reason, error=exc.message)
                 session.parked_entry = None
                 if exc.reason != "CORRUPTED":  # a corrupted entry is deleted already
-                    await link.delete(entry_id, session.token)
+                    self._delete_later(entry_id, session.token)
                 return
             session.parked_entry = None
         finally:
             session.moving = False
-        await link.delete(entry_id, session.token)
+        # In the background: the caller submits its request right away, with
+        # no await between (a sleep must not slip in and park the session).
+        self._delete_later(entry_id, session.token)
         log.info("session_unparked", session_id=session.session_id, entry_id=entry_id,
                  tokens=fetched.layout.num_tokens)
         self._activity("session_restored", session.session_id, fetched.layout.num_bytes,
@@ -210,9 +212,12 @@ class Parking:
     def forget(self, session: Session) -> None:
         """A closed parked session: delete its entry in the background."""
         if session.parked_entry and self.link is not None:
-            task = asyncio.create_task(self.link.delete(session.parked_entry, session.token))
-            self._deletes.add(task)
-            task.add_done_callback(self._deletes.discard)
+            self._delete_later(session.parked_entry, session.token)
+
+    def _delete_later(self, entry_id: str, token: str) -> None:
+        task = asyncio.create_task(self._link().delete(entry_id, token))
+        self._deletes.add(task)
+        task.add_done_callback(self._deletes.discard)
 
     def _check_layout(self, layout: Layout, num_token_ids: int) -> None:
         expected = self.layout(layout.num_tokens)

@@ -144,8 +144,8 @@ class PressureRelief:
                 for session in self.idle_sessions():
                     await self.parking.park(session, reason=reason)
                 await self.engine.wait_settled(timeout_s=10.0)
-                if self.engine.pool.usage().num_used_blocks:
-                    raise LmxError("a session still holds KV")
+                if self._busy() or self.engine.pool.usage().num_used_blocks:
+                    raise LmxError("a request came in while its sessions were parked")
                 moved = await asyncio.to_thread(self.stash.sleep)
                 await self.memory.release_base()
             except BaseException as exc:

@@ -161,5 +161,7 @@ def test_a_holder_asked_for_its_weights_may_grow_past_the_head(book):
     assert growth.lease is not None and growth.lease.bytes == 150, (
         "worker/a, draining to sleep, must be able to grow its KV to finish")
     assert head.lease is None
+    fresh = ledger.acquire(Holder("worker/a", 1), 20, KV)        # a first KV lease too
+    assert fresh.lease is not None, "a draining holder's new KV lease should pass as well"
     other = ledger.acquire(Holder("worker/c", 1), 10, KV)
     assert other.lease is None, "a holder not asked must still wait its turn"
