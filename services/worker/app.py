@@ -336,7 +336,7 @@ class WorkerApp:
                 break
         kv_at_peak = self.engine.storage.num_bytes
         peak = torch.cuda.max_memory_reserved(self.device)
-        self.core.close_session(session.session_id, session.token)
+        await self.core.close_session(session.session_id, session.token)
         await self.engine.wait_settled()  # the warm-up's KV chunks are given back
         torch.cuda.empty_cache()
         steady = torch.cuda.memory_reserved(self.device)

@@ -40,6 +40,16 @@ class WorkerCore:
         #: Sleep and wake under memory pressure (None: the model never sleeps).
         self.pressure = pressure
 
+    @staticmethod
+    async def _still(session: Session) -> None:
+        """Until the session is not being parked or restored."""
+        deadline = time.monotonic() + MOVING_WAIT_S
+        while session.moving:
+            if time.monotonic() > deadline:
+                raise FailedPrecondition(f"session {session.session_id} is being parked or "
+                                         "restored", reason="SESSION_BUSY")
+            await asyncio.sleep(0.005)
+
     async def _awake(self) -> None:
         if self.pressure is not None:
             await self.pressure.ensure_awake()
@@ -56,10 +66,9 @@ class WorkerCore:
         session = self.sessions.open(chat_template, system_prompt)
         return OpenedSession(session, self.loaded.name, self.loaded.max_context, chat)
 
-    def close_session(self, session_id: str, token: str) -> int:
-        if self.sessions.get(session_id, token).moving:
-            raise FailedPrecondition(f"session {session_id} is being parked or restored; "
-                                     "close it when that is done", reason="SESSION_BUSY")
+    async def close_session(self, session_id: str, token: str) -> int:
+        """Close a session (waiting for a park or restore of it to finish)."""
+        await self._still(self.sessions.get(session_id, token))
         session = self.sessions.close(session_id, token)
         freed = self.engine.pool.length(session_id)
         self.engine.drop_session(session)
@@ -97,12 +106,7 @@ class WorkerCore:
             if len(message["content"]) > MAX_PROMPT_CHARS:
                 raise InvalidArgument("message.content", f"at most {MAX_PROMPT_CHARS} characters")
         # Being parked (memory pressure, or a ParkSession): wait, then restore.
-        deadline = time.monotonic() + MOVING_WAIT_S
-        while session.moving:
-            if time.monotonic() > deadline:
-                raise FailedPrecondition(f"session {session_id} is being parked or restored",
-                                         reason="SESSION_BUSY")
-            await asyncio.sleep(0.005)
+        await self._still(session)
         await self._awake()
         if session.parked_entry:
             await self.parking.unpark(session)

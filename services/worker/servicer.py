@@ -69,7 +69,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest,
                            context) -> pb.CloseSessionResponse:
-        freed = self._core().close_session(request.session_id, request.token)
+        freed = await self._core().close_session(request.session_id, request.token)
         return pb.CloseSessionResponse(freed_tokens=freed)
 
     async def ParkSession(self, request: pb.ParkSessionRequest,

@@ -118,9 +118,9 @@ def test_generate_streams_deltas_then_finish_and_close_frees(tiny):
                                                  SamplingParams(max_tokens=5), prompt="Hello")]
         context = len(session.tokens)
         pool = core.engine.pool.length(session.session_id)
-        freed = core.close_session(session.session_id, session.token)
+        freed = await core.close_session(session.session_id, session.token)
         with pytest.raises(NotFound):
-            core.close_session(session.session_id, session.token)
+            await core.close_session(session.session_id, session.token)
         return events, context, pool, freed, core.engine.pool.length(session.session_id)
 
     events, context, pool, freed, after = run(tiny, scenario)
