@@ -37,10 +37,11 @@ def render_status(status: pb.StatusResponse) -> str:
     if status.workers:
         lines.append("")
         lines += _table(
-            ["WORKER", "MODEL", "ADDRESS", "STATE", "DEVICE", "SESSIONS", "SEEN"],
+            ["WORKER", "MODEL", "ADDRESS", "STATE", "DEVICE", "SESSIONS", "PARKED", "SEEN"],
             [[w.worker_id, w.model, w.address,
               pb.WorkerState.Name(w.state).removeprefix("WORKER_STATE_").lower(), w.device,
-              str(w.num_sessions), f"{w.updated_s_ago:.1f}s ago"] for w in status.workers])
+              str(w.num_sessions), str(w.num_parked), f"{w.updated_s_ago:.1f}s ago"]
+             for w in status.workers])
     if status.waiters:
         lines.append("")
         lines += _table(
@@ -49,6 +50,14 @@ def render_status(status: pb.StatusResponse) -> str:
               format_bytes(w.bytes), str(w.priority), f"{w.waited_s:.1f}s",
               f"resize {w.lease_id}" if w.lease_id else "new lease"]
              for i, w in enumerate(status.waiters)])
+    if status.reclaims:
+        lines.append("")
+        lines += _table(
+            ["RECLAIM", "FROM", "PURPOSE", "BYTES", "FOR", "STATE", "FREED", "DETAIL"],
+            [[r.reclaim_id, r.lease.holder.name, PURPOSE_NAMES.get(r.lease.purpose, "?"),
+              format_bytes(r.bytes), r.for_holder, r.state,
+              format_bytes(r.freed_bytes) if r.state == "answered" else "", r.detail]
+             for r in status.reclaims])
     return "\n".join(lines)
 
 
@@ -71,4 +80,22 @@ def render_event(event: pb.Event) -> str:
         if kind == "left":
             text += f" ({pb.WaiterLeft.Reason.Name(body.reason).removeprefix('REASON_').lower()})"
         return text
+    if kind in ("reclaim_requested", "reclaim_answered", "reclaim_overdue"):
+        r = body.reclaim
+        verb = {"reclaim_requested": "reclaim", "reclaim_answered": "gave",
+                "reclaim_overdue": "overdue"}[kind]
+        text = (f"{verb:<8} {r.lease.holder.name:<24} {PURPOSE_NAMES.get(r.lease.purpose, '?'):<9} "
+                f"{format_bytes(r.freed_bytes if kind == 'reclaim_answered' else r.bytes):>10} "
+                f"for {r.for_holder}")
+        if kind == "reclaim_answered":
+            text += f" ({r.detail})"
+        if kind == "reclaim_overdue":
+            text += f" ({body.overdue_s:.1f}s past its deadline)"
+        return text
+    if kind == "activity":
+        a = body
+        what = pb.WorkerActivity.Kind.Name(a.kind).removeprefix("KIND_").lower()
+        subject = f"session {a.session_id}" if a.session_id else f"model {a.model}"
+        return (f"{what:<16} {a.worker_id}: {subject}, {format_bytes(a.bytes)} in "
+                f"{a.seconds * 1000:.0f} ms ({a.reason})")
     return f"event {event.seq}"
