@@ -11,7 +11,7 @@ STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 # `make setup TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: setup proto test test-all demo bench bench-worker bench-kvstore lint clean admission status
+.PHONY: setup proto test test-all demo bench bench-worker bench-kvstore bench-seed lint clean admission status
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ bench-worker: setup proto
 # make bench-kvstore BENCH_KVSTORE_ARGS="--sizes-mib 1,64 --contexts 512"
 bench-kvstore: setup proto
 	$(PY) bench/kvstore.py $(BENCH_KVSTORE_ARGS)
+
+# The seed scenario (three agents, two models, one small device) as a benchmark:
+# make bench-seed BENCH_SEED_ARGS="--turns 5 --max-tokens 32"
+bench-seed: setup proto
+	$(PY) bench/seed_scenario.py $(BENCH_SEED_ARGS)
 
 admission: setup proto
 	$(VENV)/bin/lmx admission

@@ -1,0 +1,591 @@
+"""Seed scenario benchmark: three agents, two models, a device too small for
+both, through lmx, on the CPU (default) or a CUDA GPU (--device cuda).
+
+Starts real services on loopback, all stopped and removed at the end, even on
+failure: admission, a kvstore (fresh --shm-dir under /dev/shm, prefix
+lmx-bench-seed-, temporary --state-dir) and one worker per model.
+
+  CPU (default)   admission --device cpu:0=1400MiB (cap 0.9: 1260 MiB);
+                  smollm2-135m (float32, 538 MB) and gemma3-270m (1,072 MB):
+                  the two models cannot be resident together.
+  GPU (--device cuda)
+                  admission --device-backend nvml --cap-fraction F, F chosen
+                  so the cap is --cap-gib (8) GiB of the GPU's total;
+                  synthetic:llama-3b (bfloat16, ~6.4 GB) and synthetic:llama-1b
+                  (~2.5 GB): each fits alone, not both.
+
+Agents (as tests/system/test_seed_scenario.py): a code generator and a
+security reviewer on the first model (one worker, shared weights), a
+documentation writer on the second; each holds a conversation of --turns turns
+of --max-tokens tokens (greedy). Chat mode for real models with a chat
+template, plain prompt mode for synthetic models and for the docs writer.
+
+Phases (after an untimed warm-up: one token from each worker):
+  concurrent   the three agents at once: wall, tokens, tokens/s, time to first
+               token per turn (p50/p95), sleeps / wakes / parks / restores
+               (admission's Watch), wake times (Watch's KIND_MODEL_AWAKE
+               seconds, which include waiting for the lease, and the workers'
+               model_awake log lines: the pure copy time and GB/s), errors.
+  sequential   the same agents one after another, fresh sessions, same stack.
+  then         concurrent / sequential throughput, and each agent's token ids
+               concurrent == sequential (greedy; reported, not fatal).
+
+    .venv/bin/python bench/seed_scenario.py               # make bench-seed
+    python3 bench/seed_scenario.py --device cuda          # on a GPU host
+
+Writes bench/results/seed-scenario-<device>-<date>.json and
+seed-scenario-<device>-latest.json, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("LMX_CACHE", str(ROOT / ".cache" / "lmx"))
+
+from benchkit import cpu_model, git_commit, wait_quiet  # noqa: E402
+import grpc  # noqa: E402
+
+from lmx.v1 import admission_pb2 as apb  # noqa: E402
+from lmx.v1 import admission_pb2_grpc  # noqa: E402
+from lmx.v1 import worker_pb2 as wpb  # noqa: E402
+from lmx.v1 import worker_pb2_grpc  # noqa: E402
+from services.common.launch import start_service  # noqa: E402
+
+ADMISSION = "lmx.v1.AdmissionService"
+KVSTORE = "lmx.v1.KVStoreService"
+WORKER = "lmx.v1.WorkerService"
+RPC_TIMEOUT_S = 600
+GIB = 1 << 30
+
+DEFAULTS = {
+    "cpu": {"models": "smollm2-135m,gemma3-270m", "max_tokens": 16, "max_context": 1024},
+    "cuda": {"models": "synthetic:llama-3b,synthetic:llama-1b", "max_tokens": 64,
+             "max_context": 2048},
+}
+
+ACTIVITY = {
+    "sleeps": apb.WorkerActivity.KIND_MODEL_ASLEEP,
+    "wakes": apb.WorkerActivity.KIND_MODEL_AWAKE,
+    "parks": apb.WorkerActivity.KIND_SESSION_PARKED,
+    "restores": apb.WorkerActivity.KIND_SESSION_RESTORED,
+}
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    model: str
+    chat: bool          # wanted; used only when the session supports chat
+    turns: tuple[str, ...]
+
+
+PROMPTS = {
+    "coder": ("Write a Python function that adds two numbers.",
+              "Now add type hints to it.",
+              "Add a one-line docstring."),
+    "reviewer": ("Is calling eval() on user input safe?",
+                 "What should be used instead?",
+                 "Name one more risky Python builtin."),
+    "docs": ("# Project README\n\nThis project",
+             "\n\n## Installation\n\nTo install it,",
+             "\n\n## Usage\n\nRun"),
+}
+
+
+def make_agents(models: list[str], turns: int) -> list[Agent]:
+    def pick(name: str) -> tuple[str, ...]:
+        base = PROMPTS[name]
+        return tuple(base[i % len(base)] for i in range(turns))
+
+    first, second = models
+    return [Agent("coder", first, not first.startswith("synthetic:"), pick("coder")),
+            Agent("reviewer", first, not first.startswith("synthetic:"), pick("reviewer")),
+            Agent("docs", second, False, pick("docs"))]
+
+
+def converse(address: str, agent: Agent, max_tokens: int, start: threading.Barrier | None = None
+             ) -> dict:
+    """One session, every turn in order. Never raises: errors are recorded."""
+    out = {"agent": agent.name, "model": agent.model, "turns": [], "error": None, "chat": None}
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            if start is not None:
+                start.wait()
+            t_open = time.perf_counter()
+            session = stub.OpenSession(wpb.OpenSessionRequest(), timeout=RPC_TIMEOUT_S)
+            out["open_s"] = round(time.perf_counter() - t_open, 4)
+            chat = agent.chat and session.chat
+            out["chat"] = chat
+            for i, turn in enumerate(agent.turns):
+                request = wpb.GenerateRequest(session_id=session.session_id, token=session.token,
+                                              sampling=wpb.SamplingParams(max_tokens=max_tokens))
+                if chat:
+                    request.message.CopyFrom(wpb.ChatMessage(role="user", content=turn))
+                else:
+                    # Plain prompt mode: the conversation so far is the context.
+                    request.prompt = turn if agent.name == "docs" else (
+                        f"{'' if i == 0 else chr(10)}Question: {turn}\nAnswer:")
+                ids: list[int] = []
+                ttft = None
+                finish = None
+                t0 = time.perf_counter()
+                for reply in stub.Generate(request, timeout=RPC_TIMEOUT_S):
+                    if reply.HasField("delta"):
+                        if ttft is None and reply.delta.token_ids:
+                            ttft = time.perf_counter() - t0
+                        ids.extend(reply.delta.token_ids)
+                    elif reply.HasField("finish"):
+                        finish = reply.finish
+                elapsed = time.perf_counter() - t0
+                out["turns"].append({
+                    "ids": ids, "ttft_s": None if ttft is None else round(ttft, 4),
+                    "turn_s": round(elapsed, 4), "tokens": len(ids),
+                    "prompt_tokens": finish.prompt_tokens if finish else None,
+                    "finish": wpb.FinishReason.Name(finish.reason) if finish else None})
+            stub.CloseSession(wpb.CloseSessionRequest(session_id=session.session_id,
+                                                      token=session.token), timeout=RPC_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - recorded, counted as an error
+        out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    out["done_at"] = time.perf_counter()
+    return out
+
+
+class Watcher:
+    """Admission's Watch events, collected in a thread."""
+
+    def __init__(self, address: str):
+        self.events: list[apb.Event] = []
+        self._lock = threading.Lock()
+        self._channel = grpc.insecure_channel(address)
+        self._stream = admission_pb2_grpc.AdmissionServiceStub(self._channel).Watch(
+            apb.WatchRequest())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._stream:
+                with self._lock:
+                    self.events.append(event)
+        except grpc.RpcError:
+            pass
+
+    def mark(self) -> int:
+        time.sleep(0.3)  # let events already sent arrive
+        with self._lock:
+            return len(self.events)
+
+    def summary(self, start: int, end: int) -> dict:
+        with self._lock:
+            events = self.events[start:end]
+        kinds: dict[str, int] = {}
+        for e in events:
+            k = e.WhichOneof("kind")
+            kinds[k] = kinds.get(k, 0) + 1
+        acts = [e.activity for e in events if e.WhichOneof("kind") == "activity"]
+        out = {"events": len(events), "event_kinds": kinds}
+        for name, kind in ACTIVITY.items():
+            out[name] = sum(1 for a in acts if a.kind == kind)
+            by_model: dict[str, int] = {}
+            for a in acts:
+                if a.kind == kind:
+                    by_model[a.model] = by_model.get(a.model, 0) + 1
+            out[name + "_by_model"] = by_model
+        out["wake_seconds_watch"] = [
+            {"model": a.model, "seconds": round(a.seconds, 4), "bytes": a.bytes,
+             "reason": a.reason} for a in acts if a.kind == apb.WorkerActivity.KIND_MODEL_AWAKE]
+        out["sleep_seconds_watch"] = [
+            {"model": a.model, "seconds": round(a.seconds, 4), "bytes": a.bytes,
+             "reason": a.reason} for a in acts if a.kind == apb.WorkerActivity.KIND_MODEL_ASLEEP]
+        for name, kind in (("park", apb.WorkerActivity.KIND_SESSION_PARKED),
+                           ("restore", apb.WorkerActivity.KIND_SESSION_RESTORED)):
+            sel = [a for a in acts if a.kind == kind]
+            out[name + "_bytes_total"] = sum(a.bytes for a in sel)
+            out[name + "_seconds_total"] = round(sum(a.seconds for a in sel), 4)
+        return out
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._channel.close()
+        self._thread.join(5)
+
+
+def log_offsets(logs: dict[str, Path]) -> dict[str, int]:
+    return {name: path.stat().st_size if path.exists() else 0 for name, path in logs.items()}
+
+
+def log_lines(logs: dict[str, Path], start: dict[str, int], end: dict[str, int]) -> dict:
+    """The workers' JSON log lines between two offsets: model_awake / model_asleep
+    lines and failure lines."""
+    awake, asleep, failures = [], [], []
+    for name, path in logs.items():
+        with open(path, "rb") as fh:
+            fh.seek(start.get(name, 0))
+            chunk = fh.read(end[name] - start.get(name, 0)).decode(errors="replace")
+        for line in chunk.splitlines():
+            if "RESOURCE_EXHAUSTED" in line or "generation_failed" in line \
+                    or "out of memory" in line.lower():
+                failures.append(f"{name}: {line[:500]}")
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if rec.get("event") == "model_awake":
+                awake.append({"worker": name, "seconds": rec.get("seconds"),
+                              "gb_s": rec.get("gb_s"), "bytes": rec.get("bytes")})
+            elif rec.get("event") == "model_asleep":
+                asleep.append({"worker": name, **{k: rec.get(k) for k in ("seconds", "gb_s",
+                                                                            "bytes")}})
+    return {"model_awake_log": awake, "model_asleep_log": asleep, "log_failures": failures}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return round(s[lo] + (s[hi] - s[lo]) * (k - lo), 4)
+
+
+def phase_numbers(results: list[dict], wall: float) -> dict:
+    tokens = sum(t["tokens"] for r in results for t in r["turns"])
+    ttfts = [t["ttft_s"] for r in results for t in r["turns"] if t["ttft_s"] is not None]
+    agents = {}
+    for r in results:
+        at = [t["ttft_s"] for t in r["turns"] if t["ttft_s"] is not None]
+        agents[r["agent"]] = {
+            "model": r["model"], "chat": r["chat"], "error": r["error"],
+            "tokens": sum(t["tokens"] for t in r["turns"]),
+            "turns_done": len(r["turns"]),
+            "ttft_s": at, "ttft_p50_s": pct(at, 0.5), "ttft_p95_s": pct(at, 0.95),
+            "turn_s": [t["turn_s"] for t in r["turns"]],
+            "finish": [t["finish"] for t in r["turns"]],
+            "token_ids": [t["ids"] for t in r["turns"]]}
+    return {"wall_s": round(wall, 3), "tokens": tokens,
+            "tokens_per_s": round(tokens / wall, 3) if wall > 0 else None,
+            "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
+            "ttft_max_s": round(max(ttfts), 4) if ttfts else None,
+            "errors": sum(1 for r in results if r["error"]), "agents": agents}
+
+
+def gpu_probe() -> dict | None:
+    """GPU facts from a separate python (no CUDA context stays in this
+    process: admission's NVML would count it as foreign memory)."""
+    code = ("import json, torch\n"
+            "if not torch.cuda.is_available(): print(json.dumps(None)); raise SystemExit\n"
+            "p = torch.cuda.get_device_properties(0)\n"
+            "print(json.dumps({'name': p.name, 'total_memory': p.total_memory,"
+            " 'torch': torch.__version__, 'cuda': torch.version.cuda,"
+            " 'count': torch.cuda.device_count()}))\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120)
+        return json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def machine_info(gpu: dict | None) -> dict:
+    info = {"cpu_model": cpu_model(), "cores": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "python": platform.python_version(), "python_executable": sys.executable,
+            "grpcio": grpc.__version__, "platform": platform.platform(),
+            "gpu": gpu["name"] if gpu else None,
+            "gpu_total_memory_bytes": gpu["total_memory"] if gpu else None,
+            "cuda": gpu["cuda"] if gpu else None}
+    try:
+        res = subprocess.run([sys.executable, "-c", "import torch, transformers; "
+                              "print(torch.__version__, transformers.__version__, "
+                              "torch.get_num_threads())"],
+                             capture_output=True, text=True, timeout=120)
+        torch_v, tf_v, threads = res.stdout.split()
+        info.update(torch=torch_v, transformers=tf_v, torch_threads=int(threads))
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        info.update(torch=None, transformers=None)
+    return info
+
+
+def admission_devices(address: str) -> list[dict]:
+    with grpc.insecure_channel(address) as channel:
+        reply = admission_pb2_grpc.AdmissionServiceStub(channel).Status(
+            apb.StatusRequest(), timeout=30)
+    return [{"device": d.device, "name": d.name, "total_bytes": d.total_bytes,
+             "cap_fraction": d.cap_fraction, "cap_bytes": d.cap_bytes,
+             "foreign_bytes": d.foreign_bytes, "budget_bytes": d.budget_bytes,
+             "leased_bytes": d.leased_bytes, "source": d.source} for d in reply.devices]
+
+
+def worker_status(address: str) -> dict:
+    with grpc.insecure_channel(address) as channel:
+        s = worker_pb2_grpc.WorkerServiceStub(channel).GetStatus(wpb.GetStatusRequest(),
+                                                                 timeout=30)
+    return {"model": s.model, "device": s.device, "dtype": s.dtype, "state": s.state,
+            "weight_bytes": s.weight_bytes, "overhead_bytes": s.overhead_bytes,
+            "kv_bytes": s.kv_bytes, "leased_bytes": s.leased_bytes, "held_bytes": s.held_bytes,
+            "steps": s.steps, "tokens_generated": s.tokens_generated,
+            "num_sessions": s.num_sessions, "num_parked": s.num_parked}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--models", default=None,
+                   help="A,B: agents coder+reviewer on A, docs on B (default: per device)")
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="per turn (default 16 on the CPU, 64 on a GPU)")
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--device-size", default="1400MiB", help="CPU: simulated device size")
+    p.add_argument("--cap-gib", type=float, default=8.0,
+                   help="GPU: admission's cap in GiB (sets --cap-fraction)")
+    p.add_argument("--reclaim-deadline-s", type=float, default=2.0)
+    p.add_argument("--kv-chunk-bytes", default="4MiB")
+    p.add_argument("--worker-start-timeout-s", type=float, default=600.0)
+    p.add_argument("--quiet-wait-s", type=float, default=5.0)
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    d = DEFAULTS[args.device]
+    args.models = args.models or d["models"]
+    args.max_tokens = args.max_tokens or d["max_tokens"]
+    args.max_context = args.max_context or d["max_context"]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if len(models) != 2:
+        p.error("--models takes two models: A,B")
+    args.model_list = models
+    return args
+
+
+def run_concurrent(address: dict, agents: list[Agent], max_tokens: int) -> tuple[list[dict], float]:
+    barrier = threading.Barrier(len(agents) + 1)
+    with ThreadPoolExecutor(len(agents)) as pool:
+        futures = [pool.submit(converse, address[a.model], a, max_tokens, barrier) for a in agents]
+        barrier.wait()
+        t0 = time.perf_counter()
+        results = [f.result() for f in futures]
+    wall = max(r["done_at"] for r in results) - t0
+    return results, wall
+
+
+def run_sequential(address: dict, agents: list[Agent], max_tokens: int) -> tuple[list[dict], float]:
+    t0 = time.perf_counter()
+    results = [converse(address[a.model], a, max_tokens) for a in agents]
+    return results, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = dt.datetime.now(dt.timezone.utc)
+    gpu = gpu_probe() if args.device == "cuda" else None
+    if args.device == "cuda" and not gpu:
+        print("--device cuda: torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    models = args.model_list
+    agents = make_agents(models, args.turns)
+    result: dict = {"benchmark": "seed-scenario", "date": started.isoformat(timespec="seconds"),
+                    "commit": git_commit(), "machine": machine_info(gpu), "device": args.device,
+                    "args": {k: v for k, v in vars(args).items() if k != "model_list"},
+                    "agents": [{"name": a.name, "model": a.model, "chat_wanted": a.chat,
+                                "turns": list(a.turns)} for a in agents],
+                    "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+
+    if args.device == "cuda":
+        cap_fraction = min(1.0, args.cap_gib * GIB / gpu["total_memory"])
+        adm_args = ["--device-backend", "nvml", "--cap-fraction", f"{cap_fraction:.6f}"]
+        result["cap_fraction"] = round(cap_fraction, 6)
+    else:
+        adm_args = ["--device", f"cpu:0={args.device_size}"]
+    adm_args += ["--reclaim-deadline-s", str(args.reclaim_deadline_s), "--log-format", "json"]
+
+    shm = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-", dir="/dev/shm"))
+    tmp = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-state-"))
+    procs: dict = {}
+    logs = {name: tmp / f"{name}.log" for name in ("admission", "kvstore", "worker-a", "worker-b")}
+    worker_logs = {"worker-a": logs["worker-a"], "worker-b": logs["worker-b"]}
+    watcher = None
+    failure = None
+    try:
+        procs["admission"] = start_service("services.admission", ADMISSION, adm_args,
+                                           log_path=logs["admission"], timeout_s=60)
+        result["admission_command"] = "python -m services.admission " + " ".join(adm_args)
+        result["admission_devices_start"] = admission_devices(procs["admission"].address)
+        kv_args = ["--store-id", "benchseed" + uuid.uuid4().hex[:8], "--shm-dir", str(shm),
+                   "--state-dir", str(tmp / "kvstate"), "--keep-on-stop", "false",
+                   "--log-format", "json"]
+        procs["kvstore"] = start_service("services.kvstore", KVSTORE, kv_args,
+                                         log_path=logs["kvstore"], timeout_s=60)
+        watcher = Watcher(procs["admission"].address)
+        common = ["--admission", procs["admission"].address, "--kvstore",
+                  procs["kvstore"].address, "--kv-chunk-bytes", args.kv_chunk_bytes,
+                  "--max-context", str(args.max_context), "--kv-wait-s", "300",
+                  "--device", args.device, "--log-format", "json"]
+        result["worker_command"] = "python -m services.worker --model M " + " ".join(common)
+        # The first model first: when the second asks for its memory, the
+        # first (idle) sleeps.
+        t_start = {}
+        for name, model in (("worker-a", models[0]), ("worker-b", models[1])):
+            t0 = time.perf_counter()
+            procs[name] = start_service("services.worker", WORKER, ["--model", model, *common],
+                                        log_path=logs[name],
+                                        timeout_s=args.worker_start_timeout_s)
+            t_start[name] = round(time.perf_counter() - t0, 2)
+            print(f"{name} {model} ready in {t_start[name]} s", file=sys.stderr, flush=True)
+        result["worker_start_s"] = t_start
+        address = {models[0]: procs["worker-a"].address, models[1]: procs["worker-b"].address}
+
+        status = {m: worker_status(a) for m, a in address.items()}
+        result["worker_status_start"] = status
+        budget = result["admission_devices_start"][0]["budget_bytes"] \
+            if result["admission_devices_start"] else 0
+        weights = [status[m]["weight_bytes"] + status[m]["overhead_bytes"] for m in models]
+        result["fit_check"] = {
+            "budget_bytes": budget, "weights_plus_overhead_bytes": dict(zip(models, weights)),
+            "each_fits_alone": all(w <= budget for w in weights),
+            "both_fit_together": sum(weights) <= budget}
+        if not result["fit_check"]["each_fits_alone"] or result["fit_check"]["both_fit_together"]:
+            print(f"WARNING: the scenario wants each model to fit alone and not both: "
+                  f"{result['fit_check']}", file=sys.stderr, flush=True)
+
+        marks = {"start": (watcher.mark(), log_offsets(worker_logs))}
+        if not args.no_warmup:
+            warm = [converse(address[m], Agent("warmup", m, False, ("Hello",)), 1)
+                    for m in models]
+            result["warmup_errors"] = [w["error"] for w in warm if w["error"]]
+        marks["warm"] = (watcher.mark(), log_offsets(worker_logs))
+
+        result["machine_busy_before_concurrent_cores"] = wait_quiet(args.quiet_wait_s)
+        print("concurrent ...", file=sys.stderr, flush=True)
+        together, wall_c = run_concurrent(address, agents, args.max_tokens)
+        marks["concurrent"] = (watcher.mark(), log_offsets(worker_logs))
+        result["concurrent"] = phase_numbers(together, wall_c)
+
+        result["machine_busy_before_sequential_cores"] = wait_quiet(args.quiet_wait_s)
+        print("sequential ...", file=sys.stderr, flush=True)
+        alone, wall_s = run_sequential(address, agents, args.max_tokens)
+        marks["sequential"] = (watcher.mark(), log_offsets(worker_logs))
+        result["sequential"] = phase_numbers(alone, wall_s)
+
+        order = ["start", "warm", "concurrent", "sequential"]
+        for prev, cur in zip(order, order[1:]):
+            key = "warmup" if cur == "warm" else cur
+            block = result.setdefault(key, {})
+            block.update(watcher.summary(marks[prev][0], marks[cur][0]))
+            block.update(log_lines(worker_logs, marks[prev][1], marks[cur][1]))
+        result["startup"] = {**watcher.summary(0, marks["start"][0]),
+                             **log_lines(worker_logs, {}, marks["start"][1])}
+
+        c, s = result["concurrent"], result["sequential"]
+        result["throughput_ratio_concurrent_over_sequential"] = (
+            round(c["tokens_per_s"] / s["tokens_per_s"], 3)
+            if c["tokens_per_s"] and s["tokens_per_s"] else None)
+        result["outputs_equal"] = {
+            a.name: c["agents"][a.name]["token_ids"] == s["agents"][a.name]["token_ids"]
+            for a in agents}
+        result["worker_status_end"] = {m: worker_status(a) for m, a in address.items()}
+        result["admission_devices_end"] = admission_devices(procs["admission"].address)
+    except BaseException as exc:  # noqa: BLE001 - cleaned up below, then re-raised
+        failure = exc
+        result["failure"] = "".join(traceback.format_exception(exc))[-4000:]
+    finally:
+        if watcher is not None:
+            watcher.close()
+        codes = {}
+        for name in ("worker-b", "worker-a", "kvstore", "admission"):
+            if name in procs:
+                codes[name] = procs[name].stop(60)
+        result["exit_codes"] = codes
+        result["shm_files_left_after_stop"] = (sorted(p.name for p in shm.iterdir())
+                                               if shm.exists() else [])
+        shutil.rmtree(shm, ignore_errors=True)
+        bad = [n for n, code in codes.items() if code != 0]
+        if bad or failure is not None:
+            for name in (bad or list(logs)):
+                if logs[name].exists():
+                    print(f"--- {name} log tail ---\n"
+                          + logs[name].read_text(errors="replace")[-3000:], file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = args.device
+    for name in (f"seed-scenario-{dev}-{started.date().isoformat()}.json",
+                 f"seed-scenario-{dev}-latest.json"):
+        (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
+    if failure is not None:
+        print(f"\nFAILED (partial results written to {out_dir}):\n{result['failure']}",
+              file=sys.stderr)
+        return 1
+    print_table(result)
+    print(f"\nwrote {out_dir}/seed-scenario-{dev}-{started.date().isoformat()}.json",
+          file=sys.stderr)
+    errors = result["concurrent"]["errors"] + result["sequential"]["errors"]
+    return 0 if errors == 0 and not any(result["exit_codes"].values()) else 1
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(r: dict) -> None:
+    c, s = r["concurrent"], r["sequential"]
+    m = r["machine"]
+    print(f"\nSeed scenario on {r['device']} ({m['gpu'] or m['cpu_model']}), "
+          f"models {r['args']['models']}, {r['args']['turns']} turns x "
+          f"{r['args']['max_tokens']} tokens, commit {r['commit']}")
+    print("| phase | wall s | tokens | tok/s | TTFT p50 s | TTFT p95 s | sleeps | wakes | "
+          "parks | restores | errors |")
+    print("| --- |" + " ---: |" * 10)
+    for name, p in (("concurrent", c), ("sequential", s)):
+        print(f"| {name} | {p['wall_s']:.2f} | {p['tokens']} | {p['tokens_per_s']:.2f} | "
+              f"{_fmt(p['ttft_p50_s'])} | {_fmt(p['ttft_p95_s'])} | {p['sleeps']} | "
+              f"{p['wakes']} | {p['parks']} | {p['restores']} | {p['errors']} |")
+    print(f"\nthroughput concurrent / sequential: "
+          f"{_fmt(r['throughput_ratio_concurrent_over_sequential'], '.2f')}")
+    for phase in ("concurrent", "sequential"):
+        p = r[phase]
+        watch = ", ".join(f"{w['model']} {w['seconds']:.3f}s" for w in p["wake_seconds_watch"])
+        logw = ", ".join(f"{w['worker']} {_fmt(w['seconds'])}s {_fmt(w['gb_s'], '.1f')}GB/s"
+                         for w in p["model_awake_log"])
+        print(f"{phase} wakes: watch [{watch or '-'}]; worker logs [{logw or '-'}]")
+        for name, a in p["agents"].items():
+            print(f"  {name:8} {a['model']:22} tokens {a['tokens']:4d}  TTFT p50 "
+                  f"{_fmt(a['ttft_p50_s'])} p95 {_fmt(a['ttft_p95_s'])}  turns "
+                  f"{a['turn_s']}" + (f"  ERROR {a['error']}" if a["error"] else ""))
+        if p["log_failures"]:
+            print(f"  worker log failures: {len(p['log_failures'])}")
+    eq = r["outputs_equal"]
+    print(f"\noutputs equal (concurrent == sequential): {eq}")
+    if not all(eq.values()):
+        print("!!! OUTPUTS DIFFER between concurrent and sequential runs for: "
+              + ", ".join(k for k, v in eq.items() if not v) + " !!!")
+    print(f"fit check: {r['fit_check']}")
+    print(f"exit codes: {r['exit_codes']}; shm files left: {r['shm_files_left_after_stop']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
