@@ -529,6 +529,17 @@ def main(argv=None) -> int:
                           + logs[name].read_text(errors="replace")[-3000:], file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["notes"] = [
+        "wake_seconds_watch: KIND_MODEL_AWAKE seconds, includes waiting in admission's queue "
+        "for the weight lease (the reclaim round trip: other holders parking and sleeping).",
+        "model_awake_log: the worker's pure weight copy (host -> device) and GB/s. On the CPU "
+        "sleeping moves nothing (weights stay in host memory, only the lease is released), so "
+        "there are no model_awake lines there.",
+        "TTFT: from the Generate call to the first delta with token ids (includes a wake, a "
+        "restore of parked KV, and the prefill of the turn).",
+        "concurrent wall: from the release of all agents at once to the last agent's end; "
+        "sequential wall: the three agents one after another.",
+    ]
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -571,6 +582,8 @@ def print_table(r: dict) -> None:
         watch = ", ".join(f"{w['model']} {w['seconds']:.3f}s" for w in p["wake_seconds_watch"])
         logw = ", ".join(f"{w['worker']} {_fmt(w['seconds'])}s {_fmt(w['gb_s'], '.1f')}GB/s"
                          for w in p["model_awake_log"])
+        if not logw and r["device"] == "cpu":
+            logw = "none on the CPU: sleep moves no weights"
         print(f"{phase} wakes: watch [{watch or '-'}]; worker logs [{logw or '-'}]")
         for name, a in p["agents"].items():
             print(f"  {name:8} {a['model']:22} tokens {a['tokens']:4d}  TTFT p50 "

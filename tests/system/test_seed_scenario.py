@@ -175,6 +175,9 @@ def test_three_agents_two_models_one_small_device(stack):
         watcher.close()
     for agent in AGENTS:
         assert all(together[agent.name]), f"{agent.name} got an empty answer: {together}"
+    from services.admission.table import render_event   # as `lmx watch` prints them
+    (tmp / "watch.txt").write_text("".join(f"{e.seq:>6}  {render_event(e)}\n"
+                                           for e in watcher.events))
 
     # Visible: admission asked, workers parked sessions, slept and woke.
     kinds = watcher.kinds()
