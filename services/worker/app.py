@@ -59,6 +59,16 @@ def session_state(session) -> str:
     return "generating" if session.busy else "active"
 
 
+def load_transient(loaded_config, itemsize: int) -> int:
+    """Memory a load holds beyond the weights for a moment: a model with tied
+    embeddings is built with its own output matrix, then tied (freed); with
+    room for the allocator's rounding."""
+    config = loaded_config.get_text_config()
+    if not getattr(config, "tie_word_embeddings", False):
+        return 0
+    return int(config.vocab_size * config.hidden_size * itemsize * 1.1) + (128 << 20)
+
+
 def workspace_estimate(loaded_config, tokens: int, rows: int, itemsize: int) -> int:
     """Activations of one step of `tokens` tokens, generously: a few hidden
     and MLP-wide tensors per token, attention scores, and fp32 logits."""
@@ -134,8 +144,10 @@ class WorkerApp:
             self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
             from services.worker.models import model_config
             config, _ = await asyncio.to_thread(model_config, settings.model, self.cache)
-            workspace = workspace_estimate(config, settings.max_prefill_tokens, settings.max_batch,
-                                           torch.empty((), dtype=self.dtype).element_size())
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            workspace = max(workspace_estimate(config, settings.max_prefill_tokens,
+                                               settings.max_batch, itemsize),
+                            load_transient(config, itemsize))
         if self.device.type == "cuda":
             self.memory.on_change = self._cap_allocator
         base = weight_bytes + self.overhead_bytes + workspace
@@ -159,7 +171,7 @@ class WorkerApp:
         self.pressure = PressureRelief(
             self.engine, self.sessions, parking, self.memory,
             WeightStash(self.loaded.model, self.device), base_bytes=base,
-            pinned=settings.pin_model, on_activity=self._report_activity,
+            keep_bytes=self.overhead_bytes, pinned=settings.pin_model, on_activity=self._report_activity,
             on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)

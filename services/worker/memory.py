@@ -36,7 +36,10 @@ class Memory(Protocol):
         """Weights + fixed overhead; waits until granted."""
         ...
 
-    async def resize_base(self, num_bytes: int) -> None: ...
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
+        """Make the weights lease num_bytes (a growth waits; with
+        wait_forever it waits in admission's queue until granted)."""
+        ...
 
     async def release_base(self) -> None:
         """Give the weights' memory back (the model went to sleep)."""
@@ -71,7 +74,7 @@ class FixedMemory:
         self._held["weights"] = num_bytes
         self._changed()
 
-    async def resize_base(self, num_bytes: int) -> None:
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
         await self.acquire_base(num_bytes)
 
     async def release_base(self) -> None:
@@ -167,14 +170,19 @@ class AdmissionMemory:
                      lease_id=lease.lease_id)
             return
 
-    async def resize_base(self, num_bytes: int) -> None:
-        lease = self._leases["weights"]
-        try:
-            self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=60.0))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise _capacity_error(exc, "growing the weights lease") from None
-            raise
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
+        while True:
+            lease = self._leases["weights"]
+            try:
+                self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=60.0))
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if not wait_forever:
+                    raise _capacity_error(exc, "growing the weights lease") from None
+                log.warning("worker_waiting_for_memory", bytes=num_bytes, device=self.device,
+                            message=exc.details())
 
     async def release_base(self) -> None:
         lease = self._leases.pop("weights", None)

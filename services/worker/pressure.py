@@ -7,8 +7,9 @@ wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
 - Weights: put the model to sleep: refused when the model is pinned
   (--pin-model). Generations in flight finish first ("draining": new
   requests wait meanwhile); then every session with KV is parked, the weights
-  go to host memory (services/worker/sleep.py) and the weights lease is
-  released. The worker is then "asleep".
+  go to host memory (services/worker/sleep.py) and the weights lease shrinks
+  to what stays on the device (the CUDA context; released on the CPU). The
+  worker is then "asleep".
 - Wake: the next request (Generate, RestoreSession) waits in admission's
   queue for the weights lease again, copies the weights back and goes on;
   its sessions come back from the kvstore as they are used. The client's
@@ -48,7 +49,8 @@ class Relief:
 
 class PressureRelief:
     def __init__(self, engine: Engine, sessions: SessionTable, parking: Parking,
-                 memory: Memory, stash: WeightStash, *, base_bytes: int, pinned: bool = False,
+                 memory: Memory, stash: WeightStash, *, base_bytes: int, keep_bytes: int = 0,
+                 pinned: bool = False,
                  on_activity: Callable[..., None] | None = None,
                  on_state: Callable[[str], None] | None = None):
         self.engine = engine
@@ -57,6 +59,9 @@ class PressureRelief:
         self.memory = memory
         self.stash = stash
         self.base_bytes = base_bytes
+        #: Bytes the weights lease keeps while asleep: what stays on the device
+        #: (the CUDA context); 0 releases the lease.
+        self.keep_bytes = keep_bytes
         self.pinned = pinned
         self.on_activity = on_activity
         self.on_state = on_state
@@ -147,7 +152,10 @@ class PressureRelief:
                 if self._busy() or self.engine.pool.usage().num_used_blocks:
                     raise LmxError("a request came in while its sessions were parked")
                 moved = await asyncio.to_thread(self.stash.sleep)
-                await self.memory.release_base()
+                if self.keep_bytes:
+                    await self.memory.resize_base(self.keep_bytes)
+                else:
+                    await self.memory.release_base()
             except BaseException as exc:
                 if self.stash.asleep:
                     await asyncio.to_thread(self.stash.wake)
@@ -171,7 +179,10 @@ class PressureRelief:
             self._set_state("waking")
             started = time.perf_counter()
             try:
-                await self.memory.acquire_base(self.base_bytes)
+                if self._held("weights"):
+                    await self.memory.resize_base(self.base_bytes, wait_forever=True)
+                else:
+                    await self.memory.acquire_base(self.base_bytes)
                 moved = await asyncio.to_thread(self.stash.wake)
             except BaseException:
                 self._set_state("asleep")

@@ -35,7 +35,8 @@ def arena(tmp_path):
     arena.close()
 
 
-def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_bytes=1 << 14):
+def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_bytes=1 << 14,
+                 keep_bytes=0):
     async def main():
         memory = FixedMemory(1 << 30)
         await memory.acquire_base(BASE)
@@ -46,7 +47,7 @@ def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_byt
         activity = []
         pressure = PressureRelief(engine, sessions, parking, memory,
                                   WeightStash(loaded.model, loaded.device, moves=moves),
-                                  base_bytes=BASE, pinned=pinned,
+                                  base_bytes=BASE, keep_bytes=keep_bytes, pinned=pinned,
                                   on_activity=lambda *a: activity.append(a))
         parking.on_activity = lambda *a: activity.append(a)
         engine.on_kv_short = pressure.kv_short
@@ -112,7 +113,7 @@ def test_sleep_drains_generations_first_and_holds_new_requests(tiny, arena):
     async def scenario(core, pressure, memory, activity):
         running, other = core.open_session().session, core.open_session().session
         stream = core.generate(running.session_id, running.token,
-                               SamplingParams(max_tokens=40), prompt="go on")
+                               SamplingParams(max_tokens=400), prompt="go on")
         await anext(stream)
         sleeping = asyncio.create_task(pressure.sleep("drain"))
         await asyncio.sleep(0.05)
@@ -187,3 +188,18 @@ def test_the_stash_moves_and_frees_every_tensor_once(tiny):
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items()), (
         "a weight or buffer changed through sleep and wake")
     assert stash.sleep().num_bytes == moved.num_bytes and stash.wake().num_bytes == moved.num_bytes
+
+
+def test_asleep_keeps_what_stays_on_the_device_leased(tiny, arena):
+    """On a GPU the CUDA context stays while the model sleeps: the weights
+    lease shrinks to it (else admission would count it as foreign memory and
+    the wake could never fit), and grows back on wake."""
+    async def scenario(core, pressure, memory, activity):
+        session = core.open_session().session
+        await ids_of(core, session, "one two")
+        await pressure.sleep("keep")
+        assert memory.granted()["weights"] == 1 << 20, memory.granted()
+        await ids_of(core, session, " three")
+        assert memory.granted()["weights"] == BASE
+
+    run_pressure(tiny, scenario, FakeLink(arena), keep_bytes=1 << 20)
