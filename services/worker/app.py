@@ -51,14 +51,6 @@ ACTIVITY_TO_PB = {"session_parked": admission_pb2.WorkerActivity.KIND_SESSION_PA
                   "model_awake": admission_pb2.WorkerActivity.KIND_MODEL_AWAKE}
 
 
-def session_state(session) -> str:
-    if session.moving:
-        return "moving"
-    if session.parked_entry:
-        return "parked"
-    return "generating" if session.busy else "active"
-
-
 def load_transient(loaded_config, itemsize: int) -> int:
     """Memory a load holds beyond the weights for a moment: a model with tied
     embeddings is built with its own output matrix, then tied (freed); with
@@ -171,8 +163,8 @@ class WorkerApp:
         self.pressure = PressureRelief(
             self.engine, self.sessions, parking, self.memory,
             WeightStash(self.loaded.model, self.device), base_bytes=base,
-            keep_bytes=self.overhead_bytes, pinned=settings.pin_model, on_activity=self._report_activity,
-            on_state=lambda _state: self._register_soon())
+            keep_bytes=self.overhead_bytes, pinned=settings.pin_model,
+            on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)
         if self.device.type == "cuda":
@@ -209,7 +201,6 @@ class WorkerApp:
                 pass
             await self.admission.close()
 
-    # ---- internals -------------------------------------------------------
     # ---- memory pressure ---------------------------------------------------
     async def _reclaim_loop(self) -> None:
         """Admission's reclaim requests for this worker's leases, from Watch."""
@@ -288,6 +279,7 @@ class WorkerApp:
             return "asleep" if self.pressure.state in ("asleep", "sleeping", "waking") else "ready"
         return self.state
 
+    # ---- internals -------------------------------------------------------
     def _core(self) -> WorkerCore:
         if self.core is None or self.state != "ready":
             raise FailedPrecondition(f"the worker is {self.state}, not ready yet",
@@ -369,7 +361,7 @@ class WorkerApp:
             dtype=str(self.dtype).removeprefix("torch."), state=self._reported_state(),
             num_sessions=len(self.sessions), overhead_bytes=self.overhead_bytes,
             leased_bytes=sum(granted.values()),
-            sessions=[worker_pb2.SessionInfo(session_id=s.session_id, state=session_state(s),
+            sessions=[worker_pb2.SessionInfo(session_id=s.session_id, state=s.state,
                                              num_tokens=len(s.tokens), idle_s=now - s.last_used)
                       for s in self.sessions.all()],
             num_parked=sum(1 for s in self.sessions.all() if s.parked_entry))

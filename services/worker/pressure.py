@@ -85,11 +85,12 @@ class PressureRelief:
 
     async def _relieve_self(self, num_bytes: int) -> None:
         try:
-            free_before = self.engine.pool.num_free_blocks
+            pool = self.engine.pool
+            block_bytes = pool.block_size * self.engine.loaded.kv_shape.bytes_per_token
+            free_before = pool.num_free_blocks
             for session in self.idle_sessions():
                 await self.parking.park(session, reason="kv short")
-                blocks = self.engine.pool.num_free_blocks - free_before
-                if blocks * self.engine.pool.block_size * self.engine.loaded.kv_shape.bytes_per_token >= num_bytes:
+                if (pool.num_free_blocks - free_before) * block_bytes >= num_bytes:
                     break
         except LmxError as exc:
             log.info("kv_self_relief_stopped", error=exc.message)

@@ -30,6 +30,15 @@ class Session:
     created_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
 
+    @property
+    def state(self) -> str:
+        """As status shows it: moving, parked, generating or active."""
+        if self.moving:
+            return "moving"
+        if self.parked_entry:
+            return "parked"
+        return "generating" if self.busy else "active"
+
 
 class SessionTable:
     def __init__(self, max_sessions: int = 1024):
