@@ -346,9 +346,11 @@ class WorkerApp:
         steady = torch.cuda.memory_reserved(self.device)
         workspace = max(0, peak - self.loaded.weight_bytes - kv_at_peak)
         # Whichever is larger: the peak step's needs, or what the allocator
-        # keeps after it (cuBLAS workspaces, blocks still split); plus slack.
+        # keeps after it (cuBLAS workspaces, blocks still split); plus slack,
+        # and the staging buffers of a park or restore running beside a step.
+        staging = self.core.parking.transfer.staging_bytes
         base = self.overhead_bytes + max(self.loaded.weight_bytes + int(workspace * 1.1),
-                                         steady) + (32 << 20)
+                                         steady) + (32 << 20) + staging
         log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_at_peak,
                  steady_reserved=steady, workspace_bytes=workspace, base_lease_bytes=base)
         await self.memory.resize_base(base)

@@ -234,6 +234,13 @@ class KVTransfer:
     def num_bytes(self, num_tokens: int) -> int:
         return 2 * self.storage.shape.num_layers * num_tokens * self._row_bytes
 
+    @property
+    def staging_bytes(self) -> int:
+        """Device memory a park or restore takes beside the pool: two staging
+        buffers and the checksum's temporary, a piece each (more only when a
+        single layer's K or V of a very long context exceeds piece_bytes)."""
+        return 3 * self.piece_bytes
+
     def close(self) -> None:
         self.segments.close()
 
