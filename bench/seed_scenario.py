@@ -368,6 +368,8 @@ def parse_args(argv):
     p.add_argument("--quiet-wait-s", type=float, default=5.0)
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--log-dir", default=None,
+                   help="keep the services' logs here (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     d = DEFAULTS[args.device]
     args.models = args.models or d["models"]
@@ -424,7 +426,10 @@ def main(argv=None) -> int:
     shm = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-", dir="/dev/shm"))
     tmp = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-state-"))
     procs: dict = {}
-    logs = {name: tmp / f"{name}.log" for name in ("admission", "kvstore", "worker-a", "worker-b")}
+    log_dir = Path(args.log_dir) if args.log_dir else tmp
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = {name: log_dir / f"{name}.log"
+            for name in ("admission", "kvstore", "worker-a", "worker-b")}
     worker_logs = {"worker-a": logs["worker-a"], "worker-b": logs["worker-b"]}
     watcher = None
     failure = None
