@@ -212,7 +212,7 @@ class Broker:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             try:
-                memories = await asyncio.to_thread(self.source.read, self.ledger.leased_by_pid())
+                memories = await asyncio.to_thread(self.source.read, self.ledger.accounted_by_pid())
             except Exception as exc:  # noqa: BLE001 - keep the last figures, say so
                 log.warning("device_poll_failed", error=str(exc))
                 continue

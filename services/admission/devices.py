@@ -32,9 +32,10 @@ class DeviceMemory:
 
 
 class DeviceSource(Protocol):
-    def read(self, leased_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
-        """Current figures. `leased_by_pid` maps (device, pid) to the bytes
-        leased to that process there, so that its own usage is not foreign."""
+    def read(self, accounted_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
+        """Current figures. `accounted_by_pid` maps (device, pid) to the bytes
+        the book accounts to that process there (its leases and what it waits
+        for), so that its own usage, up to that, is not foreign."""
         ...
 
     def close(self) -> None: ...
@@ -70,7 +71,7 @@ class SimulatedDevices:
         self._devices = [DeviceMemory(s.device, "simulated", "", s.total_bytes, 0, "simulated")
                          for s in specs]
 
-    def read(self, leased_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
+    def read(self, accounted_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
         return list(self._devices)
 
     def close(self) -> None:
@@ -117,7 +118,7 @@ class NvmlDevices:
                     usage[int(proc.pid)] = max(usage.get(int(proc.pid), 0), int(used))
         return usage
 
-    def read(self, leased_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
+    def read(self, accounted_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
         result = []
         for index, handle in enumerate(self._handles):
             device = f"gpu:{index}"
@@ -126,7 +127,7 @@ class NvmlDevices:
             usage = self._process_usage(handle)
             # A lease holder's own usage, up to its lease, is accounted by the
             # lease; anything beyond it is foreign like everybody else's.
-            covered = sum(min(used, leased_by_pid.get((device, pid), 0))
+            covered = sum(min(used, accounted_by_pid.get((device, pid), 0))
                           for pid, used in usage.items())
             result.append(DeviceMemory(device, self._names[index], self._uuids[index],
                                        int(info.total), max(0, in_use - covered), "nvml"))

@@ -238,11 +238,21 @@ class Ledger:
                            waiting.get(dev_id, 0))
                 for dev_id, dev in self._devices.items()]
 
-    def leased_by_pid(self) -> dict[tuple[str, int], int]:
+    def accounted_by_pid(self) -> dict[tuple[str, int], int]:
+        """Bytes per (device, pid) that the book already accounts for: the
+        process's leases, plus what it waits for on a named device. A worker
+        creates its CUDA context before its first lease is granted and counts
+        the context in its ask; without the waiter's share the context would be
+        foreign too, counted twice, and an ask that fits exactly would never
+        be granted."""
         totals: dict[tuple[str, int], int] = {}
         for lease in self._leases.values():
             key = (lease.device, lease.holder.pid)
             totals[key] = totals.get(key, 0) + lease.bytes
+        for waiter in self._queue:
+            if waiter.device and waiter.holder.pid:
+                key = (waiter.device, waiter.holder.pid)
+                totals[key] = totals.get(key, 0) + waiter.bytes
         return totals
 
     def shortfall(self, waiter: Waiter) -> Shortfall:

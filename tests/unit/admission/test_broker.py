@@ -277,7 +277,7 @@ class FakeNvmlSource:
         self.fail = False
         self.reads = 0
 
-    def read(self, leased_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
+    def read(self, accounted_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
         self.reads += 1
         if self.fail:
             raise RuntimeError("NVML went away")
@@ -305,6 +305,42 @@ def test_poll_loop_follows_foreign_memory_and_survives_read_errors():
             lease = await asyncio.wait_for(waiting, 2)
             assert lease.bytes == 300, "less foreign memory must serve the queue"
             assert ledger.budget_bytes("gpu:0") == 400
+        finally:
+            await broker.close()
+
+    asyncio.run(main())
+
+
+class ProcessNvmlSource:
+    """NVML as the real source reads it: each process's usage is foreign
+    beyond what the book accounts to that process."""
+
+    def __init__(self, total: int, usage: dict[int, int]):
+        self.total, self.usage = total, usage
+
+    def read(self, accounted_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
+        foreign = sum(max(0, used - accounted_by_pid.get(("gpu:0", pid), 0))
+                      for pid, used in self.usage.items())
+        return [DeviceMemory("gpu:0", "Fake GPU", "GPU-1", self.total, foreign, "nvml")]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_waiters_own_context_is_not_counted_twice():
+    """A worker's CUDA context exists before its first lease and is part of
+    its ask: an ask that fits the budget with the context inside is granted."""
+    async def main() -> None:
+        source = ProcessNvmlSource(1000, usage={42: 300})   # the context, no lease yet
+        ledger = Ledger(source.read({}), 0.5, TtlLimits(10.0, 0.1, 3600.0))
+        assert ledger.budget_bytes("gpu:0") == 200, "before the ask, the context is foreign"
+        broker = Broker(ledger, source, sweep_interval_s=0.02, poll_interval_s=0.02)
+        await broker.start()
+        try:
+            lease = await asyncio.wait_for(
+                broker.acquire(Holder("worker/m", 42), 450, KV, device="gpu:0", wait_s=3), 2)
+            assert lease.bytes == 450
+            await until(lambda: ledger.budget_bytes("gpu:0") == 500, "the lease covers it")
         finally:
             await broker.close()
 

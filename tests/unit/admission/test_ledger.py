@@ -576,18 +576,27 @@ def test_update_devices_with_less_foreign_serves_the_queue():
 
 # ---- the rest of the book ------------------------------------------------------
 
-def test_leased_by_pid_and_device_views():
+def test_accounted_by_pid_and_device_views():
     ledger = make_ledger(memory(GPU0), memory(GPU1))
     granted(ask(ledger, 100, GPU0, pid=7))
     granted(ask(ledger, 50, GPU0, pid=7))
     granted(ask(ledger, 30, GPU1, pid=7))
     granted(ask(ledger, 20, GPU0, pid=8))
-    assert ledger.leased_by_pid() == {(GPU0, 7): 150, (GPU1, 7): 30, (GPU0, 8): 20}
+    assert ledger.accounted_by_pid() == {(GPU0, 7): 150, (GPU1, 7): 30, (GPU0, 8): 20}
     granted(ask(ledger, 300, GPU0))
     ask(ledger, 100, GPU0)
     view0, view1 = ledger.devices()
     assert (view0.num_leases, view0.leased_bytes, view0.num_waiting) == (4, 470, 1)
     assert (view1.num_leases, view1.leased_bytes, view1.num_waiting) == (1, 30, 0)
+
+
+def test_a_waiter_on_a_named_device_is_accounted_to_its_process():
+    ledger = make_ledger()
+    granted(ask(ledger, 400, GPU0, pid=7))
+    ask(ledger, 300, GPU0, pid=9)
+    ask(ledger, 200, None, pid=10)       # any device: cannot say which
+    ask(ledger, 100, GPU0, pid=0)        # no pid: nothing to match on NVML
+    assert ledger.accounted_by_pid() == {(GPU0, 7): 400, (GPU0, 9): 300}
 
 
 def test_shortfall_and_retry_hint():
