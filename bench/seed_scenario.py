@@ -10,12 +10,12 @@ lmx-bench-seed-, temporary --state-dir) and one worker per model.
                   the two models cannot be resident together.
   GPU (--device cuda)
                   admission --device-backend nvml --cap-fraction F, F chosen
-                  so the cap is --cap-gib (10) GiB of the GPU's total;
-                  synthetic:llama-3b (bfloat16, 6.4 GB of weights, 8.1 GB
-                  with its CUDA context and workspace) and synthetic:llama-1b
-                  (2.5 GB, 3.8 GB): each fits alone, not both. 8 GiB is too
-                  small for the 3B model's lease once the driver's reserve
-                  (about 0.6 GB on an H200, foreign to admission) is taken.
+                  so the cap is --cap-gib (8) GiB of the GPU's total;
+                  synthetic:llama-3b (bfloat16, 6.4 GB of weights, about
+                  7.9 GB with its CUDA context and workspace) and
+                  synthetic:llama-1b (2.5 GB; 3.8 GB): each fits alone, not
+                  both. The driver's reserve (about 0.6 GB on an H200) is
+                  foreign to admission and comes off the cap.
 
 Agents (as tests/system/test_seed_scenario.py): a code generator and a
 security reviewer on the first model (one worker, shared weights), a
@@ -363,7 +363,7 @@ def parse_args(argv):
                    help="per turn (default 16 on the CPU, 64 on a GPU)")
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--device-size", default="1400MiB", help="CPU: simulated device size")
-    p.add_argument("--cap-gib", type=float, default=10.0,
+    p.add_argument("--cap-gib", type=float, default=8.0,
                    help="GPU: admission's cap in GiB (sets --cap-fraction)")
     p.add_argument("--reclaim-deadline-s", type=float, default=2.0)
     p.add_argument("--kv-chunk-bytes", default="4MiB")

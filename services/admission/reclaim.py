@@ -22,8 +22,9 @@ answered) is asked of other holders' leases on that device, in this order
   not enough.
 
 Each ask has a deadline (`deadline_s`); past it, unanswered, it is reported
-overdue once (status and an event). A holder that also stops renewing loses
-its lease to expiry, as before.
+overdue once (status and an event), and after one more deadline sent again
+under the same id while the waiter still needs it. A holder that also stops
+renewing loses its lease to expiry, as before.
 """
 
 from __future__ import annotations
@@ -125,14 +126,25 @@ class Reclaimer:
         missing = waiter.bytes - self.ledger.free_bytes(device) - pending
         if missing <= 0:
             return []
-        # An overdue ask is sent again (a new id) once another deadline has
-        # passed: the holder may have missed it (not watching yet, a dropped
-        # stream); the old one leaves the book, its overdue event told.
-        for reclaim_id, ask in list(self._asks.items()):
-            if ask.state == "overdue" and self.clock() - ask.deadline >= self.deadline_s:
-                del self._asks[reclaim_id]
-        asked = {r.lease.lease_id for r in self._asks.values() if r.state != "answered"}
         now = self.clock()
+        asks: list[Reclaim] = []
+        # An overdue ask is sent again, under the same id, once another
+        # deadline has passed: the holder may have missed it (not watching
+        # yet, a dropped stream), or be still at work on it (draining a model
+        # takes as long as its generations in flight); either way its answer
+        # to the first sending still lands.
+        for reclaim_id, ask in list(self._asks.items()):
+            if missing <= 0:
+                break
+            if (ask.device == device and ask.state == "overdue"
+                    and now - ask.deadline >= self.deadline_s):
+                again = replace(ask, state="asked", asked_at=now, deadline=now + self.deadline_s)
+                self._asks[reclaim_id] = again
+                asks.append(again)
+                missing -= again.bytes
+                log.info("reclaim_requested_again", reclaim_id=reclaim_id,
+                         holder=ask.lease.holder.name, bytes=ask.bytes)
+        asked = {r.lease.lease_id for r in self._asks.values() if r.state != "answered"}
         # A holder that just answered (maybe with nothing to give) is not asked
         # again for the same waiter until a deadline has passed.
         answered = {r.lease.lease_id for r in self._asks.values()
@@ -146,12 +158,11 @@ class Reclaimer:
         if not kv:
             # Stage 2 only once no KV ask for this device is still open.
             if any(r.lease.purpose is Purpose.KV for r in self.open_asks(device)):
-                return []
+                return asks
             stage = [lease for lease in candidates if lease.purpose is not Purpose.KV]
         else:
             stage = kv
         stage.sort(key=lambda lease: (lease.priority, lease.resized_at, lease.granted_at))
-        asks = []
         for lease in stage:
             if missing <= 0:
                 break

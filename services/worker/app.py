@@ -51,16 +51,6 @@ ACTIVITY_TO_PB = {"session_parked": admission_pb2.WorkerActivity.KIND_SESSION_PA
                   "model_awake": admission_pb2.WorkerActivity.KIND_MODEL_AWAKE}
 
 
-def load_transient(loaded_config, itemsize: int) -> int:
-    """Memory a load holds beyond the weights for a moment: a model with tied
-    embeddings is built with its own output matrix, then tied (freed); with
-    room for the allocator's rounding."""
-    config = loaded_config.get_text_config()
-    if not getattr(config, "tie_word_embeddings", False):
-        return 0
-    return int(config.vocab_size * config.hidden_size * itemsize * 1.1) + (128 << 20)
-
-
 def workspace_estimate(loaded_config, tokens: int, rows: int, itemsize: int) -> int:
     """Activations of one step of `tokens` tokens, generously: a few hidden
     and MLP-wide tensors per token, attention scores, and fp32 logits."""
@@ -94,6 +84,7 @@ class WorkerApp:
         self._heartbeat: asyncio.Task | None = None
         self._reclaim_task: asyncio.Task | None = None
         self._reclaim_lock = asyncio.Lock()
+        self._answering: set[str] = set()   # reclaim ids being answered
         self._background: set[asyncio.Task] = set()
         self._registering: set[asyncio.Future] = set()  # state changes on their way
         self.worker_id = ""
@@ -137,9 +128,11 @@ class WorkerApp:
             from services.worker.models import model_config
             config, _ = await asyncio.to_thread(model_config, settings.model, self.cache)
             itemsize = torch.empty((), dtype=self.dtype).element_size()
-            workspace = max(workspace_estimate(config, settings.max_prefill_tokens,
-                                               settings.max_batch, itemsize),
-                            load_transient(config, itemsize))
+            # The load itself needs no more than the weights: synthetic
+            # models are built without a transient output matrix
+            # (models.build_synthetic), checkpoints are loaded in place.
+            workspace = workspace_estimate(config, settings.max_prefill_tokens,
+                                           settings.max_batch, itemsize)
         if self.device.type == "cuda":
             self.memory.on_change = self._cap_allocator
         base = weight_bytes + self.overhead_bytes + workspace
@@ -220,30 +213,45 @@ class WorkerApp:
 
     async def _answer_reclaim(self, reclaim, purpose: str) -> None:
         assert self.pressure is not None and self.admission is not None
+        if reclaim.reclaim_id in self._answering:
+            return      # sent again while this worker is still at it: one answer
+        self._answering.add(reclaim.reclaim_id)
+        try:
+            relief = await self._relieve(reclaim, purpose)
+            try:
+                await self.admission.stub.AnswerReclaim(admission_pb2.AnswerReclaimRequest(
+                    reclaim_id=reclaim.reclaim_id, freed_bytes=relief.freed_bytes,
+                    detail=relief.detail), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("reclaim_answer_failed", reclaim_id=reclaim.reclaim_id,
+                            code=exc.code().name)
+            log.info("reclaim_answered", reclaim_id=reclaim.reclaim_id,
+                     freed_bytes=relief.freed_bytes, detail=relief.detail)
+        finally:
+            self._answering.discard(reclaim.reclaim_id)
+
+    async def _relieve(self, reclaim, purpose: str) -> Relief:
+        assert self.pressure is not None
         log.info("reclaim_received", reclaim_id=reclaim.reclaim_id, purpose=purpose,
                  bytes=reclaim.bytes, for_holder=reclaim.for_holder)
-        if self.pressure.state != "ready":
-            # A sleep is under way (or done; all the KV goes with it):
-            # answered at once, not queued behind it.
-            relief = Relief(0, f"the model is {self.pressure.state} already")
-        else:
-            async with self._reclaim_lock:   # one at a time
-                if self.memory.purpose_of(reclaim.lease.lease_id) is None:
-                    relief = Relief(0, "that lease is no longer held")
-                elif purpose == "kv":
-                    relief = await self.pressure.park_idle(reclaim.bytes,
-                                                           f"reclaim {reclaim.reclaim_id}")
-                else:
-                    relief = await self.pressure.sleep(f"reclaim {reclaim.reclaim_id}")
-        try:
-            await self.admission.stub.AnswerReclaim(admission_pb2.AnswerReclaimRequest(
-                reclaim_id=reclaim.reclaim_id, freed_bytes=relief.freed_bytes,
-                detail=relief.detail), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("reclaim_answer_failed", reclaim_id=reclaim.reclaim_id,
-                        code=exc.code().name)
-        log.info("reclaim_answered", reclaim_id=reclaim.reclaim_id,
-                 freed_bytes=relief.freed_bytes, detail=relief.detail)
+        state = self.pressure.state
+        if state in ("draining", "sleeping"):
+            # A sleep is under way and gives back all the KV and the weights:
+            # answered when it is done, so that admission knows this holder is
+            # still finishing (its KV may grow past the queue's head meanwhile).
+            before = self.memory.granted().get(purpose, 0)
+            await self.pressure.sleep_settled()
+            freed = max(0, before - self.memory.granted().get(purpose, 0))
+            return Relief(freed, f"the model was {state} when asked; now {self.pressure.state}")
+        if state != "ready":
+            return Relief(0, f"the model is {state} already")
+        async with self._reclaim_lock:   # one at a time
+            if self.memory.purpose_of(reclaim.lease.lease_id) is None:
+                return Relief(0, "that lease is no longer held")
+            if purpose == "kv":
+                return await self.pressure.park_idle(reclaim.bytes,
+                                                     f"reclaim {reclaim.reclaim_id}")
+            return await self.pressure.sleep(f"reclaim {reclaim.reclaim_id}")
 
     def _report_activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
                          reason: str) -> None:

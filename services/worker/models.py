@@ -234,6 +234,38 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
+def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int):
+    """A model of `config` with random weights (seeded), built on `device`
+    with no more memory than its weights: the parameters are made on the meta
+    device first, so a model with tied embeddings never holds a separate
+    output matrix for a moment (0.8 GB for a Llama-3.2-3B shape), then each
+    distinct parameter is allocated once on `device` (ties kept) and
+    initialised by the model's own `_init_weights`. Buffers (rotary
+    frequencies) are built on `device` directly."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device), init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device=device),
+                                                     requires_grad=False)
+            module._parameters[name] = made[id(param)]
+    # The meta pass marked every module initialised; initialise them for real.
+    for module in model.modules():
+        module.__dict__.pop("_is_hf_initialized", None)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.initialize_weights()
+    model.tie_weights()
+    return model
+
+
 def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dtype,
                max_context: int = 0, seed: int = 0) -> LoadedModel:
     """Load `name` once onto `device` with the paged attention kernel."""
@@ -245,9 +277,7 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
     started = time.monotonic()
     config, path = model_config(name, cache)
     if path is None:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = build_synthetic(config, device, dtype, seed)
         tokenizer = _tokenizer_for_synthetic(cache)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -66,6 +66,7 @@ class PressureRelief:
         self.on_activity = on_activity
         self.on_state = on_state
         self.state = "ready"          # ready | draining | sleeping | asleep | waking
+        self._state_changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._self_relief: asyncio.Task | None = None
 
@@ -206,8 +207,15 @@ class PressureRelief:
     def _held(self, purpose: str) -> int:
         return self.memory.granted().get(purpose, 0)
 
+    async def sleep_settled(self) -> None:
+        """Return once no sleep is under way (it finished, or gave up)."""
+        while self.state in ("draining", "sleeping"):
+            await self._state_changed.wait()
+
     def _set_state(self, state: str) -> None:
         self.state = state
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
         log.info("model_state", state=state)
         if self.on_state is not None:
             self.on_state(state)

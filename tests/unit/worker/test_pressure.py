@@ -120,13 +120,16 @@ def test_sleep_drains_generations_first_and_holds_new_requests(tiny, arena):
         assert pressure.state == "draining" and not sleeping.done(), (
             "the model must not sleep while a session generates")
         later = asyncio.create_task(ids_of(core, other, "a new request", max_tokens=3))
+        settled = asyncio.create_task(pressure.sleep_settled())
         await asyncio.sleep(0.05)
         assert not later.done(), "a new request should wait while the worker drains"
+        assert not settled.done(), "sleep_settled must wait for the sleep under way"
         count = 1
         async for _ in stream:
             count += 1
         assert count > 1, "the generation in flight was cut short"
         relief = await sleeping
+        await asyncio.wait_for(settled, 5)
         assert "asleep" in relief.detail and relief.freed_bytes > 0, relief
         assert await later, "the request held during the drain got no answer"
         assert pressure.state == "ready", "the held request did not wake the model"

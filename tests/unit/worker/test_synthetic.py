@@ -1,0 +1,63 @@
+"""Synthetic models (random weights of a published shape) are built with no
+more memory than their weights, ties kept, seeded and initialised like
+transformers' own from_config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from services.worker.models import build_synthetic, model_config
+
+CPU = torch.device("cpu")
+
+
+def small(name: str, layers: int = 2):
+    config, _ = model_config(name, Path("/nonexistent"))
+    config.num_hidden_layers = layers
+    config.vocab_size = 1024     # the shape of the layers, a small embedding: quick
+    return config
+
+
+def test_tied_embeddings_stay_one_tensor_and_nothing_is_left_on_meta():
+    model = build_synthetic(small("synthetic:llama-tiny"), CPU, torch.float32, seed=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "the tie was lost"
+    assert not any(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    config = small("synthetic:llama-tiny")
+    a = build_synthetic(config, CPU, torch.float32, seed=3).state_dict()
+    b = build_synthetic(config, CPU, torch.float32, seed=3).state_dict()
+    c = build_synthetic(config, CPU, torch.float32, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "a seed must give the same weights"
+    assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+
+
+def test_initialised_like_from_config():
+    """Same distributions as transformers' own from_config: normal(0, 0.02)
+    matrices, RMSNorm weights of one (Llama) or zero (Gemma's 1 + w), real
+    rotary frequencies."""
+    from transformers import AutoModelForCausalLM
+
+    for name, norm_value in (("synthetic:llama-1b", 1.0), ("synthetic:gemma3-1b", 0.0)):
+        config = small(name, layers=1)
+        model = build_synthetic(config, CPU, torch.float32, seed=0)
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        ours, theirs = model.state_dict(), reference.state_dict()
+        assert ours.keys() == theirs.keys()
+        for key, ref in theirs.items():
+            got = ours[key]
+            assert torch.isfinite(got).all(), f"{name} {key} has non-finite values"
+            if ref.dim() >= 2:
+                assert abs(got.std().item() - ref.std().item()) < 0.1 * ref.std().item(), (
+                    f"{name} {key}: std {got.std().item():.4f}, from_config "
+                    f"{ref.std().item():.4f}")
+            else:
+                assert torch.allclose(got, ref), f"{name} {key} differs from from_config's"
+        norm = model.model.layers[0].input_layernorm.weight
+        assert torch.all(norm == norm_value), f"{name}: norm weights {norm[:4]}"
