@@ -247,6 +247,7 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int)
 
     with torch.device(device), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()     # tied on meta: one tensor to allocate, not two
     made: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
