@@ -247,7 +247,12 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int)
 
     with torch.device(device), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.tie_weights()     # tied on meta: one tensor to allocate, not two
+    # Tie on meta, so there is one tensor to allocate, not two (some
+    # transformers versions tie only later, once weights are real).
+    text_config = config.get_text_config()
+    output = model.get_output_embeddings()
+    if getattr(text_config, "tie_word_embeddings", False) and output is not None:
+        output.weight = model.get_input_embeddings().weight
     made: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
