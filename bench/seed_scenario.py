@@ -367,6 +367,9 @@ def parse_args(argv):
                    help="GPU: admission's cap in GiB (sets --cap-fraction)")
     p.add_argument("--reclaim-deadline-s", type=float, default=2.0)
     p.add_argument("--kv-chunk-bytes", default="4MiB")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="the workers' prompt tokens per step (their workspace, and the "
+                        "warm-up prefill that measures it, scale with it)")
     p.add_argument("--worker-start-timeout-s", type=float, default=600.0)
     p.add_argument("--quiet-wait-s", type=float, default=5.0)
     p.add_argument("--no-warmup", action="store_true")
@@ -449,6 +452,7 @@ def main(argv=None) -> int:
         watcher = Watcher(procs["admission"].address)
         common = ["--admission", procs["admission"].address, "--kvstore",
                   procs["kvstore"].address, "--kv-chunk-bytes", args.kv_chunk_bytes,
+                  "--max-prefill-tokens", str(args.max_prefill_tokens),
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
                   "--device", args.device, "--log-format", "json"]
         result["worker_command"] = "python -m services.worker --model M " + " ".join(common)
