@@ -17,7 +17,8 @@ answered) is asked of other holders' leases on that device, in this order
   fit (`finishing`), or it could never finish, nor sleep.
   Only leases of a priority at or below the waiter's are asked (a holder's
   priority is its leases'), lower priorities first; never the waiter's own
-  holder. A second stage (weights) starts only once every KV lease asked
+  holder. A weights lease that answered with nothing is not asked again
+  until its size changes. A second stage (weights) starts only once every KV lease asked
   has answered or is overdue, so that models sleep only when parking was
   not enough.
 
@@ -150,10 +151,18 @@ class Reclaimer:
         answered = {r.lease.lease_id for r in self._asks.values()
                     if r.state == "answered" and r.for_holder == waiter.holder.name
                     and now - r.answered_at < self.deadline_s}
+        # A weights lease that answered with nothing (pinned, asleep already:
+        # what is left is its CUDA context) is not asked again until it
+        # changes size; asking would only repeat the answer every deadline.
+        refused = {r.lease.lease_id: r.answered_at for r in self._asks.values()
+                   if r.state == "answered" and r.freed_bytes == 0
+                   and r.lease.purpose is not Purpose.KV}
         candidates = [lease for lease in self.ledger.leases()
                       if lease.device == device and lease.holder.name != waiter.holder.name
                       and lease.priority <= waiter.priority
-                      and lease.lease_id not in asked and lease.lease_id not in answered]
+                      and lease.lease_id not in asked and lease.lease_id not in answered
+                      and not (lease.lease_id in refused
+                               and lease.resized_at <= refused[lease.lease_id])]
         kv = [lease for lease in candidates if lease.purpose is Purpose.KV]
         if not kv:
             # Stage 2 only once no KV ask for this device is still open.

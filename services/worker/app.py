@@ -156,7 +156,8 @@ class WorkerApp:
         self.pressure = PressureRelief(
             self.engine, self.sessions, parking, self.memory,
             WeightStash(self.loaded.model, self.device), base_bytes=base,
-            keep_bytes=self.overhead_bytes, pinned=settings.pin_model,
+            keep_bytes=self.overhead_bytes, residue=self._allocator_residue,
+            pinned=settings.pin_model,
             on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)
@@ -293,6 +294,13 @@ class WorkerApp:
             raise FailedPrecondition(f"the worker is {self.state}, not ready yet",
                                      reason="NOT_READY")
         return self.core
+
+    def _allocator_residue(self) -> int:
+        """What torch's allocator holds on the device now (after the weights
+        left and its cache was emptied); 0 off CUDA."""
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.memory_reserved(self.device)
 
     def _cap_allocator(self, granted_bytes: int) -> None:
         """Hold torch's CUDA allocator to what the leases grant (less the

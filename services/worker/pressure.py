@@ -50,7 +50,7 @@ class Relief:
 class PressureRelief:
     def __init__(self, engine: Engine, sessions: SessionTable, parking: Parking,
                  memory: Memory, stash: WeightStash, *, base_bytes: int, keep_bytes: int = 0,
-                 pinned: bool = False,
+                 residue: Callable[[], int] = lambda: 0, pinned: bool = False,
                  on_activity: Callable[..., None] | None = None,
                  on_state: Callable[[str], None] | None = None):
         self.engine = engine
@@ -62,6 +62,10 @@ class PressureRelief:
         #: Bytes the weights lease keeps while asleep: what stays on the device
         #: (the CUDA context); 0 releases the lease.
         self.keep_bytes = keep_bytes
+        #: What the allocator still holds once the weights left (cuBLAS's
+        #: workspace, 32 MiB on a Hopper GPU): also kept leased while asleep,
+        #: or admission would count it as foreign memory.
+        self.residue = residue
         self.pinned = pinned
         self.on_activity = on_activity
         self.on_state = on_state
@@ -154,8 +158,9 @@ class PressureRelief:
                 if self._busy() or self.engine.pool.usage().num_used_blocks:
                     raise LmxError("a request came in while its sessions were parked")
                 moved = await asyncio.to_thread(self.stash.sleep)
-                if self.keep_bytes:
-                    await self.memory.resize_base(self.keep_bytes)
+                keep = self.keep_bytes + self.residue() if self.keep_bytes else 0
+                if keep:
+                    await self.memory.resize_base(keep)
                 else:
                     await self.memory.release_base()
             except BaseException as exc:

@@ -168,3 +168,26 @@ def test_a_holder_asked_for_its_weights_may_grow_past_the_head(book):
     assert fresh.lease is not None, "a draining holder's new KV lease should pass as well"
     other = ledger.acquire(Holder("worker/c", 1), 10, KV)
     assert other.lease is None, "a holder not asked must still wait its turn"
+
+
+def test_weights_that_answered_nothing_are_not_asked_again_until_resized(book):
+    ledger, reclaimer, clock = book
+    asleep = grant(ledger, "worker/a", 100, WEIGHTS)     # an asleep model's context
+    grant(ledger, "worker/b", 700, WEIGHTS)
+    ledger.acquire(Holder("worker/c", 1), 400, WEIGHTS)   # 200 free: waits
+    asks = reclaimer.plan()
+    assert {a.lease.lease_id for a in asks} >= {asleep.lease_id}
+    by_lease = {a.lease.lease_id: a for a in asks}
+    reclaimer.answer(by_lease[asleep.lease_id].reclaim_id, 0, "the model is asleep already")
+    clock.now += 30.0                                     # deadlines pass; b is overdue
+    reclaimer.overdue()
+    again = reclaimer.plan()
+    assert asleep.lease_id not in [a.lease.lease_id for a in again], (
+        "a weights lease that gave nothing must not be asked again while unchanged")
+    clock.now += 1.0
+    ledger.resize(asleep.lease_id, asleep.epoch, 90)     # it changed: ask again
+    clock.now += 6.0
+    reclaimer.overdue()
+    later = reclaimer.plan()
+    assert asleep.lease_id in [a.lease.lease_id for a in later], (
+        "once its size changed, the lease may be asked again")

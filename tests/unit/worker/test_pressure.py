@@ -36,7 +36,7 @@ def arena(tmp_path):
 
 
 def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_bytes=1 << 14,
-                 keep_bytes=0):
+                 keep_bytes=0, residue=lambda: 0):
     async def main():
         memory = FixedMemory(1 << 30)
         await memory.acquire_base(BASE)
@@ -47,7 +47,8 @@ def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_byt
         activity = []
         pressure = PressureRelief(engine, sessions, parking, memory,
                                   WeightStash(loaded.model, loaded.device, moves=moves),
-                                  base_bytes=BASE, keep_bytes=keep_bytes, pinned=pinned,
+                                  base_bytes=BASE, keep_bytes=keep_bytes, residue=residue,
+                                  pinned=pinned,
                                   on_activity=lambda *a: activity.append(a))
         parking.on_activity = lambda *a: activity.append(a)
         engine.on_kv_short = pressure.kv_short
@@ -194,15 +195,16 @@ def test_the_stash_moves_and_frees_every_tensor_once(tiny):
 
 
 def test_asleep_keeps_what_stays_on_the_device_leased(tiny, arena):
-    """On a GPU the CUDA context stays while the model sleeps: the weights
-    lease shrinks to it (else admission would count it as foreign memory and
-    the wake could never fit), and grows back on wake."""
+    """On a GPU the CUDA context, and what the allocator still holds (cuBLAS's
+    workspace), stay while the model sleeps: the weights lease shrinks to
+    them (else admission would count them as foreign memory and the wake
+    could never fit), and grows back on wake."""
     async def scenario(core, pressure, memory, activity):
         session = core.open_session().session
         await ids_of(core, session, "one two")
         await pressure.sleep("keep")
-        assert memory.granted()["weights"] == 1 << 20, memory.granted()
+        assert memory.granted()["weights"] == (1 << 20) + (32 << 10), memory.granted()
         await ids_of(core, session, " three")
         assert memory.granted()["weights"] == BASE
 
-    run_pressure(tiny, scenario, FakeLink(arena), keep_bytes=1 << 20)
+    run_pressure(tiny, scenario, FakeLink(arena), keep_bytes=1 << 20, residue=lambda: 32 << 10)
