@@ -13,7 +13,6 @@ Prints one line per variant; writes nothing.
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import statistics
 import sys

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.parent import child_env
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -79,7 +81,7 @@ def start_service(module: str, service: str, args: Sequence[str] = (), *,
     log_file = open(log_path, "wb") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, "-m", module, "--listen", address, *args],
-        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=log_file, stderr=subprocess.STDOUT, env=child_env({**os.environ, **(env or {})}),
         start_new_session=True)
     if log_path:
         log_file.close()

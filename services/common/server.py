@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common import logging as lmx_logging
 from services.common.errors import ConfigError, LmxError
 from services.common.interceptors import ErrorMappingInterceptor
+from services.common.parent import follow_parent
 
 log = structlog.get_logger(__name__)
 
@@ -140,6 +141,7 @@ def run_service(service: str, load_settings: Callable[[Sequence[str] | None], An
     """A service's main: settings, then logging, then the app (imported by
     make_app, after logging is set up), served until SIGTERM. A bad setting
     exits 2 and a failed start 1, each with one clear line, no traceback."""
+    follow_parent()
     try:
         settings = load_settings(argv)
         lmx_logging.configure(settings.log_format, settings.log_level)

@@ -22,7 +22,7 @@ import torch
 
 from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
 from services.admission.client import AdmissionClient
-from services.common.errors import FailedPrecondition
+from services.common.errors import CapacityExhausted, FailedPrecondition
 from services.worker import device as devices
 from services.worker.core import WorkerCore
 from services.worker.engine import Engine, Failed, Finished
@@ -38,6 +38,9 @@ from services.worker.settings import WorkerSettings
 from services.worker.sleep import WeightStash
 
 log = structlog.get_logger(__name__)
+
+#: The smallest prefill per step the warm-up falls back to on a full device.
+MIN_PREFILL_TOKENS = 64
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 STATE_TO_PB = {"waiting": admission_pb2.WORKER_STATE_WAITING,
@@ -344,20 +347,24 @@ class WorkerApp:
         the allocator really reserved beyond weights and KV."""
         assert self.core is not None and self.engine is not None and self.loaded is not None
         tokens = min(self.settings.max_prefill_tokens, self.loaded.max_context - 2)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        session = self.core.open_session().session
-        prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
-        request = self.engine.submit_tokens(session, SamplingParams(max_tokens=1), prompt_ids)
-        while True:
-            event = await request.out.get()
-            if isinstance(event, Failed):
-                raise event.error
-            if isinstance(event, Finished):
-                break
-        kv_at_peak = self.engine.storage.num_bytes
-        peak = torch.cuda.max_memory_reserved(self.device)
-        await self.core.close_session(session.session_id, session.token)
-        await self.engine.wait_settled()  # the warm-up's KV chunks are given back
+        # On a device this full, the KV of a full-size prefill may not be
+        # granted: halve the prefill (the engine's tokens per step) until it
+        # is, rather than fail or wait for memory that is not coming.
+        wait_s, self.engine.kv_wait_s = self.engine.kv_wait_s, min(self.engine.kv_wait_s, 10.0)
+        try:
+            while True:
+                try:
+                    peak, kv_at_peak = await self._prefill_peak(tokens)
+                    break
+                except CapacityExhausted as exc:
+                    if tokens <= MIN_PREFILL_TOKENS:
+                        raise
+                    tokens = max(MIN_PREFILL_TOKENS, tokens // 2)
+                    log.warning("worker_prefill_reduced", max_prefill_tokens=tokens,
+                                reason=exc.message)
+        finally:
+            self.engine.kv_wait_s = wait_s
+        self.engine.max_prefill_tokens = min(self.engine.max_prefill_tokens, tokens)
         torch.cuda.empty_cache()
         steady = torch.cuda.memory_reserved(self.device)
         workspace = max(0, peak - self.loaded.weight_bytes - kv_at_peak)
@@ -370,6 +377,28 @@ class WorkerApp:
         log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_at_peak,
                  steady_reserved=steady, workspace_bytes=workspace, base_lease_bytes=base)
         await self.memory.resize_base(base)
+
+    async def _prefill_peak(self, tokens: int) -> tuple[int, int]:
+        """Peak reserved device memory over one prefill of `tokens` tokens,
+        and the KV it held then; its KV is given back before returning."""
+        assert self.core is not None and self.engine is not None and self.loaded is not None
+        torch.cuda.reset_peak_memory_stats(self.device)
+        session = self.core.open_session().session
+        try:
+            prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
+            request = self.engine.submit_tokens(session, SamplingParams(max_tokens=1), prompt_ids)
+            while True:
+                event = await request.out.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    break
+            kv_at_peak = self.engine.storage.num_bytes
+            peak = torch.cuda.max_memory_reserved(self.device)
+        finally:
+            await self.core.close_session(session.session_id, session.token)
+            await self.engine.wait_settled()  # the warm-up's KV chunks are given back
+        return peak, kv_at_peak
 
     def status_pb(self) -> worker_pb2.GetStatusResponse:
         granted = self.memory.granted() if self.memory is not None else {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -24,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmx.v1 import admission_pb2 as pb
 from lmx.v1 import admission_pb2_grpc
 from services.admission.client import ErrorDetails, error_details
+from services.common.parent import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "lmx.v1.AdmissionService"
@@ -39,15 +39,6 @@ STOP_TIMEOUT_S = 4.0
 def cap_of(total_bytes: int, cap_fraction: float = 0.9) -> int:
     """What the server computes as a device's cap (and, simulated, its budget)."""
     return int(total_bytes * cap_fraction)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies (a killed pytest
-    must not leave servers behind). Linux only; elsewhere a no-op."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def server_ready_address(log_text: str) -> str:
@@ -82,9 +73,11 @@ class AdmissionProcess:
             argv += ["--device", "cpu:0=8GiB"]
         env = {key: value for key, value in os.environ.items() if not key.startswith("LMX_")}
         self._log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+        # child_env: the server stops if this test process dies (no
+        # preexec_fn: see services/common/parent.py).
+        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(env),
+                                     stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             self.address = self._ready_address()

@@ -20,10 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmx.v1 import kvstore_pb2 as pb
 from lmx.v1 import kvstore_pb2_grpc
+from services.common.parent import child_env
 from services.kvstore.checksum import checksum as host_checksum
 from services.kvstore.client import write_region
 
-from ..support import REPO_ROOT, _die_with_parent, server_ready_address  # noqa: F401 - REPO_ROOT re-exported
+from ..support import REPO_ROOT, server_ready_address  # noqa: F401 - REPO_ROOT re-exported
 
 SERVICE = "lmx.v1.KVStoreService"
 RPC_TIMEOUT_S = 5.0
@@ -82,9 +83,9 @@ class KVStoreProcess:
                 *self.flags]
         env = {key: value for key, value in os.environ.items() if not key.startswith("LMX_")}
         self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(env),
+                                     stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.address:
             self.address = self._ready_address()

@@ -13,7 +13,7 @@ import pytest
 from lmx.v1 import kvstore_pb2 as pb
 from services.admission.client import error_details
 from services.kvstore.checksum import checksum
-from services.kvstore.client import ChecksumMismatch, read_checked, read_region, write_region
+from services.kvstore.client import ChecksumMismatch, read_checked, read_region
 
 from .support import (
     REPO_ROOT,

@@ -27,8 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
 from services.admission.client import ErrorDetails, error_details
+from services.common.parent import child_env
 
-from ..support import REPO_ROOT, _die_with_parent, server_ready_address
+from ..support import REPO_ROOT, server_ready_address
 
 WORKER_SERVICE = "lmx.v1.WorkerService"
 #: Converting a GGUF the first time takes 40-110 s on a small machine.
@@ -53,7 +54,7 @@ def worker_env() -> dict[str, str]:
     """The environment of a worker: no stray LMX_* settings, the shared cache."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("LMX_")}
     env["LMX_CACHE"] = str(cache_dir())
-    return env
+    return child_env(env)   # stops if this test process dies
 
 
 # ---- worker processes ---------------------------------------------------------
@@ -82,7 +83,7 @@ class WorkerProcess:
             self._log_file = open(self.log_path, "wb")
             self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=worker_env(),
                                          stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                         stderr=subprocess.STDOUT)
         return self
 
     def wait_ready(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> WorkerProcess:

@@ -466,7 +466,7 @@ def test_next_turn_after_cancel_continues_the_kept_context(tiny, reference):
     async def scenario(engine):
         session = SessionTable().open()
         request = engine.submit_tokens(session, SamplingParams(max_tokens=200), prompt_ids)
-        event = await request.out.get()
+        await request.out.get()
         engine.delivered(request, 1)
         engine.cancel(request)
         await wait_until(lambda: request.done, "the cancelled request ended")

@@ -1,0 +1,63 @@
+"""A service started with child_env stops when its starter dies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.common.parent import PARENT_PID_ENV, child_env, follow_parent
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+CHILD = ("from services.common.parent import follow_parent\n"
+         "import time\n"
+         "follow_parent()\n"
+         "time.sleep(60)\n")
+
+# The starter: launches the child with child_env, prints its pid, exits.
+STARTER = ("import subprocess, sys\n"
+           "from services.common.parent import child_env\n"
+           f"p = subprocess.Popen([sys.executable, '-c', {CHILD!r}], env=child_env())\n"
+           "print(p.pid, flush=True)\n"
+           "import time; time.sleep(1.0)\n")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (ended, not reaped) is gone too.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_child_stops_when_its_starter_ends():
+    out = subprocess.run([sys.executable, "-c", STARTER], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid), "the child outlived its starter"
+
+
+def test_child_env_names_this_process():
+    env = child_env({"A": "1"})
+    assert env == {"A": "1", PARENT_PID_ENV: str(os.getpid())}
+
+
+def test_without_the_variable_nothing_happens(monkeypatch):
+    monkeypatch.delenv(PARENT_PID_ENV, raising=False)
+    follow_parent()      # must not signal this test process
+    monkeypatch.setenv(PARENT_PID_ENV, "not-a-pid")
+    follow_parent()
