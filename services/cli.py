@@ -6,6 +6,9 @@
     lmx chat [--model NAME]    talk to a model, streaming (one-shot with -p)
     lmx status [--json]        who holds which GPU memory
     lmx watch                  admission's events as they happen
+    lmx up [-d] [--stack FILE] start the whole stack (deploy/lmx.toml), supervised
+    lmx down                   stop it
+    lmx ps                     per device the memory book, per worker its state and sessions
     lmx demo                   the main job: see `lmx demo --help`
 """
 
@@ -83,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     watch = commands.add_parser("watch", help="print admission's events as they happen")
     watch.add_argument("--admission", metavar="HOST:PORT")
     commands.add_parser("demo", help="run the demo (flags: lmx demo -h)", add_help=False)
+    from services.stack import commands as stack_commands
+    stack_commands.add_commands(commands)
 
     if argv and argv[0] == "admission":
         from services.admission.main import main as admission_main
@@ -101,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(argv[1:])
     args = parser.parse_args(argv)
     try:
+        result = stack_commands.run(args)
+        if result is not None:
+            return result
         if args.command == "status":
             return asyncio.run(_status(_admission_address(args), args.json))
         if args.command == "watch":

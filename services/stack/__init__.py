@@ -1,0 +1,1 @@
+"""`lmx up`, `lmx down`, `lmx ps`: the whole stack as supervised local processes."""
