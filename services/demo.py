@@ -1,41 +1,51 @@
-"""`lmx demo` (what `make demo` runs): three agents on one simulated 8 GiB GPU.
+"""`lmx demo` (what `make demo` runs): the seed's story on this machine.
 
-Launched naively, each agent would reserve its weights and a large KV cache
-up front: 12 GiB on an 8 GiB card, and all but one crash. Through admission
-nothing crashes: what fits is granted, what does not is refused with the
-shortfall or waits its turn in a fair queue, a holder that shrinks gives the
-next in line its turn, and a holder that hangs loses its lease when its TTL
-runs out, so its memory goes to the others.
+Three agents, a code generator and a security reviewer on smollm2-135m and a
+documentation writer on gemma3-270m, on a device too small for both models
+and their KV caches at once (a simulated "GPU" of 1400 MiB by default, leases
+capped at 90%: 1260 MiB; smollm2 takes 513 MiB of float32 weights, gemma3
+1 GiB).
 
-Everything runs against a real admission server started as a child process;
-its log is written beside the summary (default out/demo/).
+1. The naive way: three plain processes, each reserving its weights and a KV
+   cache of its whole context window up front, as common engines do
+   (services/naive.py). All but one die out of memory.
+2. The lmx way: the stack of `lmx up` (admission, kvstore, one worker per
+   model), started by this command; the three agents talk at once through
+   the Python client. Admission asks idle holders for memory, workers park
+   idle sessions and put idle models to sleep, and wake them on the next
+   request: all three finish.
+
+Writes <out>/summary.json and <out>/timeline.png: the device's memory over
+time, leases stacked per holder, parks, sleeps and wakes marked.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+from lmx.client import Client, ClientError
+from services.common.launch import free_port, start_service
+from services.common.units import format_bytes, parse_bytes
+from services.stack.config import load_stack
+from services.stack.supervisor import StackError, Supervisor
+from services.timeline import Recorder, plot
 
-from lmx.v1 import admission_pb2 as pb
-from services.admission.app import SERVICE_NAME
-from services.admission.client import AdmissionClient, error_details
-from services.admission.table import render_event
-from services.common.launch import start_service
-from services.common.units import format_bytes
-
-GIB = 1 << 30
+_print_lock = threading.Lock()
 
 
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    with _print_lock:
+        print(text, flush=True)
 
 
 def step(title: str) -> None:
@@ -43,145 +53,204 @@ def step(title: str) -> None:
     say(f"== {title}")
 
 
-async def _show_status(address: str) -> None:
-    """Run the real `lmx status` command."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "status", "--admission", address,
-        stdout=subprocess.PIPE)
-    out, _ = await proc.communicate()
-    for line in out.decode().splitlines():
-        say(f"   {line}")
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    model: str
+    chat: bool
+    turns: tuple[str, ...]
 
 
-async def _collect(admission: AdmissionClient, events: list[pb.Event]) -> None:
-    async for event in admission.watch():
-        events.append(event)
+AGENTS = (
+    Agent("code-gen", "smollm2-135m", True, (
+        "Write a Python function that adds two numbers.",
+        "Now add type hints to it.",
+        "Add a one-line docstring.")),
+    Agent("security-review", "smollm2-135m", True, (
+        "Is calling eval() on user input safe?",
+        "What should be used instead?",
+        "Name one more risky Python builtin.")),
+    Agent("documentation", "gemma3-270m", False, (
+        "# Project README\n\nThis project",
+        "\n\n## Installation\n\nTo install it,",
+        "\n\n## Usage\n\nRun")),
+)
 
 
-async def story(address: str, ttl_s: float) -> dict:
-    events: list[pb.Event] = []
-    outcomes: dict[str, str] = {}
-    async with AdmissionClient(address) as admission, AdmissionClient(address) as watcher:
-        watch_task = asyncio.create_task(_collect(watcher, events))
-        await asyncio.sleep(0.2)
-        status = await admission.status()
-        device = status.devices[0]
-        say(f"A simulated GPU {device.device} of {format_bytes(device.total_bytes)}: leases may "
-            f"use {format_bytes(device.cap_bytes)} ({device.cap_fraction:.0%}).")
-        say("Naively each agent reserves weights + a 2.5 GiB KV cache up front: "
-            "4.0 + 4.5 + 3.5 = 12 GiB. Admission admits only what fits.")
+# ---- 1. the naive way -------------------------------------------------------
+def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
+    """Three plain processes on an empty device of the same size."""
+    device = start_service("services.admission", "lmx.v1.AdmissionService",
+                           ["--device", f"cpu:0={device_size}", "--log-format", "json"],
+                           log_path=out / "naive-admission.log")
+    try:
+        runs = [(agent, subprocess.Popen(
+            [sys.executable, "-m", "services.naive", device.address, agent.model,
+             agent.turns[0], str(max_tokens)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for agent in AGENTS]
+        results = []
+        for agent, run in runs:
+            stdout, stderr = run.communicate(timeout=600)
+            lines = stdout.strip().splitlines()
+            reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+            if run.returncode == 3:
+                outcome = "out of memory"
+                say(f"   {agent.name:<16} {agent.model:<13} CRASHED: out of memory (it reserves "
+                    f"{format_bytes(reply.get('needed_bytes', 0))} up front)")
+            elif run.returncode == 0:
+                outcome = "ran"
+                say(f"   {agent.name:<16} {agent.model:<13} ran (reserved "
+                    f"{format_bytes(reply.get('reserved_bytes', 0))} for its whole context "
+                    "window)")
+            else:
+                outcome = f"failed ({run.returncode})"
+                say(f"   {agent.name:<16} {agent.model:<13} failed otherwise: "
+                    f"{stderr.strip().splitlines()[-1] if stderr.strip() else run.returncode}")
+            results.append({"agent": agent.name, "model": agent.model, "outcome": outcome,
+                            "exit_code": run.returncode, **reply})
+        return results
+    finally:
+        device.stop()
 
-        step("1. granted: code-gen takes weights and KV, security-review its weights")
-        code_w = await admission.acquire("agent/code-gen", int(1.5 * GIB), "weights", ttl_s=ttl_s)
-        code_kv = await admission.acquire("agent/code-gen", int(2.5 * GIB), "kv", ttl_s=ttl_s)
-        sec_w = await admission.acquire("agent/security-review", 2 * GIB, "weights", ttl_s=ttl_s)
-        keepers = {lease.lease_id: admission.keep_alive(lease)
-                   for lease in (code_w, code_kv, sec_w)}
-        outcomes["code-gen weights+kv"] = "granted"
-        outcomes["security-review weights"] = "granted"
-        await _show_status(address)
 
-        step("2. refused: security-review asks for 2.5 GiB of KV at once; it does not fit")
-        try:
-            await admission.acquire("agent/security-review", int(2.5 * GIB), "kv", ttl_s=ttl_s)
-            raise RuntimeError("the demo expected a refusal here")
-        except grpc.aio.AioRpcError as exc:
-            details = error_details(exc)
-            missing = int((details.metadata or {}).get("missing_bytes", 0))
-            say(f"   {exc.code().name}: {format_bytes(missing)} missing, retry in "
-                f"{details.retry_after_s:.1f}s -- a clear error instead of an out-of-memory crash")
-            outcomes["security-review kv, no wait"] = exc.code().name
+# ---- 2. the lmx way ---------------------------------------------------------
+def stack_file(out: Path, device_size: str) -> Path:
+    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "a", "b")}
+    worker = ('device = "cpu"\nmax-context = 1024\nkv-chunk-bytes = "4MiB"\n'
+              'kv-wait-s = 300\n')
+    path = out / "lmx.toml"
+    path.write_text(f"""# Written by lmx demo: the stack it starts.
+[admission]
+listen = "127.0.0.1:{ports['admission']}"
+device = ["cpu:0={device_size}"]
+reclaim-deadline-s = 2
 
-        step("3. queued: security-review waits for its KV; documentation waits behind it")
-        sec_kv_task = asyncio.create_task(admission.acquire(
-            "agent/security-review", int(2.5 * GIB), "kv", wait_s=30, ttl_s=ttl_s))
-        await asyncio.sleep(0.3)
-        docs_task = asyncio.create_task(admission.acquire(
-            "agent/documentation", 1 * GIB, "weights", wait_s=30, ttl_s=ttl_s))
-        await asyncio.sleep(0.3)
-        say("   (1 GiB would fit, but documentation does not overtake the agent queued first)")
-        await _show_status(address)
+[kvstore]
+listen = "127.0.0.1:{ports['kvstore']}"
+store-id = "demo{secrets.token_hex(4)}"
+state-dir = "{out / 'kvstore'}"
+keep-on-stop = false
 
-        step("4. code-gen finishes its turn and shrinks its KV to 0.5 GiB: security-review runs")
-        code_kv = await admission.resize(code_kv, GIB // 2)
-        sec_kv = await sec_kv_task
-        keepers[sec_kv.lease_id] = admission.keep_alive(sec_kv)
-        say(f"   security-review got {format_bytes(sec_kv.bytes)} of KV after waiting")
-        outcomes["security-review kv, waited"] = "granted"
+[[worker]]
+model = "smollm2-135m"
+listen = "127.0.0.1:{ports['a']}"
+{worker}
+[[worker]]
+model = "gemma3-270m"
+listen = "127.0.0.1:{ports['b']}"
+{worker}""")
+    return path
 
-        step(f"5. expired: code-gen hangs and stops renewing; after its {ttl_s:.0f}s TTL its "
-             "memory returns and documentation gets its turn")
-        keepers.pop(code_w.lease_id).cancel()
-        keepers.pop(code_kv.lease_id).cancel()
-        started = time.monotonic()
-        docs_w = await docs_task
-        keepers[docs_w.lease_id] = admission.keep_alive(docs_w)
-        say(f"   documentation granted {format_bytes(docs_w.bytes)} "
-            f"{time.monotonic() - started:.1f}s later")
-        outcomes["documentation weights, waited"] = "granted"
-        try:
-            await admission.renew(code_w)
-        except grpc.aio.AioRpcError as exc:
-            say(f"   code-gen wakes up and renews: {exc.code().name} ({error_details(exc).reason})"
-                " -- it must stop using that memory")
-            outcomes["code-gen renews after expiry"] = exc.code().name
-        await _show_status(address)
 
-        step("6. everyone finishes and releases")
-        for keeper in keepers.values():
-            keeper.cancel()
-        for lease in (sec_w, sec_kv, docs_w):
-            await admission.release(lease)
-        say("   code-gen's last lease (its shrunk KV) expires on its own as well")
-        deadline = time.monotonic() + 3 * ttl_s
-        final = await admission.status()
-        while final.devices[0].leased_bytes and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            final = await admission.status()
-        await asyncio.sleep(0.1)  # let the last events reach the watcher
-        watch_task.cancel()
+def converse(client: Client, agent: Agent, max_tokens: int, start: float) -> dict:
+    turns = []
+    with client.session(agent.model) as session:
+        for number, text in enumerate(agent.turns, 1):
+            asked = time.monotonic()
+            first = None
+            pieces = []
+            for piece in session.send(text, raw=not agent.chat, max_tokens=max_tokens):
+                if first is None:
+                    first = time.monotonic() - asked
+                pieces.append(piece)
+            took = time.monotonic() - asked
+            answer = "".join(p.text for p in pieces)
+            tokens = sum(len(p.token_ids) for p in pieces)
+            turns.append({"turn": number, "tokens": tokens, "first_token_s": round(first or 0, 3),
+                          "seconds": round(took, 3), "answer": answer,
+                          "token_ids": [t for p in pieces for t in p.token_ids]})
+            shown = " ".join(answer.split())[:60]
+            say(f"   [{time.monotonic() - start:6.1f}s] {agent.name:<16} turn {number}: "
+                f"{tokens} tokens in {took:.1f}s (first after {first or 0:.1f}s)  {shown!r}")
+    return {"agent": agent.name, "model": agent.model, "turns": turns}
 
-    say()
-    say("Events seen through Watch:")
-    for event in events:
-        say(f"   {event.seq:>3}  {render_event(event)}")
-    kinds = [event.WhichOneof("kind") for event in events]
-    return {
-        "device": {"id": device.device, "total_bytes": device.total_bytes,
-                   "cap_bytes": device.cap_bytes},
-        "outcomes": outcomes,
-        "events": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
-        "leased_at_end": final.devices[0].leased_bytes,
-        "out_of_memory_crashes": 0,
-    }
+
+def with_lmx(device_size: str, max_tokens: int, out: Path) -> tuple[list[dict], Recorder, dict]:
+    stack = load_stack(stack_file(out, device_size))
+    supervisor = Supervisor(stack, out / "logs", start_timeout_s=900,
+                            on_event=lambda name, what: say(f"   {name}: {what}"))
+    supervisor.start()
+    recorder = Recorder(stack.admission.listen).start()
+    errors: list[str] = []
+    results: list[dict] = []
+    started = time.monotonic()
+    try:
+        with Client(stack.admission.listen, timeout_s=600) as client:
+            say("   (the three agents start now, all at once)")
+            with ThreadPoolExecutor(len(AGENTS)) as pool:
+                futures = [pool.submit(converse, client, agent, max_tokens, started)
+                           for agent in AGENTS]
+                for agent, future in zip(AGENTS, futures):
+                    try:
+                        results.append(future.result())
+                    except ClientError as exc:
+                        errors.append(f"{agent.name}: {exc}")
+                        say(f"   {agent.name}: ERROR {exc}")
+        time.sleep(0.3)   # the last events reach the recorder
+    finally:
+        recorder.stop()
+        supervisor.stop()
+    return results, recorder, {"wall_s": round(time.monotonic() - started, 2), "errors": errors}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmx demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device-size", default="8GiB", help="simulated GPU size [8GiB]")
-    parser.add_argument("--ttl-s", type=float, default=2.0, help="lease TTL in the story [2]")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"),
-                        help="where the summary and admission's log go [out/demo]")
+    parser.add_argument("--out", default="out/demo", help="where to write [out/demo]")
+    parser.add_argument("--device-size", default="1400MiB",
+                        help="the simulated GPU [1400MiB]: too small for both models at once")
+    parser.add_argument("--max-tokens", type=int, default=16, help="per turn [16]")
+    parser.add_argument("--skip-naive", action="store_true", help="only the lmx way")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "admission.log"
-    say(f"Starting admission (log: {log_path}) ...")
-    service = start_service("services.admission", SERVICE_NAME,
-                            ["--device", f"cpu:0={args.device_size}", "--log-format", "json"],
-                            log_path=log_path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = parse_bytes(args.device_size)
+    say(f"lmx demo: three agents, two models, one simulated GPU of {format_bytes(size)} "
+        f"(leases may use 90%: {format_bytes(int(size * 0.9))})")
+    say("   smollm2-135m: 513 MiB of weights, shared by code-gen and security-review")
+    say("   gemma3-270m: 1 GiB of weights, for documentation")
+
+    naive_results: list[dict] = []
+    if not args.skip_naive:
+        step("1. The naive way: each agent's engine reserves its weights and a KV cache for "
+             "its whole context window up front")
+        naive_results = naive(args.device_size, args.max_tokens, out)
+        crashed = sum(1 for r in naive_results if r["outcome"] == "out of memory")
+        say(f"   -> {crashed} of {len(naive_results)} crashed out of memory")
+
+    step("2. The lmx way: admission, the kvstore and one worker per model (lmx up's stack)")
     try:
-        summary = asyncio.run(story(service.address, args.ttl_s))
-    finally:
-        code = service.stop()
-    summary["admission_exit_code"] = code
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say()
-    say(f"Admission stopped cleanly (exit {code}). Summary: {args.out / 'summary.json'}")
-    if summary["leased_at_end"] != 0 or code != 0:
-        say("demo FAILED: memory still leased at the end, or admission did not stop cleanly")
+        results, recorder, run = with_lmx(args.device_size, args.max_tokens, out)
+    except StackError as exc:
+        print(f"lmx demo: {exc}", file=sys.stderr)
         return 1
-    return 0
+    counts = {kind: sum(1 for m in recorder.marks if m.kind == kind)
+              for kind in ("reclaim", "park", "restore", "sleep", "wake")}
+    finished = [r for r in results if len(r["turns"]) == len(AGENTS[0].turns)]
+    say(f"   -> {len(finished)} of {len(AGENTS)} agents finished every turn in "
+        f"{run['wall_s']} s, {len(run['errors'])} errors; admission asked for memory back "
+        f"{counts['reclaim']} times: {counts['park']} parks, {counts['restore']} restores, "
+        f"{counts['sleep']} sleeps, {counts['wake']} wakes")
+
+    picture = plot(recorder.samples, recorder.marks, recorder.cap_bytes, recorder.total_bytes,
+                   out / "timeline.png",
+                   f"lmx demo: three agents on a simulated {format_bytes(size)} GPU "
+                   "(leases stacked per holder)")
+    summary = {
+        "device_bytes": size, "cap_bytes": recorder.cap_bytes,
+        "naive": naive_results,
+        "lmx": {**run, "agents": results, "events": counts,
+                "marks": [m.__dict__ for m in recorder.marks],
+                "peak_leased_bytes": max((sum(s.held.values()) for s in recorder.samples),
+                                         default=0)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    step("Done")
+    say(f"   picture: {picture}")
+    say(f"   summary: {out / 'summary.json'}")
+    say(f"   logs:    {out / 'logs'}")
+    ok = len(finished) == len(AGENTS) and not run["errors"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

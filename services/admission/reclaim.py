@@ -17,8 +17,9 @@ answered) is asked of other holders' leases on that device, in this order
   fit (`finishing`), or it could never finish, nor sleep.
   Only leases of a priority at or below the waiter's are asked (a holder's
   priority is its leases'), lower priorities first; never the waiter's own
-  holder. A weights lease that answered with nothing is not asked again
-  until its size changes. A second stage (weights) starts only once every KV lease asked
+  holder. A lease whose answers gave nothing is asked again only after a
+  backoff that doubles with each such answer (up to a minute), unless its
+  size changed. A second stage (weights) starts only once every KV lease asked
   has answered or is overdue, so that models sleep only when parking was
   not enough.
 
@@ -43,6 +44,8 @@ log = structlog.get_logger(__name__)
 
 #: Answered asks stay in status this long.
 ANSWERED_KEPT_S = 60.0
+#: The longest a lease that keeps answering with nothing goes unasked.
+MAX_BACKOFF_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,18 +154,11 @@ class Reclaimer:
         answered = {r.lease.lease_id for r in self._asks.values()
                     if r.state == "answered" and r.for_holder == waiter.holder.name
                     and now - r.answered_at < self.deadline_s}
-        # A weights lease that answered with nothing (pinned, asleep already:
-        # what is left is its CUDA context) is not asked again until it
-        # changes size; asking would only repeat the answer every deadline.
-        refused = {r.lease.lease_id: r.answered_at for r in self._asks.values()
-                   if r.state == "answered" and r.freed_bytes == 0
-                   and r.lease.purpose is not Purpose.KV}
         candidates = [lease for lease in self.ledger.leases()
                       if lease.device == device and lease.holder.name != waiter.holder.name
                       and lease.priority <= waiter.priority
                       and lease.lease_id not in asked and lease.lease_id not in answered
-                      and not (lease.lease_id in refused
-                               and lease.resized_at <= refused[lease.lease_id])]
+                      and not self._backing_off(lease, now)]
         kv = [lease for lease in candidates if lease.purpose is Purpose.KV]
         if not kv:
             # Stage 2 only once no KV ask for this device is still open.
@@ -186,6 +182,19 @@ class Reclaimer:
                      holder=lease.holder.name, purpose=lease.purpose.value, bytes=wanted,
                      for_holder=waiter.holder.name, device=device)
         return asks
+
+    def _backing_off(self, lease: Lease, now: float) -> bool:
+        """A lease whose last answers gave nothing (pinned; asleep already,
+        what is left being its CUDA context) is asked again only after a
+        backoff that doubles with each such answer (one deadline, two, four,
+        up to a minute), unless it changed size since."""
+        nothing = sorted((r.answered_at for r in self._asks.values()
+                          if r.lease.lease_id == lease.lease_id and r.state == "answered"
+                          and r.freed_bytes == 0), reverse=True)
+        if not nothing or lease.resized_at > nothing[0]:
+            return False
+        backoff = min(MAX_BACKOFF_S, self.deadline_s * 2 ** (len(nothing) - 1))
+        return now - nothing[0] < backoff
 
     # ---- answers and deadlines ----
     def answer(self, reclaim_id: str, freed_bytes: int, detail: str) -> Reclaim:

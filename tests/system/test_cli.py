@@ -109,19 +109,3 @@ def test_watch_prints_events(admission):
         watch.send_signal(signal.SIGINT)
         out, _ = watch.communicate(timeout=10)
     assert "granted  cli-test" in out and "released cli-test" in out, out
-
-
-def test_demo_runs_the_story(tmp_path: Path):
-    result = run(["demo", "--out", str(tmp_path)], timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["outcomes"] == {
-        "code-gen weights+kv": "granted",
-        "security-review weights": "granted",
-        "security-review kv, no wait": "RESOURCE_EXHAUSTED",
-        "security-review kv, waited": "granted",
-        "documentation weights, waited": "granted",
-        "code-gen renews after expiry": "FAILED_PRECONDITION",
-    }, summary
-    assert summary["events"]["expired"] == 2 and summary["leased_at_end"] == 0, summary
-    assert summary["admission_exit_code"] == 0

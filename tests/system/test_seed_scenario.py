@@ -14,7 +14,7 @@ conversations at once: a code generator and a security reviewer on smollm2
 - Every agent's output equals what it produces running alone (greedy).
 - The naive way on the same device: three plain processes that each reserve
   weights and a KV cache of the whole context window up front
-  (tests/system/naive_engine.py): all but one die out of memory.
+  (services/naive.py): all but one die out of memory.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.timeout(900, func_only=True)
 ADMISSION = "lmx.v1.AdmissionService"
 KVSTORE = "lmx.v1.KVStoreService"
 WORKER = "lmx.v1.WorkerService"
-NAIVE = Path(__file__).with_name("naive_engine.py")
 MAX_TOKENS = 12
 RPC_TIMEOUT_S = 300
 
@@ -219,8 +218,8 @@ def test_three_agents_two_models_one_small_device(stack):
                            ["--device", "cpu:0=1400MiB", "--log-format", "json"],
                            log_path=tmp / "naive-admission.log")
     try:
-        runs = [subprocess.Popen([sys.executable, str(NAIVE), device.address, agent.model,
-                                  agent.turns[0], str(MAX_TOKENS)],
+        runs = [subprocess.Popen([sys.executable, "-m", "services.naive", device.address,
+                                  agent.model, agent.turns[0], str(MAX_TOKENS)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for agent in AGENTS]
         codes = []

@@ -170,24 +170,34 @@ def test_a_holder_asked_for_its_weights_may_grow_past_the_head(book):
     assert other.lease is None, "a holder not asked must still wait its turn"
 
 
-def test_weights_that_answered_nothing_are_not_asked_again_until_resized(book):
+def test_a_lease_that_gives_nothing_is_asked_again_after_a_doubling_backoff(book):
     ledger, reclaimer, clock = book
     asleep = grant(ledger, "worker/a", 100, WEIGHTS)     # an asleep model's context
-    grant(ledger, "worker/b", 700, WEIGHTS)
-    ledger.acquire(Holder("worker/c", 1), 400, WEIGHTS)   # 200 free: waits
-    asks = reclaimer.plan()
-    assert {a.lease.lease_id for a in asks} >= {asleep.lease_id}
-    by_lease = {a.lease.lease_id: a for a in asks}
-    reclaimer.answer(by_lease[asleep.lease_id].reclaim_id, 0, "the model is asleep already")
-    clock.now += 30.0                                     # deadlines pass; b is overdue
-    reclaimer.overdue()
-    again = reclaimer.plan()
-    assert asleep.lease_id not in [a.lease.lease_id for a in again], (
-        "a weights lease that gave nothing must not be asked again while unchanged")
+    grant(ledger, "worker/b", 850, WEIGHTS, priority=5)  # above the waiter: never asked
+    ledger.acquire(Holder("worker/c", 1), 200, WEIGHTS)   # 50 free: waits
+
+    def asked_now() -> bool:
+        reclaimer.overdue()
+        return asleep.lease_id in [a.lease.lease_id for a in reclaimer.plan()]
+
+    def answer_nothing() -> None:
+        (ask,) = [r for r in reclaimer.reclaims()
+                  if r.lease.lease_id == asleep.lease_id and r.state != "answered"]
+        reclaimer.answer(ask.reclaim_id, 0, "the model is asleep already")
+
+    assert asked_now()
+    answer_nothing()
+    clock.now += 4.0
+    assert not asked_now(), "within the first backoff (one deadline, 5 s)"
+    clock.now += 1.5
+    assert asked_now(), "after one deadline it may be asked again (it may be waking: ready now)"
+    answer_nothing()
+    clock.now += 9.0
+    assert not asked_now(), "a second answer of nothing doubles the backoff (10 s)"
+    clock.now += 1.5
+    assert asked_now()
+    answer_nothing()
     clock.now += 1.0
-    ledger.resize(asleep.lease_id, asleep.epoch, 90)     # it changed: ask again
-    clock.now += 6.0
-    reclaimer.overdue()
-    later = reclaimer.plan()
-    assert asleep.lease_id in [a.lease.lease_id for a in later], (
-        "once its size changed, the lease may be asked again")
+    ledger.resize(asleep.lease_id, asleep.epoch, 90)      # it changed since
+    clock.now += 4.5          # past the deadline, well within the third backoff (20 s)
+    assert asked_now(), "a lease that changed size since its answer may be asked again"

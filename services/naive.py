@@ -8,7 +8,9 @@ one Acquire from that admission with wait_ms=0, which is what allocating on a
 real GPU amounts to (granted now, or out of memory). When granted, it loads
 the model for real and answers its prompt greedily.
 
-    python tests/system/naive_engine.py ADMISSION MODEL PROMPT MAX_TOKENS
+    python -m services.naive ADMISSION MODEL PROMPT MAX_TOKENS
+
+Used by `lmx demo` and tests/system/test_seed_scenario.py.
 
 Exit 0 with the token ids on stdout; exit 3 when "out of memory".
 """
@@ -18,17 +20,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import grpc
+import torch
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
-
-from lmx.v1 import admission_pb2 as pb  # noqa: E402
-from lmx.v1 import admission_pb2_grpc  # noqa: E402
-from services.worker.models import default_cache_dir, estimate_weight_bytes, load_model, model_config  # noqa: E402
+from lmx.v1 import admission_pb2 as pb
+from lmx.v1 import admission_pb2_grpc
+from services.worker.models import default_cache_dir, estimate_weight_bytes, load_model, model_config
 
 OUT_OF_MEMORY = 3
 

@@ -1,0 +1,36 @@
+"""`lmx demo` (what `make demo` runs), end to end: the naive way crashes out
+of memory, the lmx way finishes every agent's every turn, and it writes the
+timeline picture and the summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900, func_only=True)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_tells_the_story(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = result.stdout
+    assert "crashed out of memory" in out and "3 of 3 agents finished every turn" in out, out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    naive = [r["outcome"] for r in summary["naive"]]
+    assert naive.count("out of memory") >= 2, summary["naive"]
+    lmx = summary["lmx"]
+    assert lmx["errors"] == []
+    assert [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3]
+    assert all(t["tokens"] > 0 for a in lmx["agents"] for t in a["turns"])
+    assert lmx["events"]["sleep"] >= 1 and lmx["events"]["wake"] >= 1, lmx["events"]
+    assert 0 < lmx["peak_leased_bytes"] <= summary["cap_bytes"], "the book stayed under the cap"
+    png = (tmp_path / "timeline.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not list(Path("/dev/shm").glob("lmx-demo*")), "the demo left shared memory"
