@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from lmx.client import SERVING_STATES
 from lmx.v1 import admission_pb2
 from lmx.v1 import worker_pb2 as pb
 from lmx.v1 import worker_pb2_grpc
@@ -23,7 +24,8 @@ from services.admission.client import AdmissionClient, error_details
 async def find_worker(admission_address: str, model: str) -> str:
     async with AdmissionClient(admission_address, timeout_s=5) as admission:
         workers = await admission.list_workers(model)
-    ready = [w for w in workers if w.state == admission_pb2.WORKER_STATE_READY]
+    # An asleep worker takes requests too: the first one wakes it.
+    ready = [w for w in workers if w.state in SERVING_STATES]
     if ready:
         return ready[0].address
     if workers:

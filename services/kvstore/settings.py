@@ -17,9 +17,21 @@ DEFAULT_LISTEN = "127.0.0.1:50052"
 STORE_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 
-def default_capacity() -> int:
-    """A quarter of the host's RAM."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+def shm_size(shm_dir: str) -> int | None:
+    """The size of the filesystem holding `shm_dir` (a container's /dev/shm is
+    64 MB unless told otherwise); None if it cannot be read."""
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize
+
+
+def default_capacity(shm_dir: str = "/dev/shm") -> int:
+    """A quarter of the host's RAM, and at most 90% of what `shm_dir` holds."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    size = shm_size(shm_dir)
+    return ram if size is None else min(ram, size * 9 // 10)
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,7 @@ class KVStoreSettings:
         "help": "size of a shared-memory segment (a larger entry gets its own)",
         "parse": parse_bytes})
     capacity_bytes: int = field(default=0, metadata={
-        "help": "shared memory the entries may use (0: a quarter of RAM)", "parse": parse_bytes})
+        "help": "shared memory the entries may use (0: a quarter of RAM, at most 90% of --shm-dir)", "parse": parse_bytes})
     when_full: str = field(default="spill", metadata={
         "help": "spill (least recently used entries to --spill-dir) | refuse "
                 "(RESOURCE_EXHAUSTED)"})
@@ -71,7 +83,15 @@ class KVStoreSettings:
             raise ConfigError("export_chunk_bytes", "must be in (0, 32MiB]")
         # Resolve the defaults that depend on the host, once.
         if not self.capacity_bytes:
-            object.__setattr__(self, "capacity_bytes", default_capacity())
+            object.__setattr__(self, "capacity_bytes", default_capacity(self.shm_dir))
+        size = shm_size(self.shm_dir)
+        if size is not None and self.capacity_bytes > size:
+            # Writing past what the filesystem holds kills the writer (SIGBUS).
+            raise ConfigError("capacity_bytes",
+                              f"{self.capacity_bytes} bytes is more than {self.shm_dir} holds "
+                              f"({size} bytes)",
+                              fix="lower --capacity-bytes, or give the shm filesystem more room "
+                                  "(docker: shm_size)")
         if not self.state_dir:
             object.__setattr__(self, "state_dir", str(
                 Path.home() / ".cache" / "lmx" / "kvstore" / self.store_id))

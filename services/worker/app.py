@@ -100,6 +100,11 @@ class WorkerApp:
     async def start(self, address: str) -> None:
         settings = self.settings
         self.address = settings.advertise or address
+        host = self.address.rpartition(":")[0].strip("[]")
+        if host in ("0.0.0.0", "::", ""):
+            log.warning("worker_address_unreachable", address=self.address,
+                        message="clients cannot reach a wildcard address; pass --advertise "
+                                "HOST:PORT (the address clients should use)")
         self.worker_id = f"{settings.model}@{self.address}"
         if settings.admission == "none":
             self.memory = FixedMemory(settings.budget)

@@ -32,6 +32,20 @@ def test_defaults_resolve_once():
     assert settings.export_chunk_bytes == 4 << 20
 
 
+def test_capacity_fits_the_shm_filesystem(tmp_path):
+    """A container's /dev/shm is 64 MB unless told otherwise: the default
+    capacity stays under what --shm-dir holds, and a larger one is refused
+    (writing past it would kill the writer with SIGBUS)."""
+    import os
+    st = os.statvfs(tmp_path)
+    size = st.f_blocks * st.f_frsize
+    settings = load_settings(["--shm-dir", str(tmp_path)], environ={})
+    assert 0 < settings.capacity_bytes <= size * 9 // 10
+    with pytest.raises(ConfigError, match="more than"):
+        load_settings(["--shm-dir", str(tmp_path), "--capacity-bytes", str(size + 4096)],
+                      environ={})
+
+
 def test_flags_and_environment():
     settings = load_settings(["--capacity-bytes", "1GiB", "--when-full", "refuse"],
                              environ={"LMX_KVSTORE_STORE_ID": "b2", "LMX_KVSTORE_KEEP_ON_STOP": "0"})
