@@ -31,6 +31,7 @@ class WorkerRecord:
     ttl_s: float
     updated_at: float
     num_parked: int = 0
+    resident_fraction: float = 1.0     # below 1: streaming the other layers
 
 
 class WorkerRegistry:
@@ -41,7 +42,7 @@ class WorkerRegistry:
 
     def register(self, worker_id: str, model: str, address: str, state: str, *, pid: int = 0,
                  device: str = "", num_sessions: int = 0, ttl_s: float = 10.0,
-                 num_parked: int = 0) -> WorkerRecord:
+                 num_parked: int = 0, resident_fraction: float = 1.0) -> WorkerRecord:
         for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
                             ("worker.address", address)):
             if not value or len(value) > MAX_FIELD_CHARS or not value.isprintable():
@@ -56,9 +57,11 @@ class WorkerRegistry:
             raise InvalidArgument("ttl_ms", f"must be in (0, {self.max_ttl_s * 1000:.0f}]")
         if num_sessions < 0 or pid < 0 or not 0 <= num_parked <= num_sessions:
             raise InvalidArgument("worker.num_sessions", "counts must not be negative")
+        if not 0.0 <= resident_fraction <= 1.0:   # 0: not said (an older worker): all
+            raise InvalidArgument("worker.resident_fraction", "must be in [0, 1]")
         previous = self._workers.get(worker_id)
         record = WorkerRecord(worker_id, model, address, state, pid, device, num_sessions, ttl_s,
-                              self.clock(), num_parked)
+                              self.clock(), num_parked, resident_fraction or 1.0)
         self._workers[worker_id] = record
         if previous is None or previous.state != state:
             log.info("worker_registered", worker_id=worker_id, model=model, address=address,

@@ -89,7 +89,8 @@ def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
     return pb.WorkerInfo(worker_id=record.worker_id, model=record.model, address=record.address,
                          state=WORKER_STATE_TO_PB[record.state], pid=record.pid,
                          device=record.device, num_sessions=record.num_sessions,
-                         updated_s_ago=now - record.updated_at, num_parked=record.num_parked)
+                         updated_s_ago=now - record.updated_at, num_parked=record.num_parked,
+                         resident_fraction=record.resident_fraction)
 
 
 ACTIVITY_TO_PB = {
@@ -209,7 +210,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         self.broker.registry.register(
             info.worker_id, info.model, info.address, state, pid=info.pid, device=info.device,
             num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000,
-            num_parked=info.num_parked)
+            num_parked=info.num_parked, resident_fraction=info.resident_fraction)
         return pb.RegisterWorkerResponse()
 
     async def UnregisterWorker(self, request: pb.UnregisterWorkerRequest,

@@ -11,7 +11,10 @@ from services.common.units import format_bytes
 
 
 def worker_state(info: pb.WorkerInfo) -> str:
-    return pb.WorkerState.Name(info.state).removeprefix("WORKER_STATE_").lower()
+    state = pb.WorkerState.Name(info.state).removeprefix("WORKER_STATE_").lower()
+    if 0.0 < info.resident_fraction < 1.0:
+        state += f" (streaming, {info.resident_fraction:.0%} resident)"
+    return state
 
 
 def render_ps(status: pb.StatusResponse) -> str:

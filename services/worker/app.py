@@ -12,6 +12,7 @@ serve (state "ready"). A heartbeat re-registers every TTL/3.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from services.worker.core import WorkerCore
 from services.worker.engine import Engine, Failed, Finished
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
 from services.worker.kv_link import KVStoreLink
-from services.worker.models import LoadedModel, default_cache_dir, estimate_weight_bytes, load_model
+from services.worker.models import LoadedModel, default_cache_dir, load_model, weight_plan
+from services.worker.settings import AUTO
+from services.worker.streaming import LayerStreamer, streamed_indices
 from services.worker.parking import Parking
 from services.worker.pressure import PressureRelief, Relief
 from services.worker.sampling import SamplingParams
@@ -77,6 +80,9 @@ class WorkerApp:
         self.admission_device = ""
         self.overhead_bytes = 0
         self.loaded: LoadedModel | None = None
+        self.streamer: LayerStreamer | None = None
+        self.resident_fraction = 1.0
+        self._num_layers = 0
         self.engine: Engine | None = None
         self.core: WorkerCore | None = None
         self.sessions = SessionTable(settings.max_sessions)
@@ -128,8 +134,7 @@ class WorkerApp:
                  dtype=str(self.dtype).removeprefix("torch."), admission=settings.admission,
                  admission_device=self.admission_device)
 
-        weight_bytes = await asyncio.to_thread(estimate_weight_bytes, settings.model, self.cache,
-                                               self.dtype)
+        plan = await asyncio.to_thread(weight_plan, settings.model, self.cache, self.dtype)
         workspace = 0
         if self.device.type == "cuda":
             self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
@@ -143,15 +148,23 @@ class WorkerApp:
                                            settings.max_batch, itemsize)
         if self.device.type == "cuda":
             self.memory.on_change = self._cap_allocator
+        fraction = settings.resident_fraction
+        if fraction == AUTO:
+            # Room for one KV chunk too, or the first session could not start.
+            fraction = await self._fitting_fraction(
+                plan, self.overhead_bytes + workspace + settings.kv_chunk_bytes)
+        self.resident_fraction = fraction
+        self._num_layers = plan.num_layers
+        # Streaming: only the resident layers and the ring go on the device.
+        streamed = len(streamed_indices(plan.num_layers, fraction))
+        weight_bytes = plan.device_bytes(streamed, settings.stream_ring)
         base = weight_bytes + self.overhead_bytes + workspace
         log.info("worker_lease_needed", weight_bytes=weight_bytes,
                  overhead_bytes=self.overhead_bytes, workspace_bytes=workspace, bytes=base)
         await self.memory.acquire_base(base)
 
         self._set_state("loading")
-        self.loaded = await asyncio.to_thread(
-            load_model, settings.model, cache=self.cache, device=self.device, dtype=self.dtype,
-            max_context=settings.max_context)
+        self.loaded = await asyncio.to_thread(self._load)
         self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,
@@ -165,7 +178,9 @@ class WorkerApp:
             self.engine, self.sessions, parking, self.memory,
             WeightStash(self.loaded.model, self.device), base_bytes=base,
             keep_bytes=self.overhead_bytes, residue=self._allocator_residue,
-            pinned=settings.pin_model,
+            # A streamed model does not sleep: its ring and resident layers
+            # are what it needs to run at all (its idle KV is still parked).
+            pinned=settings.pin_model or self.streamer is not None,
             on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)
@@ -336,7 +351,8 @@ class WorkerApp:
             worker_id=self.worker_id, model=self.settings.model, address=self.address,
             state=STATE_TO_PB[self._reported_state()], pid=os.getpid(),
             device=self.admission_device, num_sessions=len(self.sessions),
-            num_parked=sum(1 for s in self.sessions.all() if s.parked_entry))
+            num_parked=sum(1 for s in self.sessions.all() if s.parked_entry),
+            resident_fraction=self._resident_fraction())
         try:
             await self.admission.register_worker(info, ttl_s=self.settings.lease_ttl_s)
         except grpc.aio.AioRpcError as exc:
@@ -372,16 +388,59 @@ class WorkerApp:
         self.engine.max_prefill_tokens = min(self.engine.max_prefill_tokens, tokens)
         torch.cuda.empty_cache()
         steady = torch.cuda.memory_reserved(self.device)
-        workspace = max(0, peak - self.loaded.weight_bytes - kv_at_peak)
+        workspace = max(0, peak - self.device_weight_bytes() - kv_at_peak)
         # Whichever is larger: the peak step's needs, or what the allocator
         # keeps after it (cuBLAS workspaces, blocks still split); plus slack,
         # and the staging buffers of a park or restore running beside a step.
         staging = self.core.parking.transfer.staging_bytes
-        base = self.overhead_bytes + max(self.loaded.weight_bytes + int(workspace * 1.1),
+        base = self.overhead_bytes + max(self.device_weight_bytes() + int(workspace * 1.1),
                                          steady) + (32 << 20) + staging
         log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_at_peak,
                  steady_reserved=steady, workspace_bytes=workspace, base_lease_bytes=base)
         await self.memory.resize_base(base)
+
+    def _load(self) -> LoadedModel:
+        """The model, loaded once. Streamed (--resident-fraction below 1):
+        loaded in host memory, the streamed layers' weights kept there
+        (pinned on a GPU host) behind a ring of device buffers, then the
+        rest moved to the device."""
+        settings = self.settings
+        streamed = streamed_indices(self._num_layers, self.resident_fraction)
+        if not streamed:
+            return load_model(settings.model, cache=self.cache, device=self.device,
+                              dtype=self.dtype, max_context=settings.max_context)
+        loaded = load_model(settings.model, cache=self.cache, device=torch.device("cpu"),
+                            dtype=self.dtype, max_context=settings.max_context)
+        self.streamer = LayerStreamer(loaded.model, self.device, streamed,
+                                      ring_slots=settings.stream_ring)
+        self.streamer.attach()
+        if self.device.type != "cpu":
+            loaded.model.to(self.device)     # the resident part; streamed layers are in the ring
+            loaded = dataclasses.replace(loaded, device=self.device)
+        return loaded
+
+    async def _fitting_fraction(self, plan, fixed_bytes: int) -> float:
+        """--resident-fraction auto: all layers if they fit what admission
+        (or --budget) has free now, else the largest share that does, the
+        rest streamed through the ring; all streamed if even that is too
+        much (the lease then waits in admission's queue)."""
+        if self.admission is not None:
+            status = await self.admission.status()
+            free = next((d.free_bytes for d in status.devices
+                         if d.device == self.admission_device), 0)
+        else:
+            free = self.settings.budget
+        if plan.total_bytes + fixed_bytes <= free:
+            chosen = plan.num_layers
+        else:
+            ring = min(self.settings.stream_ring, plan.num_layers) * plan.layer_bytes
+            others = plan.total_bytes - plan.num_layers * plan.layer_bytes   # embeddings, norms
+            room = free - fixed_bytes - others - ring
+            chosen = max(0, min(plan.num_layers - 1, room // plan.layer_bytes))
+        fraction = chosen / plan.num_layers if chosen else 1e-9
+        log.info("worker_resident_fraction_chosen", free_bytes=free, layers=plan.num_layers,
+                 resident_layers=chosen, resident_fraction=round(chosen / plan.num_layers, 3))
+        return fraction
 
     async def _prefill_peak(self, tokens: int) -> tuple[int, int]:
         """Peak reserved device memory over one prefill of `tokens` tokens,
@@ -405,6 +464,18 @@ class WorkerApp:
             await self.engine.wait_settled()  # the warm-up's KV chunks are given back
         return peak, kv_at_peak
 
+    def _resident_fraction(self) -> float:
+        return 1.0 if self.streamer is None else self.streamer.info().resident_fraction
+
+    def device_weight_bytes(self) -> int:
+        """The weights on the device: all of them, or the resident part and
+        the ring when streaming."""
+        assert self.loaded is not None
+        if self.streamer is None:
+            return self.loaded.weight_bytes
+        info = self.streamer.info()
+        return self.loaded.weight_bytes - info.host_bytes + info.ring_bytes
+
     def status_pb(self) -> worker_pb2.GetStatusResponse:
         granted = self.memory.granted() if self.memory is not None else {}
         now = time.monotonic()
@@ -416,13 +487,16 @@ class WorkerApp:
             sessions=[worker_pb2.SessionInfo(session_id=s.session_id, state=s.state,
                                              num_tokens=len(s.tokens), idle_s=now - s.last_used)
                       for s in self.sessions.all()],
-            num_parked=sum(1 for s in self.sessions.all() if s.parked_entry))
+            num_parked=sum(1 for s in self.sessions.all() if s.parked_entry),
+            resident_fraction=self._resident_fraction())
+        if self.streamer is not None:
+            reply.streamed_bytes = self.streamer.info().host_bytes
         if self.loaded is not None and self.engine is not None:
             stats = self.engine.stats()
             if self.device.type == "cuda":
                 held = torch.cuda.memory_reserved(self.device) + self.overhead_bytes
             else:
-                held = self.loaded.weight_bytes + stats.kv_bytes
+                held = self.device_weight_bytes() + stats.kv_bytes
             reply.MergeFrom(worker_pb2.GetStatusResponse(
                 num_running=stats.num_running, num_waiting=stats.num_waiting,
                 weight_bytes=self.loaded.weight_bytes, kv_bytes=stats.kv_bytes,

@@ -229,6 +229,33 @@ def estimate_weight_bytes(name: str, cache: Path, dtype: torch.dtype) -> int:
     return _tensor_bytes(model)
 
 
+@dataclass(frozen=True)
+class WeightPlan:
+    """A model's weights as layer streaming sees them, counted on the meta
+    device: all of them, one decoder layer, how many layers."""
+    total_bytes: int
+    layer_bytes: int
+    num_layers: int
+
+    def device_bytes(self, streamed: int, ring_slots: int) -> int:
+        """The weights on the device when `streamed` layers stream through a
+        ring of `ring_slots` layers (services/worker/streaming.py)."""
+        return self.total_bytes - streamed * self.layer_bytes \
+            + min(ring_slots, streamed) * self.layer_bytes
+
+
+def weight_plan(name: str, cache: Path, dtype: torch.dtype) -> WeightPlan:
+    from transformers import AutoModelForCausalLM
+
+    from services.worker.streaming import decoder_layers, layer_bytes
+
+    config, _ = model_config(name, cache)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = decoder_layers(model)
+    return WeightPlan(_tensor_bytes(model), layer_bytes(layers[0]), len(layers))
+
+
 def _tensor_bytes(model: torch.nn.Module) -> int:
     unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in unique.values())

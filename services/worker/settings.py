@@ -10,6 +10,15 @@ from services.common.errors import ConfigError
 from services.common.units import parse_address, parse_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50061"
+#: --resident-fraction auto: the largest share of the layers that fits now.
+AUTO = 0.0
+
+
+def parse_fraction(text: str) -> float:
+    """'auto' (AUTO) or a number in (0, 1]."""
+    if str(text).strip().lower() == "auto":
+        return AUTO
+    return float(text)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -51,12 +60,23 @@ class WorkerSettings:
     pin_model: bool = field(default=False, metadata={
         "help": "never put the model to sleep under memory pressure (its sessions' idle KV "
                 "may still be parked)"})
+    resident_fraction: float = field(default=1.0, metadata={
+        "help": "share of the decoder layers kept on the device (0 < f <= 1), or auto: the "
+                "largest share admission can grant now; the others stay in host memory and are "
+                "streamed through a ring of --stream-ring layers", "parse": parse_fraction})
+    stream_ring: int = field(default=2, metadata={
+        "help": "device buffers (one layer each) the streamed layers are copied through"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def __post_init__(self) -> None:
         loader.check_common(self)
+        if not (0.0 < self.resident_fraction <= 1.0 or self.resident_fraction == AUTO):
+            raise ConfigError("resident_fraction", f"must be in (0, 1] or auto, got "
+                                                   f"{self.resident_fraction}")
+        if self.stream_ring < 1:
+            raise ConfigError("stream_ring", "must be at least 1")
         if self.advertise:
             try:
                 parse_address(self.advertise)

@@ -1,0 +1,235 @@
+"""Layer streaming: run a model whose weights do not all fit its lease. Some
+decoder layers stay resident on the device; the others live in host memory
+(pinned on a GPU host, one flat buffer per layer) and are copied, before they
+run, into a small ring of device buffers, each the size of one layer.
+
+The schedule: the n-th streamed-layer execution (counting across forward
+passes) runs from ring slot n % K. Once execution n is done, slot n % K is
+refilled with the layer of execution n + K, on a side stream, while the next
+layers compute; before execution n runs, the compute stream waits for its
+copy. So with K >= 2 each copy overlaps the computation of the layers before
+it. A layer's parameters are re-pointed (`param.data`) at its slot's views
+just before it runs: every decoder layer has the same shapes, so one set of
+views per slot serves all of them.
+
+On the CPU the same code runs with plain copies (the "device" is host
+memory too), so CI tests the mechanics and the exactness.
+
+Pure torch, no gRPC; `services/worker/app.py` builds one when the worker is
+told a resident fraction below 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+log = structlog.get_logger(__name__)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(model).__name__} has no model.layers to stream")
+    return layers
+
+
+def streamed_indices(num_layers: int, resident_fraction: float) -> list[int]:
+    """Which layers stream: the last ones, so that a fraction f keeps
+    round(f * num_layers) layers resident."""
+    if not 0.0 < resident_fraction <= 1.0:
+        raise ValueError(f"resident fraction must be in (0, 1], got {resident_fraction}")
+    resident = max(0, min(num_layers, round(resident_fraction * num_layers)))
+    return list(range(resident, num_layers))
+
+
+def layer_bytes(layer: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+@dataclass(frozen=True)
+class StreamingInfo:
+    num_layers: int
+    streamed: int                 # layers in host memory
+    ring_slots: int
+    layer_bytes: int              # one decoder layer's weights
+    host_bytes: int               # the streamed layers' weights in host memory
+    ring_bytes: int               # the ring on the device
+
+    @property
+    def resident_fraction(self) -> float:
+        return (self.num_layers - self.streamed) / self.num_layers
+
+
+class LayerStreamer:
+    """Streams `streamed` decoder layers of `model` (already loaded) through a
+    ring of `ring_slots` device buffers. Call `attach()` once; `detach()`
+    brings every layer back to the device (if memory allows) and removes the
+    hooks."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, streamed: list[int],
+                 ring_slots: int = 2):
+        self.model = model
+        self.device = device
+        layers = decoder_layers(model)
+        self.num_layers = len(layers)
+        self.layers = [layers[i] for i in streamed]
+        self.count = len(self.layers)
+        self.slots = max(1, min(ring_slots, self.count)) if self.count else 0
+        self.cuda = device.type == "cuda"
+        self._hooks: list = []
+        self._n = 0                    # streamed-layer executions so far
+        self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._copied: list = []        # per slot: event of its last copy
+        self._used: list = []          # per slot: event of its last use
+        self._slot_layer: list[int] = []
+        self.copy_seconds = 0.0        # CPU only: time spent copying
+        self.copied_bytes = 0
+        if self.count:
+            self._plan()
+
+    # ---- set-up ----
+    def _plan(self) -> None:
+        first = self.layers[0]
+        self.names = [name for name, _ in first.named_parameters()]
+        shapes = [p.shape for _, p in first.named_parameters()]
+        dtypes = {p.dtype for layer in self.layers for p in layer.parameters()}
+        if len(dtypes) != 1:
+            raise ValueError(f"streamed layers mix dtypes {dtypes}")
+        self.dtype = dtypes.pop()
+        for layer in self.layers[1:]:
+            if [p.shape for _, p in layer.named_parameters()] != shapes:
+                raise ValueError("streamed layers differ in shape; cannot share a ring")
+        self.numels = [int(torch.Size(s).numel()) for s in shapes]
+        self.layer_numel = sum(self.numels)
+        self.layer_bytes = self.layer_numel * torch.empty((), dtype=self.dtype).element_size()
+        self.shapes = shapes
+
+    def info(self) -> StreamingInfo:
+        return StreamingInfo(self.num_layers, self.count, self.slots,
+                             self.layer_bytes if self.count else 0,
+                             self.count * (self.layer_bytes if self.count else 0),
+                             self.slots * (self.layer_bytes if self.count else 0))
+
+    def attach(self) -> None:
+        """Move the streamed layers' weights to host memory (their device
+        copies are freed), make the ring, hook the layers."""
+        if not self.count:
+            return
+        self.host = []
+        for layer in self.layers:
+            flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
+                               pin_memory=self.cuda)
+            offset = 0
+            for (name, param), numel in zip(layer.named_parameters(), self.numels):
+                flat[offset:offset + numel].copy_(param.detach().reshape(-1))
+                offset += numel
+            self.host.append(flat)
+        self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
+                     for _ in range(self.slots)]
+        self.views = [self._views(slot) for slot in self.ring]
+        # Point every streamed layer at slot 0's views: the device copies go.
+        for layer in self.layers:
+            self._bind(layer, 0)
+        if self.cuda:
+            torch.cuda.empty_cache()
+            self._copied = [torch.cuda.Event() for _ in range(self.slots)]
+            self._used = [torch.cuda.Event() for _ in range(self.slots)]
+        self._slot_layer = [-1] * self.slots
+        for index, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._make_pre(index)))
+            self._hooks.append(layer.register_forward_hook(self._make_post(index)))
+        self._n = 0
+        self._prefetch()
+        info = self.info()
+        log.info("layers_streamed", layers=self.num_layers, streamed=self.count,
+                 ring_slots=self.slots, layer_bytes=self.layer_bytes, host_bytes=info.host_bytes,
+                 resident_fraction=round(info.resident_fraction, 3))
+
+    def detach(self) -> None:
+        """Every layer resident again (device memory for all of them is
+        needed), hooks removed."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if not self.count:
+            return
+        self._sync()
+        for layer, flat in zip(self.layers, self.host):
+            offset = 0
+            for (name, param), numel, shape in zip(layer.named_parameters(), self.numels,
+                                                   self.shapes):
+                param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
+                offset += numel
+        self.ring = []
+        self.views = []
+        self.host = []
+
+    def _views(self, slot: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for numel, shape in zip(self.numels, self.shapes):
+            views.append(slot[offset:offset + numel].view(shape))
+            offset += numel
+        return views
+
+    def _bind(self, layer: torch.nn.Module, slot: int) -> None:
+        for param, view in zip(layer.parameters(), self.views[slot]):
+            param.data = view
+
+    # ---- the schedule ----
+    def _copy(self, execution: int) -> None:
+        """Fill slot execution % K with the layer of that execution."""
+        slot = execution % self.slots
+        index = execution % self.count
+        if self.cuda:
+            stream = self._copy_stream
+            stream.wait_event(self._used[slot])
+            with torch.cuda.stream(stream):
+                self.ring[slot].copy_(self.host[index], non_blocking=True)
+                self._copied[slot].record(stream)
+        else:
+            started = time.perf_counter()
+            self.ring[slot].copy_(self.host[index])
+            self.copy_seconds += time.perf_counter() - started
+        self._slot_layer[slot] = index
+        self.copied_bytes += self.layer_bytes
+
+    def _prefetch(self) -> None:
+        for execution in range(self._n, self._n + self.slots):
+            self._copy(execution)
+
+    def _make_pre(self, index: int):
+        def pre(module, args):
+            if self._n % self.count != index:
+                self._resync(index)
+            slot = self._n % self.slots
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+            self._bind(module, slot)
+        return pre
+
+    def _make_post(self, index: int):
+        def post(module, args, output):
+            slot = self._n % self.slots
+            if self.cuda:
+                self._used[slot].record(torch.cuda.current_stream(self.device))
+            self._n += 1
+            self._copy(self._n - 1 + self.slots)
+        return post
+
+    def _resync(self, index: int) -> None:
+        """A forward pass stopped half-way (an exception) and the schedule
+        is off: wait for the copies, restart it at this layer."""
+        log.warning("layer_stream_resync", expected=self._n % self.count, got=index)
+        self._sync()
+        self._n = index
+        self._prefetch()
+
+    def _sync(self) -> None:
+        if self.cuda and self._copy_stream is not None:
+            self._copy_stream.synchronize()

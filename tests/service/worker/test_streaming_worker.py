@@ -1,0 +1,93 @@
+"""A streamed worker (--resident-fraction 0.3: 9 of SmolLM2's 30 decoder
+layers on the "device", 21 in host memory streamed through a ring of two)
+generates exactly what Hugging Face generate does (float32, CPU), alone and
+with sessions batched together; its lease covers only the resident layers
+and the ring; status and admission say it streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmx.v1 import admission_pb2 as apb
+from services.stack.ps import worker_state
+
+from .test_exactness import INPUTS, assert_matches_reference, generate_once
+from .worker_support import SMOLLM2, run_concurrently
+
+pytestmark = pytest.mark.timeout(240, func_only=True)
+
+
+@pytest.fixture(scope="module")
+def streamed(worker_fleet, worker_admission):
+    return worker_fleet.ready("smollm2-streamed", SMOLLM2, worker_admission.address,
+                              "--resident-fraction", "0.3", "--stream-ring", "2",
+                              "--kvstore", "none")
+
+
+def test_streamed_greedy_equals_hugging_face(streamed, references):
+    for item in INPUTS[SMOLLM2][:2]:
+        got = generate_once(streamed.address, item)
+        assert_matches_reference(SMOLLM2, item, got, references(SMOLLM2), "streamed, alone")
+
+
+def test_streamed_sessions_batched_together_stay_exact(streamed, references):
+    items = INPUTS[SMOLLM2]
+    results = run_concurrently({i: (lambda item=item: generate_once(streamed.address, item))
+                                for i, item in enumerate(items)}, timeout_s=200)
+    for index, item in enumerate(items):
+        assert_matches_reference(SMOLLM2, item, results[index], references(SMOLLM2),
+                                 "streamed, batched")
+
+
+def test_status_lease_and_admission_show_the_streaming(streamed, smollm2_worker,
+                                                       worker_admission):
+    from .worker_support import WorkerClient
+    with WorkerClient(streamed.address) as client:
+        status = client.status()
+    with WorkerClient(smollm2_worker.address) as client:
+        resident = client.status()
+    assert status.resident_fraction == pytest.approx(0.3)
+    per_layer = status.streamed_bytes // 21
+    assert status.streamed_bytes > 0 and per_layer * 21 == status.streamed_bytes
+    # The weights lease: all of the weights less 21 layers, plus a ring of 2.
+    assert resident.leased_bytes - status.leased_bytes == pytest.approx(19 * per_layer, rel=0.02)
+    assert resident.resident_fraction == 1.0 and resident.streamed_bytes == 0
+    from lmx.client import Client
+    with Client(worker_admission.address) as admission:
+        info = next(w for w in admission.workers() if w.address == streamed.address)
+    assert info.resident_fraction == pytest.approx(0.3)
+    assert worker_state(info) == "ready (streaming, 30% resident)"
+    assert info.state == apb.WORKER_STATE_READY
+
+
+def test_auto_streams_what_does_not_fit(tmp_path):
+    """--resident-fraction auto on a device too small for the whole model
+    (360 MiB of leases for SmolLM2's 513 MiB of float32 weights): the worker
+    keeps as many layers resident as fit, streams the rest, and is exact."""
+    from services.common.launch import start_service
+
+    from .test_exactness import Input
+    from .worker_support import WorkerFleet
+
+    admission = start_service("services.admission", "lmx.v1.AdmissionService",
+                              ["--device", "cpu:0=400MiB", "--log-format", "json"],
+                              log_path=tmp_path / "admission.log")
+    fleet = WorkerFleet(tmp_path)
+    try:
+        worker = fleet.ready("auto", SMOLLM2, admission.address, "--resident-fraction", "auto",
+                             "--kv-chunk-bytes", "1MiB", "--kvstore", "none")
+        from .worker_support import WorkerClient
+        with WorkerClient(worker.address) as client:
+            status = client.status()
+        assert 0.2 < status.resident_fraction < 1.0, status.resident_fraction
+        assert status.leased_bytes <= int((400 << 20) * 0.9)
+        chosen = [line for line in worker.log_lines()
+                  if line.get("event") == "worker_resident_fraction_chosen"]
+        assert chosen and chosen[0]["resident_layers"] == round(status.resident_fraction * 30)
+        item = Input("prompt", "The capital of France is")
+        got = generate_once(worker.address, item)
+        from .worker_support import Reference
+        assert_matches_reference(SMOLLM2, item, got, Reference(SMOLLM2), "auto-streamed")
+    finally:
+        fleet.stop_all()
+        admission.stop()
