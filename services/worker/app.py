@@ -201,6 +201,8 @@ class WorkerApp:
             await self.engine.close()
         if self.core is not None:
             self.core.parking.close()
+        if self.streamer is not None:
+            self.streamer.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -411,8 +413,10 @@ class WorkerApp:
                               dtype=self.dtype, max_context=settings.max_context)
         loaded = load_model(settings.model, cache=self.cache, device=torch.device("cpu"),
                             dtype=self.dtype, max_context=settings.max_context)
-        self.streamer = LayerStreamer(loaded.model, self.device, streamed,
-                                      ring_slots=settings.stream_ring)
+        self.streamer = LayerStreamer(
+            loaded.model, self.device, streamed, ring_slots=settings.stream_ring,
+            share_as=settings.model if settings.share_streamed_weights else None,
+            shm_dir=Path(settings.weights_shm_dir))
         self.streamer.attach()
         if self.device.type != "cpu":
             loaded.model.to(self.device)     # the resident part; streamed layers are in the ring

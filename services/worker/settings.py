@@ -66,6 +66,11 @@ class WorkerSettings:
                 "streamed through a ring of --stream-ring layers", "parse": parse_fraction})
     stream_ring: int = field(default=2, metadata={
         "help": "device buffers (one layer each) the streamed layers are copied through"})
+    share_streamed_weights: bool = field(default=True, metadata={
+        "help": "keep the streamed layers in a shared-memory file that the other workers of "
+                "this model on this host map instead of holding their own copy"})
+    weights_shm_dir: str = field(default="/dev/shm", metadata={
+        "help": "where that file lives"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 import torch
+
+from services.worker.shared_weights import SharedHostWeights, weights_key
 
 log = structlog.get_logger(__name__)
 
@@ -73,12 +76,14 @@ class LayerStreamer:
     hooks."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, streamed: list[int],
-                 ring_slots: int = 2):
+                 ring_slots: int = 2, share_as: str | None = None,
+                 shm_dir: Path = Path("/dev/shm")):
         self.model = model
         self.device = device
         layers = decoder_layers(model)
         self.num_layers = len(layers)
         self.layers = [layers[i] for i in streamed]
+        self.streamed = list(streamed)
         self.count = len(self.layers)
         self.slots = max(1, min(ring_slots, self.count)) if self.count else 0
         self.cuda = device.type == "cuda"
@@ -90,6 +95,14 @@ class LayerStreamer:
         self._slot_layer: list[int] = []
         self.copy_seconds = 0.0        # CPU only: time spent copying
         self.copied_bytes = 0
+        #: Where the host copies live: with `share_as` (the model's name), one
+        #: shared-memory file in `shm_dir` that the workers of this model
+        #: share (services/worker/shared_weights.py); else private memory.
+        self.share_as = share_as
+        self.shm_dir = Path(shm_dir)
+        self.shared: SharedHostWeights | None = None
+        self.shared_mapped = False     # True: another worker had written them
+        self._registered: torch.Tensor | None = None
         if self.count:
             self._plan()
 
@@ -121,15 +134,41 @@ class LayerStreamer:
         copies are freed), make the ring, hook the layers."""
         if not self.count:
             return
-        self.host = []
-        for layer in self.layers:
-            flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
-                               pin_memory=self.cuda)
-            offset = 0
-            for (name, param), numel in zip(layer.named_parameters(), self.numels):
-                flat[offset:offset + numel].copy_(param.detach().reshape(-1))
-                offset += numel
-            self.host.append(flat)
+        filled = False
+        if self.share_as:
+            self.shared = SharedHostWeights(
+                weights_key(self.share_as, self.dtype, self.streamed, self.layer_numel),
+                self.count * self.layer_bytes, self.shm_dir)
+            try:
+                buffer, filled = self.shared.open()
+                whole = torch.frombuffer(buffer, dtype=self.dtype)
+            except OSError as exc:
+                log.warning("shared_weights_unavailable", error=str(exc),
+                            effect="this worker keeps its own host copy")
+                self.shared = None
+        if self.shared is None:
+            whole = torch.empty(self.count * self.layer_numel, dtype=self.dtype, device="cpu",
+                                pin_memory=self.cuda)
+        elif self.cuda:
+            # cudaHostRegisterPortable: the mapping becomes pinned memory.
+            error = int(torch.cuda.cudart().cudaHostRegister(
+                whole.data_ptr(), whole.numel() * whole.element_size(), 1))
+            if error:
+                log.warning("shared_weights_pin_failed", cuda_error=error,
+                            effect="streamed copies run at pageable speed")
+            else:
+                self._registered = whole
+        self.shared_mapped = filled
+        self.host = [whole[i * self.layer_numel:(i + 1) * self.layer_numel]
+                     for i in range(self.count)]
+        if not filled:
+            for layer, flat in zip(self.layers, self.host):
+                offset = 0
+                for (name, param), numel in zip(layer.named_parameters(), self.numels):
+                    flat[offset:offset + numel].copy_(param.detach().reshape(-1))
+                    offset += numel
+            if self.shared is not None:
+                self.shared.publish()
         self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
                      for _ in range(self.slots)]
         self.views = [self._views(slot) for slot in self.ring]
@@ -168,7 +207,18 @@ class LayerStreamer:
                 offset += numel
         self.ring = []
         self.views = []
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the host copies (the shared file is removed by the last
+        worker to close it)."""
+        self._sync()
+        if self._registered is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._registered.data_ptr())
+            self._registered = None
         self.host = []
+        if self.shared is not None:
+            self.shared.close()
 
     def _views(self, slot: torch.Tensor) -> list[torch.Tensor]:
         views, offset = [], 0

@@ -18,10 +18,15 @@ pytestmark = pytest.mark.timeout(240, func_only=True)
 
 
 @pytest.fixture(scope="module")
-def streamed(worker_fleet, worker_admission):
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights-shm")
+
+
+@pytest.fixture(scope="module")
+def streamed(worker_fleet, worker_admission, weights_dir):
     return worker_fleet.ready("smollm2-streamed", SMOLLM2, worker_admission.address,
                               "--resident-fraction", "0.3", "--stream-ring", "2",
-                              "--kvstore", "none")
+                              "--kvstore", "none", "--weights-shm-dir", str(weights_dir))
 
 
 def test_streamed_greedy_equals_hugging_face(streamed, references):
@@ -91,3 +96,22 @@ def test_auto_streams_what_does_not_fit(tmp_path):
     finally:
         fleet.stop_all()
         admission.stop()
+
+
+def test_a_second_worker_of_the_model_maps_the_first_ones_host_copy(
+        streamed, worker_fleet, worker_admission, weights_dir):
+    files = [f for f in weights_dir.iterdir() if not f.name.endswith(".lock")]
+    assert len(files) == 1 and files[0].stat().st_size == 21 * 14_160_384, files
+    second = worker_fleet.ready("smollm2-streamed-2", SMOLLM2, worker_admission.address,
+                                "--resident-fraction", "0.3", "--kvstore", "none",
+                                "--weights-shm-dir", str(weights_dir))
+    try:
+        events = [line.get("event") for line in second.log_lines()]
+        assert "shared_weights_mapped" in events and "shared_weights_written" not in events
+        item = INPUTS[SMOLLM2][0]
+        assert generate_once(second.address, item).token_ids == \
+            generate_once(streamed.address, item).token_ids
+    finally:
+        worker_fleet.stop("smollm2-streamed-2")
+    assert [f for f in weights_dir.iterdir() if not f.name.endswith(".lock")] == files, (
+        "the first worker still uses the file")

@@ -83,3 +83,32 @@ def test_a_pass_that_stops_half_way_does_not_derail_the_schedule():
         logits(model, [5, 6, 7])
     hook.remove()
     assert torch.equal(logits(model, [5, 6, 7]), want), "after a failed pass the next one is exact"
+
+
+def test_two_workers_of_a_model_share_one_host_copy(tmp_path):
+    """The first streamer writes the streamed layers into one shared-memory
+    file; the second maps it (copies nothing); both are exact; the file goes
+    when the last one closes."""
+    first_model, second_model = tiny(), tiny()
+    want = logits(first_model, [2, 7, 1, 8])
+    streamed = [2, 3, 4]
+
+    first = LayerStreamer(first_model, CPU, streamed, ring_slots=2,
+                          share_as="synthetic:llama-tiny", shm_dir=tmp_path)
+    first.attach()
+    files = list(tmp_path.glob("lmx-weights-*"))
+    assert [f.name for f in files if not f.name.endswith(".lock")] == [first.shared.path.name]
+    assert first.shared.path.stat().st_size == 3 * first.layer_bytes
+    assert first.shared.path.stat().st_mode & 0o777 == 0o600
+    assert not first.shared_mapped
+    second = LayerStreamer(second_model, CPU, streamed, ring_slots=2,
+                           share_as="synthetic:llama-tiny", shm_dir=tmp_path)
+    second.attach()
+    assert second.shared_mapped, "the second worker should map the first one's copy"
+    assert torch.equal(logits(first_model, [2, 7, 1, 8]), want)
+    assert torch.equal(logits(second_model, [2, 7, 1, 8]), want)
+    first.close()
+    assert second.shared.path.exists(), "the file must stay while a worker uses it"
+    assert torch.equal(logits(second_model, [2, 7, 1, 8]), want)
+    second.close()
+    assert not list(tmp_path.glob("lmx-weights-*")), "the last worker removes the file"
