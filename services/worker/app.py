@@ -81,8 +81,6 @@ class WorkerApp:
         self.overhead_bytes = 0
         self.loaded: LoadedModel | None = None
         self.streamer: LayerStreamer | None = None
-        self.resident_fraction = 1.0
-        self._num_layers = 0
         self.engine: Engine | None = None
         self.core: WorkerCore | None = None
         self.sessions = SessionTable(settings.max_sessions)
@@ -153,18 +151,16 @@ class WorkerApp:
             # Room for one KV chunk too, or the first session could not start.
             fraction = await self._fitting_fraction(
                 plan, self.overhead_bytes + workspace + settings.kv_chunk_bytes)
-        self.resident_fraction = fraction
-        self._num_layers = plan.num_layers
         # Streaming: only the resident layers and the ring go on the device.
-        streamed = len(streamed_indices(plan.num_layers, fraction))
-        weight_bytes = plan.device_bytes(streamed, settings.stream_ring)
+        streamed = streamed_indices(plan.num_layers, fraction)
+        weight_bytes = plan.device_bytes(len(streamed), settings.stream_ring)
         base = weight_bytes + self.overhead_bytes + workspace
         log.info("worker_lease_needed", weight_bytes=weight_bytes,
                  overhead_bytes=self.overhead_bytes, workspace_bytes=workspace, bytes=base)
         await self.memory.acquire_base(base)
 
         self._set_state("loading")
-        self.loaded = await asyncio.to_thread(self._load)
+        self.loaded = await asyncio.to_thread(self._load, streamed)
         self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,
@@ -401,13 +397,12 @@ class WorkerApp:
                  steady_reserved=steady, workspace_bytes=workspace, base_lease_bytes=base)
         await self.memory.resize_base(base)
 
-    def _load(self) -> LoadedModel:
+    def _load(self, streamed: list[int]) -> LoadedModel:
         """The model, loaded once. Streamed (--resident-fraction below 1):
         loaded in host memory, the streamed layers' weights kept there
         (pinned on a GPU host) behind a ring of device buffers, then the
         rest moved to the device."""
         settings = self.settings
-        streamed = streamed_indices(self._num_layers, self.resident_fraction)
         if not streamed:
             return load_model(settings.model, cache=self.cache, device=self.device,
                               dtype=self.dtype, max_context=settings.max_context)

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,6 +36,7 @@ from lmx.v1 import admission_pb2_grpc
 from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
 from services.common.launch import start_service
+from services.demo import AGENTS, Agent   # the demo's three agents: the same conversations
 
 pytestmark = pytest.mark.timeout(900, func_only=True)
 
@@ -45,30 +45,6 @@ KVSTORE = "lmx.v1.KVStoreService"
 WORKER = "lmx.v1.WorkerService"
 MAX_TOKENS = 12
 RPC_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class Agent:
-    name: str
-    model: str
-    chat: bool
-    turns: tuple[str, ...]
-
-
-AGENTS = (
-    Agent("coder", "smollm2-135m", True, (
-        "Write a Python function that adds two numbers.",
-        "Now add type hints to it.",
-        "Add a one-line docstring.")),
-    Agent("reviewer", "smollm2-135m", True, (
-        "Is calling eval() on user input safe?",
-        "What should be used instead?",
-        "Name one more risky Python builtin.")),
-    Agent("docs", "gemma3-270m", False, (
-        "# Project README\n\nThis project",
-        "\n\n## Installation\n\nTo install it,",
-        "\n\n## Usage\n\nRun")),
-)
 
 
 def converse(address: str, agent: Agent) -> list[list[int]]:
