@@ -38,7 +38,7 @@ from services.worker.sampling import SamplingParams
 from services.worker.servicer import WorkerServicer
 from services.worker.sessions import SessionTable
 from services.worker.settings import WorkerSettings
-from services.worker.sleep import WeightStash
+from services.worker.sleep import StreamedStash, WeightStash
 
 log = structlog.get_logger(__name__)
 
@@ -172,11 +172,9 @@ class WorkerApp:
         parking.on_activity = self._report_activity
         self.pressure = PressureRelief(
             self.engine, self.sessions, parking, self.memory,
-            WeightStash(self.loaded.model, self.device), base_bytes=base,
+            self._stash(), base_bytes=base,
             keep_bytes=self.overhead_bytes, residue=self._allocator_residue,
-            # A streamed model does not sleep: its ring and resident layers
-            # are what it needs to run at all (its idle KV is still parked).
-            pinned=settings.pin_model or self.streamer is not None,
+            pinned=settings.pin_model,
             on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)
@@ -315,6 +313,16 @@ class WorkerApp:
             raise FailedPrecondition(f"the worker is {self.state}, not ready yet",
                                      reason="NOT_READY")
         return self.core
+
+    def _stash(self) -> WeightStash | StreamedStash:
+        """What moves the weights when the model sleeps: all of them, or for
+        a streamed model the resident ones (and its ring is freed)."""
+        assert self.loaded is not None
+        if self.streamer is None:
+            return WeightStash(self.loaded.model, self.device)
+        stash = WeightStash(self.loaded.model, self.device,
+                            skip=self.streamer.streamed_parameters())
+        return StreamedStash(stash, self.streamer)
 
     def _allocator_residue(self) -> int:
         """What torch's allocator holds on the device now (after the weights

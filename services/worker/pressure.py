@@ -33,7 +33,7 @@ from services.worker.engine import Engine
 from services.worker.memory import Memory
 from services.worker.parking import Parking
 from services.worker.sessions import SessionTable
-from services.worker.sleep import WeightStash
+from services.worker.sleep import StreamedStash, WeightStash
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +49,8 @@ class Relief:
 
 class PressureRelief:
     def __init__(self, engine: Engine, sessions: SessionTable, parking: Parking,
-                 memory: Memory, stash: WeightStash, *, base_bytes: int, keep_bytes: int = 0,
+                 memory: Memory, stash: WeightStash | StreamedStash, *, base_bytes: int,
+                 keep_bytes: int = 0,
                  residue: Callable[[], int] = lambda: 0, pinned: bool = False,
                  on_activity: Callable[..., None] | None = None,
                  on_state: Callable[[str], None] | None = None):

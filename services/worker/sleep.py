@@ -14,6 +14,8 @@ free. Pure torch; called from a worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import time
 from dataclasses import dataclass
 
@@ -43,8 +45,13 @@ class Moved:
 
 
 class WeightStash:
-    def __init__(self, model: torch.nn.Module, device: torch.device, moves: bool | None = None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, moves: bool | None = None,
+                 skip: Iterable[torch.Tensor] = ()):
         self.model = model
+        #: Tensors that are not moved (a streamed model's streamed layers:
+        #: their weights are in host memory already, their device memory is
+        #: the streamer's ring).
+        self._skip = {id(t) for t in skip}
         self.device = device
         #: Whether sleeping really moves the tensors (on a CPU device only when
         #: asked, for tests of the mechanics).
@@ -63,7 +70,7 @@ class WeightStash:
             for name, tensor, is_param in (
                     [(n, p, True) for n, p in module.named_parameters(recurse=False)]
                     + [(n, b, False) for n, b in module.named_buffers(recurse=False)]):
-                if tensor is None or id(tensor) in seen:
+                if tensor is None or id(tensor) in seen or id(tensor) in self._skip:
                     continue
                 seen[id(tensor)] = None
                 size = tensor.numel() * tensor.element_size()
@@ -137,3 +144,33 @@ class WeightStash:
             current.data = tensor     # the same Parameter object: tied names follow
         else:
             slot.module._buffers[slot.name] = tensor
+
+
+class StreamedStash:
+    """A streamed model's sleep (services/worker/streaming.py): the resident
+    weights go to host memory as WeightStash moves them, and the ring is
+    freed (the streamed layers live in host memory already); waking makes
+    the ring again and refills it."""
+
+    def __init__(self, stash: WeightStash, streamer):
+        self.stash = stash
+        self.streamer = streamer
+
+    @property
+    def asleep(self) -> bool:
+        return self.stash.asleep
+
+    @property
+    def moves(self) -> bool:
+        return self.stash.moves
+
+    def sleep(self) -> Moved:
+        moved = self.stash.sleep()
+        if self.stash.moves:
+            self.streamer.release_ring()
+        return moved
+
+    def wake(self) -> Moved:
+        if self.stash.moves:
+            self.streamer.restore_ring()
+        return self.stash.wake()

@@ -190,6 +190,36 @@ class LayerStreamer:
                  ring_slots=self.slots, layer_bytes=self.layer_bytes, host_bytes=info.host_bytes,
                  resident_fraction=round(info.resident_fraction, 3))
 
+    def streamed_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def release_ring(self) -> None:
+        """Free the ring (the model sleeps): the streamed layers' parameters
+        point at nothing until `restore_ring`."""
+        if not self.count:
+            return
+        self._sync()
+        for param in self.streamed_parameters():
+            param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.ring, self.views = [], []
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def restore_ring(self) -> None:
+        """The ring again (the model wakes), filled for the next pass."""
+        if not self.count or self.ring:
+            return
+        self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
+                     for _ in range(self.slots)]
+        self.views = [self._views(slot) for slot in self.ring]
+        for layer in self.layers:
+            self._bind(layer, 0)
+        if self.cuda:
+            self._copied = [torch.cuda.Event() for _ in range(self.slots)]
+            self._used = [torch.cuda.Event() for _ in range(self.slots)]
+        self._n = 0
+        self._prefetch()
+
     def detach(self) -> None:
         """Every layer resident again (device memory for all of them is
         needed), hooks removed."""

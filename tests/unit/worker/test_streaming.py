@@ -112,3 +112,29 @@ def test_two_workers_of_a_model_share_one_host_copy(tmp_path):
     assert torch.equal(logits(second_model, [2, 7, 1, 8]), want)
     second.close()
     assert not list(tmp_path.glob("lmx-weights-*")), "the last worker removes the file"
+
+
+def test_a_streamed_model_sleeps_and_wakes_exactly():
+    """Asleep, the resident weights are in host memory and the ring is gone;
+    awake, the next passes are exact again."""
+    from services.worker.sleep import StreamedStash, WeightStash
+
+    model = tiny()
+    want = logits(model, [4, 2, 4, 2])
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    everything = sum(t.numel() * t.element_size() for t in unique)
+    streamer = LayerStreamer(model, CPU, [2, 3, 4], ring_slots=2)
+    streamer.attach()
+    assert torch.equal(logits(model, [4, 2, 4, 2]), want)
+    stash = StreamedStash(WeightStash(model, CPU, moves=True,
+                                      skip=streamer.streamed_parameters()), streamer)
+    moved = stash.sleep()
+    assert stash.asleep and not streamer.ring
+    resident = everything - 3 * streamer.layer_bytes
+    assert resident <= moved.num_bytes <= resident + 64 * 1024, (
+        f"the stash should move the resident weights only: {moved.num_bytes} vs {resident}")
+    assert all(p.numel() == 0 for p in model.parameters()), "nothing left on the device"
+    stash.wake()
+    assert not stash.asleep and len(streamer.ring) == 2
+    for _ in range(2):
+        assert torch.equal(logits(model, [4, 2, 4, 2]), want)
