@@ -365,6 +365,8 @@ def parse_args(argv):
     p.add_argument("--cap-gib", type=float, default=8.0,
                    help="GPU: admission's cap in GiB (sets --cap-fraction)")
     p.add_argument("--reclaim-deadline-s", type=float, default=2.0)
+    p.add_argument("--min-resident-s", type=float, default=0.0,
+                   help="admission's quantum: a woken model is not asked back for this long")
     p.add_argument("--kv-chunk-bytes", default="4MiB")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="the workers' prompt tokens per step (their workspace, and the "
@@ -426,7 +428,8 @@ def main(argv=None) -> int:
         result["cap_fraction"] = round(cap_fraction, 6)
     else:
         adm_args = ["--device", f"cpu:0={args.device_size}"]
-    adm_args += ["--reclaim-deadline-s", str(args.reclaim_deadline_s), "--log-format", "json"]
+    adm_args += ["--reclaim-deadline-s", str(args.reclaim_deadline_s),
+                 "--min-resident-s", str(args.min_resident_s), "--log-format", "json"]
 
     shm = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-", dir="/dev/shm"))
     tmp = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-state-"))

@@ -29,7 +29,8 @@ class AdmissionApp:
         self.broker = Broker(ledger, source, max_wait_s=settings.max_wait_s,
                              sweep_interval_s=settings.sweep_interval_s,
                              poll_interval_s=settings.poll_interval_s,
-                             reclaim_deadline_s=settings.reclaim_deadline_s)
+                             reclaim_deadline_s=settings.reclaim_deadline_s,
+                             min_resident_s=settings.min_resident_s)
         for view in ledger.devices():
             log.info("device_found", device=view.memory.device, name=view.memory.name,
                      source=view.memory.source, total_bytes=view.memory.total_bytes,

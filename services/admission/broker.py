@@ -45,9 +45,10 @@ class Snapshot:
 class Broker:
     def __init__(self, ledger: Ledger, source: DeviceSource, *, max_wait_s: float = 300.0,
                  sweep_interval_s: float = 0.1, poll_interval_s: float = 1.0,
-                 bus: EventBus | None = None, reclaim_deadline_s: float = 5.0):
+                 bus: EventBus | None = None, reclaim_deadline_s: float = 5.0,
+                 min_resident_s: float = 0.0):
         self.ledger = ledger
-        self.reclaimer = Reclaimer(ledger, reclaim_deadline_s)
+        self.reclaimer = Reclaimer(ledger, reclaim_deadline_s, min_resident_s=min_resident_s)
         self.source = source
         self.bus = bus or EventBus()
         self.registry = WorkerRegistry(ledger.clock, max_ttl_s=ledger.ttl.max_s)

@@ -17,7 +17,11 @@ answered) is asked of other holders' leases on that device, in this order
   fit (`finishing`), or it could never finish, nor sleep.
   Only leases of a priority at or below the waiter's are asked (a holder's
   priority is its leases'), lower priorities first; never the waiter's own
-  holder. A lease whose answers gave nothing is asked again only after a
+  holder. With a quantum (`min_resident_s`), a weights lease granted or
+  grown less than that long ago is not asked yet: a woken model serves its
+  waiting requests for that long before it can be asked to sleep again
+  (fewer swaps, longer waits for the other models). A lease whose answers
+  gave nothing is asked again only after a
   backoff that doubles with each such answer (up to a minute), unless its
   size changed. A second stage (weights) starts only once every KV lease asked
   has answered or is overdue, so that models sleep only when parking was
@@ -83,9 +87,12 @@ class Reclaim:
 
 class Reclaimer:
     def __init__(self, ledger: Ledger, deadline_s: float = 5.0,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, min_resident_s: float = 0.0):
         self.ledger = ledger
         self.deadline_s = deadline_s
+        #: A weights (or other) lease granted or grown less than this long
+        #: ago is not asked back: the quantum a woken model gets.
+        self.min_resident_s = min_resident_s
         self.clock = clock or ledger.clock
         self._asks: dict[str, Reclaim] = {}
         self._ids = itertools.count(1)
@@ -164,7 +171,8 @@ class Reclaimer:
             # Stage 2 only once no KV ask for this device is still open.
             if any(r.lease.purpose is Purpose.KV for r in self.open_asks(device)):
                 return asks
-            stage = [lease for lease in candidates if lease.purpose is not Purpose.KV]
+            stage = [lease for lease in candidates if lease.purpose is not Purpose.KV
+                     and now - lease.resized_at >= self.min_resident_s]
         else:
             stage = kv
         stage.sort(key=lambda lease: (lease.priority, lease.resized_at, lease.granted_at))

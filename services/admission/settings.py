@@ -36,6 +36,9 @@ class AdmissionSettings:
     reclaim_deadline_s: float = field(default=5.0, metadata={
         "help": "how long a holder asked to give memory back may take to answer before it "
                 "is reported overdue"})
+    min_resident_s: float = field(default=0.0, metadata={
+        "help": "a model's weights lease granted or grown less than this long ago is not asked "
+                "back (a quantum: fewer swaps between models that take turns, longer waits)"})
     grace_s: float = field(default=5.0, metadata={
         "help": "how long in-flight calls may finish on shutdown"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
@@ -50,6 +53,8 @@ class AdmissionSettings:
         for name in ("max_wait_s", "sweep_interval_s", "poll_interval_s", "reclaim_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")
+        if not 0 <= self.min_resident_s <= 3600:
+            raise ConfigError("min_resident_s", "must be in [0, 3600]")
 
 
 def load_settings(argv: Sequence[str] | None = None,

@@ -201,3 +201,18 @@ def test_a_lease_that_gives_nothing_is_asked_again_after_a_doubling_backoff(book
     ledger.resize(asleep.lease_id, asleep.epoch, 90)      # it changed since
     clock.now += 4.5          # past the deadline, well within the third backoff (20 s)
     assert asked_now(), "a lease that changed size since its answer may be asked again"
+
+
+def test_a_quantum_keeps_a_woken_models_weights_for_a_while():
+    clock = Clock()
+    source = SimulatedDevices((SimulatedDeviceSpec("cpu:0", 1000),))
+    ledger = Ledger(source.read({}), 1.0, TtlLimits(100.0, 0.1, 3600.0), clock=clock)
+    reclaimer = Reclaimer(ledger, deadline_s=5.0, clock=clock, min_resident_s=3.0)
+    woken = grant(ledger, "worker/a", 900, WEIGHTS)
+    ledger.acquire(Holder("worker/b", 1), 500, WEIGHTS)
+    assert reclaimer.plan() == [], "within its quantum the woken model is not asked"
+    clock.now += 2.9
+    assert reclaimer.plan() == []
+    clock.now += 0.2
+    assert [a.lease.lease_id for a in reclaimer.plan()] == [woken.lease_id], (
+        "past its quantum it is asked as before")
