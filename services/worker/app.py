@@ -23,7 +23,7 @@ import torch
 
 from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
 from services.admission.client import AdmissionClient
-from services.common.errors import CapacityExhausted, FailedPrecondition
+from services.common.errors import CapacityExhausted, FailedPrecondition, LmxError
 from services.worker import device as devices
 from services.worker.core import WorkerCore
 from services.worker.engine import Engine, Failed, Finished
@@ -90,6 +90,7 @@ class WorkerApp:
         self.pressure: PressureRelief | None = None
         self._heartbeat: asyncio.Task | None = None
         self._reclaim_task: asyncio.Task | None = None
+        self._grow_task: asyncio.Task | None = None
         self._reclaim_lock = asyncio.Lock()
         self._answering: set[str] = set()   # reclaim ids being answered
         self._background: set[asyncio.Task] = set()
@@ -183,14 +184,17 @@ class WorkerApp:
         self._set_state("ready")
         if self.admission is not None:
             self._reclaim_task = asyncio.create_task(self._reclaim_loop(), name="reclaims")
+            if self.streamer is not None and settings.stream_grow_interval_s > 0:
+                self._grow_task = asyncio.create_task(self._grow_loop(), name="stream-grow")
 
     def drain(self) -> None:
         self._set_state("stopping")
 
     async def close(self) -> None:
-        if self._reclaim_task is not None:
-            self._reclaim_task.cancel()
-            await asyncio.gather(self._reclaim_task, return_exceptions=True)
+        for task in (self._reclaim_task, self._grow_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.engine is not None:
             await self.engine.close()
         if self.core is not None:
@@ -213,6 +217,37 @@ class WorkerApp:
             except grpc.aio.AioRpcError:
                 pass
             await self.admission.close()
+
+    # ---- layer streaming -----------------------------------------------------
+    async def _grow_loop(self) -> None:
+        """A streamed worker brings layers back to the device when admission
+        has room for them and nobody waits: its lease grows first, then the
+        layers move, between two steps."""
+        assert self.streamer is not None and self.admission is not None
+        while self.streamer.count:
+            await asyncio.sleep(self.settings.stream_grow_interval_s)
+            if self.pressure is None or self.pressure.state != "ready":
+                continue
+            try:
+                status = await self.admission.status()
+            except grpc.aio.AioRpcError:
+                continue
+            device = next((d for d in status.devices if d.device == self.admission_device), None)
+            if device is None or device.num_waiting:
+                continue
+            layer = self.streamer.layer_bytes
+            room = device.free_bytes - self.settings.kv_chunk_bytes   # keep room for KV
+            count = min(self.streamer.count, max(0, room // layer))
+            if not count:
+                continue
+            held = self.memory.granted().get("weights", 0)
+            try:
+                await self.memory.resize_base(held + count * layer)
+            except LmxError as exc:
+                log.info("stream_grow_refused", layers=count, reason=exc.message)
+                continue
+            await self.engine.between_steps(self.streamer.make_resident, count)
+            self._register_soon()
 
     # ---- memory pressure ---------------------------------------------------
     async def _reclaim_loop(self) -> None:

@@ -303,6 +303,11 @@ class Engine:
         self._slots.setdefault(session_id, []).extend(slots)
         return slots
 
+    async def between_steps(self, fn, *args):
+        """Run `fn(*args)` on the compute thread, between two steps (it may
+        change the model: no step runs meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     # ---- the loop --------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -62,6 +62,13 @@ class WeightStash:
         self._host: torch.Tensor | None = None
         self.num_bytes = 0
 
+    def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Move none of `tensors` from now on (planned again at the next sleep)."""
+        skip = {id(t) for t in tensors}
+        if skip != self._skip:
+            self._skip = skip
+            self._slots, self._host, self.num_bytes = [], None, 0
+
     def _plan(self) -> None:
         seen: dict[int, None] = {}
         offset = 0
@@ -165,6 +172,8 @@ class StreamedStash:
         return self.stash.moves
 
     def sleep(self) -> Moved:
+        # Layers made resident since the last sleep move with the others now.
+        self.stash.exclude(self.streamer.streamed_parameters())
         moved = self.stash.sleep()
         if self.stash.moves:
             self.streamer.release_ring()

@@ -180,15 +180,56 @@ class LayerStreamer:
             self._copied = [torch.cuda.Event() for _ in range(self.slots)]
             self._used = [torch.cuda.Event() for _ in range(self.slots)]
         self._slot_layer = [-1] * self.slots
-        for index, layer in enumerate(self.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._make_pre(index)))
-            self._hooks.append(layer.register_forward_hook(self._make_post(index)))
+        self._hook_layers()
         self._n = 0
         self._prefetch()
         info = self.info()
         log.info("layers_streamed", layers=self.num_layers, streamed=self.count,
                  ring_slots=self.slots, layer_bytes=self.layer_bytes, host_bytes=info.host_bytes,
                  resident_fraction=round(info.resident_fraction, 3))
+
+    def _hook_layers(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for index, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._make_pre(index)))
+            self._hooks.append(layer.register_forward_hook(self._make_post(index)))
+
+    def make_resident(self, num_layers: int) -> int:
+        """Bring the first `num_layers` streamed layers back to the device
+        for good (memory freed up: the lease grew). Call between forward
+        passes. Returns how many moved."""
+        moving = max(0, min(num_layers, self.count))
+        if not moving:
+            return 0
+        self._sync()
+        for layer, flat in zip(self.layers[:moving], self.host[:moving]):
+            offset = 0
+            for param, numel, shape in zip(layer.parameters(), self.numels, self.shapes):
+                param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
+                offset += numel
+        self.layers = self.layers[moving:]
+        self.host = self.host[moving:]
+        self.streamed = self.streamed[moving:]
+        self.count -= moving
+        if not self.count:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks, self.ring, self.views = [], [], []
+        else:
+            if self.slots > self.count:
+                self.slots = self.count
+                self.ring, self.views = self.ring[:self.slots], self.views[:self.slots]
+                self._copied, self._used = self._copied[:self.slots], self._used[:self.slots]
+            self._hook_layers()
+            self._n = 0
+            self._prefetch()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        log.info("layers_made_resident", moved=moving, still_streamed=self.count,
+                 resident_fraction=round(self.info().resident_fraction, 3))
+        return moving
 
     def streamed_parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers for p in layer.parameters()]

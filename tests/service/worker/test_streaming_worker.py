@@ -115,3 +115,51 @@ def test_a_second_worker_of_the_model_maps_the_first_ones_host_copy(
         worker_fleet.stop("smollm2-streamed-2")
     assert [f for f in weights_dir.iterdir() if not f.name.endswith(".lock")] == files, (
         "the first worker still uses the file")
+
+
+def test_a_streamed_worker_takes_its_layers_back_when_memory_frees(tmp_path):
+    """Started while another holder keeps most of the device, an auto worker
+    streams; once that memory is released it grows its lease and brings its
+    layers back to the device, between steps, and stays exact."""
+    import time
+
+    import grpc
+
+    from lmx.v1 import admission_pb2_grpc
+    from services.common.launch import start_service
+
+    from .test_exactness import Input
+    from .worker_support import Reference, WorkerClient, WorkerFleet
+
+    admission = start_service("services.admission", "lmx.v1.AdmissionService",
+                              ["--device", "cpu:0=800MiB", "--log-format", "json"],
+                              log_path=tmp_path / "admission.log")
+    fleet = WorkerFleet(tmp_path)
+    try:
+        with grpc.insecure_channel(admission.address) as channel:
+            stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+            blocker = stub.Acquire(apb.AcquireRequest(
+                holder=apb.Holder(name="agent/blocker"), bytes=400 << 20,
+                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=10).lease
+            worker = fleet.ready("grow", SMOLLM2, admission.address, "--resident-fraction",
+                                 "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
+                                 "--stream-grow-interval-s", "0.5")
+            with WorkerClient(worker.address) as client:
+                before = client.status().resident_fraction
+            assert before < 1.0, "with the blocker holding 400 MiB the worker should stream"
+            item = Input("prompt", "The capital of France is")
+            streamed_ids = generate_once(worker.address, item).token_ids
+            stub.Release(apb.ReleaseRequest(lease_id=blocker.lease_id, epoch=blocker.epoch),
+                         timeout=10)
+        deadline = time.monotonic() + 30
+        with WorkerClient(worker.address) as client:
+            while client.status().resident_fraction < 1.0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            after = client.status()
+        assert after.resident_fraction == 1.0 and after.streamed_bytes == 0, after
+        got = generate_once(worker.address, item)
+        assert got.token_ids == streamed_ids
+        assert_matches_reference(SMOLLM2, item, got, Reference(SMOLLM2), "grown back")
+    finally:
+        fleet.stop_all()
+        admission.stop()

@@ -138,3 +138,40 @@ def test_a_streamed_model_sleeps_and_wakes_exactly():
     assert not stash.asleep and len(streamer.ring) == 2
     for _ in range(2):
         assert torch.equal(logits(model, [4, 2, 4, 2]), want)
+
+
+@pytest.mark.parametrize("first, then", [(1, 3), (2, 2), (4, 1)])
+def test_layers_made_resident_again_stay_exact(first, then):
+    """Memory freed up: streamed layers come back to the device, a few at a
+    time, between passes; every pass stays exact; at the end nothing is
+    streamed and no hook is left."""
+    model = tiny()
+    want = logits(model, [6, 5, 4])
+    streamer = LayerStreamer(model, CPU, [1, 2, 3, 4], ring_slots=3)
+    streamer.attach()
+    assert torch.equal(logits(model, [6, 5, 4]), want)
+    assert streamer.make_resident(first) == first
+    assert streamer.count == 4 - first and streamer.streamed == [1, 2, 3, 4][first:]
+    assert torch.equal(logits(model, [6, 5, 4]), want)
+    assert streamer.make_resident(then) == 4 - first
+    assert streamer.count == 0 and not streamer._hooks and not streamer.ring
+    assert streamer.info().resident_fraction == 1.0
+    assert torch.equal(logits(model, [6, 5, 4]), want)
+
+
+def test_a_sleep_after_layers_came_back_moves_them_too():
+    from services.worker.sleep import StreamedStash, WeightStash
+
+    model = tiny()
+    want = logits(model, [9, 9, 1])
+    streamer = LayerStreamer(model, CPU, [2, 3, 4], ring_slots=2)
+    streamer.attach()
+    stash = StreamedStash(WeightStash(model, CPU, moves=True,
+                                      skip=streamer.streamed_parameters()), streamer)
+    first = stash.sleep().num_bytes
+    stash.wake()
+    streamer.make_resident(2)
+    again = stash.sleep().num_bytes
+    assert again >= first + 2 * streamer.layer_bytes, "the layers made resident must move too"
+    stash.wake()
+    assert torch.equal(logits(model, [9, 9, 1]), want)
