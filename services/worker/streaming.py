@@ -92,7 +92,6 @@ class LayerStreamer:
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._copied: list = []        # per slot: event of its last copy
         self._used: list = []          # per slot: event of its last use
-        self._slot_layer: list[int] = []
         self.copy_seconds = 0.0        # CPU only: time spent copying
         self.copied_bytes = 0
         #: Where the host copies live: with `share_as` (the model's name), one
@@ -109,7 +108,6 @@ class LayerStreamer:
     # ---- set-up ----
     def _plan(self) -> None:
         first = self.layers[0]
-        self.names = [name for name, _ in first.named_parameters()]
         shapes = [p.shape for _, p in first.named_parameters()]
         dtypes = {p.dtype for layer in self.layers for p in layer.parameters()}
         if len(dtypes) != 1:
@@ -179,7 +177,6 @@ class LayerStreamer:
             torch.cuda.empty_cache()
             self._copied = [torch.cuda.Event() for _ in range(self.slots)]
             self._used = [torch.cuda.Event() for _ in range(self.slots)]
-        self._slot_layer = [-1] * self.slots
         self._hook_layers()
         self._n = 0
         self._prefetch()
@@ -317,7 +314,6 @@ class LayerStreamer:
             started = time.perf_counter()
             self.ring[slot].copy_(self.host[index])
             self.copy_seconds += time.perf_counter() - started
-        self._slot_layer[slot] = index
         self.copied_bytes += self.layer_bytes
 
     def _prefetch(self) -> None:
