@@ -184,7 +184,9 @@ class WorkerApp:
         self._set_state("ready")
         if self.admission is not None:
             self._reclaim_task = asyncio.create_task(self._reclaim_loop(), name="reclaims")
-            if self.streamer is not None and settings.stream_grow_interval_s > 0:
+            # Only a share chosen automatically grows; a share that was set stays.
+            if (self.streamer is not None and settings.resident_fraction == AUTO
+                    and settings.stream_grow_interval_s > 0):
                 self._grow_task = asyncio.create_task(self._grow_loop(), name="stream-grow")
 
     def drain(self) -> None:

@@ -67,8 +67,9 @@ class WorkerSettings:
     stream_ring: int = field(default=2, metadata={
         "help": "device buffers (one layer each) the streamed layers are copied through"})
     stream_grow_interval_s: float = field(default=5.0, metadata={
-        "help": "how often a streamed worker checks whether admission could now hold more of "
-                "its layers, and brings them back to the device (0: never)"})
+        "help": "how often a worker streaming with --resident-fraction auto checks whether "
+                "admission could now hold more of its layers, and brings them back to the device "
+                "(0: never)"})
     share_streamed_weights: bool = field(default=True, metadata={
         "help": "keep the streamed layers in a shared-memory file that the other workers of "
                 "this model on this host map instead of holding their own copy"})

@@ -163,3 +163,16 @@ def test_a_streamed_worker_takes_its_layers_back_when_memory_frees(tmp_path):
     finally:
         fleet.stop_all()
         admission.stop()
+
+
+def test_a_share_that_was_set_does_not_grow(streamed):
+    """--resident-fraction 0.3 stays 0.3 though the device has room (growing
+    back is for auto)."""
+    import time
+
+    from .worker_support import WorkerClient
+    time.sleep(1.0)
+    with WorkerClient(streamed.address) as client:
+        assert client.status().resident_fraction == pytest.approx(0.3)
+    events = [line.get("event") for line in streamed.log_lines()]
+    assert "layers_made_resident" not in events
