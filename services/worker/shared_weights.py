@@ -59,6 +59,7 @@ class SharedHostWeights:
                 return memoryview(self._map), True
             if fd is not None:
                 os.close(fd)        # another size: a stale file of another layout
+            self._remove_stale_writes()
             self._check_room()
             self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -100,6 +101,14 @@ class SharedHostWeights:
             self._map = None
 
     # ---- helpers ----
+    def _remove_stale_writes(self) -> None:
+        """Temporary files of writers that died before renaming them."""
+        for tmp in Path(self.shm_dir).glob(f"{self.path.name}.*.tmp"):
+            pid = tmp.name[len(self.path.name) + 1:-len(".tmp")]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                log.info("shared_weights_stale_removed", path=str(tmp))
+
     def _use(self, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._fd = fd
@@ -125,3 +134,13 @@ class SharedHostWeights:
 
     def _creation_lock(self) -> SharedHostWeights._Lock:
         return SharedHostWeights._Lock(self._lock_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -175,3 +175,24 @@ def test_a_sleep_after_layers_came_back_moves_them_too():
     assert again >= first + 2 * streamer.layer_bytes, "the layers made resident must move too"
     stash.wake()
     assert torch.equal(logits(model, [9, 9, 1]), want)
+
+
+def test_a_dead_writers_temporary_file_is_removed(tmp_path):
+    """A worker that died while writing the shared copy leaves a temporary
+    file; the next writer of that copy removes it."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    model = tiny()
+    streamer = LayerStreamer(model, CPU, [3, 4], ring_slots=2, share_as="synthetic:llama-tiny",
+                             shm_dir=tmp_path)
+    from services.worker.shared_weights import PREFIX, weights_key
+    key = weights_key("synthetic:llama-tiny", torch.float32, [3, 4], streamer.layer_numel)
+    stale = tmp_path / f"{PREFIX}{key}.{dead}.tmp"
+    stale.write_bytes(b"half written")
+    streamer.attach()
+    assert not stale.exists(), "the dead writer's file should be gone"
+    streamer.close()
+    assert not list(tmp_path.glob(f"{PREFIX}*"))
