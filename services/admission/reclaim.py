@@ -76,6 +76,7 @@ class Reclaim:
     for_holder: str
     for_priority: int
     state: str = "asked"       # asked | answered | overdue
+    needed: int = 0            # what the waiter still missed (at most bytes)
     freed_bytes: int = 0
     detail: str = ""
     answered_at: float = 0.0
@@ -182,7 +183,8 @@ class Reclaimer:
             # Weights go all at once (a model sleeps whole); KV as much as needed.
             wanted = lease.bytes if lease.purpose is not Purpose.KV else min(lease.bytes, missing)
             ask = Reclaim(f"reclaim-{next(self._ids)}", lease, wanted, now,
-                          now + self.deadline_s, waiter.holder.name, waiter.priority)
+                          now + self.deadline_s, waiter.holder.name, waiter.priority,
+                          needed=min(wanted, missing))
             self._asks[ask.reclaim_id] = ask
             asks.append(ask)
             missing -= wanted

@@ -108,7 +108,7 @@ def reclaim_to_pb(ask: Reclaim, now: float) -> pb.Reclaim:
     return pb.Reclaim(reclaim_id=ask.reclaim_id, lease=lease_to_pb(ask.lease, now),
                       bytes=ask.bytes, deadline_unix=ask.deadline + wall,
                       for_holder=ask.for_holder, for_priority=ask.for_priority, state=ask.state,
-                      freed_bytes=ask.freed_bytes, detail=ask.detail)
+                      freed_bytes=ask.freed_bytes, detail=ask.detail, needed_bytes=ask.needed)
 
 
 def activity_to_pb(activity: Activity) -> pb.WorkerActivity:

@@ -149,9 +149,12 @@ class WorkerApp:
             self.memory.on_change = self._cap_allocator
         fraction = settings.resident_fraction
         if fraction == AUTO:
-            # Room for one KV chunk too, or the first session could not start.
+            # Room for the KV of one full prefill step too, or sessions could
+            # not start.
+            kv_room = max(settings.kv_chunk_bytes,
+                          settings.max_prefill_tokens * plan.kv_bytes_per_token)
             fraction = await self._fitting_fraction(
-                plan, self.overhead_bytes + workspace + settings.kv_chunk_bytes)
+                plan, self.overhead_bytes + workspace + kv_room)
         # Streaming: only the resident layers and the ring go on the device.
         streamed = streamed_indices(plan.num_layers, fraction)
         weight_bytes = plan.device_bytes(len(streamed), settings.stream_ring)
@@ -308,7 +311,30 @@ class WorkerApp:
             if purpose == "kv":
                 return await self.pressure.park_idle(reclaim.bytes,
                                                      f"reclaim {reclaim.reclaim_id}")
+            shrunk = await self._stream_more_for(reclaim.needed_bytes)
+            if shrunk is not None:
+                return shrunk
             return await self.pressure.sleep(f"reclaim {reclaim.reclaim_id}")
+
+    async def _stream_more_for(self, needed_bytes: int) -> Relief | None:
+        """A worker streaming with --resident-fraction auto answers a weights
+        ask by streaming more of its layers, when that frees what the waiter
+        misses, and goes on serving; None when it cannot (then it sleeps)."""
+        streamer = self.streamer
+        if (streamer is None or not streamer.count or needed_bytes <= 0
+                or self.settings.resident_fraction != AUTO):
+            return None
+        count = -(-needed_bytes // streamer.layer_bytes)
+        if count > streamer.streamed[0]:      # not that many resident layers to stream
+            return None
+        assert self.engine is not None
+        moved = await self.engine.between_steps(streamer.stream_more, count)
+        held = self.memory.granted().get("weights", 0)
+        await self.memory.resize_base(held - moved * streamer.layer_bytes)
+        self._register_soon()
+        return Relief(moved * streamer.layer_bytes,
+                      f"streaming {moved} more layers ({streamer.info().resident_fraction:.0%} "
+                      "resident)")
 
     def _report_activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
                          reason: str) -> None:

@@ -236,6 +236,7 @@ class WeightPlan:
     total_bytes: int
     layer_bytes: int
     num_layers: int
+    kv_bytes_per_token: int = 0
 
     def device_bytes(self, streamed: int, ring_slots: int) -> int:
         """The weights on the device when `streamed` layers stream through a
@@ -253,7 +254,11 @@ def weight_plan(name: str, cache: Path, dtype: torch.dtype) -> WeightPlan:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
-    return WeightPlan(_tensor_bytes(model), layer_bytes(layers[0]), len(layers))
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim \
+        * torch.empty((), dtype=dtype).element_size()
+    return WeightPlan(_tensor_bytes(model), layer_bytes(layers[0]), len(layers), kv_per_token)
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:

@@ -228,6 +228,45 @@ class LayerStreamer:
                  resident_fraction=round(self.info().resident_fraction, 3))
         return moving
 
+    def stream_more(self, num_layers: int) -> int:
+        """Stream `num_layers` more layers (memory is short: the lease will
+        shrink): the resident layers just before the streamed ones go to host
+        memory (private buffers, pinned on CUDA) and their device copies are
+        freed. Needs a ring already (a streamer with streamed layers). Call
+        between forward passes. Returns how many moved."""
+        if not self.count or not self.ring:
+            return 0
+        layers = decoder_layers(self.model)
+        first = self.streamed[0]
+        moving = max(0, min(num_layers, first))
+        if not moving:
+            return 0
+        self._sync()
+        indices = list(range(first - moving, first))
+        new_layers = [layers[i] for i in indices]
+        new_host = []
+        for layer in new_layers:
+            flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
+                               pin_memory=self.cuda)
+            offset = 0
+            for param, numel in zip(layer.parameters(), self.numels):
+                flat[offset:offset + numel].copy_(param.detach().reshape(-1))
+                offset += numel
+            new_host.append(flat)
+            self._bind(layer, 0)          # its own device copy goes
+        self.layers = new_layers + self.layers
+        self.host = new_host + self.host
+        self.streamed = indices + self.streamed
+        self.count += moving
+        self._hook_layers()
+        self._n = 0
+        self._prefetch()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        log.info("layers_streamed_more", moved=moving, streamed=self.count,
+                 resident_fraction=round(self.info().resident_fraction, 3))
+        return moving
+
     def streamed_parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers for p in layer.parameters()]
 

@@ -176,3 +176,61 @@ def test_a_share_that_was_set_does_not_grow(streamed):
         assert client.status().resident_fraction == pytest.approx(0.3)
     events = [line.get("event") for line in streamed.log_lines()]
     assert "layers_made_resident" not in events
+
+
+def test_a_streamed_worker_streams_more_to_make_room_and_goes_on(tmp_path):
+    """Memory short and a waiter queued: an auto worker that already streams
+    answers admission's ask for its weights by streaming more of its layers
+    (what the waiter misses), not by sleeping; the waiter is granted and the
+    worker still answers exactly."""
+    import grpc
+
+    from lmx.v1 import admission_pb2_grpc
+    from services.common.launch import start_service
+
+    from .test_exactness import Input
+    from .worker_support import Reference, WorkerClient, WorkerFleet
+
+    admission = start_service("services.admission", "lmx.v1.AdmissionService",
+                              ["--device", "cpu:0=800MiB", "--log-format", "json",
+                               "--reclaim-deadline-s", "2"],
+                              log_path=tmp_path / "admission.log")
+    fleet = WorkerFleet(tmp_path)
+    try:
+        with grpc.insecure_channel(admission.address) as channel:
+            stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+            # Held above the waiter's priority: admission never asks it back.
+            stub.Acquire(apb.AcquireRequest(
+                holder=apb.Holder(name="agent/blocker"), bytes=300 << 20, priority=10,
+                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=10)
+            worker = fleet.ready("shrink", SMOLLM2, admission.address, "--resident-fraction",
+                                 "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
+                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "0")
+            with WorkerClient(worker.address) as client:
+                before = client.status()
+            assert 0 < before.resident_fraction < 1.0
+            item = Input("prompt", "The capital of France is")
+            want = generate_once(worker.address, item).token_ids
+            free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
+            asked = free + (40 << 20)          # three layers' worth more than is free
+            lease = stub.Acquire(apb.AcquireRequest(
+                holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
+                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+            assert lease.bytes == asked, "the waiter should be granted"
+            with WorkerClient(worker.address) as client:
+                after = client.status()
+            assert after.state == "ready", "the worker streams more; it does not sleep"
+            assert after.resident_fraction < before.resident_fraction
+            assert before.leased_bytes - after.leased_bytes >= 40 << 20
+            events = [line.get("event") for line in worker.log_lines()]
+            assert "layers_streamed_more" in events and "model_asleep" not in events
+            # The waiter took all the room there was; once it is gone, the
+            # worker (streaming more now) has room for its KV again.
+            stub.Release(apb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch),
+                         timeout=10)
+            got = generate_once(worker.address, item)
+            assert got.token_ids == want
+            assert_matches_reference(SMOLLM2, item, got, Reference(SMOLLM2), "streamed more")
+    finally:
+        fleet.stop_all()
+        admission.stop()

@@ -216,3 +216,12 @@ def test_a_quantum_keeps_a_woken_models_weights_for_a_while():
     clock.now += 0.2
     assert [a.lease.lease_id for a in reclaimer.plan()] == [woken.lease_id], (
         "past its quantum it is asked as before")
+
+
+def test_a_weights_ask_says_how_much_the_waiter_misses(book):
+    ledger, reclaimer, _ = book
+    weights = grant(ledger, "worker/a", 700, WEIGHTS)
+    ledger.acquire(Holder("worker/c", 1), 500, WEIGHTS)      # 300 free: 200 missing
+    (ask,) = reclaimer.plan()
+    assert (ask.lease.lease_id, ask.bytes, ask.needed) == (weights.lease_id, 700, 200), (
+        "weights are asked whole, and the ask says what the waiter misses")

@@ -196,3 +196,26 @@ def test_a_dead_writers_temporary_file_is_removed(tmp_path):
     assert not stale.exists(), "the dead writer's file should be gone"
     streamer.close()
     assert not list(tmp_path.glob(f"{PREFIX}*"))
+
+
+def test_streaming_more_layers_stays_exact_and_frees_them():
+    """Memory short: more layers go to host memory, between passes; exact;
+    then they can come back."""
+    model = tiny()
+    want = logits(model, [8, 6, 7])
+    layers = decoder_layers(model)
+    streamer = LayerStreamer(model, CPU, [4], ring_slots=2)
+    streamer.attach()
+    before = {p.untyped_storage().data_ptr() for p in layers[2].parameters()}
+    assert streamer.stream_more(2) == 2
+    assert streamer.streamed == [2, 3, 4] and streamer.count == 3
+    ring = {t.untyped_storage().data_ptr() for t in streamer.ring}
+    assert {p.untyped_storage().data_ptr() for p in layers[2].parameters()} <= ring
+    assert not before & ring
+    for _ in range(2):
+        assert torch.equal(logits(model, [8, 6, 7]), want)
+    assert streamer.stream_more(10) == 2, "only the resident layers before the block can go"
+    assert streamer.streamed == [0, 1, 2, 3, 4]
+    assert torch.equal(logits(model, [8, 6, 7]), want)
+    streamer.make_resident(3)
+    assert torch.equal(logits(model, [8, 6, 7]), want)
