@@ -42,3 +42,19 @@ def follow_parent() -> None:
         return
     if os.getppid() != int(value):        # it died before the prctl
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs: one that ended but is not yet reaped (a
+    zombie) does not; one of another user does."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

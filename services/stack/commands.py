@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.errors import ConfigError
+from services.common.parent import process_alive
 from services.stack.config import DEFAULT_STACK, StackConfig, load_stack
 from services.stack.supervisor import StackError, Supervisor
 
@@ -41,20 +42,6 @@ def state_path() -> Path:
     return stack_dir() / "stack.json"
 
 
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs (an ended one not yet reaped does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def read_state() -> dict | None:
     """The running stack's state, or None (no file, or its supervisor is gone)."""
     try:
@@ -62,7 +49,7 @@ def read_state() -> dict | None:
         pid = int(state["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return state if alive(pid) else None
+    return state if process_alive(pid) else None
 
 
 def say(text: str) -> None:
@@ -159,7 +146,7 @@ def down(_args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + DOWN_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not alive(pid):
+        if not process_alive(pid):
             say(f"lmx down: stopped (pid {pid})")
             return 0
         time.sleep(0.1)

@@ -21,6 +21,8 @@ from pathlib import Path
 import structlog
 import torch
 
+from services.common.parent import process_alive
+
 log = structlog.get_logger(__name__)
 
 PREFIX = "lmx-weights-"
@@ -105,7 +107,7 @@ class SharedHostWeights:
         """Temporary files of writers that died before renaming them."""
         for tmp in Path(self.shm_dir).glob(f"{self.path.name}.*.tmp"):
             pid = tmp.name[len(self.path.name) + 1:-len(".tmp")]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 log.info("shared_weights_stale_removed", path=str(tmp))
 
@@ -135,12 +137,3 @@ class SharedHostWeights:
     def _creation_lock(self) -> SharedHostWeights._Lock:
         return SharedHostWeights._Lock(self._lock_path)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -161,10 +161,7 @@ class LayerStreamer:
                      for i in range(self.count)]
         if not filled:
             for layer, flat in zip(self.layers, self.host):
-                offset = 0
-                for (name, param), numel in zip(layer.named_parameters(), self.numels):
-                    flat[offset:offset + numel].copy_(param.detach().reshape(-1))
-                    offset += numel
+                self._to_flat(layer, flat)
             if self.shared is not None:
                 self.shared.publish()
         self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
@@ -202,10 +199,7 @@ class LayerStreamer:
             return 0
         self._sync()
         for layer, flat in zip(self.layers[:moving], self.host[:moving]):
-            offset = 0
-            for param, numel, shape in zip(layer.parameters(), self.numels, self.shapes):
-                param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
-                offset += numel
+            self._from_flat(layer, flat)
         self.layers = self.layers[moving:]
         self.host = self.host[moving:]
         self.streamed = self.streamed[moving:]
@@ -248,10 +242,7 @@ class LayerStreamer:
         for layer in new_layers:
             flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
                                pin_memory=self.cuda)
-            offset = 0
-            for param, numel in zip(layer.parameters(), self.numels):
-                flat[offset:offset + numel].copy_(param.detach().reshape(-1))
-                offset += numel
+            self._to_flat(layer, flat)
             new_host.append(flat)
             self._bind(layer, 0)          # its own device copy goes
         self.layers = new_layers + self.layers
@@ -307,11 +298,7 @@ class LayerStreamer:
             return
         self._sync()
         for layer, flat in zip(self.layers, self.host):
-            offset = 0
-            for (name, param), numel, shape in zip(layer.named_parameters(), self.numels,
-                                                   self.shapes):
-                param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
-                offset += numel
+            self._from_flat(layer, flat)
         self.ring = []
         self.views = []
         self.close()
@@ -326,6 +313,20 @@ class LayerStreamer:
         self.host = []
         if self.shared is not None:
             self.shared.close()
+
+    def _to_flat(self, layer: torch.nn.Module, flat: torch.Tensor) -> None:
+        """A layer's parameters, in order, into one flat host buffer."""
+        offset = 0
+        for param, numel in zip(layer.parameters(), self.numels):
+            flat[offset:offset + numel].copy_(param.detach().reshape(-1))
+            offset += numel
+
+    def _from_flat(self, layer: torch.nn.Module, flat: torch.Tensor) -> None:
+        """A layer's parameters back on the device, each its own tensor."""
+        offset = 0
+        for param, numel, shape in zip(layer.parameters(), self.numels, self.shapes):
+            param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
+            offset += numel
 
     def _views(self, slot: torch.Tensor) -> list[torch.Tensor]:
         views, offset = [], 0

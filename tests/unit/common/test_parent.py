@@ -61,3 +61,16 @@ def test_without_the_variable_nothing_happens(monkeypatch):
     follow_parent()      # must not signal this test process
     monkeypatch.setenv(PARENT_PID_ENV, "not-a-pid")
     follow_parent()
+
+
+def test_process_alive_knows_the_living_the_dead_and_the_unreaped():
+    from services.common.parent import process_alive
+
+    assert process_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while process_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not process_alive(child.pid), "an ended child not yet reaped counts as gone"
+    child.wait()
+    assert not process_alive(child.pid)
