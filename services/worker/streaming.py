@@ -174,13 +174,18 @@ class LayerStreamer:
             torch.cuda.empty_cache()
             self._copied = [torch.cuda.Event() for _ in range(self.slots)]
             self._used = [torch.cuda.Event() for _ in range(self.slots)]
-        self._hook_layers()
-        self._n = 0
-        self._prefetch()
+        self._restart()
         info = self.info()
         log.info("layers_streamed", layers=self.num_layers, streamed=self.count,
                  ring_slots=self.slots, layer_bytes=self.layer_bytes, host_bytes=info.host_bytes,
                  resident_fraction=round(info.resident_fraction, 3))
+
+    def _restart(self) -> None:
+        """The streamed set changed (or is new): hook its layers and start
+        the schedule again from its first layer."""
+        self._hook_layers()
+        self._n = 0
+        self._prefetch()
 
     def _hook_layers(self) -> None:
         for hook in self._hooks:
@@ -213,9 +218,7 @@ class LayerStreamer:
                 self.slots = self.count
                 self.ring, self.views = self.ring[:self.slots], self.views[:self.slots]
                 self._copied, self._used = self._copied[:self.slots], self._used[:self.slots]
-            self._hook_layers()
-            self._n = 0
-            self._prefetch()
+            self._restart()
         if self.cuda:
             torch.cuda.empty_cache()
         log.info("layers_made_resident", moved=moving, still_streamed=self.count,
@@ -249,9 +252,7 @@ class LayerStreamer:
         self.host = new_host + self.host
         self.streamed = indices + self.streamed
         self.count += moving
-        self._hook_layers()
-        self._n = 0
-        self._prefetch()
+        self._restart()
         if self.cuda:
             torch.cuda.empty_cache()
         log.info("layers_streamed_more", moved=moving, streamed=self.count,

@@ -30,6 +30,7 @@ import pytest
 
 from lmx.client import Client, ClientError
 from services.common.launch import free_port
+from services.common.parent import process_alive
 
 pytestmark = pytest.mark.timeout(300, func_only=True)
 
@@ -77,15 +78,7 @@ def env(tmp_path):
     return env
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = process_alive   # an ended child not yet reaped counts as gone
 
 
 def wait_for(predicate, what: str, timeout_s: float = 60.0):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from services.common.parent import PARENT_PID_ENV, child_env, follow_parent
+from services.common.parent import PARENT_PID_ENV, child_env, follow_parent, process_alive
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
@@ -26,17 +26,7 @@ STARTER = ("import subprocess, sys\n"
            "import time; time.sleep(1.0)\n")
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (ended, not reaped) is gone too.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = process_alive   # an ended child not yet reaped counts as gone
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
