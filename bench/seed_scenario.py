@@ -367,6 +367,9 @@ def parse_args(argv):
     p.add_argument("--reclaim-deadline-s", type=float, default=2.0)
     p.add_argument("--min-resident-s", type=float, default=0.0,
                    help="admission's quantum: a woken model is not asked back for this long")
+    p.add_argument("--min-awake-s", type=float, default=0.0,
+                   help="the workers' quantum: a woken model asked to sleep goes on serving "
+                        "while it has work, for up to this long")
     p.add_argument("--kv-chunk-bytes", default="4MiB")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="the workers' prompt tokens per step (their workspace, and the "
@@ -456,6 +459,7 @@ def main(argv=None) -> int:
                   procs["kvstore"].address, "--kv-chunk-bytes", args.kv_chunk_bytes,
                   "--max-prefill-tokens", str(args.max_prefill_tokens),
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
+                  "--min-awake-s", str(args.min_awake_s),
                   "--device", args.device, "--log-format", "json"]
         result["worker_command"] = "python -m services.worker --model M " + " ".join(common)
         # The first model first: when the second asks for its memory, the

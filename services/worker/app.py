@@ -178,7 +178,7 @@ class WorkerApp:
             self.engine, self.sessions, parking, self.memory,
             self._stash(), base_bytes=base,
             keep_bytes=self.overhead_bytes, residue=self._allocator_residue,
-            pinned=settings.pin_model,
+            pinned=settings.pin_model, min_awake_s=settings.min_awake_s,
             on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument
@@ -50,9 +51,14 @@ class WorkerCore:
                                          "restored", reason="SESSION_BUSY")
             await asyncio.sleep(0.005)
 
-    async def _awake(self) -> None:
-        if self.pressure is not None:
-            await self.pressure.ensure_awake()
+    @asynccontextmanager
+    async def _awake(self) -> AsyncIterator[None]:
+        """Awake for a request's way in (see PressureRelief.entry)."""
+        if self.pressure is None:
+            yield
+            return
+        async with self.pressure.entry():
+            yield
 
     def open_session(self, model: str = "", chat_template: str | None = None,
                      system_prompt: str = "") -> OpenedSession:
@@ -83,8 +89,8 @@ class WorkerCore:
             raise InvalidArgument("entry_id", "is required")
         if not token:
             raise InvalidArgument("token", "is required (the parked session's token)")
-        await self._awake()
-        return await self.parking.restore(entry_id, token)
+        async with self._awake():
+            return await self.parking.restore(entry_id, token)
 
     async def generate(self, session_id: str, token: str, params: SamplingParams, *,
                        prompt: str | None = None,
@@ -107,10 +113,10 @@ class WorkerCore:
                 raise InvalidArgument("message.content", f"at most {MAX_PROMPT_CHARS} characters")
         # Being parked (memory pressure, or a ParkSession): wait, then restore.
         await self._still(session)
-        await self._awake()
-        if session.parked_entry:
-            await self.parking.unpark(session)
-        request = self.engine.submit(session, params, prompt=prompt, message=message)
+        async with self._awake():
+            if session.parked_entry:
+                await self.parking.unpark(session)
+            request = self.engine.submit(session, params, prompt=prompt, message=message)
         finished = False
         try:
             while True:

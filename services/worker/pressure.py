@@ -10,6 +10,12 @@ wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
   go to host memory (services/worker/sleep.py) and the weights lease shrinks
   to what stays on the device (the CUDA context; released on the CPU). The
   worker is then "asleep".
+- Serving through a drain (--min-awake-s, a quantum): a model woken less
+  than that long ago and asked to sleep goes on taking new requests while it
+  has work, and sleeps once the quantum is over or it has been idle for
+  IDLE_GRACE_S. Its agents' next turns then run before the swap instead of
+  after two more swaps; the waiter for its memory waits up to the quantum
+  longer.
 - Wake: the next request (Generate, RestoreSession) waits in admission's
   queue for the weights lease again, copies the weights back and goes on;
   its sessions come back from the kvstore as they are used. The client's
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -39,6 +46,9 @@ log = structlog.get_logger(__name__)
 
 #: Longest a worker asked to sleep waits for its sessions to stop generating.
 DRAIN_LIMIT_S = 300.0
+#: Serving through a drain, the model sleeps once it has had no work this long
+#: (an agent's next turn usually follows its last within milliseconds).
+IDLE_GRACE_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +62,7 @@ class PressureRelief:
                  memory: Memory, stash: WeightStash | StreamedStash, *, base_bytes: int,
                  keep_bytes: int = 0,
                  residue: Callable[[], int] = lambda: 0, pinned: bool = False,
+                 min_awake_s: float = 0.0,
                  on_activity: Callable[..., None] | None = None,
                  on_state: Callable[[str], None] | None = None):
         self.engine = engine
@@ -68,6 +79,12 @@ class PressureRelief:
         #: or admission would count it as foreign memory.
         self.residue = residue
         self.pinned = pinned
+        #: The quantum: asked to sleep less than this long after waking, the
+        #: model keeps taking requests while it has work.
+        self.min_awake_s = min_awake_s
+        self._awake_since = time.monotonic()
+        #: Requests past the wake gate that the engine does not count yet.
+        self._entering = 0
         self.on_activity = on_activity
         self.on_state = on_state
         self.state = "ready"          # ready | draining | sleeping | asleep | waking
@@ -144,8 +161,16 @@ class PressureRelief:
                 return Relief(0, cannot)
             self._set_state("draining")
             deadline = time.monotonic() + DRAIN_LIMIT_S
-            while self._busy():
-                if time.monotonic() > deadline:
+            idle_since: float | None = None
+            while True:
+                now = time.monotonic()
+                if self._busy():
+                    idle_since = None
+                else:
+                    idle_since = now if idle_since is None else idle_since
+                    if not self._serving_through() or now - idle_since >= IDLE_GRACE_S:
+                        break
+                if now > deadline:
                     self._set_state("ready")
                     return Relief(0, f"sessions kept generating for {DRAIN_LIMIT_S:g}s")
                 await asyncio.sleep(0.01)
@@ -177,9 +202,26 @@ class PressureRelief:
             return Relief(freed, f"model asleep ({moved.num_bytes} bytes of weights to host "
                                  "memory)")
 
+    @asynccontextmanager
+    async def entry(self) -> AsyncIterator[None]:
+        """Around a request's way in, from the wake gate until the engine (or
+        a restore under way) counts it busy: awake, and busy meanwhile, so
+        that a drain does not put the model to sleep under it."""
+        await self.ensure_awake()
+        self._entering += 1
+        try:
+            yield
+        finally:
+            self._entering -= 1
+
+    def _serving_through(self) -> bool:
+        return (self.state == "draining"
+                and time.monotonic() < self._awake_since + self.min_awake_s)
+
     async def ensure_awake(self) -> None:
-        """Before any work on the model: wake it if it sleeps (or is going to)."""
-        if self.state == "ready":
+        """Before any work on the model: wake it if it sleeps (or is going to,
+        unless it serves through its drain)."""
+        if self.state == "ready" or self._serving_through():
             return
         async with self._lock:
             if self.state != "asleep":
@@ -195,11 +237,14 @@ class PressureRelief:
             except BaseException:
                 self._set_state("asleep")
                 raise
+            self._awake_since = time.monotonic()
             self._set_state("ready")
             self._activity("model_awake", "", moved.num_bytes, time.perf_counter() - started,
                            "request")
 
     def _busy(self) -> bool:
+        if self._entering:
+            return True
         if any(s.busy or s.moving for s in self.sessions.all()):
             return True
         stats = self.engine.stats()

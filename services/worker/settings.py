@@ -60,6 +60,11 @@ class WorkerSettings:
     pin_model: bool = field(default=False, metadata={
         "help": "never put the model to sleep under memory pressure (its sessions' idle KV "
                 "may still be parked)"})
+    min_awake_s: float = field(default=0.0, metadata={
+        "help": "a quantum: asked to sleep less than this long after it woke, the model goes on "
+                "taking new requests while it has work, and sleeps when the quantum is over or "
+                "it falls idle (fewer swaps; the model waiting for the memory waits up to this "
+                "much longer)"})
     resident_fraction: float = field(default=1.0, metadata={
         "help": "share of the decoder layers kept on the device (0 < f <= 1), or auto: the "
                 "largest share admission can grant now; the others stay in host memory and are "
@@ -114,6 +119,8 @@ class WorkerSettings:
             raise ConfigError("max_context", "must not be negative")
         if not -1000 <= self.priority <= 1000:
             raise ConfigError("priority", "must be within -1000..1000")
+        if not 0 <= self.min_awake_s <= 3600:
+            raise ConfigError("min_awake_s", "must be in [0, 3600]")
         for name in ("kv_wait_s", "lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")

@@ -36,7 +36,7 @@ def arena(tmp_path):
 
 
 def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_bytes=1 << 14,
-                 keep_bytes=0, residue=lambda: 0):
+                 keep_bytes=0, residue=lambda: 0, min_awake_s=0.0):
     async def main():
         memory = FixedMemory(1 << 30)
         await memory.acquire_base(BASE)
@@ -48,7 +48,7 @@ def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_byt
         pressure = PressureRelief(engine, sessions, parking, memory,
                                   WeightStash(loaded.model, loaded.device, moves=moves),
                                   base_bytes=BASE, keep_bytes=keep_bytes, residue=residue,
-                                  pinned=pinned,
+                                  pinned=pinned, min_awake_s=min_awake_s,
                                   on_activity=lambda *a: activity.append(a))
         parking.on_activity = lambda *a: activity.append(a)
         engine.on_kv_short = pressure.kv_short
@@ -136,6 +136,56 @@ def test_sleep_drains_generations_first_and_holds_new_requests(tiny, arena):
         assert pressure.state == "ready", "the held request did not wake the model"
 
     run_pressure(tiny, scenario, FakeLink(arena))
+
+
+def test_within_its_quantum_a_draining_model_serves_new_turns_then_sleeps(tiny, arena):
+    """--min-awake-s: asked to sleep soon after it woke, the model takes the
+    next turns that arrive while it has work (an agent's back-to-back turns),
+    and sleeps once it falls idle; a request after that waits and wakes it."""
+    async def scenario(core, pressure, memory, activity):
+        session = core.open_session().session
+        stream = core.generate(session.session_id, session.token,
+                               SamplingParams(max_tokens=40), prompt="go on")
+        await anext(stream)
+        sleeping = asyncio.create_task(pressure.sleep("quantum"))
+        await asyncio.sleep(0.02)
+        assert pressure.state == "draining"
+        async for _ in stream:
+            pass
+        # the next turn follows at once: served, not held behind the sleep
+        turns = 0
+        for word in (" again", " and again"):
+            got = await asyncio.wait_for(ids_of(core, session, word, max_tokens=3), 10)
+            assert got and not sleeping.done(), "a turn within the quantum waited for the sleep"
+            turns += 1
+        assert pressure.state == "draining" and turns == 2
+        relief = await asyncio.wait_for(sleeping, 10)      # idle: it sleeps now
+        assert "asleep" in relief.detail and relief.freed_bytes > 0, relief
+        assert pressure.state == "asleep"
+        got = await ids_of(core, session, " once more", max_tokens=3)
+        assert got and pressure.state == "ready"
+
+    run_pressure(tiny, scenario, FakeLink(arena), min_awake_s=30.0)
+
+
+def test_past_its_quantum_a_draining_model_holds_new_requests(tiny, arena):
+    async def scenario(core, pressure, memory, activity):
+        running, other = core.open_session().session, core.open_session().session
+        stream = core.generate(running.session_id, running.token,
+                               SamplingParams(max_tokens=400), prompt="go on")
+        await anext(stream)
+        await asyncio.sleep(0.3)                 # the quantum (0.2 s) is over
+        sleeping = asyncio.create_task(pressure.sleep("drain"))
+        await asyncio.sleep(0.05)
+        later = asyncio.create_task(ids_of(core, other, "a new request", max_tokens=3))
+        await asyncio.sleep(0.05)
+        assert not later.done(), "past the quantum a new request must wait for the sleep"
+        async for _ in stream:
+            pass
+        assert "asleep" in (await sleeping).detail
+        assert await later and pressure.state == "ready"
+
+    run_pressure(tiny, scenario, FakeLink(arena), min_awake_s=0.2)
 
 
 def test_a_pinned_model_never_sleeps(tiny, arena):
