@@ -11,7 +11,11 @@ For each model x resident fraction x batch, in one process:
   accelerate   (CUDA) decode step with accelerate's dispatch_model, the same
                layers offloaded to the CPU (its hooks copy them per step)
   link bound   batch / (bytes streamed per step / the measured copy GB/s)
-  overlap      streamed step / max(copy time, resident step): 1.0 is perfect
+  overlap      max(copy time, resident step) / streamed step: 1.0 is perfect
+               (the step takes no longer than the longer of its copies and
+               its compute)
+  exact        greedy tokens of the streamed model == the resident model's
+               (every batch, the same prompt)
 
 Decode: a prompt of --prompt tokens per sequence, then --steps steps of one
 token each with Hugging Face's KV cache (sdpa attention), greedy; timed after
@@ -57,31 +61,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_steps(model, device, batch: int, prompt: int, steps: int, warmup: int) -> list[float]:
-    """Seconds per decode step (after a prefill of `prompt` tokens)."""
+def decode_steps(model, device, batch: int, prompt: int, steps: int,
+                 warmup: int) -> tuple[list[float], list[list[int]]]:
+    """Seconds per decode step (after a prefill of `prompt` tokens), and the
+    greedy tokens of every step."""
     from transformers import DynamicCache
 
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(vocab, 32000), (batch, prompt), generator=generator).to(device)
-    times = []
+    times, tokens = [], []
     with torch.inference_mode():
         cache = DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
         for step in range(warmup + steps):
             sync(device)
             started = time.perf_counter()
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             sync(device)
+            tokens.append(token)
             if step >= warmup:
                 times.append(time.perf_counter() - started)
-    return times
+    return times, torch.cat(tokens, dim=1).tolist()
 
 
 def copy_seconds(streamer: LayerStreamer, device: torch.device, repeats: int = 5) -> float:
-    """One step's streamed bytes copied alone (host -> ring), best of a few."""
+    """One step's streamed bytes copied alone (host -> device buffers the
+    size of the ring's, not the ring itself: that holds the next pass's
+    prefetched layers), best of a few."""
+    buffers = [torch.empty_like(slot) for slot in streamer.ring]
     best = float("inf")
     for _ in range(repeats):
         sync(device)
@@ -90,18 +101,28 @@ def copy_seconds(streamer: LayerStreamer, device: torch.device, repeats: int = 5
             stream = torch.cuda.Stream(device)
             with torch.cuda.stream(stream):
                 for index, flat in enumerate(streamer.host):
-                    streamer.ring[index % streamer.slots].copy_(flat, non_blocking=True)
+                    buffers[index % len(buffers)].copy_(flat, non_blocking=True)
             stream.synchronize()
         else:
             for index, flat in enumerate(streamer.host):
-                streamer.ring[index % streamer.slots].copy_(flat)
+                buffers[index % len(buffers)].copy_(flat)
         best = min(best, time.perf_counter() - started)
+    del buffers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return best
 
 
 def accelerate_offload(model, streamed: list[int], device: torch.device):
-    """accelerate's dispatch_model with the streamed layers on the CPU."""
+    """accelerate's dispatch_model with the streamed layers on the CPU. They
+    are moved there first: dispatch_model takes the weights it offloads
+    from where they are, and weights still on the GPU would make its
+    per-step copies device-to-device."""
     from accelerate import dispatch_model
+
+    layers = decoder_layers(model)
+    for index in streamed:
+        layers[index].to("cpu")
 
     names = {name for name, _ in model.named_children()}
     device_map = {}
@@ -116,7 +137,15 @@ def accelerate_offload(model, streamed: list[int], device: torch.device):
     return dispatch_model(model, device_map=device_map, main_device=device.index or 0)
 
 
-def run_case(name: str, fraction: float, batches: list[int], args, device) -> list[dict]:
+def median_step(model, device, batch: int, args, steps: int | None = None,
+                warmup: int | None = None) -> tuple[float, list[list[int]]]:
+    times, tokens = decode_steps(model, device, batch, args.prompt, steps or args.steps,
+                                 args.warmup if warmup is None else warmup)
+    return statistics.median(times), tokens
+
+
+def run_case(name: str, fraction: float, batches: list[int], rings: list[int], args,
+             device) -> list[dict]:
     config, _ = model_config(name if ":" in name else f"synthetic:{name}", Path("/nonexistent"))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows = []
@@ -125,42 +154,48 @@ def run_case(name: str, fraction: float, batches: list[int], args, device) -> li
     model.eval()
     layers = decoder_layers(model)
     streamed = streamed_indices(len(layers), fraction)
-    resident = {b: statistics.median(decode_steps(model, device, b, args.prompt, args.steps,
-                                                  args.warmup)) for b in batches}
-    streamer = LayerStreamer(model, device, streamed, ring_slots=args.ring)
-    streamer.attach()
-    info = streamer.info()
-    copy_s = copy_seconds(streamer, device)
-    gbps = info.host_bytes / copy_s / 1e9 if copy_s else 0.0
-    for batch in batches:
-        step = statistics.median(decode_steps(model, device, batch, args.prompt, args.steps,
-                                              args.warmup))
-        bound = batch / copy_s if copy_s else float("inf")
-        rows.append({
-            "model": name, "resident_fraction": round(info.resident_fraction, 3),
-            "streamed_layers": info.streamed, "layers": info.num_layers, "batch": batch,
-            "streamed_bytes_per_step": info.host_bytes, "ring_bytes": info.ring_bytes,
-            "resident_step_s": round(resident[batch], 6), "streamed_step_s": round(step, 6),
-            "copy_s": round(copy_s, 6), "copy_gb_s": round(gbps, 2),
-            "resident_tok_s": round(batch / resident[batch], 1),
-            "streamed_tok_s": round(batch / step, 1),
-            "link_bound_tok_s": round(bound, 1),
-            "of_link_bound": round((batch / step) / bound, 3) if copy_s else None,
-            "overlap_efficiency": round(step / max(copy_s, resident[batch]), 3),
-        })
-        print(json.dumps(rows[-1]), flush=True)
-    streamer.detach()
+    median_step(model, device, batches[0], args, steps=3, warmup=2)   # kernels, allocator
+    resident = {b: median_step(model, device, b, args) for b in batches}
+    for ring in rings:
+        streamer = LayerStreamer(model, device, streamed, ring_slots=ring)
+        streamer.attach()
+        info = streamer.info()
+        copy_s = copy_seconds(streamer, device)
+        gbps = info.host_bytes / copy_s / 1e9 if copy_s else 0.0
+        for batch in batches:
+            step, tokens = median_step(model, device, batch, args)
+            compute = resident[batch][0]
+            bound = batch / copy_s if copy_s else float("inf")
+            rows.append({
+                "model": name, "resident_fraction": round(info.resident_fraction, 3),
+                "streamed_layers": info.streamed, "layers": info.num_layers, "batch": batch,
+                "ring": info.ring_slots,
+                "streamed_bytes_per_step": info.host_bytes, "ring_bytes": info.ring_bytes,
+                "resident_step_s": round(compute, 6), "streamed_step_s": round(step, 6),
+                "copy_s": round(copy_s, 6), "copy_gb_s": round(gbps, 2),
+                "resident_tok_s": round(batch / compute, 1),
+                "streamed_tok_s": round(batch / step, 1),
+                "link_bound_tok_s": round(bound, 1),
+                "of_link_bound": round((batch / step) / bound, 3) if copy_s else None,
+                "overlap_efficiency": round(max(copy_s, compute) / step, 3),
+                "exact": tokens == resident[batch][1],
+            })
+            print(json.dumps(rows[-1]), flush=True)
+        streamer.detach()
     if device.type == "cuda" and not args.no_accelerate:
         try:
             offloaded = accelerate_offload(model, streamed, device)
-            for row in rows:
-                step = statistics.median(decode_steps(offloaded, device, row["batch"],
-                                                      args.prompt, max(3, args.steps // 4), 1))
-                row["accelerate_step_s"] = round(step, 6)
-                row["accelerate_tok_s"] = round(row["batch"] / step, 2)
-                row["vs_accelerate"] = round(row["streamed_tok_s"] / row["accelerate_tok_s"], 1)
-                print(json.dumps({k: row[k] for k in ("model", "batch", "accelerate_tok_s",
-                                                     "vs_accelerate")}), flush=True)
+            for batch in batches:
+                step, _ = median_step(offloaded, device, batch, args,
+                                      steps=max(3, args.steps // 4), warmup=1)
+                for row in (r for r in rows if r["batch"] == batch):
+                    row["accelerate_step_s"] = round(step, 6)
+                    row["accelerate_tok_s"] = round(batch / step, 2)
+                    row["vs_accelerate"] = round(row["streamed_tok_s"] / row["accelerate_tok_s"],
+                                                 1)
+                    print(json.dumps({k: row[k] for k in ("model", "batch", "ring",
+                                                         "accelerate_tok_s", "vs_accelerate")}),
+                          flush=True)
         except Exception as exc:  # noqa: BLE001 - report it, keep the other numbers
             for row in rows:
                 row["accelerate_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -178,7 +213,8 @@ def main(argv=None) -> int:
                    help="synthetic shapes (default llama-1b,llama-8b on CUDA, smollm2-135m on CPU)")
     p.add_argument("--fractions", default="0.3,0.6")
     p.add_argument("--batches", default=None, help="default 1,8,32 (CUDA), 1,8 (CPU)")
-    p.add_argument("--ring", type=int, default=2)
+    p.add_argument("--rings", default=None,
+                   help="ring sizes (layers) to measure, default 2,4 (CUDA), 2 (CPU)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
@@ -192,6 +228,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     models = (args.models or ("llama-1b,llama-8b" if cuda else "smollm2-135m")).split(",")
     batches = [int(b) for b in (args.batches or ("1,8,32" if cuda else "1,8")).split(",")]
+    rings = [int(r) for r in (args.rings or ("2,4" if cuda else "2")).split(",")]
     args.steps = args.steps or (20 if cuda else 8)
     started = dt.datetime.now(dt.timezone.utc)
     result = {"benchmark": "layer-stream", "date": started.isoformat(timespec="seconds"),
@@ -205,7 +242,7 @@ def main(argv=None) -> int:
     path = out / f"layer-stream-{args.device}-{started.date()}.json"
     for name in models:
         for fraction in [float(f) for f in args.fractions.split(",")]:
-            result["rows"] += run_case(name.strip(), fraction, batches, args, device)
+            result["rows"] += run_case(name.strip(), fraction, batches, rings, args, device)
             path.write_text(json.dumps(result, indent=1))     # partial results survive a kill
     print(f"wrote {path}")
     return 0
