@@ -99,20 +99,29 @@ class WeightStash:
             self._plan()
         if self._host is None:
             self._host = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+        self._copy_out()
         with torch.no_grad():
-            for slot in self._slots:
-                tensor = self._get(slot)
-                flat = tensor.detach().reshape(-1).view(torch.uint8)
-                self._host[slot.offset:slot.offset + slot.num_bytes].copy_(flat, non_blocking=True)
-            self._sync()
             for slot in self._slots:
                 self._set(slot, torch.empty(0, dtype=slot.dtype, device=self.device))
         if self.cuda:
+            # No reference to a weight may be left here: after a wake every
+            # weight is a view of one buffer, and one view kept alive (a loop
+            # variable) kept all of it reserved.
             torch.cuda.empty_cache()
         self.asleep = True
         moved = Moved(self.num_bytes, time.perf_counter() - started)
         log.info("model_asleep", bytes=moved.num_bytes, seconds=round(moved.seconds, 4))
         return moved
+
+    def _copy_out(self) -> None:
+        """Every weight into the host buffer (its own frame: no reference to
+        a device tensor outlives it)."""
+        assert self._host is not None
+        with torch.no_grad():
+            for slot in self._slots:
+                flat = self._get(slot).detach().reshape(-1).view(torch.uint8)
+                self._host[slot.offset:slot.offset + slot.num_bytes].copy_(flat, non_blocking=True)
+        self._sync()
 
     def wake(self) -> Moved:
         """Weights back on the device: one allocation, one copy."""

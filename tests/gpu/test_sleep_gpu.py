@@ -45,4 +45,13 @@ def test_sleep_frees_the_gpu_and_wake_restores_the_weights():
     assert all(torch.equal(after[name], t) for name, t in before.items()), (
         "a weight changed through sleep and wake")
     assert torch.cuda.memory_allocated(device) - asleep_bytes >= 0.95 * slept.num_bytes
+    # After a wake every weight is a view of one buffer: a sleep must give all
+    # of it back to the driver (what admission and NVML see), not only to
+    # torch's cache. A stray reference kept the whole buffer reserved once.
+    stash.sleep()
+    reserved = torch.cuda.memory_reserved(device)
+    print(f"reserved after a sleep that followed a wake: {reserved / 1e6:.0f} MB")
+    assert reserved < 0.05 * slept.num_bytes + (64 << 20), (
+        f"{reserved} bytes still reserved after the weights ({slept.num_bytes}) left")
+    stash.wake()
     del before, snapshot_bytes
