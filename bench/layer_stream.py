@@ -15,7 +15,8 @@ For each model x resident fraction x batch, in one process:
                (the step takes no longer than the longer of its copies and
                its compute)
   exact        greedy tokens of the streamed model == the resident model's
-               (every batch, the same prompt)
+               (every batch, the same prompt); resident_repeatable: the
+               resident model == itself, run again (the control)
 
 Decode: a prompt of --prompt tokens per sequence, then --steps steps of one
 token each with Hugging Face's KV cache (sdpa attention), greedy; timed after
@@ -156,6 +157,9 @@ def run_case(name: str, fraction: float, batches: list[int], rings: list[int], a
     streamed = streamed_indices(len(layers), fraction)
     median_step(model, device, batches[0], args, steps=3, warmup=2)   # kernels, allocator
     resident = {b: median_step(model, device, b, args) for b in batches}
+    # The control for "exact": the resident model against itself, same batch.
+    repeatable = {b: median_step(model, device, b, args, steps=args.steps, warmup=args.warmup)[1]
+                  == resident[b][1] for b in batches}
     for ring in rings:
         streamer = LayerStreamer(model, device, streamed, ring_slots=ring)
         streamer.attach()
@@ -179,6 +183,7 @@ def run_case(name: str, fraction: float, batches: list[int], rings: list[int], a
                 "of_link_bound": round((batch / step) / bound, 3) if copy_s else None,
                 "overlap_efficiency": round(max(copy_s, compute) / step, 3),
                 "exact": tokens == resident[batch][1],
+                "resident_repeatable": repeatable[batch],
             })
             print(json.dumps(rows[-1]), flush=True)
         streamer.detach()

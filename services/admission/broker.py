@@ -31,6 +31,9 @@ from services.common.errors import CapacityExhausted, InvalidArgument, LmxError
 
 log = structlog.get_logger(__name__)
 
+#: Excess over a holder's leases is reported in steps of this size.
+OVER_LEASE_STEP = 32 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -55,6 +58,7 @@ class Broker:
         self.max_wait_s = max_wait_s
         self.sweep_interval_s = sweep_interval_s
         self.poll_interval_s = poll_interval_s
+        self._over_lease: dict[str, dict[int, int]] = {}
         self._futures: dict[Waiter, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self._clock = ledger.clock
@@ -217,5 +221,23 @@ class Broker:
             except Exception as exc:  # noqa: BLE001 - keep the last figures, say so
                 log.warning("device_poll_failed", error=str(exc))
                 continue
+            self._report_over_lease(memories)
             self.ledger.update_devices(memories)
             self._publish()
+
+    def _report_over_lease(self, memories) -> None:
+        """A log line when a holder's process uses more than its leases (by
+        OVER_LEASE_STEP steps): that excess counts as foreign and can keep a
+        waiter, even the holder's own, from ever fitting."""
+        for memory in memories:
+            steps = {pid: excess // OVER_LEASE_STEP for pid, excess in memory.over_lease
+                     if excess >= OVER_LEASE_STEP}
+            if steps != self._over_lease.get(memory.device, {}):
+                self._over_lease[memory.device] = steps
+                holders = {lease.holder.pid: lease.holder.name for lease in self.ledger.leases()}
+                log.warning("holders_over_lease", device=memory.device,
+                            processes=[{"pid": pid, "holder": holders.get(pid, ""),
+                                        "excess_bytes": excess}
+                                       for pid, excess in memory.over_lease
+                                       if pid in steps],
+                            foreign_bytes=memory.foreign_bytes)

@@ -29,6 +29,10 @@ class DeviceMemory:
     total_bytes: int
     foreign_bytes: int
     source: str          # "nvml" | "simulated"
+    #: (pid, bytes) of lease holders whose process uses more than the book
+    #: accounts to it there: the excess is in foreign_bytes (a CUDA context
+    #: that grew as kernels loaded, memory outside torch's allocator).
+    over_lease: tuple[tuple[int, int], ...] = ()
 
 
 class DeviceSource(Protocol):
@@ -129,8 +133,13 @@ class NvmlDevices:
             # lease; anything beyond it is foreign like everybody else's.
             covered = sum(min(used, accounted_by_pid.get((device, pid), 0))
                           for pid, used in usage.items())
+            over = tuple(sorted((pid, used - accounted_by_pid[(device, pid)])
+                                for pid, used in usage.items()
+                                if accounted_by_pid.get((device, pid), 0)
+                                and used > accounted_by_pid[(device, pid)]))
             result.append(DeviceMemory(device, self._names[index], self._uuids[index],
-                                       int(info.total), max(0, in_use - covered), "nvml"))
+                                       int(info.total), max(0, in_use - covered), "nvml",
+                                       over))
         return result
 
     def close(self) -> None:

@@ -8,6 +8,13 @@ KV lease in the background, and a request that cannot get its blocks within
 `kv_wait_s` fails with RESOURCE_EXHAUSTED. Memory goes back a chunk at a
 time when sessions close.
 
+Preemption: when every running generation waits for a KV block and none
+can come (the lease cannot grow, and the worker has no idle session to
+park), the newest generation gives its blocks to the others and goes back
+to the head of the queue; when blocks free up it is prefilled again from its
+tokens so far (recomputed, as vLLM does) and goes on where it stopped. Its
+caller's stream only pauses.
+
 Invariant between steps, per session: the pool holds KV for the first
 pool.length(id) tokens of session.tokens; the rest (the last sampled token,
 or a new prompt) is fed in the session's next step.
@@ -100,6 +107,9 @@ class Request:
 #: A request blocked on KV this long means growing the lease is slow (it
 #: waits in admission's queue): the worker then parks its own idle sessions.
 KV_SHORT_AFTER_S = 0.25
+#: Every running generation blocked on KV this long (and no relief under
+#: way): the newest is preempted so that the others can go on.
+PREEMPT_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,7 @@ class EngineStats:
     kv_bytes: int
     steps: int
     tokens_generated: int
+    preemptions: int = 0
 
 
 class Engine:
@@ -142,6 +153,7 @@ class Engine:
         self._growth_error: CapacityExhausted | None = None
         self._steps = 0
         self._tokens_generated = 0
+        self._preemptions = 0
         #: Called (bytes short) when a request waits for KV memory: the worker
         #: parks its own idle sessions then (services/worker/pressure.py).
         #: True while that relief is under way (the request keeps waiting).
@@ -176,7 +188,7 @@ class Engine:
         usage = self.pool.usage()
         return EngineStats(len(self._waiting), len(self._running), usage.num_blocks,
                            usage.num_used_blocks, self.storage.num_bytes, self._steps,
-                           self._tokens_generated)
+                           self._tokens_generated, self._preemptions)
 
     # ---- requests --------------------------------------------------------
     def submit(self, session: Session, params: SamplingParams, *, prompt: str | None = None,
@@ -355,6 +367,8 @@ class Engine:
                 if (now - request.blocked_since <= self.kv_wait_s and self.on_kv_short is not None
                         and self.on_kv_short(self._short_bytes(session_id, pending))):
                     continue  # the worker is parking its own idle sessions for it
+                if now - request.blocked_since <= self.kv_wait_s and self._others_progress(request):
+                    continue  # blocks come back when the others finish or are preempted
                 error = self._growth_error or CapacityExhausted(
                     f"no KV memory for this request within {self.kv_wait_s:g}s",
                     Shortfall("kv", self.pool.block_size, 0), 1.0)
@@ -394,7 +408,50 @@ class Engine:
                 continue
             items.append(self._item(request, feed))
             batch.append(request)
+        if not batch:
+            self._preempt_if_stalled()
         return items, batch
+
+    # ---- preemption ------------------------------------------------------
+    def _others_progress(self, request: Request) -> bool:
+        """Whether another generation is running (not blocked), or could be
+        preempted to give `request` its blocks: failing it now would lose a
+        generation that only has to wait."""
+        others = [r for r in self._running if r is not request and not r.done]
+        return any(r.blocked_since is None for r in others) or any(
+            self.pool.length(r.session.session_id) for r in others)
+
+    def _preempt_if_stalled(self) -> None:
+        """Every running generation has waited PREEMPT_AFTER_S for a block and
+        the worker parks none of its idle sessions: the newest gives its
+        blocks back and waits at the head of the queue."""
+        now = time.monotonic()
+        running = [r for r in self._running if not r.done]
+        if len(running) < 2 or any(r.blocked_since is None
+                                   or now - r.blocked_since < PREEMPT_AFTER_S for r in running):
+            return
+        victim = max(running, key=lambda r: r.enqueued_at)
+        if not self.pool.length(victim.session.session_id):
+            return
+        if self.on_kv_short is not None and self.on_kv_short(
+                self._short_bytes(running[0].session.session_id, 1)):
+            return  # idle sessions are being parked: their blocks come first
+        self._preempt(victim)
+
+    def _preempt(self, request: Request) -> None:
+        session_id = request.session.session_id
+        num_blocks = len(self.pool.table(session_id))
+        tokens = self.pool.length(session_id)
+        self.pool.free(session_id)
+        self._slots.pop(session_id, None)
+        self._running.remove(request)
+        request.blocked_since = None
+        self._waiting.appendleft(request)
+        self._preemptions += 1
+        for other in self._running:
+            other.blocked_since = None   # blocks came: their clocks restart
+        log.info("generation_preempted", session_id=session_id, freed_blocks=num_blocks,
+                 recompute_tokens=tokens, generated=len(request.generated))
 
     def _reserve(self, request: Request, num_tokens: int) -> bool:
         session_id = request.session.session_id

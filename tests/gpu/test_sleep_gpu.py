@@ -44,6 +44,7 @@ def test_sleep_frees_the_gpu_and_wake_restores_the_weights():
     after = loaded.model.state_dict()
     assert all(torch.equal(after[name], t) for name, t in before.items()), (
         "a weight changed through sleep and wake")
+    del after                                # views of the woken weights: they would stay
     assert torch.cuda.memory_allocated(device) - asleep_bytes >= 0.95 * slept.num_bytes
     # After a wake every weight is a view of one buffer: a sleep must give all
     # of it back to the driver (what admission and NVML see), not only to

@@ -321,7 +321,11 @@ class ProcessNvmlSource:
     def read(self, accounted_by_pid: Mapping[tuple[str, int], int]) -> list[DeviceMemory]:
         foreign = sum(max(0, used - accounted_by_pid.get(("gpu:0", pid), 0))
                       for pid, used in self.usage.items())
-        return [DeviceMemory("gpu:0", "Fake GPU", "GPU-1", self.total, foreign, "nvml")]
+        over = tuple((pid, used - accounted_by_pid[("gpu:0", pid)])
+                     for pid, used in self.usage.items()
+                     if accounted_by_pid.get(("gpu:0", pid), 0)
+                     and used > accounted_by_pid[("gpu:0", pid)])
+        return [DeviceMemory("gpu:0", "Fake GPU", "GPU-1", self.total, foreign, "nvml", over)]
 
     def close(self) -> None:
         pass
@@ -345,3 +349,33 @@ def test_a_waiters_own_context_is_not_counted_twice():
             await broker.close()
 
     asyncio.run(main())
+
+
+def test_a_holder_using_more_than_its_leases_is_reported_once_per_step():
+    """The excess over a holder's leases counts as foreign (it is real
+    memory) and is logged with the holder's name, once per 32 MiB step."""
+    from structlog.testing import capture_logs
+
+    mib = 1 << 20
+
+    async def main() -> list[dict]:
+        source = ProcessNvmlSource(8192 * mib, usage={42: 100 * mib})
+        ledger = Ledger(source.read({}), 0.5, TtlLimits(10.0, 0.1, 3600.0))
+        broker = Broker(ledger, source, sweep_interval_s=0.02, poll_interval_s=0.02)
+        await broker.start()
+        try:
+            with capture_logs() as logs:
+                await asyncio.wait_for(broker.acquire(Holder("worker/m", 42), 1000 * mib, KV,
+                                                      device="gpu:0", wait_s=3), 2)
+                source.usage[42] = 1100 * mib          # 100 MiB beyond its lease
+                await until(lambda: any(e["event"] == "holders_over_lease" for e in logs),
+                            "the excess is reported")
+                await asyncio.sleep(0.1)               # more polls: no new line
+        finally:
+            await broker.close()
+        return [e for e in logs if e["event"] == "holders_over_lease"]
+
+    lines = asyncio.run(main())
+    assert len(lines) == 1, f"one line per change, got {len(lines)}"
+    assert lines[0]["processes"] == [{"pid": 42, "holder": "worker/m",
+                                      "excess_bytes": 100 * mib}], lines[0]

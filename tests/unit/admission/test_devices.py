@@ -152,6 +152,9 @@ def test_nvml_foreign_excludes_lease_holders_usage_up_to_their_lease():
     # unattributed (driver, contexts).
     assert first.foreign_bytes == 2_000, f"gpu:0 foreign {first.foreign_bytes}, expected 2000"
     assert second.foreign_bytes == 2_000, "a lease on gpu:0 must not cover usage on gpu:1"
+    assert first.over_lease == ((20, 1_000),), (
+        f"pid 20 uses 1000 more than its lease, nobody else: {first.over_lease}")
+    assert second.over_lease == (), "pid 10 has no lease on gpu:1: its use there is not excess"
 
 
 def test_nvml_process_lists_are_merged_and_unknown_usage_skipped():

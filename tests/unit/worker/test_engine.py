@@ -376,6 +376,55 @@ def test_kv_growth_that_never_comes_fails_after_kv_wait_s(tiny):
         f"the request is still queued: {stats}")
 
 
+
+def test_generations_that_outgrow_the_kv_budget_together_are_preempted_not_failed(tiny):
+    """Two generations that each fit alone but not together: when both wait
+    for a block that cannot come, the newer gives its blocks back, waits,
+    and is recomputed once the older is done (its idle KV released); both
+    finish with the tokens each makes alone (greedy)."""
+    prompts = [list(range(200, 230)), list(range(300, 330))]
+    params = SamplingParams(max_tokens=60)
+
+    async def alone(engine):
+        outs = []
+        for prompt in prompts:
+            session = SessionTable().open()
+            deltas, end = await collect(engine, engine.submit_tokens(session, params, prompt))
+            assert isinstance(end, Finished), end
+            outs.append(tokens_of(deltas))
+            engine.drop_session(session)
+        return outs
+
+    async def together(engine):
+        sessions = SessionTable()
+        a, b = sessions.open(), sessions.open()
+
+        def relieve(num_bytes):
+            """What the worker does (pressure.py): an idle session's KV goes
+            (parked), here dropped."""
+            if not a.busy and engine.pool.length(a.session_id):
+                engine.drop_session(a)
+                return True
+            return False
+
+        engine.on_kv_short = relieve
+        first = asyncio.create_task(collect(engine, engine.submit_tokens(a, params, prompts[0])))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(collect(engine, engine.submit_tokens(b, params, prompts[1])))
+        a_deltas, a_end = await first
+        b_deltas, b_end = await second
+        return (tokens_of(a_deltas), a_end), (tokens_of(b_deltas), b_end), engine.stats()
+
+    budget = 2 * CHUNK_BYTES              # 8 blocks; each generation needs 6 (90 tokens)
+    expected = run(tiny, alone, memory=FixedMemory(budget), kv_wait_s=20, spare_chunks=0)
+    (a_ids, a_end), (b_ids, b_end), stats = run(tiny, together, memory=FixedMemory(budget),
+                                                kv_wait_s=20, spare_chunks=0)
+    assert isinstance(a_end, Finished) and isinstance(b_end, Finished), (
+        f"a generation was failed instead of preempted: {a_end}, {b_end}")
+    assert stats.preemptions >= 1, f"nothing was preempted: {stats}"
+    assert [a_ids, b_ids] == expected, "a preempted generation went on differently"
+
+
 # ---- (g) shrinking ------------------------------------------------------------
 @pytest.mark.parametrize("order", ["first-to-last", "last-to-first"])
 def test_closed_sessions_give_their_kv_chunks_back(tiny, order):
