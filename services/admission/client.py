@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -123,17 +124,23 @@ class AdmissionClient:
             yield event
 
     def keep_alive(self, lease: pb.Lease,
-                   on_lost: Callable[[ErrorDetails], None] | None = None) -> asyncio.Task:
+                   on_lost: Callable[[ErrorDetails], None] | None = None,
+                   on_renewed: Callable[[float], None] | None = None) -> asyncio.Task:
         """Renew `lease` every third of its TTL until the task is cancelled.
         If admission says the lease is gone (expired, unknown), call `on_lost`
-        and stop: the holder must stop using the memory."""
+        and stop: the holder must stop using the memory. After each renewal,
+        `on_renewed(sent_at)` (time.monotonic() when the renewal was sent:
+        the lease is good for its TTL from then)."""
 
         async def renew_forever() -> None:
             period = max(0.05, lease.ttl_ms / 3000)
             while True:
                 await asyncio.sleep(period)
                 try:
+                    sent_at = time.monotonic()
                     await self.renew(lease)
+                    if on_renewed is not None:
+                        on_renewed(sent_at)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
                                       grpc.StatusCode.NOT_FOUND):

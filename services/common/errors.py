@@ -55,6 +55,18 @@ class FailedPrecondition(LmxError):
         self.reason = reason
 
 
+class Aborted(LmxError):
+    """The work was stopped by something outside the request: the worker lost
+    its memory lease (it expired while the worker was frozen, or admission
+    restarted). Retry: the same request can succeed."""
+
+    retryable = True
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class Shortfall:
     device: str

@@ -7,6 +7,7 @@ request gets an id bound into structlog's context.
   PermissionDenied   -> PERMISSION_DENIED
   InvalidArgument    -> INVALID_ARGUMENT, with BadRequest naming the field
   FailedPrecondition -> FAILED_PRECONDITION, with ErrorInfo(reason)
+  Aborted            -> ABORTED, with ErrorInfo(reason) (retry the request)
   anything else      -> INTERNAL, the exception logged with the request id
 
 Only lmx's own services are wrapped; health and reflection pass unchanged.
@@ -26,6 +27,7 @@ from grpc_status import rpc_status
 
 from services.common.errors import (
     CapacityExhausted,
+    Aborted,
     FailedPrecondition,
     InvalidArgument,
     LmxError,
@@ -76,6 +78,9 @@ def to_status(exc: Exception, request_id: str) -> grpc.Status:
         code = code_pb2.NOT_FOUND
     elif isinstance(exc, FailedPrecondition):
         code = code_pb2.FAILED_PRECONDITION
+        details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
+    elif isinstance(exc, Aborted):
+        code = code_pb2.ABORTED
         details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
     else:
         code = code_pb2.INTERNAL

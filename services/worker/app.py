@@ -127,7 +127,8 @@ class WorkerApp:
                                      or devices.admission_device_id(self.device, status.devices))
             self.memory = AdmissionMemory(self.admission, f"worker/{settings.model}",
                                           self.admission_device, ttl_s=settings.lease_ttl_s,
-                                          priority=settings.priority)
+                                          priority=settings.priority,
+                                          on_lost=self._lease_lost)
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         log.info("worker_starting", model=settings.model, device=str(self.device),
                  dtype=str(self.dtype).removeprefix("torch."), admission=settings.admission,
@@ -335,6 +336,13 @@ class WorkerApp:
         return Relief(moved * streamer.layer_bytes,
                       f"streaming {moved} more layers ({streamer.info().resident_fraction:.0%} "
                       "resident)")
+
+    def _lease_lost(self, purpose: str) -> None:
+        """A lease of this worker is gone in admission's book: stop using the
+        memory (services/worker/pressure.py). Before the model is up there is
+        nothing to stop: the start fails when it next asks admission."""
+        if self.pressure is not None:
+            self.pressure.lease_lost(purpose)
 
     def _report_activity(self, kind: str, session_id: str, num_bytes: int, seconds: float,
                          reason: str) -> None:

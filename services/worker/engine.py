@@ -8,6 +8,11 @@ KV lease in the background, and a request that cannot get its blocks within
 `kv_wait_s` fails with RESOURCE_EXHAUSTED. Memory goes back a chunk at a
 time when sessions close.
 
+Fencing: before each step the engine makes sure its leases are still held
+(Memory.fresh; past a lease's TTL since its last renewal, as after a
+SIGSTOP, it renews first): a lost lease means the memory may be someone
+else's, so no step runs and every generation ends with ABORTED.
+
 Preemption: when every running generation waits for a KV block and none
 can come (the lease cannot grow, and the worker has no idle session to
 park), the newest generation gives its blocks to the others and goes back
@@ -33,6 +38,7 @@ import structlog
 import torch
 
 from services.common.errors import (
+    Aborted,
     CapacityExhausted,
     FailedPrecondition,
     InvalidArgument,
@@ -277,6 +283,16 @@ class Engine:
         self._slots.pop(session.session_id, None)
         self._maybe_shrink()
 
+    def abort_all(self, error: LmxError) -> int:
+        """Fail every waiting and running generation with `error` (each
+        session keeps the tokens its caller received). Returns how many."""
+        if self._step is not None and not self._step.done():
+            self._unsafe_step = self._step  # no shrink until it is done (see _resize)
+        requests = [*self._waiting, *self._running]
+        for request in requests:
+            self._fail(request, error)
+        return len(requests)
+
     # ---- parking ---------------------------------------------------------
     def kv_slots(self, session: Session) -> list[int]:
         """The slots of the session's KV in token order (to park it)."""
@@ -336,6 +352,13 @@ class Engine:
                 else:
                     self._maybe_shrink()  # one skipped while another resize was running
                     await self._wake.wait()
+                continue
+            if not self.memory.fresh() and not await self.memory.confirm():
+                # The lease is gone (this worker was frozen past its TTL, or
+                # admission restarted): the memory may be someone else's now.
+                # Not one more step; the worker's on_lost aborted the requests.
+                self.abort_all(Aborted("this worker's memory lease was lost (it expired, or "
+                                       "admission restarted); retry", reason="LEASE_LOST"))
                 continue
             try:
                 self._step = loop.run_in_executor(self._executor, self.runner.step, items)
@@ -544,14 +567,14 @@ class Engine:
             return
         self._end(request)
         session = request.session
-        if request.delivered == 0:
-            # Nothing delivered: undo the turn (its prompt too), so that a
+        if not request.generated:
+            # Nothing generated: undo the turn (its prompt too), so that a
             # retry starts from the same context.
             self._truncate(session, request.base_len - request.num_prompt_tokens)
             if request.chat_turn and session.messages and session.messages[-1]["role"] == "user":
                 session.messages.pop()
-        else:
-            self._truncate(session, request.base_len + request.delivered)
+        # Else the session keeps every token generated: each is in the
+        # caller's stream already, ahead of the error, so it receives them all.
         request.out.put_nowait(Failed(error))
         log.warning("generation_failed", session_id=session.session_id, error=error.message)
 

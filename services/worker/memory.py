@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -51,6 +52,17 @@ class Memory(Protocol):
 
     def granted(self) -> dict[str, int]:
         """Bytes held now, by purpose ("weights", "kv")."""
+        ...
+
+    def fresh(self) -> bool:
+        """Every lease held was confirmed less than its TTL ago (a worker
+        frozen past it must not touch the memory before `confirm`)."""
+        ...
+
+    async def confirm(self) -> bool:
+        """Renew the leases now: False if one is gone (its memory may be
+        granted elsewhere: stop using it); True if all are held, or admission
+        cannot be reached (then nobody can be granted them either)."""
         ...
 
     async def close(self) -> None: ...
@@ -92,6 +104,12 @@ class FixedMemory:
     def granted(self) -> dict[str, int]:
         return dict(self._held)
 
+    def fresh(self) -> bool:
+        return True
+
+    async def confirm(self) -> bool:
+        return True
+
     async def close(self) -> None:
         self._held = {"weights": 0, "kv": 0}
 
@@ -117,6 +135,9 @@ class AdmissionMemory:
         self.on_lost = on_lost
         self._leases: dict[str, pb.Lease] = {}
         self._keepers: dict[str, asyncio.Task] = {}
+        #: Per purpose: time.monotonic() until which the lease is surely held
+        #: (its TTL from when its last grant or renewal was sent).
+        self._valid_until: dict[str, float] = {}
         self.pid = os.getpid()
         self.on_change: Callable[[int], None] | None = None
 
@@ -135,25 +156,67 @@ class AdmissionMemory:
     def granted(self) -> dict[str, int]:
         return {purpose: lease.bytes for purpose, lease in self._leases.items()}
 
-    def _keep(self, purpose: str, lease: pb.Lease) -> None:
+    def _keep(self, purpose: str, lease: pb.Lease, sent_at: float) -> None:
         self._leases[purpose] = lease
+        self._valid_until[purpose] = sent_at + lease.ttl_ms / 1000
         self._changed()
         old = self._keepers.pop(purpose, None)
         if old is not None:
             old.cancel()
 
-        def lost(details) -> None:
-            self._leases.pop(purpose, None)
-            log.error("worker_lease_lost", purpose=purpose, lease_id=lease.lease_id,
-                      reason=details.reason)
-            if self.on_lost is not None:
-                self.on_lost(purpose)
+        def renewed(at: float) -> None:
+            if self._leases.get(purpose) is lease:
+                self._valid_until[purpose] = at + lease.ttl_ms / 1000
 
-        self._keepers[purpose] = self.client.keep_alive(lease, on_lost=lost)
+        def lost(details) -> None:
+            self._lost(purpose, lease, details.reason)
+
+        self._keepers[purpose] = self.client.keep_alive(lease, on_lost=lost, on_renewed=renewed)
+
+    def _lost(self, purpose: str, lease: pb.Lease, reason: str) -> None:
+        """Admission says the lease is gone (expired while this worker was
+        frozen, or admission restarted): forget it and tell the worker, which
+        stops using the memory."""
+        if self._leases.get(purpose) is not lease:
+            return
+        self._leases.pop(purpose, None)
+        self._valid_until.pop(purpose, None)
+        keeper = self._keepers.pop(purpose, None)
+        if keeper is not None and keeper is not asyncio.current_task():
+            keeper.cancel()
+        self._changed()
+        log.error("worker_lease_lost", purpose=purpose, lease_id=lease.lease_id, reason=reason)
+        if self.on_lost is not None:
+            self.on_lost(purpose)
+
+    def fresh(self) -> bool:
+        now = time.monotonic()
+        return all(until > now for until in self._valid_until.values())
+
+    async def confirm(self) -> bool:
+        now = time.monotonic()
+        for purpose, until in list(self._valid_until.items()):
+            lease = self._leases.get(purpose)
+            if until > now or lease is None:
+                continue
+            sent_at = time.monotonic()
+            try:
+                await self.client.renew(lease)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.NOT_FOUND):
+                    self._lost(purpose, lease, error_details(exc).reason or exc.code().name)
+                    return False
+                log.warning("worker_lease_unconfirmed", purpose=purpose, code=exc.code().name)
+                continue
+            if self._leases.get(purpose) is lease:
+                self._valid_until[purpose] = sent_at + lease.ttl_ms / 1000
+        return True
 
     async def acquire_base(self, num_bytes: int) -> None:
         """Wait in admission's queue (visible in its status) until granted."""
         while True:
+            sent_at = time.monotonic()
             try:
                 lease = await self.client.acquire(self.holder, num_bytes, "weights",
                                                   device=self.device, wait_s=60.0,
@@ -165,16 +228,20 @@ class AdmissionMemory:
                 log.warning("worker_waiting_for_memory", bytes=num_bytes, device=self.device,
                             message=exc.details())
                 continue
-            self._keep("weights", lease)
+            self._keep("weights", lease, sent_at)
             log.info("worker_lease_granted", purpose="weights", bytes=num_bytes,
                      lease_id=lease.lease_id)
             return
 
     async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
         while True:
-            lease = self._leases["weights"]
+            lease = self._leases.get("weights")
+            if lease is None:
+                raise FailedPrecondition("the weights lease is gone", reason="LEASE_LOST")
+            sent_at = time.monotonic()
             try:
-                self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=60.0))
+                self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=60.0),
+                           sent_at)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -188,6 +255,7 @@ class AdmissionMemory:
         lease = self._leases.pop("weights", None)
         if lease is None:
             return
+        self._valid_until.pop("weights", None)
         self._keepers.pop("weights").cancel()
         self._changed()
         try:
@@ -202,9 +270,11 @@ class AdmissionMemory:
                 if lease is not None:
                     self._keepers.pop("kv").cancel()
                     del self._leases["kv"]
+                    self._valid_until.pop("kv", None)
                     self._changed()
                     await self.client.release(lease)
                 return
+            sent_at = time.monotonic()
             if lease is None:
                 lease = await self.client.acquire(self.holder, num_bytes, "kv",
                                                   device=self.device, wait_s=wait_s,
@@ -216,11 +286,12 @@ class AdmissionMemory:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _capacity_error(exc, f"growing KV to {num_bytes} bytes") from None
             if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                self._leases.pop("kv", None)
+                if lease is not None:
+                    self._lost("kv", lease, error_details(exc).reason or exc.code().name)
                 raise FailedPrecondition(f"the KV lease is gone: {exc.details()}",
                                          reason="LEASE_LOST") from None
             raise
-        self._keep("kv", lease)
+        self._keep("kv", lease, sent_at)
 
     async def close(self) -> None:
         for task in self._keepers.values():
@@ -233,3 +304,4 @@ class AdmissionMemory:
                 log.warning("worker_release_failed", lease_id=lease.lease_id,
                             code=exc.code().name)
         self._leases.clear()
+        self._valid_until.clear()

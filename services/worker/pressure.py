@@ -21,6 +21,14 @@ wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
   its sessions come back from the kvstore as they are used. The client's
   stream simply starts later.
 
+- A lost lease (it expired while the worker was frozen, or admission
+  restarted and forgot it): the memory may be someone else's now. Every
+  generation ends at once with ABORTED (retryable; each session keeps what
+  its caller received), every session's KV is parked (or dropped, to be
+  recomputed from its tokens, if it cannot be), the weights go to host
+  memory and every lease still held is released: the model is asleep, and
+  the next request acquires its memory again like any wake.
+
 Transitions run one at a time (a lock); a request that arrives while the
 model is going to sleep waits for it, then wakes it.
 """
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from services.common.errors import LmxError
+from services.common.errors import Aborted, LmxError
 from services.worker.engine import Engine
 from services.worker.memory import Memory
 from services.worker.parking import Parking
@@ -91,6 +99,7 @@ class PressureRelief:
         self._state_changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._self_relief: asyncio.Task | None = None
+        self._giving_up: asyncio.Task | None = None
 
     # ---- the worker's own shortage ----
     def kv_short(self, num_bytes: int) -> bool:
@@ -218,10 +227,54 @@ class PressureRelief:
         return (self.state == "draining"
                 and time.monotonic() < self._awake_since + self.min_awake_s)
 
+    # ---- a lost lease ----
+    def lease_lost(self, purpose: str) -> None:
+        """Admission no longer holds one of this worker's leases: stop every
+        generation now, then give all the device memory up (in the
+        background); requests wait meanwhile and wake the model after."""
+        aborted = self.engine.abort_all(Aborted(
+            f"this worker's {purpose} lease was lost (it expired, or admission restarted); "
+            "retry", reason="LEASE_LOST"))
+        log.warning("worker_giving_up_memory", purpose=purpose, aborted=aborted)
+        if self._giving_up is None or self._giving_up.done():
+            self._giving_up = asyncio.create_task(self._give_up(purpose), name="give-up")
+
+    async def _give_up(self, purpose: str) -> None:
+        async with self._lock:
+            try:
+                if self.state != "asleep":
+                    self._set_state("sleeping")
+                    for session in self.sessions.all():
+                        if session.busy or session.moving or session.parked_entry:
+                            continue
+                        if not self.engine.pool.length(session.session_id):
+                            continue
+                        try:
+                            await self.parking.park(session, reason=f"{purpose} lease lost")
+                        except LmxError as exc:
+                            # No kvstore, or it is full: the context is
+                            # recomputed from the session's tokens next turn.
+                            log.info("lease_lost_kv_dropped", session_id=session.session_id,
+                                     error=exc.message)
+                            self.engine.release_kv(session)
+                    await self.engine.wait_settled(timeout_s=10.0)
+                    moved = await asyncio.to_thread(self.stash.sleep)
+                    self._activity("model_asleep", "", moved.num_bytes, moved.seconds,
+                                   f"{purpose} lease lost")
+                await self.memory.release_base()
+            except Exception as exc:  # noqa: BLE001 - nothing may run on that memory: say so
+                log.error("worker_give_up_failed", exc_info=exc)
+            finally:
+                # Asleep either way: the next request acquires the memory
+                # again before anything runs (waking weights already in place
+                # copies nothing).
+                self._set_state("asleep")
+
     async def ensure_awake(self) -> None:
         """Before any work on the model: wake it if it sleeps (or is going to,
         unless it serves through its drain)."""
-        if self.state == "ready" or self._serving_through():
+        giving_up = self._giving_up is not None and not self._giving_up.done()
+        if (self.state == "ready" and not giving_up) or self._serving_through():
             return
         async with self._lock:
             if self.state != "asleep":

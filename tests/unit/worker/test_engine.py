@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from services.common.errors import CapacityExhausted, FailedPrecondition, InvalidArgument
+from services.common.errors import Aborted, CapacityExhausted, FailedPrecondition, InvalidArgument
 from services.worker.engine import (
     FINISH_CONTEXT,
     FINISH_LENGTH,
@@ -613,3 +613,42 @@ def test_chat_on_a_model_without_a_template_is_invalid_argument(tiny):
     assert (tokens, messages, busy) == ([], [], False), "a refused chat turn changed the session"
     assert isinstance(end, Finished), f"a session with its own template should chat: {end}"
     assert prompt == "user: Hi\nassistant:", f"the session's template was not used: {prompt!r}"
+
+
+class LostMemory(FixedMemory):
+    """A lease that is found gone when the engine next checks it (as after
+    a SIGSTOP past its TTL)."""
+
+    def __init__(self, capacity_bytes: int):
+        super().__init__(capacity_bytes)
+        self.stale = False
+        self.confirms = 0
+
+    def fresh(self) -> bool:
+        return not self.stale
+
+    async def confirm(self) -> bool:
+        self.confirms += 1
+        return False
+
+
+def test_a_lost_lease_stops_the_engine_before_its_next_step(tiny):
+    async def scenario(engine):
+        session = SessionTable().open()
+        request = engine.submit_tokens(session, SamplingParams(max_tokens=200), [5, 6, 7, 8])
+        first = await request.out.get()
+        engine.delivered(request, len(first.token_ids))
+        steps = engine.stats().steps
+        engine.memory.stale = True
+        rest, end = await collect(engine, request)
+        return first, rest, end, steps, engine.stats(), list(session.tokens)
+
+    first, rest, end, steps, stats, tokens = run(tiny, scenario, memory=LostMemory(GIB))
+    assert isinstance(end, Failed) and isinstance(end.error, Aborted), end
+    assert end.error.reason == "LEASE_LOST" and end.error.retryable
+    assert stats.steps <= steps + 1, (
+        f"{stats.steps - steps} steps ran after the lease was found stale")
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    received = list(first.token_ids) + tokens_of(rest)
+    assert tokens == [5, 6, 7, 8, *received], (
+        f"the session must keep exactly what its caller received: {tokens} vs {received}")

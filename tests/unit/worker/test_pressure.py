@@ -258,3 +258,37 @@ def test_asleep_keeps_what_stays_on_the_device_leased(tiny, arena):
         assert memory.granted()["weights"] == BASE
 
     run_pressure(tiny, scenario, FakeLink(arena), keep_bytes=1 << 20, residue=lambda: 32 << 10)
+
+
+def test_a_lost_lease_aborts_generations_and_gives_all_the_memory_up(tiny, arena):
+    """Admission forgot a lease (it expired while the worker was frozen, or
+    admission restarted): generations end with ABORTED, contexts are parked,
+    the memory is released; the next request acquires it again and the
+    session goes on from what its caller received."""
+    from services.common.errors import Aborted
+    from services.worker.engine import Delta
+
+    async def scenario(core, pressure, memory, activity):
+        running, idle = core.open_session().session, core.open_session().session
+        await ids_of(core, idle, "an idle context")
+        stream = core.generate(running.session_id, running.token,
+                               SamplingParams(max_tokens=400), prompt="go on")
+        received = list((await anext(stream)).token_ids)
+        pressure.lease_lost("weights")
+        with pytest.raises(Aborted) as ended:
+            async for event in stream:
+                assert isinstance(event, Delta), f"the generation finished: {event}"
+                received += event.token_ids
+        assert ended.value.reason == "LEASE_LOST" and ended.value.retryable
+        await asyncio.wait_for(pressure._giving_up, 10)
+        assert pressure.state == "asleep"
+        assert memory.granted()["weights"] == 0 and memory.granted().get("kv", 0) == 0, (
+            f"memory still held after the lease was lost: {memory.granted()}")
+        assert idle.parked_entry and running.parked_entry, "the contexts were not parked"
+        kept = list(running.tokens)
+        assert kept[-len(received):] == received, "the session lost tokens its caller received"
+        got = await ids_of(core, running, " and on", max_tokens=3)    # wakes, re-acquires
+        assert got and pressure.state == "ready" and memory.granted()["weights"] == BASE
+        assert running.tokens[:len(kept)] == kept
+
+    run_pressure(tiny, scenario, FakeLink(arena))
