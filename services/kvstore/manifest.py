@@ -49,11 +49,13 @@ class Manifest:
         """Atomic against a crash of the process (write, then rename); not
         fsynced: what it describes, shared memory, does not outlive the host
         either, and an fsync per commit cost milliseconds on the hot path."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = {"version": VERSION, "pid": os.getpid(), "segments": segments,
                 "entries": entries}
         tmp = self.path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
+        # Owner-only: it lists the sessions' tokens, their chat metadata and
+        # their secrets' hashes.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
             json.dump(data, fh)
         os.replace(tmp, self.path)
 

@@ -77,9 +77,17 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         return pb.DeleteResponse(freed_bytes=self.store.delete(request.entry_id, request.secret))
 
     async def ListEntries(self, request, context):
+        """Ids, owners, sizes and states: never the contents (the session's
+        tokens and its metadata, the chat): those take the entry's secret
+        (Open)."""
         now = self.store.clock()
-        return pb.ListEntriesResponse(
-            entries=[entry_to_pb(entry, now) for entry in self.store.list(request.owner)])
+        entries = []
+        for entry in self.store.list(request.owner):
+            info = entry_to_pb(entry, now)
+            info.ClearField("token_ids")
+            info.ClearField("metadata")
+            entries.append(info)
+        return pb.ListEntriesResponse(entries=entries)
 
     async def GetStoreStatus(self, request, context):
         status = self.store.status()

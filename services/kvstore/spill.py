@@ -24,7 +24,7 @@ class SpillDir:
         return self.path / f"lmx-{entry_id}.json"
 
     def write(self, entry_id: str, data: memoryview, sidecar: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = self.data_path(entry_id)
         tmp = target.with_name(target.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -39,7 +39,9 @@ class SpillDir:
             os.close(fd)
         os.replace(tmp, target)
         side_tmp = self.sidecar_path(entry_id).with_suffix(".json.tmp")
-        side_tmp.write_text(json.dumps(sidecar))
+        with os.fdopen(os.open(side_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                       "w") as fh:                      # owner-only: tokens and chat
+            fh.write(json.dumps(sidecar))
         os.replace(side_tmp, self.sidecar_path(entry_id))
 
     def size(self, entry_id: str) -> int | None:

@@ -62,6 +62,10 @@ def test_reserve_write_commit_open_read_back(kv, shared_kvstore):
     assert list(opened.entry.token_ids) == list(range(10))
     listed = kv.ListEntries(pb.ListEntriesRequest(owner="worker-1"), timeout=RPC_TIMEOUT_S)
     assert entry.entry_id in [e.entry_id for e in listed.entries]
+    mine = next(e for e in listed.entries if e.entry_id == entry.entry_id)
+    assert not mine.token_ids and not mine.metadata, (
+        "a listing must not show a session's tokens or chat: they take its secret")
+    assert mine.num_bytes == 8192 and mine.owner == "worker-1"
     assert kv.ListEntries(pb.ListEntriesRequest(owner="nobody"), timeout=RPC_TIMEOUT_S).entries == []
     status = kv.GetStoreStatus(pb.GetStoreStatusRequest(), timeout=RPC_TIMEOUT_S)
     assert status.when_full == "spill" and status.used_bytes >= 8192 and status.num_segments >= 1

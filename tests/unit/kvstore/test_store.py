@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -160,6 +161,11 @@ def test_full_spills_least_recently_used_and_open_brings_back(make_store, dirs):
     assert (dirs["spill_dir"] / f"lmx-{b.entry_id}.kv").stat().st_size == ENTRY
     sidecar = json.loads((dirs["spill_dir"] / f"lmx-{b.entry_id}.json").read_text())
     assert sidecar["entry_id"] == b.entry_id
+    # The session's tokens and chat are on disk: owner-only, like the manifest.
+    for path in (dirs["spill_dir"] / f"lmx-{b.entry_id}.kv",
+                 dirs["spill_dir"] / f"lmx-{b.entry_id}.json",
+                 dirs["state_dir"] / "manifest.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path.name} is readable by others"
     status = store.status()
     assert (status.used_bytes, status.spilled_bytes, status.num_entries) == (3 * ENTRY, ENTRY, 4)
     assert read(store, b.entry_id) == data_b          # back, c spilled in its place
