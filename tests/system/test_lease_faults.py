@@ -8,6 +8,9 @@ admission (a simulated 1400 MiB device), a kvstore and a smollm2-135m worker.
   sessions and gives its memory up. The session keeps what its caller
   received, and the next turn (once the other holder let go) acquires the
   memory again and goes on.
+- The worker killed (SIGKILL) mid-generation: the client's stream ends with
+  UNAVAILABLE at once, and admission frees the worker's leases within two
+  TTLs.
 - Admission killed (SIGKILL) and started again on the same port: the worker
   learns that the new admission holds none of its leases, gives its memory
   up, re-registers, and the next turn acquires a new lease from the new
@@ -176,3 +179,27 @@ def test_admission_restarted_workers_give_up_and_acquire_again(stack):
             grpc.insecure_channel(restarted.address)).ListWorkers(
                 apb.ListWorkersRequest(), timeout=RPC_TIMEOUT_S).workers
         assert any(w.address == worker.address for w in workers), "the worker did not re-register"
+
+
+def test_a_worker_killed_mid_generation_fails_its_client_fast_and_frees_its_leases(stack):
+    start_admission, start_worker = stack
+    admission = start_admission(0)
+    worker = start_worker(admission.address)
+    pid = worker.proc.pid
+    assert leases_of(admission.address, pid)
+    with WorkerClient(worker.address) as client:
+        session = client.open()
+        stream = client.stub.Generate(generate_request(session, prompt="Count: one, two,",
+                                                       max_tokens=400), timeout=120)
+        next(stream)
+        worker.proc.kill()
+        killed_at = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        took = time.monotonic() - killed_at
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+    assert took < 5.0, f"the client waited {took:.1f}s to hear the worker was gone"
+    wait_until(lambda: not leases_of(admission.address, pid),
+               max(0.1, killed_at + 2 * LEASE_TTL_S + 0.5 - time.monotonic()),
+               "admission to free the killed worker's leases within two TTLs")
