@@ -189,6 +189,11 @@ class Parking:
                     raise
                 log.warning("restore_recomputes", session_id=session.session_id,
                             entry_id=entry_id, reason=exc.reason, error=exc.message)
+                # Visible beyond the log: a Watch event (lmx watch) says the
+                # context was recomputed, and why (a corrupted entry above all).
+                self._activity("session_restored", session.session_id, 0,
+                               time.perf_counter() - started,
+                               f"recomputed: entry {entry_id} {exc.reason.lower()}")
                 session.parked_entry = None
                 if exc.reason != "CORRUPTED":  # a corrupted entry is deleted already
                     self._delete_later(entry_id, session.token)

@@ -24,6 +24,7 @@ from lmx.v1 import worker_pb2 as wpb
 from services.kvstore.client import map_region
 
 from ..kvstore.support import KVStoreProcess, kvstore_servers
+from ..support import wait_until
 from ..kvstore.support import stub as kvstore_stub
 from .test_grpcurl_worker import GRPCURL, readme_worker_commands
 from .worker_support import (
@@ -191,6 +192,31 @@ def test_a_corrupted_entry_is_reported_and_not_used(stack):
             f"{error.details()}")
         assert w2.status().num_sessions == sessions_before, "a corrupted restore left a session"
         w1.close_session(session)
+
+
+def test_a_corrupted_entry_under_a_generate_is_recomputed_and_reported(stack,
+                                                                       worker_admission):
+    """A Generate on a parked session whose entry was corrupted: the worker
+    computes the context again from the session's tokens (the answer equals a
+    control session's) and says so: a log line and a Watch event."""
+    with WorkerClient(stack.w1.address) as w1:
+        session, control = w1.open(), w1.open()
+        assert turn(w1, session, TURN_1) == turn(w1, control, TURN_1)
+        parked = park(w1, session)
+        with kvstore_channel(stack) as kv:
+            region = kv.Open(kpb.OpenRequest(entry_id=parked.entry_id, secret=session.token),
+                             timeout=RPC_TIMEOUT_S).region
+        with map_region(region, writable=True) as view:
+            view[100] ^= 0xFF
+        assert turn(w1, session, TURN_2) == turn(w1, control, TURN_2), (
+            "a session whose entry was corrupted continued differently")
+        log = stack.w1.log()
+        assert '"restore_recomputes"' in log and parked.entry_id in log, (
+            "the recompute after a corrupted entry was not reported")
+        wait_until(lambda: f"recomputed: entry {parked.entry_id} corrupted"
+                   in worker_admission.log(), 5, "admission to hear of the recompute")
+        w1.close_session(session)
+        w1.close_session(control)
 
 
 def test_readme_park_and_restore_commands(stack):
