@@ -26,8 +26,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.common.errors import (
-    CapacityExhausted,
     Aborted,
+    CapacityExhausted,
     FailedPrecondition,
     InvalidArgument,
     LmxError,

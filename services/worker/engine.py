@@ -285,7 +285,8 @@ class Engine:
 
     def abort_all(self, error: LmxError) -> int:
         """Fail every waiting and running generation with `error` (each
-        session keeps the tokens its caller received). Returns how many."""
+        session keeps the tokens generated, all of them in its caller's stream
+        ahead of the error). Returns how many."""
         if self._step is not None and not self._step.done():
             self._unsafe_step = self._step  # no shrink until it is done (see _resize)
         requests = [*self._waiting, *self._running]

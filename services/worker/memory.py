@@ -65,6 +65,11 @@ class Memory(Protocol):
         cannot be reached (then nobody can be granted them either)."""
         ...
 
+    def loss_handled(self) -> None:
+        """The worker stopped using the memory of its lost leases (it gave it
+        all up): `fresh` and `confirm` stop failing for them."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -110,6 +115,9 @@ class FixedMemory:
     async def confirm(self) -> bool:
         return True
 
+    def loss_handled(self) -> None:
+        pass
+
     async def close(self) -> None:
         self._held = {"weights": 0, "kv": 0}
 
@@ -138,6 +146,10 @@ class AdmissionMemory:
         #: Per purpose: time.monotonic() until which the lease is surely held
         #: (its TTL from when its last grant or renewal was sent).
         self._valid_until: dict[str, float] = {}
+        #: Leases found gone whose memory the worker has not given up yet:
+        #: until it has (loss_handled) or the purpose is granted again, no
+        #: step may run.
+        self._lost_purposes: set[str] = set()
         self.pid = os.getpid()
         self.on_change: Callable[[int], None] | None = None
 
@@ -159,6 +171,7 @@ class AdmissionMemory:
     def _keep(self, purpose: str, lease: pb.Lease, sent_at: float) -> None:
         self._leases[purpose] = lease
         self._valid_until[purpose] = sent_at + lease.ttl_ms / 1000
+        self._lost_purposes.discard(purpose)
         self._changed()
         old = self._keepers.pop(purpose, None)
         if old is not None:
@@ -181,6 +194,7 @@ class AdmissionMemory:
             return
         self._leases.pop(purpose, None)
         self._valid_until.pop(purpose, None)
+        self._lost_purposes.add(purpose)
         keeper = self._keepers.pop(purpose, None)
         if keeper is not None and keeper is not asyncio.current_task():
             keeper.cancel()
@@ -191,9 +205,15 @@ class AdmissionMemory:
 
     def fresh(self) -> bool:
         now = time.monotonic()
-        return all(until > now for until in self._valid_until.values())
+        return not self._lost_purposes and all(until > now
+                                               for until in self._valid_until.values())
+
+    def loss_handled(self) -> None:
+        self._lost_purposes.clear()
 
     async def confirm(self) -> bool:
+        if self._lost_purposes:
+            return False
         now = time.monotonic()
         for purpose, until in list(self._valid_until.items()):
             lease = self._leases.get(purpose)

@@ -23,8 +23,9 @@ wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
 
 - A lost lease (it expired while the worker was frozen, or admission
   restarted and forgot it): the memory may be someone else's now. Every
-  generation ends at once with ABORTED (retryable; each session keeps what
-  its caller received), every session's KV is parked (or dropped, to be
+  generation ends at once with ABORTED (retryable; each session keeps the
+  tokens already in its caller's stream), no step runs until the memory is
+  given up (Memory.fresh), every session's KV is parked (or dropped, to be
   recomputed from its tokens, if it cannot be), the weights go to host
   memory and every lease still held is released: the model is asleep, and
   the next request acquires its memory again like any wake.
@@ -242,6 +243,9 @@ class PressureRelief:
     async def _give_up(self, purpose: str) -> None:
         async with self._lock:
             try:
+                # Anything that came in while the lock was held ends too.
+                self.engine.abort_all(Aborted(
+                    f"this worker's {purpose} lease was lost; retry", reason="LEASE_LOST"))
                 if self.state != "asleep":
                     self._set_state("sleeping")
                     for session in self.sessions.all():
@@ -268,13 +272,14 @@ class PressureRelief:
                 # Asleep either way: the next request acquires the memory
                 # again before anything runs (waking weights already in place
                 # copies nothing).
+                self.memory.loss_handled()
                 self._set_state("asleep")
 
     async def ensure_awake(self) -> None:
         """Before any work on the model: wake it if it sleeps (or is going to,
         unless it serves through its drain)."""
         giving_up = self._giving_up is not None and not self._giving_up.done()
-        if (self.state == "ready" and not giving_up) or self._serving_through():
+        if not giving_up and (self.state == "ready" or self._serving_through()):
             return
         async with self._lock:
             if self.state != "asleep":
