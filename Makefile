@@ -11,7 +11,7 @@ STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 # `make setup TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: setup proto test test-all demo bench bench-worker bench-kvstore bench-seed bench-stack lint clean admission status
+.PHONY: setup proto test test-all demo bench bench-worker bench-kvstore bench-seed bench-stack bench-load test-load lint clean admission status
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,14 @@ bench-kvstore: setup proto
 # make bench-seed BENCH_SEED_ARGS="--turns 5 --max-tokens 32"
 bench-seed: setup proto
 	$(PY) bench/seed_scenario.py $(BENCH_SEED_ARGS)
+
+# Load: 64 sessions across three models on a small simulated device (bounded).
+bench-load: setup proto
+	$(PY) bench/load.py $(BENCH_LOAD_ARGS)
+
+# The same load as a test (marked slow: not in `make test`).
+test-load: setup proto
+	$(PY) -m pytest -q -m slow tests/system/test_load.py
 
 # The stack: lmx up to ready, first tokens, lmx ps, lmx down (default stack file).
 bench-stack: setup proto
