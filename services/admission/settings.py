@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from services.admission.devices import SimulatedDeviceSpec, parse_device_spec
 from services.common import settings as loader
 from services.common.errors import ConfigError
+from services.common.units import parse_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -39,6 +40,8 @@ class AdmissionSettings:
     min_resident_s: float = field(default=0.0, metadata={
         "help": "a model's weights lease granted or grown less than this long ago is not asked "
                 "back (a quantum: fewer swaps between models that take turns, longer waits)"})
+    max_message_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest gRPC message received or sent", "parse": parse_bytes})
     grace_s: float = field(default=5.0, metadata={
         "help": "how long in-flight calls may finish on shutdown"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})

@@ -30,8 +30,8 @@ from services.common.parent import follow_parent
 
 log = structlog.get_logger(__name__)
 
-# 64 MiB: room for later chunked KV transfers; limits for hostile input are
-# per-RPC in the services.
+# 64 MiB by default (--max-message-bytes): room for chunked KV transfers;
+# limits for hostile input are per-RPC in the services.
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -58,10 +58,12 @@ class App(Protocol):
 class Server:
     """Runs one App on one address until asked to stop."""
 
-    def __init__(self, app: App, listen: str, grace_s: float = 5.0):
+    def __init__(self, app: App, listen: str, grace_s: float = 5.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.app = app
         self.listen = listen
         self.grace_s = grace_s
+        self.max_message_bytes = max_message_bytes
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -74,8 +76,8 @@ class Server:
             options=[
                 # A second server on a taken port must fail, not share it.
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
             ],
         )
         self._server = server
@@ -123,9 +125,10 @@ class Server:
         log.info("server_stopped")
 
 
-async def serve(app: App, listen: str, grace_s: float) -> None:
+async def serve(app: App, listen: str, grace_s: float,
+                max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    server = Server(app, listen, grace_s)
+    server = Server(app, listen, grace_s, max_message_bytes)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
@@ -145,7 +148,8 @@ def run_service(service: str, load_settings: Callable[[Sequence[str] | None], An
     try:
         settings = load_settings(argv)
         lmx_logging.configure(settings.log_format, settings.log_level)
-        asyncio.run(serve(make_app(settings), settings.listen, settings.grace_s))
+        asyncio.run(serve(make_app(settings), settings.listen, settings.grace_s,
+                          getattr(settings, "max_message_bytes", MAX_MESSAGE_BYTES)))
     except ConfigError as exc:
         print(f"lmx {service}: error: {exc}", file=sys.stderr)
         return 2

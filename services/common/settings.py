@@ -133,7 +133,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def check_common(settings: Any) -> None:
     """What every service's settings share: listen, grace_s, log_format,
-    log_level. Called from each settings class's __post_init__."""
+    log_level, max_message_bytes. Called from each settings class's __post_init__."""
     from services.common.units import parse_address
 
     try:
@@ -142,6 +142,9 @@ def check_common(settings: Any) -> None:
         raise ConfigError("listen", str(exc)) from None
     if settings.grace_s < 0:
         raise ConfigError("grace_s", "must not be negative")
+    size = getattr(settings, "max_message_bytes", 64 << 20)
+    if not (4 << 10) <= size < (2 << 30):
+        raise ConfigError("max_message_bytes", f"must be within 4KiB..2GiB, got {size}")
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError("log_format", f"unknown format {settings.log_format!r}",
                           fix=" | ".join(LOG_FORMATS))

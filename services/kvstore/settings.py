@@ -63,6 +63,9 @@ class KVStoreSettings:
     export_chunk_bytes: int = field(default=4 << 20, metadata={
         "help": "default chunk size of Export", "parse": parse_bytes})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
+    max_message_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest gRPC message received or sent (Import's chunks must fit)",
+        "parse": parse_bytes})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 

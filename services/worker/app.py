@@ -182,7 +182,8 @@ class WorkerApp:
             pinned=settings.pin_model, min_awake_s=settings.min_awake_s,
             on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
         self.engine.on_kv_short = self.pressure.kv_short
-        self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure)
+        self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure,
+                               max_prompt_chars=settings.max_prompt_chars)
         if self.device.type == "cuda":
             await self._measure_workspace()
         self._set_state("ready")

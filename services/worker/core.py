@@ -17,6 +17,7 @@ from services.worker.pressure import PressureRelief
 from services.worker.sampling import SamplingParams
 from services.worker.sessions import Session, SessionTable
 
+#: Default longest prompt or message (characters): --max-prompt-chars.
 MAX_PROMPT_CHARS = 1_000_000
 #: How long a Generate waits for its session to finish moving (park/restore).
 MOVING_WAIT_S = 60.0
@@ -33,8 +34,10 @@ class OpenedSession:
 
 class WorkerCore:
     def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
-                 parking: Parking | None = None, pressure: PressureRelief | None = None):
+                 parking: Parking | None = None, pressure: PressureRelief | None = None,
+                 max_prompt_chars: int = MAX_PROMPT_CHARS):
         self.loaded = loaded
+        self.max_prompt_chars = max_prompt_chars
         self.engine = engine
         self.sessions = sessions
         self.parking = parking or Parking(loaded, engine, sessions, None)
@@ -102,15 +105,17 @@ class WorkerCore:
             raise InvalidArgument("input", "give either a prompt or a message")
         if prompt is not None and not prompt:
             raise InvalidArgument("prompt", "must not be empty")
-        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidArgument("prompt", f"at most {MAX_PROMPT_CHARS} characters")
+        if prompt is not None and len(prompt) > self.max_prompt_chars:
+            raise InvalidArgument("prompt", f"at most {self.max_prompt_chars} characters "
+                                            "(--max-prompt-chars)")
         if message is not None:
             if message.get("role") != "user":
                 raise InvalidArgument("message.role", "a turn to answer must be role 'user'")
             if not message.get("content"):
                 raise InvalidArgument("message.content", "must not be empty")
-            if len(message["content"]) > MAX_PROMPT_CHARS:
-                raise InvalidArgument("message.content", f"at most {MAX_PROMPT_CHARS} characters")
+            if len(message["content"]) > self.max_prompt_chars:
+                raise InvalidArgument("message.content", f"at most {self.max_prompt_chars} "
+                                                         "characters (--max-prompt-chars)")
         # Being parked (memory pressure, or a ParkSession): wait, then restore.
         await self._still(session)
         async with self._awake():

@@ -51,6 +51,10 @@ class WorkerSettings:
     max_batch: int = field(default=64, metadata={"help": "sessions per decode step"})
     max_prefill_tokens: int = field(default=2048, metadata={"help": "prompt tokens per step"})
     max_sessions: int = field(default=1024, metadata={"help": "open sessions at most"})
+    max_prompt_chars: int = field(default=1_000_000, metadata={
+        "help": "longest prompt or chat message, in characters (longer is INVALID_ARGUMENT)"})
+    max_message_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest gRPC message received or sent", "parse": parse_bytes})
     max_context: int = field(default=0, metadata={
         "help": "cap on a session's context (0: the model's window)"})
     lease_ttl_s: float = field(default=10.0, metadata={"help": "TTL of the worker's leases"})
@@ -112,7 +116,7 @@ class WorkerSettings:
             raise ConfigError("device", f"unknown device {self.device!r}",
                               fix="auto, cpu, cuda or cuda:N")
         for name in ("block_size", "kv_chunk_bytes", "max_batch", "max_prefill_tokens",
-                     "max_sessions", "budget"):
+                     "max_sessions", "budget", "max_prompt_chars"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")
         if self.max_context < 0:

@@ -509,3 +509,15 @@ def test_a_growth_waiting_when_its_lease_expires_fails_and_leaves_the_queue(admi
     assert not snap.waiters, "the failed growth is still queued"
     assert snap.devices[0].leased_bytes == 6 * GiB
     release(admission, big)
+
+
+def test_a_message_over_max_message_bytes_is_refused_and_the_server_serves_on(start_admission):
+    """--max-message-bytes: a request over it is RESOURCE_EXHAUSTED from gRPC
+    itself, before any handler; the server answers the next call."""
+    server = start_admission("--device", "cpu:0=1GiB", "--max-message-bytes", "64KiB")
+    with grpc.insecure_channel(server.address) as channel:
+        big = pb.ReleaseRequest(lease_id="x" * (100 << 10))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub(channel).Release(big, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        assert stub(channel).Status(pb.StatusRequest(), timeout=5).devices

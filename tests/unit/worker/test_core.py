@@ -177,3 +177,31 @@ def test_chat_turn_after_a_stopped_answer_keeps_the_conversation(tiny):
     assert isinstance(events[-1], Finished), f"the next turn should finish: {events[-1]}"
     assert [m["role"] for m in after] == ["user", "assistant", "user", "assistant"], (
         f"messages after the second turn: {after}")
+
+
+def test_the_prompt_limit_is_a_setting(tiny):
+    """--max-prompt-chars: a prompt or message over it is INVALID_ARGUMENT
+    naming the field and the setting; at the limit it is taken."""
+    from services.common.errors import ConfigError
+    from services.worker.settings import WorkerSettings
+
+    async def scenario(core):
+        core.max_prompt_chars = 12
+        session = core.open_session().session
+        for kwargs, field in ((dict(prompt="x" * 13), "prompt"),
+                              (dict(message={"role": "user", "content": "y" * 13}),
+                               "message.content")):
+            with pytest.raises(InvalidArgument) as caught:
+                async for _ in core.generate(session.session_id, session.token,
+                                             SamplingParams(max_tokens=1), **kwargs):
+                    pass
+            assert caught.value.field == field and "--max-prompt-chars" in caught.value.message
+        async for _ in core.generate(session.session_id, session.token,
+                                     SamplingParams(max_tokens=1), prompt="z" * 12):
+            pass
+
+    run(tiny, scenario)
+    with pytest.raises(ConfigError):
+        WorkerSettings(model="smollm2-135m", max_prompt_chars=0)
+    with pytest.raises(ConfigError):
+        WorkerSettings(model="smollm2-135m", max_message_bytes=100)
