@@ -1,6 +1,8 @@
 """Starts the stack's services as child processes, in order (admission, the
 kvstore, then the workers), waits for each to report SERVING through gRPC
-health, restarts one that exits with a backoff, and stops them all (workers
+health, restarts one that exits with a backoff (and kills, to restart it,
+one that stops answering its health check for `hung_after_s`: frozen,
+deadlocked), and stops them all (workers
 first, admission last) on stop(): no orphan (each child also follows this
 process through LMX_PARENT_PID) and no shared memory left behind.
 
@@ -32,6 +34,11 @@ log = structlog.get_logger(__name__)
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
+#: A serving child's health is probed this often; one that has not answered
+#: for hung_after_s is killed and restarted.
+HEALTH_EVERY_S = 5.0
+HEALTH_TIMEOUT_S = 2.0
+HUNG_AFTER_S = 60.0
 
 
 class StackError(Exception):
@@ -48,6 +55,8 @@ class Child:
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
     state: str = "stopped"     # starting | serving | restarting | stopped | failed
+    last_healthy: float = 0.0
+    last_probe: float = 0.0
 
 
 @dataclass
@@ -55,6 +64,8 @@ class Supervisor:
     stack: StackConfig
     log_dir: Path
     start_timeout_s: float = 600.0
+    hung_after_s: float = HUNG_AFTER_S
+    health_every_s: float = HEALTH_EVERY_S
     on_event: Callable[[str, str], None] = lambda name, what: None
     children: dict[str, Child] = field(default_factory=dict)
 
@@ -122,6 +133,7 @@ class Supervisor:
             raise StackError(f"{child.spec.name} did not start: {exc}; its log ends:\n"
                              + tail(child.log_path)) from None
         child.state = "serving"
+        child.last_healthy = child.last_probe = time.monotonic()
         self.on_event(child.spec.name, f"serving on {child.spec.listen}")
 
     # ---- run ----
@@ -141,7 +153,10 @@ class Supervisor:
                 if child.state == "starting" and child.process is not None:
                     if probe_serving(child.spec.listen, child.spec.health_service):
                         child.state = "serving"
+                        child.last_healthy = child.last_probe = now
                         self.on_event(child.spec.name, f"serving again on {child.spec.listen}")
+                elif child.state == "serving" and child.process is not None:
+                    self._check_health(child, now)
                 if child.state == "serving" and now - child.started_at > STABLE_AFTER_S:
                     child.backoff_s = BACKOFF_START_S
                 continue
@@ -153,6 +168,28 @@ class Supervisor:
             log.warning("service_exited", service=child.spec.name, code=code,
                         restart_in_s=child.backoff_s)
             child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
+
+    def _check_health(self, child: Child, now: float) -> None:
+        """A serving child that has not answered its health check for
+        hung_after_s is killed; the next look restarts it like any exit."""
+        if now - child.last_probe < self.health_every_s:
+            return
+        child.last_probe = now
+        if probe_serving(child.spec.listen, child.spec.health_service, HEALTH_TIMEOUT_S):
+            child.last_healthy = now
+            return
+        silent = now - child.last_healthy
+        if silent < self.hung_after_s:
+            return
+        self.on_event(child.spec.name, f"not answering its health check for {silent:.0f} s; "
+                                       "killing it to restart it")
+        log.warning("service_hung", service=child.spec.name, silent_s=round(silent, 1),
+                    pid=child.process.pid)
+        child.process.kill()
+        try:
+            child.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
     def run(self, poll_s: float = 0.5) -> None:
         """Supervise until stop() is called (from a signal handler, say)."""
@@ -237,9 +274,9 @@ def model_problem(model: str) -> str:
             "directory (config.json, weights, tokenizer)")
 
 
-def probe_serving(address: str, service: str) -> bool:
+def probe_serving(address: str, service: str, timeout_s: float = 0.2) -> bool:
     try:
-        wait_serving(address, service, timeout_s=0.2)
+        wait_serving(address, service, timeout_s=timeout_s)
     except (RuntimeError, TimeoutError, OSError):
         return False
     return True
