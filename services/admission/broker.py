@@ -15,6 +15,7 @@ import structlog
 
 from services.admission.devices import DeviceSource
 from services.admission.events import EventBus, Published
+from services.admission.lease_secrets import LeaseSecrets
 from services.admission.ledger import (
     DeviceView,
     Event,
@@ -59,6 +60,9 @@ class Broker:
         self.sweep_interval_s = sweep_interval_s
         self.poll_interval_s = poll_interval_s
         self._over_lease: dict[str, dict[int, int]] = {}
+        #: Secrets of the leases acquired with one (services/admission/lease_secrets.py).
+        self.secrets = LeaseSecrets()
+        self._waiter_secrets: dict[Waiter, str] = {}
         self._futures: dict[Waiter, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self._clock = ledger.clock
@@ -83,15 +87,24 @@ class Broker:
     # ---- requests --------------------------------------------------------
     async def acquire(self, holder: Holder, num_bytes: int, purpose: Purpose, *,
                       device: str | None = None, priority: int = 0, ttl_s: float = 0.0,
-                      wait_s: float = 0.0) -> Lease:
+                      wait_s: float = 0.0, secret: str = "") -> Lease:
         self._check_wait(wait_s)
+        self.secrets.validate(secret)
         waiter = self.ledger.acquire(holder, num_bytes, purpose, device, priority, ttl_s,
                                      wait=wait_s > 0)
-        return await self._settle(waiter, wait_s)
+        if secret:
+            # Remembered when the grant is settled, before its events go out
+            # (_publish): no one who sees the lease can touch it first.
+            self._waiter_secrets[waiter] = secret
+        try:
+            return await self._settle(waiter, wait_s)
+        finally:
+            self._waiter_secrets.pop(waiter, None)
 
     async def resize(self, lease_id: str, epoch: int, num_bytes: int, *,
-                     wait_s: float = 0.0) -> Lease:
+                     wait_s: float = 0.0, secret: str = "") -> Lease:
         self._check_wait(wait_s)
+        self.secrets.check(lease_id, secret)
         try:
             result = self.ledger.resize(lease_id, epoch, num_bytes, wait=wait_s > 0)
         except LmxError:
@@ -102,13 +115,15 @@ class Broker:
             return result
         return await self._settle(result, wait_s)
 
-    def release(self, lease_id: str, epoch: int) -> Lease:
+    def release(self, lease_id: str, epoch: int, secret: str = "") -> Lease:
+        self.secrets.check(lease_id, secret)
         try:
             return self.ledger.release(lease_id, epoch)
         finally:  # also when it failed because the lease just expired
             self._publish()
 
-    def renew(self, lease_id: str, epoch: int) -> Lease:
+    def renew(self, lease_id: str, epoch: int, secret: str = "") -> Lease:
+        self.secrets.check(lease_id, secret)
         try:
             return self.ledger.renew(lease_id, epoch)
         finally:
@@ -190,6 +205,9 @@ class Broker:
 
     def _publish(self) -> None:
         for waiter in self.ledger.drain_settled():
+            secret = self._waiter_secrets.pop(waiter, "")
+            if secret and waiter.lease is not None:
+                self.secrets.remember(waiter.lease.lease_id, secret)
             future = self._futures.get(waiter)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -208,6 +226,7 @@ class Broker:
             await asyncio.sleep(self.sweep_interval_s)
             self.ledger.expire_due()
             self.registry.expire_due()
+            self.secrets.keep_only(lease.lease_id for lease in self.ledger.leases())
             for ask in self.reclaimer.overdue():
                 self.bus.publish(Event(EventKind.RECLAIM_OVERDUE, ask.device, lease=ask.lease,
                                        detail=ask))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ class AdmissionClient:
         self.timeout_s = timeout_s
         self._channel = grpc.aio.insecure_channel(address)
         self.stub = admission_pb2_grpc.AdmissionServiceStub(self._channel)
+        #: The secret of each lease this client acquired (see AcquireRequest.secret):
+        #: every lease it acquires gets a random one, given again on each
+        #: Resize, Release and Renew of it.
+        self._secrets: dict[str, str] = {}
 
     async def __aenter__(self) -> AdmissionClient:
         return self
@@ -79,27 +84,38 @@ class AdmissionClient:
     async def acquire(self, holder: str, num_bytes: int, purpose: str = "other", *,
                       device: str = "", priority: int = 0, wait_s: float = 0.0,
                       ttl_s: float = 0.0, pid: int | None = None) -> pb.Lease:
+        secret = secrets.token_urlsafe(24)
         request = pb.AcquireRequest(
             holder=pb.Holder(name=holder, pid=os.getpid() if pid is None else pid),
             device=device, bytes=num_bytes, purpose=PURPOSES[purpose], priority=priority,
-            wait_ms=round(wait_s * 1000), ttl_ms=round(ttl_s * 1000))
+            wait_ms=round(wait_s * 1000), ttl_ms=round(ttl_s * 1000), secret=secret)
         response = await self.stub.Acquire(request, timeout=self.timeout_s + wait_s)
+        self._secrets[response.lease.lease_id] = secret
         return response.lease
 
     async def resize(self, lease: pb.Lease, num_bytes: int, *, wait_s: float = 0.0) -> pb.Lease:
         response = await self.stub.Resize(
             pb.ResizeRequest(lease_id=lease.lease_id, epoch=lease.epoch, bytes=num_bytes,
-                             wait_ms=round(wait_s * 1000)), timeout=self.timeout_s + wait_s)
+                             wait_ms=round(wait_s * 1000),
+                             secret=self._secrets.get(lease.lease_id, "")),
+            timeout=self.timeout_s + wait_s)
         return response.lease
 
     async def release(self, lease: pb.Lease) -> int:
-        response = await self.stub.Release(
-            pb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch), timeout=self.timeout_s)
+        try:
+            response = await self.stub.Release(
+                pb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch,
+                                  secret=self._secrets.get(lease.lease_id, "")),
+                timeout=self.timeout_s)
+        finally:   # released, or gone already: the secret serves no more
+            self._secrets.pop(lease.lease_id, None)
         return response.released_bytes
 
     async def renew(self, lease: pb.Lease) -> pb.Lease:
         response = await self.stub.Renew(
-            pb.RenewRequest(lease_id=lease.lease_id, epoch=lease.epoch), timeout=self.timeout_s)
+            pb.RenewRequest(lease_id=lease.lease_id, epoch=lease.epoch,
+                            secret=self._secrets.get(lease.lease_id, "")),
+            timeout=self.timeout_s)
         return response.lease
 
     async def register_worker(self, info: pb.WorkerInfo, ttl_s: float) -> None:

@@ -169,20 +169,20 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             holder_from_pb(request.holder, request.HasField("holder")), request.bytes,
             purpose_from_pb(request.purpose), device=request.device or None,
             priority=request.priority, ttl_s=request.ttl_ms / 1000,
-            wait_s=request.wait_ms / 1000)
+            wait_s=request.wait_ms / 1000, secret=request.secret)
         return pb.AcquireResponse(lease=lease_to_pb(lease, self.broker.ledger.clock()))
 
     async def Resize(self, request: pb.ResizeRequest, context) -> pb.ResizeResponse:
         lease = await self.broker.resize(request.lease_id, request.epoch, request.bytes,
-                                         wait_s=request.wait_ms / 1000)
+                                         wait_s=request.wait_ms / 1000, secret=request.secret)
         return pb.ResizeResponse(lease=lease_to_pb(lease, self.broker.ledger.clock()))
 
     async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
-        lease = self.broker.release(request.lease_id, request.epoch)
+        lease = self.broker.release(request.lease_id, request.epoch, request.secret)
         return pb.ReleaseResponse(released_bytes=lease.bytes)
 
     async def Renew(self, request: pb.RenewRequest, context) -> pb.RenewResponse:
-        lease = self.broker.renew(request.lease_id, request.epoch)
+        lease = self.broker.renew(request.lease_id, request.epoch, request.secret)
         return pb.RenewResponse(lease=lease_to_pb(lease, self.broker.ledger.clock()))
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:

@@ -521,3 +521,35 @@ def test_a_message_over_max_message_bytes_is_refused_and_the_server_serves_on(st
             stub(channel).Release(big, timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
         assert stub(channel).Status(pb.StatusRequest(), timeout=5).devices
+
+
+def test_a_lease_acquired_with_a_secret_needs_it_to_be_touched(admission):
+    """Lease ids and epochs are public (Status); a lease acquired with a
+    secret cannot be resized, renewed or released without it."""
+    with grpc.insecure_channel(admission.address) as channel:
+        lease = stub(channel).Acquire(acquire_request(1 << 20, secret="s3cret-1"),
+                                      timeout=5).lease
+        listed = stub(channel).Status(pb.StatusRequest(), timeout=5)
+        assert "s3cret" not in str(listed), "Status shows a lease's secret"
+        public = next(item for item in listed.leases if item.lease_id == lease.lease_id)
+        for wrong in ("", "guess"):
+            for call, request in (
+                    (stub(channel).Release, pb.ReleaseRequest(lease_id=public.lease_id,
+                                                              epoch=public.epoch, secret=wrong)),
+                    (stub(channel).Renew, pb.RenewRequest(lease_id=public.lease_id,
+                                                          epoch=public.epoch, secret=wrong)),
+                    (stub(channel).Resize, pb.ResizeRequest(lease_id=public.lease_id,
+                                                            epoch=public.epoch, bytes=1,
+                                                            secret=wrong))):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(request, timeout=5)
+                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value
+        assert stub(channel).Renew(pb.RenewRequest(lease_id=lease.lease_id, epoch=lease.epoch,
+                                                   secret="s3cret-1"), timeout=5).lease.bytes
+        released = stub(channel).Release(pb.ReleaseRequest(
+            lease_id=lease.lease_id, epoch=lease.epoch, secret="s3cret-1"), timeout=5)
+        assert released.released_bytes == 1 << 20
+        # A lease acquired without one stays open, as before.
+        open_lease = stub(channel).Acquire(acquire_request(1 << 20), timeout=5).lease
+        stub(channel).Release(pb.ReleaseRequest(lease_id=open_lease.lease_id,
+                                                epoch=open_lease.epoch), timeout=5)
