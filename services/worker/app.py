@@ -186,6 +186,8 @@ class WorkerApp:
                                max_prompt_chars=settings.max_prompt_chars)
         if self.device.type == "cuda":
             await self._measure_workspace()
+        if self.kvstore is not None:
+            await self._find_orphans(parking)
         self._set_state("ready")
         if self.admission is not None:
             self._reclaim_task = asyncio.create_task(self._reclaim_loop(), name="reclaims")
@@ -337,6 +339,13 @@ class WorkerApp:
         return Relief(moved * streamer.layer_bytes,
                       f"streaming {moved} more layers ({streamer.info().resident_fraction:.0%} "
                       "resident)")
+
+    async def _find_orphans(self, parking: Parking) -> None:
+        """Sessions this worker id parked in an earlier run come back on use."""
+        try:
+            await asyncio.wait_for(parking.find_orphans(), 5.0)
+        except (LmxError, TimeoutError) as exc:
+            log.warning("parked_sessions_unknown", error=getattr(exc, "message", "timed out"))
 
     def _lease_lost(self, purpose: str) -> None:
         """A lease of this worker is gone in admission's book: stop using the

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.worker.engine import Delta, Engine, Failed, Finished
 from services.worker.models import LoadedModel
 from services.worker.parking import Parked, Parking, Restored
@@ -75,9 +75,20 @@ class WorkerCore:
         session = self.sessions.open(chat_template, system_prompt)
         return OpenedSession(session, self.loaded.name, self.loaded.max_context, chat)
 
+    async def _session(self, session_id: str, token: str) -> Session:
+        """The session; one that a previous run of this worker parked (it was
+        restarted on the same address) is brought back under its id first."""
+        try:
+            return self.sessions.get(session_id, token)
+        except NotFound:
+            if not token or self.parking.orphan_entry(session_id) is None:
+                raise
+        async with self._awake():
+            return await self.parking.adopt_orphan(session_id, token)
+
     async def close_session(self, session_id: str, token: str) -> int:
         """Close a session (waiting for a park or restore of it to finish)."""
-        await self._still(self.sessions.get(session_id, token))
+        await self._still(await self._session(session_id, token))
         session = self.sessions.close(session_id, token)
         freed = self.engine.pool.length(session_id)
         self.engine.drop_session(session)
@@ -85,7 +96,7 @@ class WorkerCore:
         return freed
 
     async def park_session(self, session_id: str, token: str) -> Parked:
-        return await self.parking.park(self.sessions.get(session_id, token))
+        return await self.parking.park(await self._session(session_id, token))
 
     async def restore_session(self, entry_id: str, token: str) -> Restored:
         if not entry_id:
@@ -100,7 +111,7 @@ class WorkerCore:
                        message: dict[str, str] | None = None) -> AsyncIterator[Delta | Finished]:
         """Stream the answer. If the caller stops iterating (cancels), the
         generation stops and the session keeps only what was yielded."""
-        session = self.sessions.get(session_id, token)
+        session = await self._session(session_id, token)
         if (prompt is None) == (message is None):
             raise InvalidArgument("input", "give either a prompt or a message")
         if prompt is not None and not prompt:

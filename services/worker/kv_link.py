@@ -114,6 +114,15 @@ class KVStoreLink:
         return OpenedEntry(entry_id, layout, list(entry.token_ids), entry.metadata,
                            opened.region, entry.checksum)
 
+    async def list_own(self) -> list[tuple[str, str, str]]:
+        """(entry id, session id, state) of every entry this owner parked."""
+        try:
+            listed = await self.stub.ListEntries(pb.ListEntriesRequest(owner=self.owner),
+                                                 timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, "") from None
+        return [(e.entry_id, e.session_id, e.state) for e in listed.entries]
+
     async def delete(self, entry_id: str, secret: str) -> None:
         """Best effort: a failure is logged (the entry stays until deleted)."""
         try:

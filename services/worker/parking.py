@@ -73,6 +73,10 @@ class Parking:
         self.model_version = model_version(loaded)
         self.transfer = KVTransfer(engine.storage)
         self._deletes: set[asyncio.Task] = set()
+        #: Sessions a previous run of this worker (same worker id, the
+        #: kvstore's owner) parked: session id -> entry id. The first request
+        #: with such a session id and its token brings it back (adopt).
+        self._orphans: dict[str, str] = {}
         #: (kind, session_id, bytes, seconds, reason) after each park and restore.
         self.on_activity: Callable[[str, str, int, float, str], None] | None = None
 
@@ -133,9 +137,38 @@ class Parking:
                        time.perf_counter() - started, reason)
         return Parked(entry_id, len(slots), freed)
 
-    async def restore(self, entry_id: str, token: str) -> Restored:
-        """The entry into a new session (keeping the token); the entry is then
-        deleted, and a session of this worker parked in it goes away."""
+    # ---- a previous run's parked sessions ----
+    async def find_orphans(self) -> int:
+        """At start: the entries this worker id parked before (a crash and a
+        restart on the same address); their sessions come back on use."""
+        if self.link is None:
+            return 0
+        entries = await self.link.list_own()
+        for entry_id, session_id, state in entries:
+            if state in ("ready", "spilled") and session_id:
+                self._orphans.setdefault(session_id, entry_id)
+        if self._orphans:
+            log.info("parked_sessions_found", sessions=len(self._orphans),
+                     owner=self.link.owner)
+        return len(self._orphans)
+
+    def orphan_entry(self, session_id: str) -> str | None:
+        return self._orphans.get(session_id)
+
+    async def adopt_orphan(self, session_id: str, token: str) -> Session:
+        """A session a previous run of this worker parked, back under its own
+        id (the kvstore checks the token against the entry's secret)."""
+        entry_id = self._orphans[session_id]
+        restored = await self.restore(entry_id, token, session_id=session_id)
+        self._orphans.pop(session_id, None)
+        log.info("session_adopted", session_id=session_id, entry_id=entry_id,
+                 tokens=restored.num_tokens)
+        return restored.session
+
+    async def restore(self, entry_id: str, token: str, session_id: str | None = None) -> Restored:
+        """The entry into a new session (keeping the token, and `session_id`
+        when given); the entry is then deleted, and a session of this worker
+        parked in it goes away."""
         link = self._link()
         started = time.perf_counter()
         fetched = await link.open(entry_id, token)
@@ -148,7 +181,8 @@ class Parking:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FailedPrecondition(f"entry {entry_id!r} has unreadable metadata ({exc})",
                                      "BAD_METADATA") from None
-        session = self.sessions.adopt(token, template, messages, fetched.token_ids)
+        session = self.sessions.adopt(token, template, messages, fetched.token_ids,
+                                      session_id=session_id)
         try:
             await self._fill(session, fetched)
         except BaseException:

@@ -66,12 +66,13 @@ class SessionTable:
         return session
 
     def adopt(self, token: str, chat_template: str | None, messages: list[dict[str, str]],
-              tokens: list[int]) -> Session:
-        """A new session for a restored context, keeping its token."""
+              tokens: list[int], session_id: str | None = None) -> Session:
+        """A new session for a restored context, keeping its token (and its id,
+        when given: a session this worker's previous run parked)."""
         if len(self._sessions) >= self.max_sessions:
             raise FailedPrecondition(f"this worker holds its maximum of {self.max_sessions} "
                                      "sessions; close one first", reason="TOO_MANY_SESSIONS")
-        session = Session(f"sess-{secrets.token_hex(8)}", token, chat_template,
+        session = Session(session_id or f"sess-{secrets.token_hex(8)}", token, chat_template,
                           messages=list(messages), tokens=list(tokens))
         self._sessions[session.session_id] = session
         return session

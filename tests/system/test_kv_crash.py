@@ -243,3 +243,39 @@ def test_kvstore_restarts_keep_parked_sessions(processes, admission):
             f"the restarted kvstore did not keep {entry.entry_id} in its spill dir; "
             f"log:\n{kvstore.log()[-3000:]}")
         restore_and_compare(client, entry, session.token, chat, first)
+
+
+def test_a_worker_restarted_on_its_address_brings_back_the_sessions_it_parked(processes,
+                                                                               admission):
+    """Killed (SIGKILL) and started again on the same address (as `lmx up`
+    does), a worker has the same id, the kvstore's owner of what it parked: a
+    session it had parked answers its next turn under its old id, token for
+    token like a control; a wrong token is refused."""
+    start_kvstore, start_worker = processes
+    kvstore = start_kvstore()
+    listen = ("--listen", f"127.0.0.1:{free_port()}")
+    w1 = start_worker("w1", admission.address, kvstore.address, *listen)
+    chat = CHATS[0]
+    with WorkerClient(w1.address) as c1:
+        session = c1.open()
+        first = turn(c1, session, chat[0])
+        park(c1, session)
+    w1.proc.kill()
+    w1.proc.wait(10)
+
+    w2 = start_worker("w2", admission.address, kvstore.address, *listen)
+    assert w2.address == w1.address
+    with WorkerClient(w2.address) as c2:
+        error, _ = rpc_error(c2.stub.Generate, wpb.GenerateRequest(
+            session_id=session.session_id, token="not-the-token",
+            message=wpb.ChatMessage(role=chat[1][0], content=chat[1][1]),
+            sampling=wpb.SamplingParams(max_tokens=MAX_TOKENS)))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+        continued = turn(c2, session, chat[1])
+        control = c2.open()
+        assert turn(c2, control, chat[0]) == first, "a control answered differently"
+        assert continued == turn(c2, control, chat[1]), (
+            "the session brought back continued differently from the control")
+        c2.close_session(session)
+        c2.close_session(control)
+    assert '"session_adopted"' in w2.log()
