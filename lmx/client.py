@@ -29,6 +29,7 @@ from lmx.v1 import admission_pb2 as apb
 from lmx.v1 import admission_pb2_grpc
 from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
+from services.common import transport
 
 DEFAULT_ADMISSION = "127.0.0.1:50051"
 
@@ -228,7 +229,7 @@ class Client:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = grpc.insecure_channel(address)
+                channel = self._channels[address] = transport.channel(address)
             return channel
 
     def _admission(self) -> admission_pb2_grpc.AdmissionServiceStub:

@@ -19,6 +19,7 @@ from lmx.v1 import admission_pb2
 from lmx.v1 import worker_pb2 as pb
 from lmx.v1 import worker_pb2_grpc
 from services.admission.client import AdmissionClient, error_details
+from services.common import transport
 
 
 async def find_worker(admission_address: str, model: str) -> str:
@@ -58,7 +59,7 @@ async def _turn(stub, session: pb.OpenSessionResponse, text: str, args, out) -> 
 
 async def chat(args, out=sys.stdout) -> int:
     address = args.worker or await find_worker(args.admission, args.model)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with transport.aio_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         session = await stub.OpenSession(pb.OpenSessionRequest(
             model=args.model if not args.worker else "", system_prompt=args.system or ""))

@@ -16,6 +16,7 @@ import grpc
 
 from lmx.v1 import admission_pb2 as pb
 from lmx.v1 import admission_pb2_grpc
+from services.common import transport
 
 ACTIVITY_NAMES = {
     pb.WorkerActivity.KIND_SESSION_PARKED: "park",
@@ -74,7 +75,7 @@ class Recorder:
             thread.join(5)
 
     def _sample_loop(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with transport.channel(self.address) as channel:
             stub = admission_pb2_grpc.AdmissionServiceStub(channel)
             while not self._stop.is_set():
                 try:
@@ -94,7 +95,7 @@ class Recorder:
                 self._stop.wait(self.interval_s)
 
     def _watch_loop(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with transport.channel(self.address) as channel:
             stub = admission_pb2_grpc.AdmissionServiceStub(channel)
             self._watch_call = stub.Watch(pb.WatchRequest())
             try:

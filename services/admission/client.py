@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from lmx.v1 import admission_pb2 as pb
 from lmx.v1 import admission_pb2_grpc
+from services.common import transport
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ class AdmissionClient:
     def __init__(self, address: str, *, timeout_s: float = 30.0):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = transport.aio_channel(address)
         self.stub = admission_pb2_grpc.AdmissionServiceStub(self._channel)
         #: The secret of each lease this client acquired (see AcquireRequest.secret):
         #: every lease it acquires gets a random one, given again on each

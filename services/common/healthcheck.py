@@ -15,13 +15,15 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import transport
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def check(address: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool, str]:
     """One Check call: (serving, a one-line message)."""
     label = f"{service or 'server'} at {address}"
-    with grpc.insecure_channel(address) as channel:
+    with transport.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import transport
 from services.common.parent import child_env
 
 
@@ -30,7 +31,7 @@ def wait_serving(address: str, service: str, timeout_s: float = 30.0,
                  process: subprocess.Popen | None = None) -> None:
     """Poll the standard health check until `service` is SERVING."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with transport.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process is not None and process.poll() is not None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common import logging as lmx_logging
 from services.common.errors import ConfigError, LmxError
 from services.common.interceptors import ErrorMappingInterceptor
+from services.common.transport import TokenInterceptor, read_token, server_credentials
 from services.common.parent import follow_parent
 
 log = structlog.get_logger(__name__)
@@ -59,11 +61,15 @@ class Server:
     """Runs one App on one address until asked to stop."""
 
     def __init__(self, app: App, listen: str, grace_s: float = 5.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 credentials: grpc.ServerCredentials | None = None, token: str = ""):
         self.app = app
         self.listen = listen
         self.grace_s = grace_s
         self.max_message_bytes = max_message_bytes
+        #: TLS (None: plaintext) and the bearer token every lmx RPC needs ("": none).
+        self.credentials = credentials
+        self.token = token
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -71,8 +77,11 @@ class Server:
 
     async def start(self) -> int:
         """Bind, get ready, turn health SERVING. Returns the bound port."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+        if self.token:
+            interceptors.insert(0, TokenInterceptor(self.token))
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=[
                 # A second server on a taken port must fail, not share it.
                 ("grpc.so_reuseport", 0),
@@ -90,7 +99,8 @@ class Server:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
         try:
-            port = server.add_insecure_port(self.listen)
+            port = (server.add_secure_port(self.listen, self.credentials) if self.credentials
+                    else server.add_insecure_port(self.listen))
         except RuntimeError as exc:
             raise ConfigError("listen", f"cannot listen on {self.listen}: {exc}",
                               fix="is another server using that port? pass --listen HOST:PORT") from None
@@ -99,11 +109,16 @@ class Server:
                               fix="is another server using that port? pass --listen HOST:PORT")
         self.port = port
         await server.start()
-        host = self.listen.rpartition(":")[0]
-        await self.app.start(f"{host}:{port}")
+        if self.listen.startswith("unix:"):
+            address = self.listen
+            # Owner-only, like the shared memory: other users cannot connect.
+            os.chmod(self.listen[len("unix:"):], 0o600)
+        else:
+            address = f"{self.listen.rpartition(':')[0]}:{port}"
+        await self.app.start(address)
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server_ready", services=names, address=f"{host}:{port}")
+        log.info("server_ready", services=names, address=address)
         return port
 
     def request_stop(self) -> None:
@@ -126,9 +141,10 @@ class Server:
 
 
 async def serve(app: App, listen: str, grace_s: float,
-                max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                max_message_bytes: int = MAX_MESSAGE_BYTES,
+                credentials: grpc.ServerCredentials | None = None, token: str = "") -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    server = Server(app, listen, grace_s, max_message_bytes)
+    server = Server(app, listen, grace_s, max_message_bytes, credentials, token)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
@@ -148,8 +164,13 @@ def run_service(service: str, load_settings: Callable[[Sequence[str] | None], An
     try:
         settings = load_settings(argv)
         lmx_logging.configure(settings.log_format, settings.log_level)
+        credentials = server_credentials(getattr(settings, "tls_cert", ""),
+                                         getattr(settings, "tls_key", ""))
+        token_file = getattr(settings, "auth_token_file", "")
+        token = read_token(token_file) if token_file else ""
         asyncio.run(serve(make_app(settings), settings.listen, settings.grace_s,
-                          getattr(settings, "max_message_bytes", MAX_MESSAGE_BYTES)))
+                          getattr(settings, "max_message_bytes", MAX_MESSAGE_BYTES),
+                          credentials, token))
     except ConfigError as exc:
         print(f"lmx {service}: error: {exc}", file=sys.stderr)
         return 2

@@ -142,6 +142,11 @@ def check_common(settings: Any) -> None:
         raise ConfigError("listen", str(exc)) from None
     if settings.grace_s < 0:
         raise ConfigError("grace_s", "must not be negative")
+    from services.common.transport import read_token, server_credentials
+
+    server_credentials(getattr(settings, "tls_cert", ""), getattr(settings, "tls_key", ""))
+    if getattr(settings, "auth_token_file", ""):
+        read_token(settings.auth_token_file)
     size = getattr(settings, "max_message_bytes", 64 << 20)
     if not (4 << 10) <= size < (2 << 30):
         raise ConfigError("max_message_bytes", f"must be within 4KiB..2GiB, got {size}")

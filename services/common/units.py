@@ -39,7 +39,13 @@ def format_bytes(num: int) -> str:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """'127.0.0.1:50051' -> ('127.0.0.1', 50051); '[::1]:50051' too."""
+    """'127.0.0.1:50051' -> ('127.0.0.1', 50051); '[::1]:50051' too; a unix
+    socket 'unix:/run/lmx/admission.sock' -> ('unix:/run/lmx/admission.sock', 0)."""
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/") or len(path) > 100:
+            raise ValueError(f"not unix:/ABSOLUTE/PATH (at most 100 characters): {text!r}")
+        return text, 0
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"not HOST:PORT: {text!r}")

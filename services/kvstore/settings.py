@@ -66,6 +66,12 @@ class KVStoreSettings:
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message received or sent (Import's chunks must fit)",
         "parse": parse_bytes})
+    tls_cert: str = field(default="", metadata={
+        "help": "serve TLS with this PEM certificate (with --tls-key); clients set LMX_TLS_CA"})
+    tls_key: str = field(default="", metadata={"help": "the PEM private key of --tls-cert"})
+    auth_token_file: str = field(default="", metadata={
+        "help": "every lmx RPC needs the token in this file ('authorization: Bearer <token>'); "
+                "clients set LMX_AUTH_TOKEN_FILE"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 

@@ -80,6 +80,8 @@ class Supervisor:
         """What can be known wrong before anything starts: a taken port, an
         unknown model."""
         for spec in self.stack.services:
+            if spec.listen.startswith("unix:"):
+                continue                 # the server says so if the path is taken
             host, _, port = spec.listen.rpartition(":")
             if port != "0" and not port_free(host, int(port)):
                 raise StackError(

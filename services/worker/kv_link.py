@@ -26,6 +26,7 @@ from services.common.errors import (
 )
 from services.kvstore.entry import Layout
 from services.kvstore.servicer import layout_to_pb
+from services.common import transport
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +74,7 @@ class KVStoreLink:
         self.address = address
         self.owner = owner
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = transport.aio_channel(address)
         self.stub = kvstore_pb2_grpc.KVStoreServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -55,6 +55,12 @@ class WorkerSettings:
         "help": "longest prompt or chat message, in characters (longer is INVALID_ARGUMENT)"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message received or sent", "parse": parse_bytes})
+    tls_cert: str = field(default="", metadata={
+        "help": "serve TLS with this PEM certificate (with --tls-key); clients set LMX_TLS_CA"})
+    tls_key: str = field(default="", metadata={"help": "the PEM private key of --tls-cert"})
+    auth_token_file: str = field(default="", metadata={
+        "help": "every lmx RPC needs the token in this file ('authorization: Bearer <token>'); "
+                "clients set LMX_AUTH_TOKEN_FILE"})
     max_context: int = field(default=0, metadata={
         "help": "cap on a session's context (0: the model's window)"})
     lease_ttl_s: float = field(default=10.0, metadata={"help": "TTL of the worker's leases"})
