@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import grpc
 import structlog
 
 from lmx.v1 import admission_pb2, admission_pb2_grpc
+from services.admission.book_file import BookFile, Outstanding
 from services.admission.broker import Broker
 from services.admission.devices import open_devices
 from services.admission.ledger import Ledger, TtlLimits
 from services.admission.servicer import AdmissionServicer
 from services.admission.settings import AdmissionSettings
+from services.common.paths import runtime_dir
 
 log = structlog.get_logger(__name__)
 
@@ -22,6 +27,8 @@ class AdmissionApp:
 
     def __init__(self, settings: AdmissionSettings):
         self.settings = settings
+        self.book_file: BookFile | None = None
+        self._book_task: asyncio.Task | None = None
         source = open_devices(settings.device_backend, settings.devices)
         memories = source.read({})
         ledger = Ledger(memories, settings.cap_fraction,
@@ -42,10 +49,53 @@ class AdmissionApp:
             AdmissionServicer(self.broker), server)
 
     async def start(self, address: str) -> None:
+        self.book_file = self._book_file(address)
+        if self.book_file is not None:
+            left = self.book_file.read()
+            if left.leases:
+                grace = min(left.longest_ttl_s, self.settings.restart_grace_max_s)
+                self.broker.ledger.paused_until = self.broker.ledger.clock() + grace
+                log.warning("restart_grace", previous_leases=left.leases, seconds=round(grace, 3),
+                            message="the previous run left leases out: nothing is granted "
+                                    "until their holders have let go")
         await self.broker.start()
+        if self.book_file is not None:
+            self._book_task = asyncio.create_task(self._note_book(), name="book-file")
+
+    def _book_file(self, address: str) -> BookFile | None:
+        if self.settings.state_file == "none":
+            return None
+        if self.settings.state_file:
+            return BookFile(Path(self.settings.state_file))
+        name = "admission-" + "".join(c if c.isalnum() else "-" for c in address) + ".json"
+        return BookFile(runtime_dir() / name)
+
+    def _outstanding(self) -> Outstanding:
+        leases = self.broker.ledger.leases()
+        return Outstanding(len(leases), max((lease.ttl_s for lease in leases), default=0.0))
+
+    async def _note_book(self) -> None:
+        while True:
+            await asyncio.sleep(self.broker.sweep_interval_s)
+            try:
+                self.book_file.note(self._outstanding())
+            except OSError as exc:   # a full or read-only disk: say so, keep serving
+                log.warning("book_file_not_written", error=str(exc))
+                await asyncio.sleep(5.0)
 
     def drain(self) -> None:
         self.broker.drain()
 
     async def close(self) -> None:
+        if self._book_task is not None:
+            self._book_task.cancel()
+        left = self._outstanding()
         await self.broker.close()
+        if self.book_file is not None:
+            try:
+                if left.leases:
+                    self.book_file.note(left, force=True)
+                else:
+                    self.book_file.path.unlink(missing_ok=True)  # a clean stop, nothing out
+            except OSError as exc:
+                log.warning("book_file_not_written", error=str(exc))

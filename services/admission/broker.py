@@ -28,7 +28,7 @@ from services.admission.ledger import (
 )
 from services.admission.reclaim import Activity, Reclaim, Reclaimer
 from services.admission.registry import WorkerRecord, WorkerRegistry
-from services.common.errors import CapacityExhausted, InvalidArgument, LmxError
+from services.common.errors import CapacityExhausted, InvalidArgument, LmxError, Shortfall
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +90,12 @@ class Broker:
                       wait_s: float = 0.0, secret: str = "") -> Lease:
         self._check_wait(wait_s)
         self.secrets.validate(secret)
+        paused = self.ledger.paused_for()
+        if paused and wait_s <= 0:
+            raise CapacityExhausted(
+                f"admission restarted: it grants nothing for {paused:.1f} s more, while the "
+                "holders of its previous run give their memory up; retry then, or wait (wait_ms)",
+                Shortfall(device or "", num_bytes, 0), paused)
         waiter = self.ledger.acquire(holder, num_bytes, purpose, device, priority, ttl_s,
                                      wait=wait_s > 0)
         if secret:
@@ -225,6 +231,9 @@ class Broker:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             self.ledger.expire_due()
+            if self.ledger.paused_until and not self.ledger.paused_for():
+                log.info("restart_grace_over")
+                self.ledger.pump()
             self.registry.expire_due()
             self.secrets.keep_only(lease.lease_id for lease in self.ledger.leases())
             for ask in self.reclaimer.overdue():

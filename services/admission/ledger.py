@@ -191,6 +191,9 @@ class Ledger:
         # Cheaper than uuid4 (no system call per id); they identify, they are
         # not secrets (a lease is fenced by its epoch).
         self._ids = random.Random()
+        #: No grant before this time (clock()): admission restarted while the
+        #: previous run's holders may still use their memory (book_file.py).
+        self.paused_until = 0.0
 
     # ---- queries -------------------------------------------------------
     def cap_bytes(self, device: str) -> int:
@@ -411,8 +414,13 @@ class Ledger:
         self._pump()
 
     def pump(self) -> None:
-        """Serve the queue again (after may_overtake's answer changed)."""
+        """Serve the queue again (after may_overtake's answer changed, or a
+        pause ended)."""
         self._pump()
+
+    def paused_for(self) -> float:
+        """Seconds left before anything may be granted (0: not paused)."""
+        return max(0.0, self.paused_until - self.clock()) if self.paused_until else 0.0
 
     # ---- settling --------------------------------------------------------
     def drain_events(self) -> list[Event]:
@@ -451,6 +459,10 @@ class Ledger:
     def _pump(self) -> None:
         """Serve the queue from its head. A waiter that cannot be served
         blocks its devices for everyone behind it (no overtaking)."""
+        if self.paused_until:
+            if self.clock() < self.paused_until:
+                return
+            self.paused_until = 0.0
         blocked: set[str] = set()
         index = 0
         while index < len(self._queue):

@@ -40,6 +40,13 @@ class AdmissionSettings:
     min_resident_s: float = field(default=0.0, metadata={
         "help": "a model's weights lease granted or grown less than this long ago is not asked "
                 "back (a quantum: fewer swaps between models that take turns, longer waits)"})
+    state_file: str = field(default="", metadata={
+        "help": "where admission notes how many leases it has out (empty: <runtime dir>/"
+                "admission-<address>.json; none: nowhere); a restart that finds leases there "
+                "grants nothing until their holders have noticed and let go"})
+    restart_grace_max_s: float = field(default=30.0, metadata={
+        "help": "the longest such pause after a restart (holders renew every third of their "
+                "TTL; one with a longer TTL may notice later)"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message received or sent", "parse": parse_bytes})
     tls_cert: str = field(default="", metadata={
@@ -64,6 +71,8 @@ class AdmissionSettings:
                 raise ConfigError(name, "must be positive")
         if not 0 <= self.min_resident_s <= 3600:
             raise ConfigError("min_resident_s", "must be in [0, 3600]")
+        if not 0 <= self.restart_grace_max_s <= 3600:
+            raise ConfigError("restart_grace_max_s", "must be in [0, 3600]")
 
 
 def load_settings(argv: Sequence[str] | None = None,

@@ -15,13 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.errors import ConfigError
 from services.common.parent import process_alive
+from services.common.paths import runtime_dir
 from services.stack.config import DEFAULT_STACK, StackConfig, load_stack
 from services.stack.supervisor import StackError, Supervisor
 
@@ -29,13 +29,7 @@ DOWN_TIMEOUT_S = 60.0
 
 
 def stack_dir() -> Path:
-    explicit = os.environ.get("LMX_STACK_DIR")
-    if explicit:
-        return Path(explicit)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "lmx"
-    return Path(tempfile.gettempdir()) / f"lmx-{os.getuid()}"
+    return runtime_dir()
 
 
 def state_path() -> Path:

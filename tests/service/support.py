@@ -67,8 +67,10 @@ class AdmissionProcess:
     def start(self) -> AdmissionProcess:
         # The server picks a free port itself (--listen 127.0.0.1:0) and says
         # which in its "server_ready" log line: no race for the port.
+        # No book file unless a test asks (--state-file PATH): one left by a
+        # killed server would pause a later one that happens to get its port.
         argv = [sys.executable, "-m", "services.admission", "--listen", "127.0.0.1:0",
-                "--log-format", "json", *self.flags]
+                "--log-format", "json", "--state-file", "none", *self.flags]
         if not any(flag == "--device" or flag.startswith("--device=") for flag in self.flags):
             argv += ["--device", "cpu:0=8GiB"]
         env = {key: value for key, value in os.environ.items() if not key.startswith("LMX_")}

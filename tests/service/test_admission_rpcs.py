@@ -3,6 +3,7 @@ the lease life cycle, the queue, rich errors, expiry, Watch and shutdown."""
 
 from __future__ import annotations
 
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -553,3 +554,39 @@ def test_a_lease_acquired_with_a_secret_needs_it_to_be_touched(admission):
         open_lease = stub(channel).Acquire(acquire_request(1 << 20), timeout=5).lease
         stub(channel).Release(pb.ReleaseRequest(lease_id=open_lease.lease_id,
                                                 epoch=open_lease.epoch), timeout=5)
+
+
+def test_a_restart_with_leases_out_grants_nothing_until_their_holders_let_go(start_admission,
+                                                                             tmp_path):
+    """Killed with leases out and started again, admission does not know them,
+    but their holders may still use the memory until their next renewal tells
+    them: it grants nothing for the longest TTL it had out. A clean stop with
+    nothing out leaves no file and no pause."""
+    book = tmp_path / "book.json"
+    flags = ("--device", "cpu:0=1GiB", "--state-file", str(book))
+    first = start_admission(*flags)
+    with grpc.insecure_channel(first.address) as channel:
+        stub(channel).Acquire(acquire_request(1 << 20, ttl_ms=2000), timeout=5)
+    wait_until(lambda: book.exists() and '"leases": 1' in book.read_text(), 5,
+               "the book file to note the lease")
+    assert stat.S_IMODE(book.stat().st_mode) == 0o600
+    first.signalled = True
+    first.kill()
+    port = first.address.rpartition(":")[2]
+    second = start_admission(*flags, "--listen", f"127.0.0.1:{port}")
+    started = time.monotonic()
+    with grpc.insecure_channel(second.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub(channel).Acquire(acquire_request(1 << 20), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "restarted" in caught.value.details()
+        lease = stub(channel).Acquire(acquire_request(1 << 20, wait_ms=10_000), timeout=15).lease
+        waited = time.monotonic() - started
+        assert 1.0 <= waited <= 6.0, f"granted after {waited:.1f}s of a 2 s grace"
+        stub(channel).Release(pb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch),
+                              timeout=5)
+    second.stop()
+    assert not book.exists(), "a clean stop with nothing out should leave no book file"
+    third = start_admission(*flags, "--listen", f"127.0.0.1:{port}")
+    with grpc.insecure_channel(third.address) as channel:
+        assert stub(channel).Acquire(acquire_request(1 << 20), timeout=5).lease.bytes

@@ -73,7 +73,8 @@ def stack(tmp_path):
         kvstore = start_kv()
 
         def admission(port: int):
-            return start_admission("--device", DEVICE, "--listen", f"127.0.0.1:{port}")
+            return start_admission("--device", DEVICE, "--listen", f"127.0.0.1:{port}",
+                                   "--state-file", str(tmp_path / "admission-book.json"))
 
         def worker(admission_address: str) -> WorkerProcess:
             process = WorkerProcess(SMOLLM2, admission_address,
