@@ -279,3 +279,33 @@ def test_a_worker_restarted_on_its_address_brings_back_the_sessions_it_parked(pr
         c2.close_session(session)
         c2.close_session(control)
     assert '"session_adopted"' in w2.log()
+
+
+def test_with_the_kvstore_down_parks_fail_cleanly_and_parked_sessions_recompute(processes,
+                                                                               admission):
+    """The kvstore killed: a park fails at once with FAILED_PRECONDITION /
+    KVSTORE_UNAVAILABLE and the session keeps its context; a Generate on a
+    session that was parked before computes its context again from its tokens;
+    both answer like a control session."""
+    start_kvstore, start_worker = processes
+    kvstore = start_kvstore(free_port())
+    worker = start_worker("w", admission.address, kvstore.address)
+    chat = CHATS[1]
+    with WorkerClient(worker.address) as client:
+        kept, parked, control = client.open(), client.open(), client.open()
+        first = turn(client, control, chat[0])
+        assert turn(client, kept, chat[0]) == first and turn(client, parked, chat[0]) == first
+        park(client, parked)
+        kvstore.proc.kill()
+        kvstore.proc.wait(5)
+        error, details = rpc_error(client.stub.ParkSession, wpb.ParkSessionRequest(
+            session_id=kept.session_id, token=kept.token))
+        assert (error.code(), details.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                  "KVSTORE_UNAVAILABLE"), details
+        expected = turn(client, control, chat[1])
+        assert turn(client, kept, chat[1]) == expected, "a failed park changed the session"
+        assert turn(client, parked, chat[1]) == expected, (
+            "a parked session recomputed with the kvstore down answered differently")
+        for session in (kept, parked, control):
+            client.close_session(session)
+        kvstore.restart()      # so that the fixture's clean stop and checks run as usual
