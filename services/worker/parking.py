@@ -158,9 +158,14 @@ class Parking:
     async def adopt_orphan(self, session_id: str, token: str) -> Session:
         """A session a previous run of this worker parked, back under its own
         id (the kvstore checks the token against the entry's secret)."""
-        entry_id = self._orphans[session_id]
-        restored = await self.restore(entry_id, token, session_id=session_id)
-        self._orphans.pop(session_id, None)
+        # Taken first: a second request for it meanwhile is NOT_FOUND, not a
+        # second restore of the same entry.
+        entry_id = self._orphans.pop(session_id)
+        try:
+            restored = await self.restore(entry_id, token, session_id=session_id)
+        except BaseException:
+            self._orphans.setdefault(session_id, entry_id)   # a wrong token, say
+            raise
         log.info("session_adopted", session_id=session_id, entry_id=entry_id,
                  tokens=restored.num_tokens)
         return restored.session
