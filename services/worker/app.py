@@ -329,7 +329,7 @@ class WorkerApp:
                 or self.settings.resident_fraction != AUTO):
             return None
         count = -(-needed_bytes // streamer.layer_bytes)
-        if count > streamer.streamed[0]:      # not that many resident layers to stream
+        if count > streamer.num_layers - streamer.count:   # not that many resident layers
             return None
         assert self.engine is not None
         moved = await self.engine.between_steps(streamer.stream_more, count)

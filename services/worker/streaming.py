@@ -42,13 +42,37 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def stream_order(num_layers: int) -> list[int]:
+    """The order in which layers are streamed as less of the model stays
+    resident: spread out (the middle layer first, then the quarters, ... a
+    van der Corput sequence), so that at any share the streamed layers lie
+    between resident ones and each copy overlaps resident layers' compute,
+    instead of the last layers streaming back to back while the link idles
+    during the resident ones. The first and last layers come late."""
+    order: list[int] = []
+    seen: set[int] = set()
+    i = 1
+    while len(order) < num_layers and i < 64 * max(1, num_layers):
+        v, denom, k = 0.0, 1.0, i
+        while k:
+            denom *= 2
+            v += (k & 1) / denom
+            k >>= 1
+        index = min(num_layers - 1, int(v * num_layers))
+        if index not in seen:
+            seen.add(index)
+            order.append(index)
+        i += 1
+    return order + [x for x in range(num_layers) if x not in seen]
+
+
 def streamed_indices(num_layers: int, resident_fraction: float) -> list[int]:
-    """Which layers stream: the last ones, so that a fraction f keeps
-    round(f * num_layers) layers resident."""
+    """Which layers stream (sorted) so that a fraction f keeps
+    round(f * num_layers) layers resident: the first ones of stream_order."""
     if not 0.0 < resident_fraction <= 1.0:
         raise ValueError(f"resident fraction must be in (0, 1], got {resident_fraction}")
     resident = max(0, min(num_layers, round(resident_fraction * num_layers)))
-    return list(range(resident, num_layers))
+    return sorted(stream_order(num_layers)[:num_layers - resident])
 
 
 def layer_bytes(layer: torch.nn.Module) -> int:
@@ -203,11 +227,18 @@ class LayerStreamer:
         if not moving:
             return 0
         self._sync()
-        for layer, flat in zip(self.layers[:moving], self.host[:moving]):
-            self._from_flat(layer, flat)
-        self.layers = self.layers[moving:]
-        self.host = self.host[moving:]
-        self.streamed = self.streamed[moving:]
+        # The ones streamed last (by stream_order) come back first.
+        rank = {index: r for r, index in enumerate(stream_order(self.num_layers))}
+        back = set(sorted(self.streamed, key=lambda i: rank[i], reverse=True)[:moving])
+        kept = []
+        for index, layer, flat in zip(self.streamed, self.layers, self.host):
+            if index in back:
+                self._from_flat(layer, flat)
+            else:
+                kept.append((index, layer, flat))
+        self.streamed = [index for index, _, _ in kept]
+        self.layers = [layer for _, layer, _ in kept]
+        self.host = [flat for _, _, flat in kept]
         self.count -= moving
         if not self.count:
             for hook in self._hooks:
@@ -227,30 +258,32 @@ class LayerStreamer:
 
     def stream_more(self, num_layers: int) -> int:
         """Stream `num_layers` more layers (memory is short: the lease will
-        shrink): the resident layers just before the streamed ones go to host
-        memory (private buffers, pinned on CUDA) and their device copies are
-        freed. Needs a ring already (a streamer with streamed layers). Call
-        between forward passes. Returns how many moved."""
+        shrink): the next resident ones in stream_order go to host memory
+        (private buffers, pinned on CUDA) and their device copies are freed.
+        Needs a ring already (a streamer with streamed layers). Call between
+        forward passes. Returns how many moved."""
         if not self.count or not self.ring:
             return 0
         layers = decoder_layers(self.model)
-        first = self.streamed[0]
-        moving = max(0, min(num_layers, first))
+        streamed = set(self.streamed)
+        indices = [i for i in stream_order(self.num_layers) if i not in streamed][:num_layers]
+        moving = len(indices)
         if not moving:
             return 0
         self._sync()
-        indices = list(range(first - moving, first))
-        new_layers = [layers[i] for i in indices]
-        new_host = []
-        for layer in new_layers:
+        added = []
+        for index in indices:
+            layer = layers[index]
             flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
                                pin_memory=self.cuda)
             self._to_flat(layer, flat)
-            new_host.append(flat)
             self._bind(layer, 0)          # its own device copy goes
-        self.layers = new_layers + self.layers
-        self.host = new_host + self.host
-        self.streamed = indices + self.streamed
+            added.append((index, layer, flat))
+        merged = sorted([*zip(self.streamed, self.layers, self.host), *added],
+                        key=lambda item: item[0])
+        self.streamed = [index for index, _, _ in merged]
+        self.layers = [layer for _, layer, _ in merged]
+        self.host = [flat for _, _, flat in merged]
         self.count += moving
         self._restart()
         if self.cuda:

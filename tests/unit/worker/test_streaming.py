@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from services.worker.models import build_synthetic, model_config
-from services.worker.streaming import LayerStreamer, decoder_layers, streamed_indices
+from services.worker.streaming import (
+    LayerStreamer,
+    decoder_layers,
+    stream_order,
+    streamed_indices,
+)
 
 CPU = torch.device("cpu")
 
@@ -31,9 +36,20 @@ def logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_which_layers_stream():
+    """Spread out, so that each copy overlaps resident layers' compute; the
+    sets grow one layer at a time (stream_order)."""
     assert streamed_indices(10, 1.0) == []
-    assert streamed_indices(10, 0.4) == [4, 5, 6, 7, 8, 9]
+    assert streamed_indices(16, 0.625) == [2, 4, 6, 8, 10, 12]
+    assert streamed_indices(10, 0.4) == [1, 2, 3, 5, 6, 7]
     assert streamed_indices(5, 0.01) == [0, 1, 2, 3, 4]
+    for num_layers in (1, 2, 5, 16, 28, 32, 80):
+        order = stream_order(num_layers)
+        assert sorted(order) == list(range(num_layers)), num_layers
+        for n in range(1, num_layers + 1):      # nested: growing never reshuffles
+            assert set(order[:n - 1]) <= set(order[:n])
+    # At 25% streamed no two streamed layers are neighbours in a 32-layer model.
+    streamed = streamed_indices(32, 0.75)
+    assert all(b - a >= 2 for a, b in zip(streamed, streamed[1:])), streamed
     with pytest.raises(ValueError):
         streamed_indices(10, 0.0)
 
@@ -151,7 +167,11 @@ def test_layers_made_resident_again_stay_exact(first, then):
     streamer.attach()
     assert torch.equal(logits(model, [6, 5, 4]), want)
     assert streamer.make_resident(first) == first
-    assert streamer.count == 4 - first and streamer.streamed == [1, 2, 3, 4][first:]
+    # The ones streamed last (by stream_order) come back first.
+    rank = {index: r for r, index in enumerate(stream_order(5))}
+    back = sorted([1, 2, 3, 4], key=lambda i: rank[i], reverse=True)[:first]
+    assert streamer.count == 4 - first
+    assert streamer.streamed == sorted(set([1, 2, 3, 4]) - set(back))
     assert torch.equal(logits(model, [6, 5, 4]), want)
     assert streamer.make_resident(then) == 4 - first
     assert streamer.count == 0 and not streamer._hooks and not streamer.ring
@@ -207,14 +227,14 @@ def test_streaming_more_layers_stays_exact_and_frees_them():
     streamer = LayerStreamer(model, CPU, [4], ring_slots=2)
     streamer.attach()
     before = {p.untyped_storage().data_ptr() for p in layers[2].parameters()}
-    assert streamer.stream_more(2) == 2
-    assert streamer.streamed == [2, 3, 4] and streamer.count == 3
+    assert streamer.stream_more(2) == 2     # the next two of stream_order(5): 2, then 1
+    assert streamer.streamed == [1, 2, 4] and streamer.count == 3
     ring = {t.untyped_storage().data_ptr() for t in streamer.ring}
     assert {p.untyped_storage().data_ptr() for p in layers[2].parameters()} <= ring
     assert not before & ring
     for _ in range(2):
         assert torch.equal(logits(model, [8, 6, 7]), want)
-    assert streamer.stream_more(10) == 2, "only the resident layers before the block can go"
+    assert streamer.stream_more(10) == 2, "only the two resident layers left can go"
     assert streamer.streamed == [0, 1, 2, 3, 4]
     assert torch.equal(logits(model, [8, 6, 7]), want)
     streamer.make_resident(3)
