@@ -33,6 +33,7 @@ from services.worker.models import LoadedModel, default_cache_dir, load_model, w
 from services.worker.settings import AUTO
 from services.worker.streaming import LayerStreamer, streamed_indices
 from services.worker.parking import Parking
+from services.worker.placement import Candidate, place
 from services.worker.pressure import PressureRelief, Relief
 from services.worker.sampling import SamplingParams
 from services.worker.servicer import WorkerServicer
@@ -124,6 +125,7 @@ class WorkerApp:
                     "first (lmx admission), or run with --admission none",
                     reason="ADMISSION_UNREACHABLE") from None
             self.admission_device = (settings.admission_device
+                                     or await self._place(status.devices)
                                      or devices.admission_device_id(self.device, status.devices))
             self.memory = AdmissionMemory(self.admission, f"worker/{settings.model}",
                                           self.admission_device, ttl_s=settings.lease_ttl_s,
@@ -339,6 +341,37 @@ class WorkerApp:
         return Relief(moved * streamer.layer_bytes,
                       f"streaming {moved} more layers ({streamer.info().resident_fraction:.0%} "
                       "resident)")
+
+    async def _place(self, listed) -> str:
+        """Admission's device for this worker when it may choose (several
+        simulated devices for a CPU worker; several GPUs and --device auto or
+        cuda): services/worker/placement.py's best fit for what it needs to
+        start. On a GPU the worker then runs on that card. "" when there is
+        nothing to choose."""
+        settings = self.settings
+        if self.device.type == "cuda":
+            if settings.device not in ("auto", "cuda"):
+                return ""
+            uuids = {devices.gpu_uuid(torch.device(f"cuda:{i}")): i
+                     for i in range(torch.cuda.device_count())}
+            options = [d for d in listed if d.uuid in uuids]
+        else:
+            options = [d for d in listed if d.source == "simulated"]
+        if len(options) < 2:
+            return ""
+        plan = await asyncio.to_thread(weight_plan, settings.model, self.cache, self.dtype)
+        share = 1.0 if settings.resident_fraction == AUTO else settings.resident_fraction
+        need = (plan.device_bytes(len(streamed_indices(plan.num_layers, share)),
+                                  settings.stream_ring)
+                + (devices.CUDA_CONTEXT_GUESS if self.device.type == "cuda" else 0)
+                + settings.kv_chunk_bytes)
+        chosen = place(need, [Candidate(d.device, d.free_bytes, d.uuid) for d in options])
+        if self.device.type == "cuda":
+            self.device = torch.device(f"cuda:{uuids[chosen.uuid]}")
+        log.info("worker_placed", device=chosen.device, torch_device=str(self.device),
+                 need_bytes=need, free_bytes=chosen.free_bytes,
+                 options={d.device: d.free_bytes for d in options})
+        return chosen.device
 
     async def _find_orphans(self, parking: Parking) -> None:
         """Sessions this worker id parked in an earlier run come back on use."""
