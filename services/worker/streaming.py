@@ -188,16 +188,9 @@ class LayerStreamer:
                 self._to_flat(layer, flat)
             if self.shared is not None:
                 self.shared.publish()
-        self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
-                     for _ in range(self.slots)]
-        self.views = [self._views(slot) for slot in self.ring]
-        # Point every streamed layer at slot 0's views: the device copies go.
-        for layer in self.layers:
-            self._bind(layer, 0)
+        self._make_ring()               # the streamed layers' device copies go
         if self.cuda:
             torch.cuda.empty_cache()
-            self._copied = [torch.cuda.Event() for _ in range(self.slots)]
-            self._used = [torch.cuda.Event() for _ in range(self.slots)]
         self._restart()
         info = self.info()
         log.info("layers_streamed", layers=self.num_layers, streamed=self.count,
@@ -311,14 +304,7 @@ class LayerStreamer:
         """The ring again (the model wakes), filled for the next pass."""
         if not self.count or self.ring:
             return
-        self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
-                     for _ in range(self.slots)]
-        self.views = [self._views(slot) for slot in self.ring]
-        for layer in self.layers:
-            self._bind(layer, 0)
-        if self.cuda:
-            self._copied = [torch.cuda.Event() for _ in range(self.slots)]
-            self._used = [torch.cuda.Event() for _ in range(self.slots)]
+        self._make_ring()
         self._n = 0
         self._prefetch()
 
@@ -361,6 +347,19 @@ class LayerStreamer:
         for param, numel, shape in zip(layer.parameters(), self.numels, self.shapes):
             param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
             offset += numel
+
+    def _make_ring(self) -> None:
+        """The ring's device buffers, their views and events; every streamed
+        layer pointed at slot 0's views (so that nothing else holds its
+        weights on the device)."""
+        self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
+                     for _ in range(self.slots)]
+        self.views = [self._views(slot) for slot in self.ring]
+        for layer in self.layers:
+            self._bind(layer, 0)
+        if self.cuda:
+            self._copied = [torch.cuda.Event() for _ in range(self.slots)]
+            self._used = [torch.cuda.Event() for _ in range(self.slots)]
 
     def _views(self, slot: torch.Tensor) -> list[torch.Tensor]:
         views, offset = [], 0
