@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 from services.admission.devices import SimulatedDeviceSpec, parse_device_spec
 from services.common import settings as loader
+from services.common.settings import ServerFields
 from services.common.errors import ConfigError
-from services.common.units import parse_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 @dataclass(frozen=True)
-class AdmissionSettings:
+class AdmissionSettings(ServerFields):
     listen: str = field(default=DEFAULT_LISTEN, metadata={"help": "HOST:PORT to serve on"})
     devices: tuple[SimulatedDeviceSpec, ...] = field(default=(), metadata={
         "help": "a simulated device ID=SIZE, e.g. cpu:0=8GiB (default: the GPUs NVML sees, "
@@ -47,14 +47,6 @@ class AdmissionSettings:
     restart_grace_max_s: float = field(default=30.0, metadata={
         "help": "the longest such pause after a restart (holders renew every third of their "
                 "TTL; one with a longer TTL may notice later)"})
-    max_message_bytes: int = field(default=64 << 20, metadata={
-        "help": "largest gRPC message received or sent", "parse": parse_bytes})
-    tls_cert: str = field(default="", metadata={
-        "help": "serve TLS with this PEM certificate (with --tls-key); clients set LMX_TLS_CA"})
-    tls_key: str = field(default="", metadata={"help": "the PEM private key of --tls-cert"})
-    auth_token_file: str = field(default="", metadata={
-        "help": "every lmx RPC needs the token in this file ('authorization: Bearer <token>'); "
-                "clients set LMX_AUTH_TOKEN_FILE"})
     grace_s: float = field(default=5.0, metadata={
         "help": "how long in-flight calls may finish on shutdown"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from services.common.errors import ConfigError
+from services.common.units import parse_bytes
 
 T = TypeVar("T")
 
@@ -72,7 +73,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE",
                         help="TOML file with a table for this service (or LMX_CONFIG)")
-    for field in dataclasses.fields(cls):
+    # The service's own settings first, then those every server shares.
+    shared = {f.name for f in dataclasses.fields(ServerFields)}
+    for field in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
         flag = _flag(field)
         help_text = field.metadata.get("help", "")
         default = field.default if field.default is not dataclasses.MISSING else None
@@ -125,6 +128,22 @@ def load(cls: type[T], service: str, argv: Sequence[str] | None = None,
         return cls(**values)
     except ValueError as exc:  # __post_init__ validation that raised plainly
         raise ConfigError(service, str(exc)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerFields:
+    """What every server's settings have besides its own: the largest message,
+    TLS and the bearer token (services/common/transport.py). Each service's
+    settings class inherits them."""
+    max_message_bytes: int = dataclasses.field(default=64 << 20, metadata={
+        "help": "largest gRPC message received or sent", "parse": parse_bytes})
+    tls_cert: str = dataclasses.field(default="", metadata={
+        "help": "serve TLS with this PEM certificate (with --tls-key); clients set LMX_TLS_CA"})
+    tls_key: str = dataclasses.field(default="", metadata={
+        "help": "the PEM private key of --tls-cert"})
+    auth_token_file: str = dataclasses.field(default="", metadata={
+        "help": "every lmx RPC needs the token in this file ('authorization: Bearer <token>'); "
+                "clients set LMX_AUTH_TOKEN_FILE"})
 
 
 LOG_FORMATS = ("auto", "json", "console")

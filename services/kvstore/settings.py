@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common import settings as loader
+from services.common.settings import ServerFields
 from services.common.errors import ConfigError
 from services.common.units import parse_bytes
 from services.kvstore.arena import ALIGN
@@ -35,7 +36,7 @@ def default_capacity(shm_dir: str = "/dev/shm") -> int:
 
 
 @dataclass(frozen=True)
-class KVStoreSettings:
+class KVStoreSettings(ServerFields):
     listen: str = field(default=DEFAULT_LISTEN, metadata={"help": "HOST:PORT to serve on"})
     store_id: str = field(default="main", metadata={
         "help": "names this store's segments lmx-<store_id>-<n> (letters, digits, _)"})
@@ -63,15 +64,6 @@ class KVStoreSettings:
     export_chunk_bytes: int = field(default=4 << 20, metadata={
         "help": "default chunk size of Export", "parse": parse_bytes})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
-    max_message_bytes: int = field(default=64 << 20, metadata={
-        "help": "largest gRPC message received or sent (Import's chunks must fit)",
-        "parse": parse_bytes})
-    tls_cert: str = field(default="", metadata={
-        "help": "serve TLS with this PEM certificate (with --tls-key); clients set LMX_TLS_CA"})
-    tls_key: str = field(default="", metadata={"help": "the PEM private key of --tls-cert"})
-    auth_token_file: str = field(default="", metadata={
-        "help": "every lmx RPC needs the token in this file ('authorization: Bearer <token>'); "
-                "clients set LMX_AUTH_TOKEN_FILE"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 

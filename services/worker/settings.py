@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.common import settings as loader
+from services.common.settings import ServerFields
 from services.common.errors import ConfigError
 from services.common.units import parse_address, parse_bytes
 
@@ -23,7 +24,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
+class WorkerSettings(ServerFields):
     model: str = field(default="smollm2-135m", metadata={
         "help": "smollm2-135m, gemma3-270m, synthetic:<shape> or a model directory"})
     listen: str = field(default=DEFAULT_LISTEN, metadata={"help": "HOST:PORT to serve on"})
@@ -53,14 +54,6 @@ class WorkerSettings:
     max_sessions: int = field(default=1024, metadata={"help": "open sessions at most"})
     max_prompt_chars: int = field(default=1_000_000, metadata={
         "help": "longest prompt or chat message, in characters (longer is INVALID_ARGUMENT)"})
-    max_message_bytes: int = field(default=64 << 20, metadata={
-        "help": "largest gRPC message received or sent", "parse": parse_bytes})
-    tls_cert: str = field(default="", metadata={
-        "help": "serve TLS with this PEM certificate (with --tls-key); clients set LMX_TLS_CA"})
-    tls_key: str = field(default="", metadata={"help": "the PEM private key of --tls-cert"})
-    auth_token_file: str = field(default="", metadata={
-        "help": "every lmx RPC needs the token in this file ('authorization: Bearer <token>'); "
-                "clients set LMX_AUTH_TOKEN_FILE"})
     max_context: int = field(default=0, metadata={
         "help": "cap on a session's context (0: the model's window)"})
     lease_ttl_s: float = field(default=10.0, metadata={"help": "TTL of the worker's leases"})
