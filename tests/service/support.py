@@ -328,3 +328,20 @@ class WatchStream:
     def close(self) -> None:
         self.call.cancel()
         self._thread.join(5)
+
+
+def hostile_payloads(rng, known: list[bytes], *, random_count: int = 40,
+                     per_known: int = 5, extra: tuple[bytes, ...] = ()) -> list[bytes]:
+    """Bytes for fuzzing an RPC: a few fixed odd ones, `random_count` random
+    ones, and each known valid message as is and `per_known` times with a byte
+    changed and cut short somewhere."""
+    out = [b"", b"\x00", b"\xff" * 9, b"\x0a\x05hello", b"\x08" + b"\xff" * 10, *extra]
+    out += [rng.randbytes(rng.randrange(1, 64)) for _ in range(random_count)]
+    for raw in known:
+        for _ in range(per_known):
+            mutated = bytearray(raw)
+            if mutated:
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+                out.append(bytes(mutated[:rng.randrange(len(mutated) + 1)]))
+        out.append(raw)
+    return out

@@ -10,26 +10,13 @@ import grpc
 
 from lmx.v1 import kvstore_pb2 as pb
 
+from ..support import hostile_payloads
 from .support import RPC_TIMEOUT_S, SERVICE, park, reserve_request
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
            grpc.StatusCode.RESOURCE_EXHAUSTED}
 METHODS = pb.DESCRIPTOR.services_by_name["KVStoreService"].methods
-
-
-def payloads(rng: random.Random, known: list[bytes]) -> list[bytes]:
-    out = [b"", b"\x00", b"\xff" * 9, b"\x0a\x05hello", b"\x08" + b"\xff" * 10]
-    out += [rng.randbytes(rng.randrange(1, 64)) for _ in range(40)]
-    # valid messages with a byte flipped or truncated
-    for raw in known:
-        for _ in range(5):
-            mutated = bytearray(raw)
-            if mutated:
-                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-                out.append(bytes(mutated[:rng.randrange(len(mutated) + 1)]))
-        out.append(raw)
-    return out
 
 
 def test_raw_bytes_into_every_rpc(kv, shared_kvstore):
@@ -48,7 +35,7 @@ def test_raw_bytes_into_every_rpc(kv, shared_kvstore):
     with grpc.insecure_channel(shared_kvstore.address) as channel:
         for method in METHODS:
             path = f"/{SERVICE}/{method.name}"
-            for payload in payloads(rng, known):
+            for payload in hostile_payloads(rng, known):
                 try:
                     if method.server_streaming:
                         list(channel.unary_stream(path)(payload, timeout=RPC_TIMEOUT_S))

@@ -14,6 +14,7 @@ import pytest
 
 from lmx.v1 import worker_pb2 as wpb
 
+from ..support import hostile_payloads
 from .worker_support import (
     RPC_TIMEOUT_S,
     WORKER_SERVICE,
@@ -30,20 +31,6 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 METHODS = wpb.DESCRIPTOR.services_by_name["WorkerService"].methods
 #: Each call's deadline: a generation asked for is at most 8 tokens.
 CALL_TIMEOUT_S = 30.0
-
-
-def mutations(rng: random.Random, known: list[bytes]) -> list[bytes]:
-    out = [b"", b"\x00", b"\xff" * 9, b"\x0a\x05hello", b"\x08" + b"\xff" * 10,
-           b"\x12\xff\xff\xff\xff\x0f", rng.randbytes(4096)]
-    out += [rng.randbytes(rng.randrange(1, 64)) for _ in range(30)]
-    for raw in known:
-        for _ in range(6):
-            mutated = bytearray(raw)
-            if mutated:
-                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-                out.append(bytes(mutated[:rng.randrange(len(mutated) + 1)]))
-        out.append(raw)
-    return out
 
 
 def typed(rng: random.Random, session: Opened) -> list[bytes]:
@@ -99,7 +86,9 @@ def test_hostile_bytes_into_every_worker_rpc(smollm2_worker):
         channel = client.channel
         for method in METHODS:
             path = f"/{WORKER_SERVICE}/{method.name}"
-            payloads = mutations(rng, known)
+            payloads = hostile_payloads(rng, known, random_count=30, per_known=6,
+                                        extra=(b"\x12\xff\xff\xff\xff\x0f",
+                                               rng.randbytes(4096)))
             if method.name == "Generate":
                 payloads += typed(rng, victim)
             for payload in payloads:
