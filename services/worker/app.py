@@ -89,6 +89,7 @@ class WorkerApp:
         self.memory: Memory | None = None
         self.kvstore: KVStoreLink | None = None
         self.pressure: PressureRelief | None = None
+        self._plan = None
         self._heartbeat: asyncio.Task | None = None
         self._reclaim_task: asyncio.Task | None = None
         self._grow_task: asyncio.Task | None = None
@@ -136,7 +137,7 @@ class WorkerApp:
                  dtype=str(self.dtype).removeprefix("torch."), admission=settings.admission,
                  admission_device=self.admission_device)
 
-        plan = await asyncio.to_thread(weight_plan, settings.model, self.cache, self.dtype)
+        plan = await self._weight_plan()
         workspace = 0
         if self.device.type == "cuda":
             self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
@@ -342,6 +343,14 @@ class WorkerApp:
                       f"streaming {moved} more layers ({streamer.info().resident_fraction:.0%} "
                       "resident)")
 
+    async def _weight_plan(self):
+        """The model's weights counted on the meta device, once (placement
+        and the lease both need them)."""
+        if self._plan is None:
+            self._plan = await asyncio.to_thread(weight_plan, self.settings.model, self.cache,
+                                                 self.dtype)
+        return self._plan
+
     async def _place(self, listed) -> str:
         """Admission's device for this worker when it may choose (several
         simulated devices for a CPU worker; several GPUs and --device auto or
@@ -359,7 +368,7 @@ class WorkerApp:
             options = [d for d in listed if d.source == "simulated"]
         if len(options) < 2:
             return ""
-        plan = await asyncio.to_thread(weight_plan, settings.model, self.cache, self.dtype)
+        plan = await self._weight_plan()
         share = 1.0 if settings.resident_fraction == AUTO else settings.resident_fraction
         need = (plan.device_bytes(len(streamed_indices(plan.num_layers, share)),
                                   settings.stream_ring)
