@@ -20,6 +20,8 @@ from pathlib import Path
 
 import structlog
 
+from services.common.files import write_private_json
+
 log = structlog.get_logger(__name__)
 
 WRITE_EVERY_S = 0.5
@@ -57,9 +59,6 @@ class BookFile:
         if not (force or edge or clock - self._written_at >= WRITE_EVERY_S):
             return
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump({"leases": now.leases, "longest_ttl_s": now.longest_ttl_s,
-                       "pid": os.getpid()}, fh)
-        os.replace(tmp, self.path)
+        write_private_json(self.path, {"leases": now.leases, "longest_ttl_s": now.longest_ttl_s,
+                                       "pid": os.getpid()})
         self._last, self._written_at = now, clock

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from services.common.errors import ConfigError
+from services.common.files import write_private_json
 
 log = structlog.get_logger(__name__)
 
@@ -52,12 +53,9 @@ class Manifest:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = {"version": VERSION, "pid": os.getpid(), "segments": segments,
                 "entries": entries}
-        tmp = self.path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
         # Owner-only: it lists the sessions' tokens, their chat metadata and
         # their secrets' hashes.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self.path)
+        write_private_json(self.path, data)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -5,10 +5,11 @@ the store reads back)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from services.common.files import write_private_json
 
 CHUNK = 8 << 20
 
@@ -38,11 +39,8 @@ class SpillDir:
         finally:
             os.close(fd)
         os.replace(tmp, target)
-        side_tmp = self.sidecar_path(entry_id).with_suffix(".json.tmp")
-        with os.fdopen(os.open(side_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                       "w") as fh:                      # owner-only: tokens and chat
-            fh.write(json.dumps(sidecar))
-        os.replace(side_tmp, self.sidecar_path(entry_id))
+        sidecar_path = self.sidecar_path(entry_id)       # owner-only: tokens and chat
+        write_private_json(sidecar_path, sidecar, tmp=sidecar_path.with_suffix(".json.tmp"))
 
     def size(self, entry_id: str) -> int | None:
         try:
