@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 
 #: The smallest prefill per step the warm-up falls back to on a full device.
 MIN_PREFILL_TOKENS = 64
+#: Room left in the lease for kernels a later step may still load into the
+#: CUDA context after the warm-up measured it.
+CONTEXT_GROWTH_BYTES = 64 << 20
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 STATE_TO_PB = {"waiting": admission_pb2.WORKER_STATE_WAITING,
@@ -517,6 +520,18 @@ class WorkerApp:
         self.engine.max_prefill_tokens = min(self.engine.max_prefill_tokens, tokens)
         torch.cuda.empty_cache()
         steady = torch.cuda.memory_reserved(self.device)
+        # The context grew as the warm-up's kernels loaded and cuBLAS made
+        # its handles: measured once at start, it would now be too small, and
+        # the excess would count against the lease of whoever asks next
+        # (admission sees it as foreign). Measure it again, with room for the
+        # kernels a later step may still load.
+        context = await asyncio.to_thread(devices.cuda_context_bytes, self.device)
+        if context is not None and context + CONTEXT_GROWTH_BYTES > self.overhead_bytes:
+            log.info("worker_context_grew", before_bytes=self.overhead_bytes,
+                     measured_bytes=context, growth_room_bytes=CONTEXT_GROWTH_BYTES)
+            self.overhead_bytes = context + CONTEXT_GROWTH_BYTES
+            assert self.pressure is not None
+            self.pressure.keep_bytes = self.overhead_bytes
         workspace = max(0, peak - self.device_weight_bytes() - kv_at_peak)
         # Whichever is larger: the peak step's needs, or what the allocator
         # keeps after it (cuBLAS workspaces, blocks still split); plus slack,
@@ -580,7 +595,9 @@ class WorkerApp:
         session = self.core.open_session().session
         try:
             prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
-            request = self.engine.submit_tokens(session, SamplingParams(max_tokens=1), prompt_ids)
+            # Two tokens: a prefill step and a decode step, so that both
+            # steps' kernels are loaded before the context is measured.
+            request = self.engine.submit_tokens(session, SamplingParams(max_tokens=2), prompt_ids)
             while True:
                 event = await request.out.get()
                 if isinstance(event, Failed):

@@ -63,6 +63,22 @@ def init_cuda_context(device: torch.device) -> int:
     torch.cuda.set_device(device)
     torch.zeros(1, device=device)
     torch.cuda.synchronize(device)
+    context = cuda_context_bytes(device)
+    return CUDA_CONTEXT_GUESS if context is None else context
+
+
+def cuda_context_bytes(device: torch.device) -> int | None:
+    """What this process uses on `device` beyond torch's allocator: the CUDA
+    context, which grows as kernels are first loaded (lazy module loading)
+    and libraries make their handles. None when NVML cannot tell."""
+    used = process_device_bytes(device)
+    if used is None:
+        return None
+    return max(0, used - torch.cuda.memory_reserved(device))
+
+
+def process_device_bytes(device: torch.device) -> int | None:
+    """NVML's figure for this process's memory on `device`, or None."""
     try:
         import pynvml
 
@@ -71,9 +87,9 @@ def init_cuda_context(device: torch.device) -> int:
             handle = pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid(device))
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == os.getpid() and proc.usedGpuMemory:
-                    return int(proc.usedGpuMemory) - torch.cuda.memory_reserved(device)
+                    return int(proc.usedGpuMemory)
         finally:
             pynvml.nvmlShutdown()
-    except Exception as exc:  # noqa: BLE001 - fall back to the typical size
-        log.warning("cuda_overhead_unmeasured", error=str(exc))
-    return CUDA_CONTEXT_GUESS
+    except Exception as exc:  # noqa: BLE001 - the caller falls back
+        log.warning("cuda_usage_unmeasured", error=str(exc))
+    return None
