@@ -11,14 +11,16 @@ lmx-bench-seed-, temporary --state-dir) and one worker per model.
   GPU (--device cuda)
                   admission --device-backend nvml --cap-fraction F, F chosen
                   so the cap is --cap-gib (8) GiB of the GPU's total;
-                  synthetic:qwen2.5-3b (bfloat16, 6.2 GB of weights, about
-                  7.1 GB with its CUDA context and workspace) and
-                  synthetic:llama-1b (2.5 GB; 3.3 GB): each fits alone, not
-                  both. The driver's reserve (about 0.6 GB on an H200) is
-                  foreign to admission and comes off the cap, and an asleep
-                  worker keeps its CUDA context (about 0.65 GB): a llama-3b
-                  (6.4 GB, 7.3 GB leased) cannot run at 8 GiB next to another
-                  worker; with --cap-gib 10 it can.
+                  synthetic:smollm2-1.7b (bfloat16, 3.4 GB of weights,
+                  about 4.6 GB leased with its CUDA context and workspace)
+                  and synthetic:qwen2.5-1.5b (3.1 GB; 4.2 GB): each fits
+                  alone, not both. The driver's reserve (about 0.6 GB on an
+                  H200) is foreign to admission and comes off the cap, and
+                  an asleep worker keeps its CUDA context (about 0.8 GB after
+                  its kernels loaded): a 3B model (6.2-6.4 GB of weights,
+                  7.3 GB leased) cannot run at 8 GiB next to another worker
+                  at all (measured: qwen2.5-3b 251 MB short); with
+                  --cap-gib 10 it can.
 
 Agents (as tests/system/test_seed_scenario.py): a code generator and a
 security reviewer on the first model (one worker, shared weights), a
@@ -84,7 +86,7 @@ GIB = 1 << 30
 
 DEFAULTS = {
     "cpu": {"models": "smollm2-135m,gemma3-270m", "max_tokens": 16, "max_context": 1024},
-    "cuda": {"models": "synthetic:qwen2.5-3b,synthetic:llama-1b", "max_tokens": 64,
+    "cuda": {"models": "synthetic:smollm2-1.7b,synthetic:qwen2.5-1.5b", "max_tokens": 64,
              "max_context": 2048},
 }
 

@@ -192,6 +192,10 @@ class WorkerApp:
                                max_prompt_chars=settings.max_prompt_chars)
         if self.device.type == "cuda":
             await self._measure_workspace()
+            # Pin the host buffer the weights sleep into now, not in the
+            # middle of the first reclaim (seconds per GB to pin, against
+            # a copy at PCIe speed).
+            await asyncio.to_thread(self.pressure.stash.prepare)
         if self.kvstore is not None:
             await self._find_orphans(parking)
         self._set_state("ready")

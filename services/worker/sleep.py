@@ -87,6 +87,23 @@ class WeightStash:
         self._slots = slots
         self.num_bytes = offset
 
+    def prepare(self) -> float:
+        """Allocate (and pin) the host buffer now, so that the first sleep is
+        one copy at PCIe speed rather than seconds of pinning on the way to
+        answering a reclaim. Returns the seconds it took (0 if done already
+        or nothing moves)."""
+        if not self.moves or (self._slots and self._host is not None):
+            return 0.0
+        started = time.perf_counter()
+        if not self._slots:
+            self._plan()
+        if self._host is None:
+            self._host = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+        seconds = time.perf_counter() - started
+        log.info("stash_prepared", bytes=self.num_bytes, pinned=self.cuda,
+                 seconds=round(seconds, 3))
+        return seconds
+
     def sleep(self) -> Moved:
         """Weights to host memory, device copies freed."""
         if self.asleep:
@@ -95,10 +112,7 @@ class WeightStash:
         if not self.moves:
             self.asleep = True
             return Moved(0, time.perf_counter() - started)
-        if not self._slots:
-            self._plan()
-        if self._host is None:
-            self._host = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+        self.prepare()
         self._copy_out()
         with torch.no_grad():
             for slot in self._slots:
@@ -179,6 +193,10 @@ class StreamedStash:
     @property
     def moves(self) -> bool:
         return self.stash.moves
+
+    def prepare(self) -> float:
+        self.stash.exclude(self.streamer.streamed_parameters())
+        return self.stash.prepare()
 
     def sleep(self) -> Moved:
         # Layers made resident since the last sleep move with the others now.
