@@ -28,7 +28,7 @@ documentation writer on the second; each holds a conversation of --turns turns
 of --max-tokens tokens (greedy). Chat mode for real models with a chat
 template, plain prompt mode for synthetic models and for the docs writer.
 
-Phases (after an untimed warm-up: one token from each worker):
+Phases (after an untimed warm-up: one turn of --max-tokens on each worker):
   concurrent   the three agents at once: wall, tokens, tokens/s, time to first
                token per turn (p50/p95), sleeps / wakes / parks / restores
                (admission's Watch), wake times (Watch's KIND_MODEL_AWAKE
@@ -495,7 +495,10 @@ def main(argv=None) -> int:
 
         marks = {"start": (watcher.mark(), log_offsets(worker_logs))}
         if not args.no_warmup:
-            warm = [converse(address[m], Agent("warmup", m, False, ("Hello",)), 1)
+            # A full turn on each model: on a GPU the first seconds of work
+            # run slower (clocks, caches, lazily loaded kernels), and a one-
+            # token warm-up left that to the first timed phase.
+            warm = [converse(address[m], Agent("warmup", m, False, ("Hello",)), args.max_tokens)
                     for m in models]
             result["warmup_errors"] = [w["error"] for w in warm if w["error"]]
         marks["warm"] = (watcher.mark(), log_offsets(worker_logs))

@@ -308,17 +308,9 @@ class WorkerApp:
         assert self.pressure is not None
         log.info("reclaim_received", reclaim_id=reclaim.reclaim_id, purpose=purpose,
                  bytes=reclaim.bytes, for_holder=reclaim.for_holder)
-        state = self.pressure.state
-        if state in ("draining", "sleeping"):
-            # A sleep is under way and gives back all the KV and the weights:
-            # answered when it is done, so that admission knows this holder is
-            # still finishing (its KV may grow past the queue's head meanwhile).
-            before = self.memory.granted().get(purpose, 0)
-            await self.pressure.sleep_settled()
-            freed = max(0, before - self.memory.granted().get(purpose, 0))
-            return Relief(freed, f"the model was {state} when asked; now {self.pressure.state}")
-        if state != "ready":
-            return Relief(0, f"the model is {state} already")
+        relief = await self.pressure.settle_first(purpose)
+        if relief is not None:
+            return relief
         async with self._reclaim_lock:   # one at a time
             if self.memory.purpose_of(reclaim.lease.lease_id) is None:
                 return Relief(0, "that lease is no longer held")

@@ -316,6 +316,33 @@ class PressureRelief:
     def _held(self, purpose: str) -> int:
         return self.memory.granted().get(purpose, 0)
 
+    async def settle_first(self, purpose: str) -> Relief | None:
+        """The answer to an ask that finds the model changing state, or None
+        when it is ready and the ask is to be handled as usual.
+
+        Waking: wait until awake, then handle it like an awake model (its
+        quantum counting from the wake); answering "waking, nothing freed"
+        would leave this model's KV growths queued behind the asker until
+        the ask came again. Draining or sleeping: the sleep under way gives
+        back all the KV and the weights; answered when it is done, so that
+        admission knows this holder is still finishing (its KV may grow past
+        the queue's head meanwhile)."""
+        await self.wake_settled()
+        state = self.state
+        if state in ("draining", "sleeping"):
+            before = self._held(purpose)
+            await self.sleep_settled()
+            freed = max(0, before - self._held(purpose))
+            return Relief(freed, f"the model was {state} when asked; now {self.state}")
+        if state != "ready":
+            return Relief(0, f"the model is {state} already")
+        return None
+
+    async def wake_settled(self) -> None:
+        """Return once no wake is under way (it finished, or failed)."""
+        while self.state == "waking":
+            await self._state_changed.wait()
+
     async def sleep_settled(self) -> None:
         """Return once no sleep is under way (it finished, or gave up)."""
         while self.state in ("draining", "sleeping"):

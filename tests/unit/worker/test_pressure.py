@@ -188,6 +188,37 @@ def test_past_its_quantum_a_draining_model_holds_new_requests(tiny, arena):
     run_pressure(tiny, scenario, FakeLink(arena), min_awake_s=0.2)
 
 
+def test_asked_to_sleep_while_waking_it_wakes_serves_its_quantum_then_sleeps(
+        tiny, arena, monkeypatch):
+    """An ask that arrives mid-wake is not answered "waking already, nothing
+    freed" (the asker's KV would then queue behind its own wake): it is
+    handled once awake, the woken request served first."""
+    async def scenario(core, pressure, memory, activity):
+        session = core.open_session().session
+        await ids_of(core, session, "red green")
+        assert "asleep" in (await pressure.sleep("first")).detail
+        slow_wake = pressure.stash.wake
+
+        def wake():
+            import time
+            time.sleep(0.3)
+            return slow_wake()
+
+        monkeypatch.setattr(pressure.stash, "wake", wake)
+        request = asyncio.create_task(ids_of(core, session, " blue", max_tokens=5))
+        await asyncio.sleep(0.1)
+        assert pressure.state == "waking"
+        settled = await asyncio.wait_for(pressure.settle_first("weights"), 10)
+        assert settled is None and pressure.state == "ready", (
+            f"an ask mid-wake must be handled once awake, not answered: {settled}")
+        relief = await asyncio.wait_for(pressure.sleep("asked mid-wake"), 10)
+        assert await request, "the request that woke the model was not served"
+        assert "asleep" in relief.detail and relief.freed_bytes > 0, relief
+        assert pressure.state == "asleep"
+
+    run_pressure(tiny, scenario, FakeLink(arena), min_awake_s=5.0)
+
+
 def test_a_pinned_model_never_sleeps(tiny, arena):
     async def pinned(core, pressure, memory, activity):
         relief = await pressure.sleep("pinned")
