@@ -85,9 +85,10 @@ RPC_TIMEOUT_S = 600
 GIB = 1 << 30
 
 DEFAULTS = {
-    "cpu": {"models": "smollm2-135m,gemma3-270m", "max_tokens": 16, "max_context": 1024},
+    "cpu": {"models": "smollm2-135m,gemma3-270m", "max_tokens": 16, "max_context": 1024,
+            "kv_chunk_bytes": "4MiB"},
     "cuda": {"models": "synthetic:smollm2-1.7b,synthetic:qwen2.5-1.5b", "max_tokens": 64,
-             "max_context": 2048},
+             "max_context": 2048, "kv_chunk_bytes": "32MiB"},
 }
 
 ACTIVITY = {
@@ -375,7 +376,10 @@ def parse_args(argv):
     p.add_argument("--min-awake-s", type=float, default=0.0,
                    help="the workers' quantum: a woken model asked to sleep goes on serving "
                         "while it has work, for up to this long")
-    p.add_argument("--kv-chunk-bytes", default="4MiB")
+    p.add_argument("--kv-chunk-bytes", default=None,
+                   help="the workers' KV growth step (default: 4MiB on the CPU's small "
+                        "device, the worker's own 32MiB on a GPU: a chunk is a separate "
+                        "tensor, and a step gathers from each chunk a context spans)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="the workers' prompt tokens per step (their workspace, and the "
                         "warm-up prefill that measures it, scale with it)")
@@ -390,6 +394,7 @@ def parse_args(argv):
     args.models = args.models or d["models"]
     args.max_tokens = args.max_tokens or d["max_tokens"]
     args.max_context = args.max_context or d["max_context"]
+    args.kv_chunk_bytes = args.kv_chunk_bytes or d["kv_chunk_bytes"]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if len(models) != 2:
         p.error("--models takes two models: A,B")
