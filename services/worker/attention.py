@@ -159,3 +159,9 @@ def _no_mask(*args, **kwargs) -> None:
 def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    # cuDNN's attention builds an execution plan for every new shape, and a
+    # decode step has a new one at every context length: measured on an H200
+    # (bench/diag_turns.py, smollm2-1.7b shape), a session's first turns ran
+    # at 97-129 ms a step with it and 25-28 ms without; flash and
+    # memory-efficient attention need no plan.
+    torch.backends.cuda.enable_cudnn_sdp(False)

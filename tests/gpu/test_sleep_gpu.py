@@ -22,7 +22,9 @@ def test_sleep_frees_the_gpu_and_wake_restores_the_weights():
     device = torch.device("cuda")
     loaded = load_model("synthetic:llama-1b", cache=default_cache_dir(), device=device,
                         dtype=torch.bfloat16)
-    before = {name: t.detach().clone() for name, t in loaded.model.state_dict().items()}
+    # The snapshot lives in host memory: on the device it would stay reserved.
+    before = {name: t.detach().to("cpu", copy=True)
+              for name, t in loaded.model.state_dict().items()}
     torch.cuda.synchronize()
     awake_bytes = torch.cuda.memory_allocated(device)
     snapshot_bytes = sum(t.numel() * t.element_size() for t in before.values())
@@ -42,7 +44,7 @@ def test_sleep_frees_the_gpu_and_wake_restores_the_weights():
     print(f"wake: {[round(w.seconds * 1e3, 1) for w in woke]} ms; best "
           f"{woke[0].num_bytes / best / 1e9:.1f} GB/s")
     after = loaded.model.state_dict()
-    assert all(torch.equal(after[name], t) for name, t in before.items()), (
+    assert all(torch.equal(after[name].cpu(), t) for name, t in before.items()), (
         "a weight changed through sleep and wake")
     del after                                # views of the woken weights: they would stay
     assert torch.cuda.memory_allocated(device) - asleep_bytes >= 0.95 * slept.num_bytes
