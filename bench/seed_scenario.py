@@ -376,6 +376,11 @@ def parse_args(argv):
     p.add_argument("--min-awake-s", type=float, default=0.0,
                    help="the workers' quantum: a woken model asked to sleep goes on serving "
                         "while it has work, for up to this long")
+    p.add_argument("--resident-fraction", default="1.0",
+                   help="the workers' --resident-fraction: 1.0 (models sleep whole under "
+                        "pressure) or auto (a model starts with the layers that fit and "
+                        "streams more of them under pressure instead of sleeping, so that "
+                        "both models compute at once)")
     p.add_argument("--kv-chunk-bytes", default=None,
                    help="the workers' KV growth step (default: 4MiB on the CPU's small "
                         "device, the worker's own 32MiB on a GPU: a chunk is a separate "
@@ -470,6 +475,7 @@ def main(argv=None) -> int:
                   "--max-prefill-tokens", str(args.max_prefill_tokens),
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
                   "--min-awake-s", str(args.min_awake_s),
+                  "--resident-fraction", args.resident_fraction,
                   "--device", args.device, "--log-format", "json"]
         result["worker_command"] = "python -m services.worker --model M " + " ".join(common)
         # The first model first: when the second asks for its memory, the

@@ -53,19 +53,54 @@ async def _status(address: str, as_json: bool) -> int:
 
 
 async def _watch(address: str) -> int:
+    """Print admission's events until the stream ends or SIGINT/SIGTERM: the
+    signal cancels the call itself, so that the exit never waits on the
+    stream (asyncio's default, cancelling the main task, sometimes left the
+    process waiting under load)."""
+    import signal
+
     import grpc
 
+    from lmx.v1 import admission_pb2 as pb
     from services.admission.client import AdmissionClient
     from services.admission.table import render_event
 
-    async with AdmissionClient(address) as admission:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    admission = AdmissionClient(address)
+    call = admission.stub.Watch(pb.WatchRequest())
+
+    async def pump() -> int:
         try:
-            async for event in admission.watch():
+            async for event in call:
                 print(f"{event.seq:>6}  {render_event(event)}", flush=True)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and stop.is_set():
+                return 130
             print(f"lmx watch: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    return 0
+        return 0
+
+    printing = asyncio.create_task(pump())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({printing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if printing.done():
+            return printing.result()
+        call.cancel()
+        try:
+            await asyncio.wait_for(printing, 2.0)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+        return 130
+    finally:
+        stopping.cancel()
+        try:
+            await asyncio.wait_for(admission.close(), 2.0)
+        except TimeoutError:
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

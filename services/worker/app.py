@@ -243,9 +243,10 @@ class WorkerApp:
         has room for them and nobody waits: its lease grows first, then the
         layers move, between two steps."""
         assert self.streamer is not None and self.admission is not None
-        while self.streamer.count:
+        while True:
             await asyncio.sleep(self.settings.stream_grow_interval_s)
-            if self.pressure is None or self.pressure.state != "ready":
+            if (not self.streamer.count or self.pressure is None
+                    or self.pressure.state != "ready"):
                 continue
             try:
                 status = await self.admission.status()
@@ -320,27 +321,40 @@ class WorkerApp:
             shrunk = await self._stream_more_for(reclaim.needed_bytes)
             if shrunk is not None:
                 return shrunk
-            return await self.pressure.sleep(f"reclaim {reclaim.reclaim_id}")
+            # For a higher priority, generations in flight are paused, not
+            # waited for (the issue's policy: a session in the middle of a
+            # generation gives way only to a higher priority).
+            return await self.pressure.sleep(f"reclaim {reclaim.reclaim_id}",
+                                             urgent=reclaim.for_priority > self.settings.priority)
 
     async def _stream_more_for(self, needed_bytes: int) -> Relief | None:
         """A worker streaming with --resident-fraction auto answers a weights
         ask by streaming more of its layers, when that frees what the waiter
         misses, and goes on serving; None when it cannot (then it sleeps)."""
         streamer = self.streamer
-        if (streamer is None or not streamer.count or needed_bytes <= 0
+        if (streamer is None or needed_bytes <= 0
                 or self.settings.resident_fraction != AUTO):
             return None
-        count = -(-needed_bytes // streamer.layer_bytes)
-        if count > streamer.num_layers - streamer.count:   # not that many resident layers
+        resident = streamer.num_layers - streamer.count
+        # The fewest layers whose streaming frees what the waiter misses (a
+        # resident model's first ones also pay for the ring); none if even
+        # all of them would not.
+        count = next((k for k in range(1, resident + 1) if streamer.more_frees(k) >= needed_bytes),
+                     None)
+        if count is None:
             return None
         assert self.engine is not None
+        before = streamer.info()
         moved = await self.engine.between_steps(streamer.stream_more, count)
+        if not moved:
+            return None
+        after = streamer.info()
+        frees = (after.host_bytes - before.host_bytes) - (after.ring_bytes - before.ring_bytes)
         held = self.memory.granted().get("weights", 0)
-        await self.memory.resize_base(held - moved * streamer.layer_bytes)
+        await self.memory.resize_base(held - frees)
         self._register_soon()
-        return Relief(moved * streamer.layer_bytes,
-                      f"streaming {moved} more layers ({streamer.info().resident_fraction:.0%} "
-                      "resident)")
+        return Relief(frees, f"streaming {moved} more layers "
+                             f"({streamer.info().resident_fraction:.0%} resident)")
 
     async def _weight_plan(self):
         """The model's weights counted on the meta device, once (placement
@@ -546,8 +560,14 @@ class WorkerApp:
         rest moved to the device."""
         settings = self.settings
         if not streamed:
-            return load_model(settings.model, cache=self.cache, device=self.device,
-                              dtype=self.dtype, max_context=settings.max_context)
+            loaded = load_model(settings.model, cache=self.cache, device=self.device,
+                                dtype=self.dtype, max_context=settings.max_context)
+            if settings.resident_fraction == AUTO:
+                # Everything fits now; a streamer with nothing streamed lets
+                # the model give layers back under pressure instead of sleeping.
+                self.streamer = LayerStreamer(
+                    loaded.model, self.device, [], ring_slots=settings.stream_ring)
+            return loaded
         loaded = load_model(settings.model, cache=self.cache, device=torch.device("cpu"),
                             dtype=self.dtype, max_context=settings.max_context)
         self.streamer = LayerStreamer(

@@ -160,6 +160,10 @@ class Engine:
         self._steps = 0
         self._tokens_generated = 0
         self._preemptions = 0
+        #: pause(): nothing is scheduled until resume(); requested by setting
+        #: the future, carried out by the loop between two steps.
+        self._paused = False
+        self._pause_asked: asyncio.Future | None = None
         #: Called (bytes short) when a request waits for KV memory: the worker
         #: parks its own idle sessions then (services/worker/pressure.py).
         #: True while that relief is under way (the request keeps waiting).
@@ -185,7 +189,7 @@ class Engine:
         while time.monotonic() < deadline:
             resizing = self._resize_task is not None and not self._resize_task.done()
             if not resizing and self.pool.num_removable_chunks() <= (
-                    0 if not self._busy else self.spare_chunks):
+                    0 if not self._busy or self._paused else self.spare_chunks):
                 return
             self._maybe_shrink()
             await asyncio.sleep(0.01)
@@ -332,6 +336,53 @@ class Engine:
         self._slots.setdefault(session_id, []).extend(slots)
         return slots
 
+    async def pause(self) -> int:
+        """Stop generating, between two steps: every running generation
+        gives its KV back and waits at the head of the queue (its context is
+        recomputed from its tokens when it runs again, vLLM's recompute
+        preemption; the tokens it streamed stay streamed), and nothing is
+        scheduled until `resume()`. For a higher-priority holder's memory.
+        Returns how many generations were stopped."""
+        if self._paused:
+            return 0
+        if self._pause_asked is None:
+            self._pause_asked = asyncio.get_running_loop().create_future()
+        asked = self._pause_asked
+        self._wake.set()
+        return await asyncio.shield(asked)
+
+    def resume(self) -> None:
+        if self._paused:
+            log.info("generations_resumed", waiting=len(self._waiting))
+        self._paused = False
+        self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _pause_now(self) -> None:
+        stopped = 0
+        for request in reversed([r for r in self._running if not r.done]):
+            if self.pool.length(request.session.session_id):
+                self._preempt(request)
+            else:
+                self._running.remove(request)
+                self._waiting.appendleft(request)
+            stopped += 1
+        for request in self._waiting:
+            # Queued turns of sessions with a context: that KV goes too
+            # (the memory is wanted whole), recomputed when they run.
+            session_id = request.session.session_id
+            if self.pool.length(session_id):
+                self.pool.free(session_id)
+                self._slots.pop(session_id, None)
+        self._paused = True
+        asked, self._pause_asked = self._pause_asked, None
+        if asked is not None and not asked.done():
+            asked.set_result(stopped)
+        log.info("generations_paused", stopped=stopped, waiting=len(self._waiting))
+
     async def between_steps(self, fn, *args):
         """Run `fn(*args)` on the compute thread, between two steps (it may
         change the model: no step runs meanwhile)."""
@@ -342,6 +393,13 @@ class Engine:
         loop = asyncio.get_running_loop()
         while True:
             self._reap()
+            if self._pause_asked is not None:
+                self._pause_now()
+            if self._paused:
+                self._wake.clear()
+                self._maybe_shrink()      # the stopped generations' chunks go back
+                await self._wake.wait()
+                continue
             items, batch = self._schedule()
             if not batch:
                 self._wake.clear()
@@ -609,7 +667,8 @@ class Engine:
         if self._allocating or any(r.blocked_since is not None
                                    for r in [*self._waiting, *self._running]):
             return  # a request or a restore waits for blocks: what is free is for it
-        idle = not self._busy and not self._allocating and not self.pool.usage().num_used_blocks
+        idle = ((not self._busy or self._paused) and not self._allocating
+                and not self.pool.usage().num_used_blocks)
         spare = 0 if idle else self.spare_chunks
         removable = self.pool.num_removable_chunks() - spare
         if removable > 0:

@@ -100,6 +100,7 @@ class PressureRelief:
         self._state_changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._self_relief: asyncio.Task | None = None
+        self._resuming: asyncio.Task | None = None
         self._giving_up: asyncio.Task | None = None
 
     # ---- the worker's own shortage ----
@@ -156,11 +157,16 @@ class PressureRelief:
         return Relief(freed, detail)
 
     # ---- weights ----
-    async def sleep(self, reason: str) -> Relief:
+    async def sleep(self, reason: str, urgent: bool = False) -> Relief:
         """Put the model to sleep. Sessions generating are not interrupted:
         the worker drains (new requests wait) until they finish, then
         sleeps; the waiting requests wake it again, queued in admission
-        behind whoever asked."""
+        behind whoever asked. `urgent` (the memory is for a holder of a
+        higher priority): generations in flight are not waited for but
+        paused between two steps (their KV given back, recomputed later),
+        and once asleep the model asks for its memory again at once, so
+        that they resume, their streams only later, when the higher
+        priority has what it needs."""
         if self.pinned:
             return Relief(0, "the model is pinned (--pin-model): it never sleeps")
         async with self._lock:
@@ -172,7 +178,9 @@ class PressureRelief:
             self._set_state("draining")
             deadline = time.monotonic() + DRAIN_LIMIT_S
             idle_since: float | None = None
-            while True:
+            if urgent:
+                await self.engine.pause()
+            while not urgent:
                 now = time.monotonic()
                 if self._busy():
                     idle_since = None
@@ -191,7 +199,7 @@ class PressureRelief:
                 for session in self.idle_sessions():
                     await self.parking.park(session, reason=reason)
                 await self.engine.wait_settled(timeout_s=10.0)
-                if self._busy() or self.engine.pool.usage().num_used_blocks:
+                if self._busy(paused_ok=urgent) or self.engine.pool.usage().num_used_blocks:
                     raise LmxError("a request came in while its sessions were parked")
                 moved = await asyncio.to_thread(self.stash.sleep)
                 keep = self.keep_bytes + self.residue() if self.keep_bytes else 0
@@ -202,6 +210,7 @@ class PressureRelief:
             except BaseException as exc:
                 if self.stash.asleep:
                     await asyncio.to_thread(self.stash.wake)
+                self.engine.resume()
                 self._set_state("ready")
                 if isinstance(exc, LmxError):
                     return Relief(0, f"could not sleep: {exc.message}")
@@ -209,6 +218,11 @@ class PressureRelief:
             self._set_state("asleep")
             freed = max(0, before - sum(self.memory.granted().values()))
             self._activity("model_asleep", "", moved.num_bytes, moved.seconds, reason)
+            if self.engine.paused:
+                # Paused generations have no request at the wake gate to
+                # wake the model for them: ask for the memory now (queued in
+                # admission behind the higher priority).
+                self._resuming = asyncio.create_task(self._resume_paused(), name="resume")
             return Relief(freed, f"model asleep ({moved.num_bytes} bytes of weights to host "
                                  "memory)")
 
@@ -295,15 +309,31 @@ class PressureRelief:
             except BaseException:
                 self._set_state("asleep")
                 raise
+            self.engine.resume()        # generations paused for a higher priority go on
             self._awake_since = time.monotonic()
             self._set_state("ready")
             self._activity("model_awake", "", moved.num_bytes, time.perf_counter() - started,
                            "request")
 
-    def _busy(self) -> bool:
+    async def _resume_paused(self) -> None:
+        try:
+            await self.ensure_awake()
+        except Exception as exc:  # noqa: BLE001 - the paused requests fail instead of hanging
+            log.error("paused_generations_not_resumed", error=str(exc))
+            self.engine.abort_all(Aborted(f"the model could not wake again: {exc}; retry",
+                                          reason="WAKE_FAILED"))
+
+    def _busy(self, paused_ok: bool = False) -> bool:
+        """Work under way: a request at the gate, a session generating or
+        moving, requests in the engine (`paused_ok`: those the engine
+        paused do not count, their KV is given back)."""
         if self._entering:
             return True
-        if any(s.busy or s.moving for s in self.sessions.all()):
+        if any(s.moving for s in self.sessions.all()):
+            return True
+        if paused_ok and self.engine.paused:
+            return False
+        if any(s.busy for s in self.sessions.all()):
             return True
         stats = self.engine.stats()
         return bool(stats.num_waiting or stats.num_running)

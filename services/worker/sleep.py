@@ -66,8 +66,10 @@ class WeightStash:
         """Move none of `tensors` from now on (planned again at the next sleep)."""
         skip = {id(t) for t in tensors}
         if skip != self._skip:
+            # Planned again at the next sleep; the host buffer is kept if
+            # it is large enough (fewer tensors move when more layers stream).
             self._skip = skip
-            self._slots, self._host, self.num_bytes = [], None, 0
+            self._slots, self.num_bytes = [], 0
 
     def _plan(self) -> None:
         seen: dict[int, None] = {}
@@ -97,6 +99,8 @@ class WeightStash:
         started = time.perf_counter()
         if not self._slots:
             self._plan()
+        if self._host is not None and self._host.numel() < self.num_bytes:
+            self._host = None
         if self._host is None:
             self._host = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=self.cuda)
         seconds = time.perf_counter() - started
@@ -147,7 +151,7 @@ class WeightStash:
             return Moved(0, time.perf_counter() - started)
         assert self._host is not None
         flat = torch.empty(self.num_bytes, dtype=torch.uint8, device=self.device)
-        flat.copy_(self._host, non_blocking=True)
+        flat.copy_(self._host[:self.num_bytes], non_blocking=True)
         with torch.no_grad():
             for slot in self._slots:
                 piece = flat[slot.offset:slot.offset + slot.num_bytes]

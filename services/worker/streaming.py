@@ -109,7 +109,12 @@ class LayerStreamer:
         self.layers = [layers[i] for i in streamed]
         self.streamed = list(streamed)
         self.count = len(self.layers)
-        self.slots = max(1, min(ring_slots, self.count)) if self.count else 0
+        #: The ring's size asked for; fewer slots while fewer layers stream.
+        self.ring_slots = max(1, ring_slots)
+        self.slots = min(self.ring_slots, self.count)
+        self.ring: list[torch.Tensor] = []
+        self.views: list[list[torch.Tensor]] = []
+        self.host: list[torch.Tensor] = []     # per streamed layer: its flat host copy
         self.cuda = device.type == "cuda"
         self._hooks: list = []
         self._n = 0                    # streamed-layer executions so far
@@ -126,18 +131,19 @@ class LayerStreamer:
         self.shared: SharedHostWeights | None = None
         self.shared_mapped = False     # True: another worker had written them
         self._registered: torch.Tensor | None = None
-        if self.count:
-            self._plan()
+        # With nothing streamed yet the plan is one layer's (all alike): the
+        # size a ring slot would have if memory ran short (`stream_more`).
+        self._plan(self.layers or [layers[0]])
 
     # ---- set-up ----
-    def _plan(self) -> None:
-        first = self.layers[0]
+    def _plan(self, layers: list[torch.nn.Module]) -> None:
+        first = layers[0]
         shapes = [p.shape for _, p in first.named_parameters()]
-        dtypes = {p.dtype for layer in self.layers for p in layer.parameters()}
+        dtypes = {p.dtype for layer in layers for p in layer.parameters()}
         if len(dtypes) != 1:
             raise ValueError(f"streamed layers mix dtypes {dtypes}")
         self.dtype = dtypes.pop()
-        for layer in self.layers[1:]:
+        for layer in layers[1:]:
             if [p.shape for _, p in layer.named_parameters()] != shapes:
                 raise ValueError("streamed layers differ in shape; cannot share a ring")
         self.numels = [int(torch.Size(s).numel()) for s in shapes]
@@ -148,8 +154,14 @@ class LayerStreamer:
     def info(self) -> StreamingInfo:
         return StreamingInfo(self.num_layers, self.count, self.slots,
                              self.layer_bytes if self.count else 0,
-                             self.count * (self.layer_bytes if self.count else 0),
-                             self.slots * (self.layer_bytes if self.count else 0))
+                             self.count * self.layer_bytes, self.slots * self.layer_bytes)
+
+    def more_frees(self, num_layers: int) -> int:
+        """Device bytes that `stream_more(num_layers)` gives back: the layers'
+        weights, less a new ring when none streams yet."""
+        moving = min(num_layers, self.num_layers - self.count)
+        ring = 0 if self.count else min(self.ring_slots, moving)
+        return (moving - ring) * self.layer_bytes
 
     def attach(self) -> None:
         """Move the streamed layers' weights to host memory (their device
@@ -237,6 +249,7 @@ class LayerStreamer:
             for hook in self._hooks:
                 hook.remove()
             self._hooks, self.ring, self.views = [], [], []
+            self.slots = 0
         else:
             if self.slots > self.count:
                 self.slots = self.count
@@ -253,9 +266,11 @@ class LayerStreamer:
         """Stream `num_layers` more layers (memory is short: the lease will
         shrink): the next resident ones in stream_order go to host memory
         (private buffers, pinned on CUDA) and their device copies are freed.
-        Needs a ring already (a streamer with streamed layers). Call between
-        forward passes. Returns how many moved."""
-        if not self.count or not self.ring:
+        A streamer with nothing streamed yet (a resident model) makes its
+        ring once those copies are freed (`more_frees` counts it). Not while
+        the model sleeps (its ring released). Call between forward passes.
+        Returns how many moved."""
+        if self.count and not self.ring:
             return 0
         layers = decoder_layers(self.model)
         streamed = set(self.streamed)
@@ -264,13 +279,20 @@ class LayerStreamer:
         if not moving:
             return 0
         self._sync()
+        starting = not self.count
+        if starting:
+            self._plan([layers[i] for i in indices])
         added = []
         for index in indices:
             layer = layers[index]
             flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
                                pin_memory=self.cuda)
             self._to_flat(layer, flat)
-            self._bind(layer, 0)          # its own device copy goes
+            if starting:                  # no ring yet: its device copy goes now
+                for param in layer.parameters():
+                    param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+            else:
+                self._bind(layer, 0)      # its own device copy goes
             added.append((index, layer, flat))
         merged = sorted([*zip(self.streamed, self.layers, self.host), *added],
                         key=lambda item: item[0])
@@ -278,6 +300,11 @@ class LayerStreamer:
         self.layers = [layer for _, layer, _ in merged]
         self.host = [flat for _, _, flat in merged]
         self.count += moving
+        if starting:
+            if self.cuda:
+                torch.cuda.empty_cache()  # the layers' memory is the ring's now
+            self.slots = min(self.ring_slots, self.count)
+            self._make_ring()
         self._restart()
         if self.cuda:
             torch.cuda.empty_cache()

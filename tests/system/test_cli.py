@@ -109,3 +109,4 @@ def test_watch_prints_events(admission):
         watch.send_signal(signal.SIGINT)
         out, _ = watch.communicate(timeout=10)
     assert "granted  cli-test" in out and "released cli-test" in out, out
+    assert watch.returncode == 130, watch.returncode   # stopped by the signal, cleanly

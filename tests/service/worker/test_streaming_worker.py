@@ -234,3 +234,68 @@ def test_a_streamed_worker_streams_more_to_make_room_and_goes_on(tmp_path):
     finally:
         fleet.stop_all()
         admission.stop()
+
+
+def test_a_resident_auto_worker_starts_streaming_to_make_room(tmp_path):
+    """--resident-fraction auto on a device with room for the whole model:
+    it loads fully resident; when a waiter then misses memory, it answers
+    the ask for its weights by streaming the fewest layers that free what
+    the waiter misses (a ring of two paid for out of them), not by sleeping,
+    and answers exactly; once memory frees up, its layers come back."""
+    import time
+
+    import grpc
+
+    from lmx.v1 import admission_pb2_grpc
+    from services.common.launch import start_service
+
+    from .test_exactness import Input
+    from .worker_support import Reference, WorkerClient, WorkerFleet
+
+    admission = start_service("services.admission", "lmx.v1.AdmissionService",
+                              ["--device", "cpu:0=1200MiB", "--log-format", "json",
+                               "--reclaim-deadline-s", "2"],
+                              log_path=tmp_path / "admission.log")
+    fleet = WorkerFleet(tmp_path)
+    try:
+        with grpc.insecure_channel(admission.address) as channel:
+            stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+            worker = fleet.ready("start", SMOLLM2, admission.address, "--resident-fraction",
+                                 "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
+                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "1")
+            with WorkerClient(worker.address) as client:
+                before = client.status()
+            assert before.resident_fraction == 1.0 and before.streamed_bytes == 0
+            item = Input("prompt", "The capital of France is")
+            want = generate_once(worker.address, item).token_ids
+            free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
+            asked = free + (20 << 20)          # two layers' worth (14.2 MB each) more than is free
+            lease = stub.Acquire(apb.AcquireRequest(
+                holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
+                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+            assert lease.bytes == asked, "the waiter should be granted"
+            with WorkerClient(worker.address) as client:
+                after = client.status()
+            assert after.state == "ready", "the worker streams; it does not sleep"
+            # About 2 layers for the waiter + 2 for the ring: 3-4 of 30 stream.
+            assert 25 / 30 <= after.resident_fraction < 1.0, after.resident_fraction
+            assert before.leased_bytes - after.leased_bytes >= 20 << 20
+            events = [line.get("event") for line in worker.log_lines()]
+            assert "layers_streamed_more" in events and "model_asleep" not in events
+            got = generate_once(worker.address, item)
+            assert got.token_ids == want
+            assert_matches_reference(SMOLLM2, item, got, Reference(SMOLLM2), "started streaming")
+            stub.Release(apb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch),
+                         timeout=10)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with WorkerClient(worker.address) as client:
+                    now = client.status()
+                if now.resident_fraction == 1.0:
+                    break
+                time.sleep(0.5)
+            assert now.resident_fraction == 1.0, "its layers should come back once memory frees"
+            assert generate_once(worker.address, item).token_ids == want
+    finally:
+        fleet.stop_all()
+        admission.stop()

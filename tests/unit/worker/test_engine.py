@@ -425,6 +425,56 @@ def test_generations_that_outgrow_the_kv_budget_together_are_preempted_not_faile
     assert [a_ids, b_ids] == expected, "a preempted generation went on differently"
 
 
+def test_paused_generations_hold_no_kv_and_go_on_exactly_after_resume(tiny):
+    """Engine.pause: between two steps every generation stops (running ones
+    preempted, a queued turn's context freed too), no step runs and every
+    KV chunk goes back; after resume each finishes with its own tokens."""
+    prompts = [list(range(200, 230)), list(range(300, 330))]
+    params = SamplingParams(max_tokens=40)
+
+    async def alone(engine):
+        outs = []
+        for prompt in prompts:
+            session = SessionTable().open()
+            deltas, end = await collect(engine, engine.submit_tokens(session, params, prompt))
+            assert isinstance(end, Finished), end
+            outs.append(tokens_of(deltas))
+            engine.drop_session(session)
+        return outs
+
+    async def paused(engine):
+        sessions = SessionTable()
+        a, b = sessions.open(), sessions.open()
+        first = engine.submit_tokens(a, params, prompts[0])
+        second = engine.submit_tokens(b, params, prompts[1])
+        got = {0: [], 1: []}
+        for index, request in enumerate((first, second)):   # both under way
+            event = await request.out.get()
+            assert isinstance(event, Delta), event
+            got[index].extend(event.token_ids)
+            engine.delivered(request, len(event.token_ids))
+        stopped = await engine.pause()
+        steps = engine.stats().steps
+        await engine.wait_settled()
+        await asyncio.sleep(0.2)
+        stats = engine.stats()
+        held = (stats.steps == steps, stats.num_used_blocks, stats.kv_bytes)
+        engine.resume()
+        ends = []
+        for index, request in enumerate((first, second)):
+            deltas, end = await collect(engine, request)
+            got[index].extend(tokens_of(deltas))
+            ends.append(end)
+        return stopped, held, got, ends
+
+    expected = run(tiny, alone)
+    stopped, held, got, ends = run(tiny, paused)
+    assert stopped == 2, f"both generations should have been stopped: {stopped}"
+    assert held == (True, 0, 0), f"paused: no step, no block, no KV chunk held: {held}"
+    assert all(isinstance(end, Finished) for end in ends), ends
+    assert [got[0], got[1]] == expected, "a paused generation went on differently"
+
+
 # ---- (g) shrinking ------------------------------------------------------------
 @pytest.mark.parametrize("order", ["first-to-last", "last-to-first"])
 def test_closed_sessions_give_their_kv_chunks_back(tiny, order):

@@ -219,6 +219,32 @@ def test_asked_to_sleep_while_waking_it_wakes_serves_its_quantum_then_sleeps(
     run_pressure(tiny, scenario, FakeLink(arena), min_awake_s=5.0)
 
 
+def test_for_a_higher_priority_generations_pause_the_model_sleeps_then_they_go_on(tiny, arena):
+    """An urgent sleep (the memory is for a higher priority) does not wait
+    for the generation in flight: it is paused between two steps, its KV
+    given back, the model sleeps and its memory goes back at once; the
+    model then asks for it again by itself (no new request needed), and the
+    paused generation goes on to the same tokens as one never paused."""
+    async def scenario(core, pressure, memory, activity):
+        control, paused = core.open_session().session, core.open_session().session
+        want = await ids_of(core, control, "tell me a long story", max_tokens=40)
+        stream = core.generate(paused.session_id, paused.token, SamplingParams(max_tokens=40),
+                               prompt="tell me a long story")
+        got = list((await anext(stream)).token_ids)
+        relief = await asyncio.wait_for(pressure.sleep("urgent", urgent=True), 10)
+        assert "asleep" in relief.detail and relief.freed_bytes > 0, relief
+        assert core.engine.stats().preemptions >= 1
+        async for event in stream:                 # woken by itself, then on to the end
+            if hasattr(event, "token_ids"):
+                got.extend(event.token_ids)
+        assert got == want, "a paused generation went on differently"
+        assert pressure.state == "ready" and not core.engine.paused
+        kinds = [a[0] for a in activity]
+        assert kinds.count("model_asleep") == 1 and kinds.count("model_awake") == 1
+
+    run_pressure(tiny, scenario, FakeLink(arena), moves=True)
+
+
 def test_a_pinned_model_never_sleeps(tiny, arena):
     async def pinned(core, pressure, memory, activity):
         relief = await pressure.sleep("pinned")

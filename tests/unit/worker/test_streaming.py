@@ -239,3 +239,36 @@ def test_streaming_more_layers_stays_exact_and_frees_them():
     assert torch.equal(logits(model, [8, 6, 7]), want)
     streamer.make_resident(3)
     assert torch.equal(logits(model, [8, 6, 7]), want)
+
+
+def test_a_resident_model_starts_streaming_and_stops_again():
+    """A streamer with nothing streamed (a resident model that may give
+    layers back): streaming starts from zero, its ring made only once the
+    layers' device copies are gone (`more_frees` counts the ring); exact;
+    all layers back makes it resident again, and it can start again."""
+    model = tiny()
+    want = logits(model, [8, 6, 7])
+    layers = decoder_layers(model)
+    streamer = LayerStreamer(model, CPU, [], ring_slots=2)
+    streamer.attach()
+    assert streamer.count == 0 and streamer.info().ring_bytes == 0
+    one = streamer.layer_bytes
+    assert one > 0, "the layer size is known before anything streams"
+    assert streamer.more_frees(1) == 0 and streamer.more_frees(2) == 0, "the ring costs two"
+    assert streamer.more_frees(3) == one
+    resident_copy = {p.untyped_storage().data_ptr() for p in layers[2].parameters()}
+    assert streamer.stream_more(3) == 3      # stream_order(5): 2, 1, 3
+    assert streamer.streamed == [1, 2, 3] and streamer.slots == 2
+    info = streamer.info()
+    assert info.host_bytes == 3 * one and info.ring_bytes == 2 * one
+    ring = {t.untyped_storage().data_ptr() for t in streamer.ring}
+    assert {p.untyped_storage().data_ptr() for p in layers[2].parameters()} <= ring
+    assert not resident_copy & ring
+    for _ in range(2):
+        assert torch.equal(logits(model, [8, 6, 7]), want)
+    assert streamer.more_frees(1) == one, "with a ring already, a layer frees a layer"
+    assert streamer.make_resident(3) == 3
+    assert streamer.count == 0 and streamer.info().ring_bytes == 0 and not streamer.ring
+    assert torch.equal(logits(model, [8, 6, 7]), want)
+    assert streamer.stream_more(4) == 4
+    assert torch.equal(logits(model, [8, 6, 7]), want)
