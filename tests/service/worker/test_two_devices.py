@@ -80,3 +80,47 @@ def test_placement_per_card_and_a_session_moving_between_cards(tmp_path):
         finally:
             problems = fleet.stop_all()
         assert not problems, "\n".join(problems)
+
+
+def test_memory_pressure_is_per_card_and_lmx_ps_shows_each(tmp_path):
+    """A waiter on one card asks only that card's holders: the model on the
+    other card is never asked and keeps serving; `lmx ps` lists both cards
+    and which worker is on which (asleep on one, ready on the other)."""
+    from services.stack.ps import render_ps
+
+    with admission_servers(tmp_path) as start_admission, kvstore_servers(tmp_path) as start_kv:
+        admission = start_admission("--device", "cpu:0=1GiB", "--device", "cpu:1=1GiB",
+                                    "--reclaim-deadline-s", "2")
+        kvstore = start_kv()
+        fleet = WorkerFleet(tmp_path)
+        common = ("--kvstore", kvstore.address, "--max-context", str(SHARED_MAX_CONTEXT))
+        try:
+            first = fleet.ready("first", SMOLLM2, admission.address, *common,
+                                "--admission-device", "cpu:0")
+            second = fleet.ready("second", SMOLLM2, admission.address, *common,
+                                 "--admission-device", "cpu:1")
+            with grpc.insecure_channel(admission.address) as channel:
+                stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+                status = stub.Status(apb.StatusRequest(), timeout=RPC_TIMEOUT_S)
+                free = {d.device: d.free_bytes for d in status.devices}
+                lease = stub.Acquire(apb.AcquireRequest(
+                    holder=apb.Holder(name="test/waiter", pid=1), device="cpu:0",
+                    bytes=free["cpu:0"] + (64 << 20), purpose=apb.PURPOSE_OTHER,
+                    wait_ms=30_000, ttl_ms=60_000), timeout=40).lease
+                assert lease.device == "cpu:0"
+                status = stub.Status(apb.StatusRequest(), timeout=RPC_TIMEOUT_S)
+                asked = {r.lease.holder.pid for r in status.reclaims}
+                assert first.proc.pid in asked and second.proc.pid not in asked, (
+                    f"only cpu:0's holders may be asked: {asked}")
+                table = render_ps(status)
+            with WorkerClient(first.address) as one, WorkerClient(second.address) as other:
+                assert one.status().state == "asleep"
+                assert other.status().state == "ready"
+                session = other.open()
+                assert turn(other, session, TURN_1), "the other card's model keeps serving"
+            assert "cpu:0" in table and "cpu:1" in table, table
+            assert any("asleep" in line and "cpu:0" in line for line in table.splitlines()), table
+            assert any("ready" in line and "cpu:1" in line for line in table.splitlines()), table
+        finally:
+            problems = fleet.stop_all()
+        assert not problems, "\n".join(problems)
