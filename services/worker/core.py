@@ -32,6 +32,25 @@ class OpenedSession:
     chat: bool
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:
+    """A whole conversation to answer: known roles, a user turn last, and no
+    more text than --max-prompt-chars in all."""
+    if not messages:
+        raise InvalidArgument("conversation", "must hold at least one message")
+    for index, message in enumerate(messages):
+        if message.get("role") not in ROLES:
+            raise InvalidArgument(f"conversation.messages[{index}].role",
+                                  f"must be one of {', '.join(ROLES)}")
+    if messages[-1]["role"] != "user" or not messages[-1].get("content"):
+        raise InvalidArgument("conversation", "must end with a user turn that is not empty")
+    if sum(len(m.get("content", "")) for m in messages) > max_chars:
+        raise InvalidArgument("conversation", f"at most {max_chars} characters in all "
+                                              "(--max-prompt-chars)")
+
+
 class WorkerCore:
     def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
                  parking: Parking | None = None, pressure: PressureRelief | None = None,
@@ -108,17 +127,26 @@ class WorkerCore:
 
     async def generate(self, session_id: str, token: str, params: SamplingParams, *,
                        prompt: str | None = None,
-                       message: dict[str, str] | None = None) -> AsyncIterator[Delta | Finished]:
+                       message: dict[str, str] | None = None,
+                       conversation: list[dict[str, str]] | None = None,
+                       whole_prompt: str | None = None) -> AsyncIterator[Delta | Finished]:
         """Stream the answer. If the caller stops iterating (cancels), the
-        generation stops and the session keeps only what was yielded."""
+        generation stops and the session keeps only what was yielded.
+        `conversation` and `whole_prompt` replace the session's context,
+        keeping the prefix they share with it (Engine.submit)."""
         session = await self._session(session_id, token)
-        if (prompt is None) == (message is None):
-            raise InvalidArgument("input", "give either a prompt or a message")
-        if prompt is not None and not prompt:
-            raise InvalidArgument("prompt", "must not be empty")
-        if prompt is not None and len(prompt) > self.max_prompt_chars:
-            raise InvalidArgument("prompt", f"at most {self.max_prompt_chars} characters "
+        given = [x for x in (prompt, message, conversation, whole_prompt) if x is not None]
+        if len(given) != 1:
+            raise InvalidArgument("input", "give one of prompt, message, conversation or "
+                                           "whole_prompt")
+        for name, text in (("prompt", prompt), ("whole_prompt", whole_prompt)):
+            if text is not None and not text:
+                raise InvalidArgument(name, "must not be empty")
+            if text is not None and len(text) > self.max_prompt_chars:
+                raise InvalidArgument(name, f"at most {self.max_prompt_chars} characters "
                                             "(--max-prompt-chars)")
+        if conversation is not None:
+            check_conversation(conversation, self.max_prompt_chars)
         if message is not None:
             if message.get("role") != "user":
                 raise InvalidArgument("message.role", "a turn to answer must be role 'user'")
@@ -132,7 +160,8 @@ class WorkerCore:
         async with self._awake():
             if session.parked_entry:
                 await self.parking.unpark(session)
-            request = self.engine.submit(session, params, prompt=prompt, message=message)
+            request = self.engine.submit(session, params, prompt=prompt, message=message,
+                                         conversation=conversation, whole_prompt=whole_prompt)
         finished = False
         try:
             while True:

@@ -83,6 +83,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     context_tokens: int
+    reused_tokens: int = 0     # of the context before this turn, kept (not computed again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,28 +203,48 @@ class Engine:
 
     # ---- requests --------------------------------------------------------
     def submit(self, session: Session, params: SamplingParams, *, prompt: str | None = None,
-               message: dict[str, str] | None = None) -> Request:
+               message: dict[str, str] | None = None,
+               conversation: list[dict[str, str]] | None = None,
+               whole_prompt: str | None = None) -> Request:
         """Append a raw prompt or a chat message to the session's context and
-        queue its generation."""
+        queue its generation. `conversation` (the whole chat, ending with the
+        user turn) or `whole_prompt` (the whole raw context) replace the
+        session's: the longest prefix of its tokens that they share is kept,
+        only the rest is computed (prefix reuse)."""
         if session.session_id in self._busy:
             raise FailedPrecondition(f"session {session.session_id} is already generating; "
                                      "wait for it to finish or cancel it", reason="SESSION_BUSY")
         loaded = self.loaded
+        history = session.messages
+        if conversation is not None:
+            history, message = list(conversation[:-1]), conversation[-1]
         if message is not None:
             template = session.chat_template or getattr(loaded.tokenizer, "chat_template", None)
             if not template:
                 raise InvalidArgument(
-                    "message", f"{loaded.name} has no chat template (it is a base model): send a "
+                    "conversation" if conversation is not None else "message",
+                    f"{loaded.name} has no chat template (it is a base model): send a "
                     "raw prompt, or open the session with a chat_template")
-            full = chat_tokens(loaded.tokenizer, [*session.messages, message], template)
+            full = chat_tokens(loaded.tokenizer, [*history, message], template)
             keep = common_prefix(session.tokens, full)
+            new_tokens = full[keep:]
+        elif whole_prompt is not None:
+            history = []
+            full = loaded.tokenizer(whole_prompt, add_special_tokens=True)["input_ids"]
+            # At least the last token is computed again: its logits start the answer.
+            keep = min(common_prefix(session.tokens, full), len(full) - 1)
             new_tokens = full[keep:]
         else:
             assert prompt is not None
             keep = len(session.tokens)
             new_tokens = loaded.tokenizer(prompt, add_special_tokens=not session.tokens)["input_ids"]
-        return self._queue(session, params, keep, new_tokens, message,
-                           "prompt" if message is None else "message")
+        if message is not None and keep == len(full) and keep:
+            keep -= 1          # the same conversation again: its last token starts the answer
+            new_tokens = full[keep:]
+        field_name = ("conversation" if conversation is not None else
+                      "message" if message is not None else
+                      "whole_prompt" if whole_prompt is not None else "prompt")
+        return self._queue(session, params, keep, new_tokens, message, field_name, history)
 
     def submit_tokens(self, session: Session, params: SamplingParams,
                       token_ids: list[int]) -> Request:
@@ -234,7 +255,8 @@ class Engine:
         return self._queue(session, params, len(session.tokens), token_ids, None, "token_ids")
 
     def _queue(self, session: Session, params: SamplingParams, keep: int, new_tokens: list[int],
-               message: dict[str, str] | None, field_name: str) -> Request:
+               message: dict[str, str] | None, field_name: str,
+               history: list[dict[str, str]] | None = None) -> Request:
         loaded = self.loaded
         if not new_tokens and keep == len(session.tokens):
             raise InvalidArgument(field_name, "adds no tokens to the context")
@@ -245,6 +267,8 @@ class Engine:
                                   f"at most {loaded.max_context - 1} before generating")
         self._truncate(session, keep)
         session.tokens.extend(new_tokens)
+        if history is not None and history is not session.messages:
+            session.messages = list(history)      # a whole conversation (or raw context) replaced it
         if message is not None:
             session.messages.append(message)
         session.busy = True
@@ -601,7 +625,8 @@ class Engine:
         if request.session.messages and request.session.messages[-1]["role"] == "user":
             request.session.messages.append({"role": "assistant", "content": request.text})
         request.out.put_nowait(Finished(reason, request.num_prompt_tokens, len(request.generated),
-                                        len(request.session.tokens)))
+                                        len(request.session.tokens),
+                                        request.base_len - request.num_prompt_tokens))
 
     def _finish_cancelled(self, request: Request) -> None:
         """Keep only what the caller received."""

@@ -51,13 +51,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         params = sampling_from_pb(request)
         which = request.WhichOneof("input")
-        prompt = request.prompt if which == "prompt" else None
-        message = ({"role": request.message.role, "content": request.message.content}
-                   if which == "message" else None)
         if which is None:
-            raise InvalidArgument("input", "give either a prompt or a message")
+            raise InvalidArgument("input", "give a prompt, a message, a conversation or a "
+                                           "whole_prompt")
+        inputs = {
+            "prompt": lambda: {"prompt": request.prompt},
+            "message": lambda: {"message": {"role": request.message.role,
+                                            "content": request.message.content}},
+            "conversation": lambda: {"conversation": [
+                {"role": m.role, "content": m.content}
+                for m in request.conversation.messages]},
+            "whole_prompt": lambda: {"whole_prompt": request.whole_prompt},
+        }[which]()
         async for event in self._core().generate(request.session_id, request.token, params,
-                                              prompt=prompt, message=message):
+                                              **inputs):
             if isinstance(event, Delta):
                 yield pb.GenerateResponse(delta=pb.TokenDelta(text=event.text,
                                                               token_ids=event.token_ids))
@@ -65,7 +72,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 yield pb.GenerateResponse(finish=pb.GenerateFinish(
                     reason=FINISH_TO_PB[event.reason], prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
-                    context_tokens=event.context_tokens))
+                    context_tokens=event.context_tokens, reused_tokens=event.reused_tokens))
 
     async def CloseSession(self, request: pb.CloseSessionRequest,
                            context) -> pb.CloseSessionResponse:

@@ -702,3 +702,59 @@ def test_a_lost_lease_stops_the_engine_before_its_next_step(tiny):
     received = list(first.token_ids) + tokens_of(rest)
     assert tokens == [5, 6, 7, 8, *received], (
         f"the session must keep exactly what its caller received: {tokens} vs {received}")
+
+
+# ---- prefix reuse (stateless clients resend the whole history) -----------------
+def test_a_resent_conversation_reuses_the_context_and_answers_as_a_fresh_session(tiny):
+    """conversation=: the whole chat again, one more user turn at the end. The
+    session keeps what the new rendering shares with its context (the earlier
+    turns and the answer it gave) and computes only the new turn; the answer
+    equals that of a fresh session given the same conversation."""
+    params = SamplingParams(max_tokens=8)
+    first = [{"role": "system", "content": "You are brief."},
+             {"role": "user", "content": "Name a colour."}]
+
+    async def scenario(engine):
+        sessions = SessionTable()
+        reused = sessions.open()
+        deltas, end = await collect(engine, engine.submit(reused, params, conversation=first))
+        answer = text_of(deltas)
+        assert isinstance(end, Finished) and end.reused_tokens == 0
+        second = [*first, {"role": "assistant", "content": answer},
+                  {"role": "user", "content": "Another one."}]
+        deltas, end = await collect(engine, engine.submit(reused, params, conversation=second))
+        fresh = sessions.open()
+        control, control_end = await collect(engine,
+                                             engine.submit(fresh, params, conversation=second))
+        # A different earlier turn: only the shared part is kept.
+        other = [first[0], {"role": "user", "content": "Name an animal."}]
+        _, diverged = await collect(engine, engine.submit(reused, params, conversation=other))
+        return end, tokens_of(deltas), control_end, tokens_of(control), diverged
+
+    end, got, control_end, want, diverged = run(tiny, scenario)
+    assert end.reused_tokens > 0 and end.prompt_tokens < control_end.prompt_tokens, (
+        f"the earlier turns were computed again: {end} vs {control_end}")
+    assert end.reused_tokens + end.prompt_tokens == control_end.prompt_tokens
+    assert got == want, "a reused context answered differently from a fresh one"
+    assert 0 < diverged.reused_tokens < end.reused_tokens, diverged
+
+
+def test_a_resent_whole_prompt_reuses_its_prefix(tiny):
+    params = SamplingParams(max_tokens=6)
+
+    async def scenario(engine):
+        sessions = SessionTable()
+        session = sessions.open()
+        deltas, first = await collect(engine, engine.submit(session, params,
+                                                            whole_prompt="Once upon a time"))
+        longer = "Once upon a time" + text_of(deltas) + " and then"
+        deltas, second = await collect(engine, engine.submit(session, params,
+                                                             whole_prompt=longer))
+        fresh = sessions.open()
+        control, third = await collect(engine, engine.submit(fresh, params, whole_prompt=longer))
+        return first, second, tokens_of(deltas), third, tokens_of(control)
+
+    first, second, got, third, want = run(tiny, scenario)
+    assert first.reused_tokens == 0 and second.reused_tokens > 0
+    assert second.reused_tokens + second.prompt_tokens == third.prompt_tokens
+    assert got == want
