@@ -3,6 +3,7 @@
     lmx admission [flags]      the admission server (python -m services.admission)
     lmx worker --model NAME    a worker serving one model (python -m services.worker)
     lmx kvstore [flags]        the KV store server (python -m services.kvstore)
+    lmx front [flags]          the OpenAI-compatible HTTP front (python -m services.front)
     lmx chat [--model NAME]    talk to a model, streaming (one-shot with -p)
     lmx status [--json]        who holds which GPU memory
     lmx watch                  admission's events as they happen
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("worker", help="run a worker (flags: lmx worker -h)", add_help=False)
     commands.add_parser("kvstore", help="run the KV store (flags: lmx kvstore -h)",
                         add_help=False)
+    commands.add_parser("front", help="run the OpenAI-compatible HTTP front (flags: lmx front -h)",
+                        add_help=False)
     commands.add_parser("chat", help="talk to a model (flags: lmx chat -h)", add_help=False)
     status = commands.add_parser("status", help="show who holds which GPU memory")
     status.add_argument("--admission", metavar="HOST:PORT",
@@ -133,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "kvstore":
         from services.kvstore.main import main as kvstore_main
         return kvstore_main(argv[1:])
+    if argv and argv[0] == "front":
+        from services.front.main import main as front_main
+        return front_main(argv[1:])
     if argv and argv[0] == "chat":
         from services.chat import main as chat_main
         return chat_main(argv[1:], os.environ.get(ADMISSION_ENV) or DEFAULT_ADMISSION)

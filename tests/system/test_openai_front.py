@@ -1,0 +1,228 @@
+"""The OpenAI-compatible front (`lmx front`), driven by the official `openai`
+Python package, over real processes on loopback: admission (a simulated
+device), a kvstore, a smollm2-135m worker and the front.
+
+- /v1/models lists the worker's model.
+- A chat, whole and streamed (chat.completion.chunk events, then [DONE]),
+  answers exactly as the gRPC path does for the same conversation (greedy).
+- Three agents resending their growing histories turn after turn, at once:
+  from the second turn on each request continues the session that holds its
+  history (prefix reuse): `usage.prompt_tokens_details.cached_tokens` says
+  how much of the context was not computed again, /metrics counts the hits,
+  and every answer equals the gRPC path's.
+- /v1/completions with a growing raw prompt reuses its prefix too.
+- Errors come in OpenAI's shape with the right status: an unknown model is
+  404, a bad parameter 400 naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+openai = pytest.importorskip("openai", reason="install the dev extras (pip install -e '.[dev]')")
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from lmx.v1 import worker_pb2 as wpb  # noqa: E402
+from service.kvstore.support import kvstore_servers  # noqa: E402
+from service.support import admission_servers  # noqa: E402
+from service.worker.worker_support import (  # noqa: E402
+    GENERATE_TIMEOUT_S,
+    SHARED_MAX_CONTEXT,
+    SMOLLM2,
+    WorkerClient,
+    WorkerProcess,
+)
+from services.common.launch import free_port  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600, func_only=True)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 12
+AGENTS = {
+    "coder": ["Write a Python function that adds two numbers.", "Now add type hints.",
+              "Add a docstring."],
+    "reviewer": ["Is eval() on user input safe?", "What should I use instead?",
+                 "Name one more risky builtin."],
+    "writer": ["Write one sentence about the sea.", "Now one about the sky.",
+               "And one about the mountains."],
+}
+
+
+class Front:
+    def __init__(self, admission: str, log_path: Path):
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.front", "--listen", f"127.0.0.1:{port}",
+             "--admission", admission, "--log-format", "json"],
+            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, "the front exited at start"
+            assert time.monotonic() < deadline, "the front did not serve within 30 s"
+            time.sleep(0.1)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(15)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("front")
+    with admission_servers(tmp) as start_admission, kvstore_servers(tmp) as start_kv:
+        kvstore = start_kv()
+        admission = start_admission("--device", "cpu:0=4GiB")
+        worker = WorkerProcess(SMOLLM2, admission.address,
+                               ("--max-context", str(SHARED_MAX_CONTEXT),
+                                "--kvstore", kvstore.address), tmp / "worker.log")
+        worker.launch().wait_ready()
+        front = Front(admission.address, tmp / "front.log")
+        client = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0,
+                               timeout=GENERATE_TIMEOUT_S)
+        try:
+            yield front, client, worker
+        finally:
+            code = front.stop()
+            worker.kill()
+            assert code == 0, f"the front exited {code} on SIGTERM"
+
+
+def grpc_chat(worker: WorkerProcess, turns: list[str], replies: list[str] | None = None
+              ) -> list[str]:
+    """The same conversation through the gRPC path, one session, a message per
+    turn; the answers' text."""
+    answers = []
+    with WorkerClient(worker.address) as client:
+        session = client.open()
+        for turn in turns:
+            result = client.generate(session, message=("user", turn), max_tokens=MAX_TOKENS)
+            answers.append(result.text)
+        client.close_session(session)
+    return answers
+
+
+def chat(client, messages, **kwargs):
+    return client.chat.completions.create(model=SMOLLM2, messages=messages, temperature=0,
+                                          max_tokens=MAX_TOKENS, **kwargs)
+
+
+def test_models_are_listed(stack):
+    _, client, _ = stack
+    assert [m.id for m in client.models.list().data] == [SMOLLM2]
+
+
+def test_a_chat_whole_and_streamed_answers_as_the_grpc_path(stack):
+    _, client, worker = stack
+    turn = "Name three colors of the rainbow."
+    want = grpc_chat(worker, [turn])[0]
+    whole = chat(client, [{"role": "user", "content": turn}])
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.content == want
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+    pieces, finishes, roles = [], [], []
+    for part in chat(client, [{"role": "user", "content": turn}], stream=True):
+        assert part.object == "chat.completion.chunk"
+        for choice in part.choices:
+            if choice.delta.role:
+                roles.append(choice.delta.role)
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    assert roles == ["assistant"] and finishes == [whole.choices[0].finish_reason]
+    assert "".join(pieces) == want
+
+
+def test_three_agents_resending_their_histories_reuse_their_sessions(stack):
+    front, client, worker = stack
+    want = {name: grpc_chat(worker, turns) for name, turns in AGENTS.items()}
+
+    def agent(name: str) -> tuple[list[str], list[int]]:
+        messages, answers, cached = [], [], []
+        for turn in AGENTS[name]:
+            messages.append({"role": "user", "content": turn})
+            reply = chat(client, list(messages))
+            text = reply.choices[0].message.content
+            answers.append(text)
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+            messages.append({"role": "assistant", "content": text})
+        return answers, cached
+
+    with ThreadPoolExecutor(len(AGENTS)) as pool:
+        results = dict(zip(AGENTS, pool.map(agent, AGENTS)))
+    for name, (answers, cached) in results.items():
+        assert answers == want[name], f"{name}: the front answered differently from gRPC"
+        assert cached[0] == 0, f"{name}: a first turn has nothing to reuse: {cached}"
+        assert all(c > 0 for c in cached[1:]), f"{name}: later turns did not reuse: {cached}"
+    status, text = front.get("/metrics")
+    assert status == 200
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["lmx:prefix_cache_hits_total"] >= 2 * len(AGENTS), text
+    assert values["lmx:prefix_reused_tokens_total"] > 0
+    assert values['lmx:device_leased_bytes{device="cpu:0"}'] > 0, "the memory book is exported"
+    assert values["lmx:generation_tokens_total"] >= 3 * len(AGENTS)
+
+
+def test_completions_with_a_growing_prompt_reuse_its_prefix(stack):
+    _, client, _ = stack
+    prompt = "The sea is"
+    first = client.completions.create(model=SMOLLM2, prompt=prompt, max_tokens=8,
+                                      temperature=0)
+    assert first.object == "text_completion" and first.choices[0].text
+    longer = prompt + first.choices[0].text + " And the sky"
+    second = client.completions.create(model=SMOLLM2, prompt=longer, max_tokens=8,
+                                       temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    streamed = "".join(part.choices[0].text for part in client.completions.create(
+        model=SMOLLM2, prompt=longer, max_tokens=8, temperature=0, stream=True)
+        if part.choices)
+    assert streamed == second.choices[0].text
+
+
+def test_errors_come_in_openai_shape(stack):
+    front, client, _ = stack
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.status_code == 404
+    assert SMOLLM2 in missing.value.body["message"], missing.value.body
+    with pytest.raises(openai.BadRequestError) as wrong:
+        chat(client, [{"role": "user", "content": "hi"}], top_p=7)
+    assert wrong.value.body["param"] == "top_p"
+    status, body = front.get("/v1/nowhere")
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
