@@ -27,9 +27,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+#: The health "service" of an HTTP server (the OpenAI front): GET /health.
+HTTP_HEALTH = "http:/health"
+
+
+def _wait_http(address: str, timeout_s: float, process: subprocess.Popen | None) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the HTTP server exited with code {process.returncode} before "
+                               "it was ready")
+        try:
+            with urllib.request.urlopen(f"http://{address}/health",
+                                        timeout=min(1.0, timeout_s)) as reply:
+                if reply.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"http://{address}/health not answering after {timeout_s}s")
+        time.sleep(0.05)
+
+
 def wait_serving(address: str, service: str, timeout_s: float = 30.0,
                  process: subprocess.Popen | None = None) -> None:
-    """Poll the standard health check until `service` is SERVING."""
+    """Poll the standard health check until `service` is SERVING (for
+    HTTP_HEALTH: until GET /health answers 200)."""
+    if service == HTTP_HEALTH:
+        _wait_http(address, timeout_s, process)
+        return
     deadline = time.monotonic() + timeout_s
     with transport.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -11,6 +11,9 @@ with the settings of its own command, written under its name:
     model = "smollm2-135m"
     listen = "127.0.0.1:50061"
 
+    [front]                     # the OpenAI-compatible HTTP front (optional)
+    listen = "127.0.0.1:8000"
+
 Every table is checked by its service's own settings loader before anything
 starts, so a misspelt key or a bad value is one clear line, not a crash of a
 child process later. Workers are pointed at the stack's admission and kvstore
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import ConfigError
+from services.common.launch import HTTP_HEALTH
 
 DEFAULT_STACK = Path(__file__).resolve().parents[2] / "deploy" / "lmx.toml"
 
@@ -49,11 +53,12 @@ class StackConfig:
     admission: ServiceSpec
     kvstore: ServiceSpec | None
     workers: tuple[ServiceSpec, ...]
+    front: ServiceSpec | None = None
 
     @property
     def services(self) -> tuple[ServiceSpec, ...]:
         first = (self.admission,) + ((self.kvstore,) if self.kvstore else ())
-        return first + self.workers
+        return first + self.workers + ((self.front,) if self.front else ())
 
 
 def to_argv(table: dict[str, Any], where: str) -> list[str]:
@@ -86,6 +91,8 @@ def _load(module: str, argv: list[str], where: str) -> Any:
         from services.admission.settings import load_settings
     elif module == "services.kvstore":
         from services.kvstore.settings import load_settings
+    elif module == "services.front":
+        from services.front.settings import load_settings
     else:
         from services.worker.settings import load_settings
     try:
@@ -110,11 +117,11 @@ def load_stack(path: str | Path | None = None) -> StackConfig:
         raise ConfigError("stack", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("stack", f"{path} is not valid TOML: {exc}") from None
-    unknown = set(doc) - {"admission", "kvstore", "worker"}
+    unknown = set(doc) - {"admission", "kvstore", "worker", "front"}
     if unknown:
         raise ConfigError("stack", f"{path}: unknown table(s) {', '.join(sorted(unknown))}",
-                          fix="the tables are [admission], [kvstore] and [[worker]]")
-    for name in ("admission", "kvstore"):
+                          fix="the tables are [admission], [kvstore], [[worker]] and [front]")
+    for name in ("admission", "kvstore", "front"):
         if name in doc and not isinstance(doc[name], dict):
             raise ConfigError("stack", f"{path}: {name} must be a table",
                               fix=f"write its settings under a [{name}] line")
@@ -146,9 +153,14 @@ def load_stack(path: str | Path | None = None) -> StackConfig:
         names.add(name)
         workers.append(_service(name, "services.worker", "lmx.v1.WorkerService", table, where,
                                 extra))
-    listens = [s.listen for s in (admission, kvstore, *workers) if s is not None]
+    front = None
+    if "front" in doc:
+        table = doc["front"]
+        extra = [] if "admission" in table else ["--admission", admission.listen]
+        front = _service("front", "services.front", HTTP_HEALTH, table, "[front]", extra)
+    listens = [s.listen for s in (admission, kvstore, *workers, front) if s is not None]
     taken = {x for x in listens if listens.count(x) > 1}
     if taken:
         raise ConfigError("stack", f"{path}: two services listen on {', '.join(sorted(taken))}",
                           fix="give each its own listen address")
-    return StackConfig(path, admission, kvstore, tuple(workers))
+    return StackConfig(path, admission, kvstore, tuple(workers), front)

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -42,7 +43,7 @@ def cache_dir() -> str:
 
 
 def stack_file(tmp_path: Path, model: str = "synthetic:llama-tiny") -> tuple[Path, dict]:
-    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "worker")}
+    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "worker", "front")}
     store = "st" + secrets.token_hex(4)
     path = tmp_path / "lmx.toml"
     path.write_text(f"""
@@ -61,6 +62,9 @@ model = "{model}"
 listen = "127.0.0.1:{ports['worker']}"
 device = "cpu"
 kv-chunk-bytes = "64KiB"
+
+[front]
+listen = "127.0.0.1:{ports['front']}"
 """)
     return path, {"ports": ports, "store": store}
 
@@ -127,6 +131,17 @@ def test_up_ps_client_restart_and_down(tmp_path, env):
                 client.session("no-such-model")
             assert refused.value.code == grpc.StatusCode.NOT_FOUND
         assert first, "tokens were streamed"
+
+        # The OpenAI front came up with the stack and reaches the worker.
+        front = f"http://127.0.0.1:{info['ports']['front']}"
+        with urllib.request.urlopen(front + "/v1/models", timeout=10) as reply:
+            assert [m["id"] for m in json.load(reply)["data"]] == ["synthetic:llama-tiny"]
+        body = json.dumps({"model": "synthetic:llama-tiny", "prompt": "one two",
+                           "max_tokens": 3, "temperature": 0}).encode()
+        request = urllib.request.Request(front + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.load(reply)["usage"]["completion_tokens"] == 3
 
         # A worker killed hard is started again.
         with Client(admission) as client:

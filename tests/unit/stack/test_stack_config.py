@@ -25,6 +25,8 @@ def test_the_shipped_stack_file_loads():
     for worker in stack.workers:
         assert worker.settings.admission == stack.admission.listen
         assert worker.settings.kvstore == stack.kvstore.listen
+    assert stack.front is not None and stack.front.settings.admission == stack.admission.listen
+    assert stack.services[-1] is stack.front
 
 
 def test_tables_become_flags():
