@@ -49,8 +49,35 @@ class FrontApp:
         self.cache = SessionCache(settings.sessions_per_worker)
         self.metrics = FrontMetrics()
         self._background: set[asyncio.Task] = set()
+        self._kvstore = None
+        if settings.kvstore:
+            from lmx.v1 import kvstore_pb2_grpc
+            from services.common import transport
+
+            self._kvstore_channel = transport.aio_channel(settings.kvstore)
+            self._kvstore = kvstore_pb2_grpc.KVStoreServiceStub(self._kvstore_channel)
+        self._watching: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Count admission's events (parks, sleeps, wakes, reclaims) for
+        /metrics, following the Watch stream again if it breaks."""
+        self._watching = asyncio.create_task(self._watch(), name="watch")
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for event in self.workers.admission.watch():
+                    self.metrics.saw(event)
+            except grpc.aio.AioRpcError as exc:
+                log.info("front_watch_broken", code=exc.code().name)
+            await asyncio.sleep(1.0)
 
     async def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+        if self._kvstore is not None:
+            await self._kvstore_channel.close()
         for held in self.cache.held():
             await self.workers.close_session(held.worker, held.session_id, held.token)
         await self.workers.close()
@@ -146,7 +173,14 @@ class FrontApp:
             status = await self.workers.admission.stub.Status(apb.StatusRequest(), timeout=5)
         except grpc.aio.AioRpcError:
             status = None
-        text = render(self.metrics, self.cache.stats, status)
+        store = None
+        if self._kvstore is not None:
+            from lmx.v1 import kvstore_pb2 as kpb
+            try:
+                store = await self._kvstore.GetStoreStatus(kpb.GetStoreStatusRequest(), timeout=5)
+            except grpc.aio.AioRpcError:
+                store = None
+        text = render(self.metrics, self.cache.stats, status, store)
         return Response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def _health(self, request: Request) -> Response:

@@ -23,6 +23,7 @@ async def serve(settings: FrontSettings) -> None:
     from services.front.http_server import HttpServer
 
     app = FrontApp(settings)
+    app.start()
     host, port = parse_address(settings.listen)
     server = HttpServer(app.handle, host, port, settings.max_body_bytes, http_error_response)
     await server.start()

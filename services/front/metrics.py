@@ -10,6 +10,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from lmx.v1 import admission_pb2 as apb
+from lmx.v1 import kvstore_pb2 as kpb
 from services.front.reuse import ReuseStats
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -38,10 +39,21 @@ class FrontMetrics:
     generation_tokens: int = 0
     ttft: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
+    #: From admission's Watch since the front started: parks, restores,
+    #: sleeps, wakes; reclaims asked and overdue; leases granted and expired.
+    events: dict[str, int] = field(default_factory=dict)
 
     def count(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def saw(self, event: apb.Event) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "activity":
+            kind = apb.WorkerActivity.Kind.Name(event.activity.kind).removeprefix(
+                "KIND_").lower()
+        if kind:
+            self.events[kind] = self.events.get(kind, 0) + 1
 
 
 def _esc(value: str) -> str:
@@ -54,7 +66,8 @@ def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items()) + "}"
 
 
-def render(front: FrontMetrics, reuse: ReuseStats, status: apb.StatusResponse | None) -> str:
+def render(front: FrontMetrics, reuse: ReuseStats, status: apb.StatusResponse | None,
+           kvstore: kpb.GetStoreStatusResponse | None = None) -> str:
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
@@ -95,6 +108,24 @@ def render(front: FrontMetrics, reuse: ReuseStats, status: apb.StatusResponse | 
     metric("lmx:prefix_reused_tokens_total", "counter",
            "Context tokens the workers kept instead of computing them again.",
            [({}, reuse.reused_tokens)])
+    for name, kind, help_text in (
+            ("lmx:sessions_parked_total", "session_parked", "Sessions whose KV went to the kvstore."),
+            ("lmx:sessions_restored_total", "session_restored", "Sessions restored from it."),
+            ("lmx:models_asleep_total", "model_asleep", "Models put to sleep (weights to host)."),
+            ("lmx:models_awake_total", "model_awake", "Models woken."),
+            ("lmx:reclaims_requested_total", "reclaim_requested", "Holders asked for memory."),
+            ("lmx:reclaims_overdue_total", "reclaim_overdue", "Asks not answered in time."),
+            ("lmx:leases_granted_total", "granted", "Leases granted."),
+            ("lmx:leases_expired_total", "expired", "Leases expired (holders gone silent).")):
+        metric(name, "counter", help_text + " Since the front started.",
+               [({}, front.events.get(kind, 0))])
+    if kvstore is not None:
+        for name, attr, help_text in (
+                ("lmx:kvstore_capacity_bytes", "capacity_bytes", "The kvstore's shared memory."),
+                ("lmx:kvstore_used_bytes", "used_bytes", "Parked KV held in shared memory."),
+                ("lmx:kvstore_spilled_bytes", "spilled_bytes", "Parked KV spilled to disk."),
+                ("lmx:kvstore_entries", "num_entries", "Parked contexts held.")):
+            metric(name, "gauge", help_text, [({}, getattr(kvstore, attr))])
     if status is None:
         return "\n".join(out) + "\n"
     devices = list(status.devices)

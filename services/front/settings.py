@@ -17,6 +17,8 @@ class FrontSettings:
     listen: str = field(default=DEFAULT_LISTEN, metadata={"help": "HOST:PORT to serve HTTP on"})
     admission: str = field(default="127.0.0.1:50051", metadata={
         "help": "admission's address: its worker registry says which worker serves which model"})
+    kvstore: str = field(default="", metadata={
+        "help": "the kvstore's address, for its bytes held in /metrics (empty: not shown)"})
     max_body_bytes: int = field(default=8 << 20, metadata={
         "help": "largest request body", "parse": parse_bytes})
     default_max_tokens: int = field(default=256, metadata={
@@ -32,7 +34,9 @@ class FrontSettings:
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def __post_init__(self) -> None:
-        for name in ("listen", "admission"):
+        for name in ("listen", "admission", "kvstore"):
+            if name == "kvstore" and not self.kvstore:
+                continue
             try:
                 parse_address(getattr(self, name))
             except ValueError as exc:

@@ -157,6 +157,8 @@ def load_stack(path: str | Path | None = None) -> StackConfig:
     if "front" in doc:
         table = doc["front"]
         extra = [] if "admission" in table else ["--admission", admission.listen]
+        if "kvstore" not in table and kvstore is not None:
+            extra += ["--kvstore", kvstore.listen]
         front = _service("front", "services.front", HTTP_HEALTH, table, "[front]", extra)
     listens = [s.listen for s in (admission, kvstore, *workers, front) if s is not None]
     taken = {x for x in listens if listens.count(x) > 1}

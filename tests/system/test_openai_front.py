@@ -63,13 +63,13 @@ AGENTS = {
 
 
 class Front:
-    def __init__(self, admission: str, log_path: Path):
+    def __init__(self, admission: str, kvstore: str, log_path: Path):
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.front", "--listen", f"127.0.0.1:{port}",
-             "--admission", admission, "--log-format", "json"],
+             "--admission", admission, "--kvstore", kvstore, "--log-format", "json"],
             cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 30
@@ -109,7 +109,7 @@ def stack(tmp_path_factory):
                                ("--max-context", str(SHARED_MAX_CONTEXT),
                                 "--kvstore", kvstore.address), tmp / "worker.log")
         worker.launch().wait_ready()
-        front = Front(admission.address, tmp / "front.log")
+        front = Front(admission.address, kvstore.address, tmp / "front.log")
         client = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0,
                                timeout=GENERATE_TIMEOUT_S)
         try:
@@ -196,6 +196,10 @@ def test_three_agents_resending_their_histories_reuse_their_sessions(stack):
     assert values["lmx:prefix_reused_tokens_total"] > 0
     assert values['lmx:device_leased_bytes{device="cpu:0"}'] > 0, "the memory book is exported"
     assert values["lmx:generation_tokens_total"] >= 3 * len(AGENTS)
+    assert values["lmx:kvstore_capacity_bytes"] > 0
+    for counter in ("lmx:sessions_parked_total", "lmx:models_awake_total",
+                    "lmx:reclaims_requested_total"):
+        assert counter in values, f"{counter} missing from /metrics"
 
 
 def test_completions_with_a_growing_prompt_reuse_its_prefix(stack):
