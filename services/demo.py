@@ -15,6 +15,12 @@ capped at 90%: 1260 MiB; smollm2 takes 513 MiB of float32 weights, gemma3
    idle sessions and put idle models to sleep, and wake them on the next
    request: all three finish.
 
+With `--via openai` the agents speak OpenAI's HTTP API to the stack's front
+(`lmx front`) instead: each resends its whole, growing history every turn (as
+agent frameworks do) and the front continues the session holding it (prefix
+reuse); meanwhile the demo scrapes the front's /metrics and keeps the memory
+book it shows over time.
+
 Writes <out>/summary.json and <out>/timeline.png: the device's memory over
 time, leases stacked per holder, parks, sleeps and wakes marked.
 """
@@ -28,7 +34,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,8 +121,8 @@ def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
 
 
 # ---- 2. the lmx way ---------------------------------------------------------
-def stack_file(out: Path, device_size: str) -> Path:
-    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "a", "b")}
+def stack_file(out: Path, device_size: str, front: bool = False) -> Path:
+    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "a", "b", "front")}
     worker = ('device = "cpu"\nmax-context = 1024\nkv-chunk-bytes = "4MiB"\n'
               'kv-wait-s = 300\n')
     path = out / "lmx.toml"
@@ -138,7 +145,10 @@ listen = "127.0.0.1:{ports['a']}"
 [[worker]]
 model = "gemma3-270m"
 listen = "127.0.0.1:{ports['b']}"
-{worker}""")
+{worker}""" + (f"""
+[front]
+listen = "127.0.0.1:{ports['front']}"
+""" if front else ""))
     return path
 
 
@@ -165,8 +175,106 @@ def converse(client: Client, agent: Agent, max_tokens: int, start: float) -> dic
     return {"agent": agent.name, "model": agent.model, "turns": turns}
 
 
-def with_lmx(device_size: str, max_tokens: int, out: Path) -> tuple[list[dict], Recorder, dict]:
-    stack = load_stack(stack_file(out, device_size))
+def _post_stream(url: str, body: dict) -> Iterator[dict]:
+    """POST with stream=true; each server-sent event's JSON until [DONE]."""
+    request = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        for raw in reply:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise ClientError(event["error"]["message"])
+            yield event
+
+
+def converse_openai(base: str, agent: Agent, max_tokens: int, start: float) -> dict:
+    """The agent as an OpenAI client: the whole history every turn."""
+    turns, messages, prompt = [], [], ""
+    for number, text in enumerate(agent.turns, 1):
+        asked = time.monotonic()
+        first = None
+        pieces: list[str] = []
+        if agent.chat:
+            messages.append({"role": "user", "content": text})
+            url, body = base + "/v1/chat/completions", {"messages": messages}
+        else:
+            prompt += text
+            url, body = base + "/v1/completions", {"prompt": prompt}
+        body.update(model=agent.model, max_tokens=max_tokens, temperature=0,
+                    stream_options={"include_usage": True})
+        usage = {}
+        for event in _post_stream(url, body):
+            for choice in event.get("choices", []):
+                piece = choice["delta"].get("content") if agent.chat else choice.get("text")
+                if piece:
+                    if first is None:
+                        first = time.monotonic() - asked
+                    pieces.append(piece)
+            usage = event.get("usage") or usage
+        took = time.monotonic() - asked
+        answer = "".join(pieces)
+        if agent.chat:
+            messages.append({"role": "assistant", "content": answer})
+        else:
+            prompt += answer
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        tokens = usage.get("completion_tokens", 0)
+        turns.append({"turn": number, "tokens": tokens, "first_token_s": round(first or 0, 3),
+                      "seconds": round(took, 3), "answer": answer, "cached_tokens": cached})
+        shown = " ".join(answer.split())[:50]
+        say(f"   [{time.monotonic() - start:6.1f}s] {agent.name:<16} turn {number}: "
+            f"{tokens} tokens in {took:.1f}s (first after {first or 0:.1f}s, "
+            f"{cached} context tokens reused)  {shown!r}")
+    return {"agent": agent.name, "model": agent.model, "turns": turns}
+
+
+class MetricsScraper:
+    """GET /metrics every half second: the memory book as Prometheus sees it."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> MetricsScraper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.base + "/metrics", timeout=5) as reply:
+                    text = reply.read().decode()
+                values = {}
+                for line in text.splitlines():
+                    if line and not line.startswith("#"):
+                        name, _, value = line.rpartition(" ")
+                        values[name] = float(value)
+                self.samples.append({"t": round(time.monotonic() - started, 2), **{
+                    k: v for k, v in values.items()
+                    if k.startswith(("lmx:device_leased_bytes", "lmx:device_free_bytes",
+                                     "lmx:sessions_", "lmx:models_", "lmx:reclaims_requested",
+                                     "lmx:prefix_cache_hits", "lmx:kvstore_used"))}})
+            except OSError:
+                pass
+            self._stop.wait(0.5)
+
+
+def with_lmx(device_size: str, max_tokens: int, out: Path,
+             via_openai: bool = False) -> tuple[list[dict], Recorder, dict]:
+    stack = load_stack(stack_file(out, device_size, front=via_openai))
     supervisor = Supervisor(stack, out / "logs", start_timeout_s=900,
                             on_event=lambda name, what: say(f"   {name}: {what}"))
     supervisor.start()
@@ -174,23 +282,37 @@ def with_lmx(device_size: str, max_tokens: int, out: Path) -> tuple[list[dict], 
     errors: list[str] = []
     results: list[dict] = []
     started = time.monotonic()
+    scraper = None
     try:
         with Client(stack.admission.listen, timeout_s=600) as client:
-            say("   (the three agents start now, all at once)")
+            if via_openai:
+                assert stack.front is not None
+                base = f"http://{stack.front.listen}"
+                scraper = MetricsScraper(base).start()
+                say(f"   (the three agents start now, all at once, as OpenAI clients of {base}/v1)")
+            else:
+                say("   (the three agents start now, all at once)")
             with ThreadPoolExecutor(len(AGENTS)) as pool:
-                futures = [pool.submit(converse, client, agent, max_tokens, started)
+                futures = [pool.submit(converse_openai, base, agent, max_tokens, started)
+                           if via_openai else
+                           pool.submit(converse, client, agent, max_tokens, started)
                            for agent in AGENTS]
                 for agent, future in zip(AGENTS, futures):
                     try:
                         results.append(future.result())
-                    except ClientError as exc:
+                    except (ClientError, OSError) as exc:
                         errors.append(f"{agent.name}: {exc}")
                         say(f"   {agent.name}: ERROR {exc}")
-        time.sleep(0.3)   # the last events reach the recorder
+        time.sleep(0.6)   # the last events reach the recorder (and the scraper)
     finally:
+        if scraper is not None:
+            scraper.stop()
         recorder.stop()
         supervisor.stop()
-    return results, recorder, {"wall_s": round(time.monotonic() - started, 2), "errors": errors}
+    run = {"wall_s": round(time.monotonic() - started, 2), "errors": errors}
+    if scraper is not None:
+        run["metrics_scrapes"] = scraper.samples
+    return results, recorder, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the simulated GPU [1400MiB]: too small for both models at once")
     parser.add_argument("--max-tokens", type=int, default=16, help="per turn [16]")
     parser.add_argument("--skip-naive", action="store_true", help="only the lmx way")
+    parser.add_argument("--via", choices=("grpc", "openai"), default="grpc",
+                        help="how the agents talk to lmx: its gRPC client [grpc], or OpenAI's "
+                             "HTTP API through lmx front (openai)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     step("2. The lmx way: admission, the kvstore and one worker per model (lmx up's stack)")
     try:
-        results, recorder, run = with_lmx(args.device_size, args.max_tokens, out)
+        results, recorder, run = with_lmx(args.device_size, args.max_tokens, out,
+                                          via_openai=args.via == "openai")
     except StackError as exc:
         print(f"lmx demo: {exc}", file=sys.stderr)
         return 1
@@ -231,6 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{run['wall_s']} s, {len(run['errors'])} errors; admission asked for memory back "
         f"{counts['reclaim']} times: {counts['park']} parks, {counts['restore']} restores, "
         f"{counts['sleep']} sleeps, {counts['wake']} wakes")
+    scrapes = run.get("metrics_scrapes") or []
+    leased = [v for sample in scrapes for k, v in sample.items()
+              if k.startswith("lmx:device_leased_bytes")]
+    if leased:
+        say(f"   /metrics, scraped {len(scrapes)} times: leased bytes between "
+            f"{format_bytes(int(min(leased)))} and {format_bytes(int(max(leased)))}; "
+            f"prefix reuse hits {int(scrapes[-1].get('lmx:prefix_cache_hits_total', 0))}")
 
     picture = plot(recorder.samples, recorder.marks, recorder.cap_bytes, recorder.total_bytes,
                    out / "timeline.png",

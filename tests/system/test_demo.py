@@ -34,3 +34,21 @@ def test_demo_tells_the_story(tmp_path: Path):
     png = (tmp_path / "timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not list(Path("/dev/shm").glob("lmx-demo*")), "the demo left shared memory"
+
+
+def test_demo_through_the_openai_front(tmp_path: Path):
+    """--via openai: the same agents as OpenAI clients of `lmx front`, each
+    resending its whole history; all finish under the same memory pressure,
+    later turns reuse their context, and /metrics shows the book moving."""
+    result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path),
+                             "--via", "openai", "--skip-naive"],
+                            cwd=REPO, capture_output=True, text=True, timeout=800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lmx = json.loads((tmp_path / "summary.json").read_text())["lmx"]
+    assert lmx["errors"] == [] and [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3]
+    assert all(t["cached_tokens"] > 0 for a in lmx["agents"] for t in a["turns"][1:]), (
+        "a later turn recomputed its whole history")
+    assert lmx["events"]["sleep"] >= 1 and lmx["events"]["wake"] >= 1, lmx["events"]
+    leased = {v for s in lmx["metrics_scrapes"] for k, v in s.items()
+              if k.startswith("lmx:device_leased_bytes")}
+    assert len(leased) >= 2, "a scrape of /metrics should show the memory book moving"
