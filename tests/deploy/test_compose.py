@@ -33,7 +33,10 @@ def config(*files: Path) -> dict:
 
 def test_gpu_file_is_valid():
     services = config(COMPOSE_FILE)["services"]
-    assert set(services) == {"admission", "kvstore", "worker-smollm2", "worker-gemma3"}
+    assert set(services) == {"admission", "kvstore", "worker-smollm2", "worker-gemma3", "front"}
+    front = services.pop("front")
+    assert front["network_mode"] == "host" and front["command"][:3] == ["front", "--listen",
+                                                                         "127.0.0.1:8000"]
     for name in ("admission", "worker-smollm2", "worker-gemma3"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"], name
