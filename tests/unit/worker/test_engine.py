@@ -77,6 +77,21 @@ def tokens_of(deltas: list[Delta]) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
 
+def each_alone(prompts: list[list[int]], params: SamplingParams):
+    """A scenario: each prompt generated alone, one after the other (the
+    control for generations that run together)."""
+    async def scenario(engine: Engine) -> list[list[int]]:
+        outs = []
+        for prompt in prompts:
+            session = SessionTable().open()
+            deltas, end = await collect(engine, engine.submit_tokens(session, params, prompt))
+            assert isinstance(end, Finished), end
+            outs.append(tokens_of(deltas))
+            engine.drop_session(session)
+        return outs
+    return scenario
+
+
 def text_of(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
 
@@ -385,16 +400,6 @@ def test_generations_that_outgrow_the_kv_budget_together_are_preempted_not_faile
     prompts = [list(range(200, 230)), list(range(300, 330))]
     params = SamplingParams(max_tokens=60)
 
-    async def alone(engine):
-        outs = []
-        for prompt in prompts:
-            session = SessionTable().open()
-            deltas, end = await collect(engine, engine.submit_tokens(session, params, prompt))
-            assert isinstance(end, Finished), end
-            outs.append(tokens_of(deltas))
-            engine.drop_session(session)
-        return outs
-
     async def together(engine):
         sessions = SessionTable()
         a, b = sessions.open(), sessions.open()
@@ -416,7 +421,8 @@ def test_generations_that_outgrow_the_kv_budget_together_are_preempted_not_faile
         return (tokens_of(a_deltas), a_end), (tokens_of(b_deltas), b_end), engine.stats()
 
     budget = 2 * CHUNK_BYTES              # 8 blocks; each generation needs 6 (90 tokens)
-    expected = run(tiny, alone, memory=FixedMemory(budget), kv_wait_s=20, spare_chunks=0)
+    expected = run(tiny, each_alone(prompts, params), memory=FixedMemory(budget), kv_wait_s=20,
+                   spare_chunks=0)
     (a_ids, a_end), (b_ids, b_end), stats = run(tiny, together, memory=FixedMemory(budget),
                                                 kv_wait_s=20, spare_chunks=0)
     assert isinstance(a_end, Finished) and isinstance(b_end, Finished), (
@@ -431,16 +437,6 @@ def test_paused_generations_hold_no_kv_and_go_on_exactly_after_resume(tiny):
     KV chunk goes back; after resume each finishes with its own tokens."""
     prompts = [list(range(200, 230)), list(range(300, 330))]
     params = SamplingParams(max_tokens=40)
-
-    async def alone(engine):
-        outs = []
-        for prompt in prompts:
-            session = SessionTable().open()
-            deltas, end = await collect(engine, engine.submit_tokens(session, params, prompt))
-            assert isinstance(end, Finished), end
-            outs.append(tokens_of(deltas))
-            engine.drop_session(session)
-        return outs
 
     async def paused(engine):
         sessions = SessionTable()
@@ -467,7 +463,7 @@ def test_paused_generations_hold_no_kv_and_go_on_exactly_after_resume(tiny):
             ends.append(end)
         return stopped, held, got, ends
 
-    expected = run(tiny, alone)
+    expected = run(tiny, each_alone(prompts, params))
     stopped, held, got, ends = run(tiny, paused)
     assert stopped == 2, f"both generations should have been stopped: {stopped}"
     assert held == (True, 0, 0), f"paused: no step, no block, no KV chunk held: {held}"
