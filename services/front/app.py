@@ -96,7 +96,8 @@ class FrontApp:
             response = error_response(api.ApiError(500, f"internal error: {exc}",
                                                    type="api_error"))
         if endpoint.startswith("/v1/"):
-            self.metrics.count(endpoint, response.status)
+            known = endpoint in ("/v1/models", "/v1/chat/completions", "/v1/completions")
+            self.metrics.count(endpoint if known else "other", response.status)
         return response
 
     async def _route(self, request: Request) -> Response | StreamResponse:
@@ -159,13 +160,13 @@ class FrontApp:
             self._drop(held)
             raise api.ApiError(502, "the worker ended the answer without a finish",
                                type="api_error") from None
-        turn = _Turn(self, call, held, key, started)
+        turn = _Turn(self, call, held, key, started, replies)
         if not call.stream:
             try:
                 return Response.of_json(200, await turn.whole(first, stream))
             finally:
                 turn.close()
-        return StreamResponse(turn.events(first, stream))
+        return StreamResponse(turn.events(first, stream), on_close=turn.close)
 
     # ---- operations ----------------------------------------------------------
     async def _metrics(self, request: Request) -> Response:
@@ -200,8 +201,10 @@ class _Turn:
     """One generation's way back to the client, whole or streamed; its end
     (well or not) settles the session in the cache and the metrics."""
 
-    def __init__(self, app: FrontApp, call: api.Call, held: Held, key, started: float):
+    def __init__(self, app: FrontApp, call: api.Call, held: Held, key, started: float,
+                 rpc):
         self.app, self.call, self.held, self.key, self.started = app, call, held, key, started
+        self.rpc = rpc                # the Generate call: cancelled if the turn ends early
         self.rid = api.new_id(call.kind)
         self.created = int(time.time())
         self.text: list[str] = []
@@ -285,6 +288,7 @@ class _Turn:
         app.metrics.running -= 1
         app.metrics.e2e.observe(time.monotonic() - self.started)
         if self.finish is None:
+            self.rpc.cancel()         # the worker stops generating for nobody
             app._drop(self.held)
             return
         f = self.finish

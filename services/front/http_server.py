@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -51,11 +51,14 @@ class Response:
 
 @dataclass
 class StreamResponse:
-    """Server-sent events: each item of `events` is one event's bytes."""
-    events: AsyncIterator[bytes]
+    """Server-sent events: each item of `events` is one event's bytes.
+    `on_close` runs once the stream ended, however it ended (the client may
+    leave before the first event)."""
+    events: AsyncGenerator[bytes, None]
     status: int = 200
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
+    on_close: Callable[[], None] | None = None
 
 
 class HttpError(Exception):
@@ -193,3 +196,5 @@ class HttpServer:
                 await writer.drain()
         finally:
             await events.aclose()        # the client left early: the generation stops too
+            if response.on_close is not None:
+                response.on_close()

@@ -101,6 +101,7 @@ class PressureRelief:
         self._lock = asyncio.Lock()
         self._self_relief: asyncio.Task | None = None
         self._resuming: asyncio.Task | None = None
+        self._urgent = False      # an urgent sleep is under way
         self._giving_up: asyncio.Task | None = None
 
     # ---- the worker's own shortage ----
@@ -179,6 +180,7 @@ class PressureRelief:
             deadline = time.monotonic() + DRAIN_LIMIT_S
             idle_since: float | None = None
             if urgent:
+                self._urgent = True          # no quantum: nothing new is let in
                 await self.engine.pause()
             while not urgent:
                 now = time.monotonic()
@@ -211,10 +213,12 @@ class PressureRelief:
                 if self.stash.asleep:
                     await asyncio.to_thread(self.stash.wake)
                 self.engine.resume()
+                self._urgent = False
                 self._set_state("ready")
                 if isinstance(exc, LmxError):
                     return Relief(0, f"could not sleep: {exc.message}")
                 raise
+            self._urgent = False
             self._set_state("asleep")
             freed = max(0, before - sum(self.memory.granted().values()))
             self._activity("model_asleep", "", moved.num_bytes, moved.seconds, reason)
@@ -239,7 +243,7 @@ class PressureRelief:
             self._entering -= 1
 
     def _serving_through(self) -> bool:
-        return (self.state == "draining"
+        return (self.state == "draining" and not self._urgent
                 and time.monotonic() < self._awake_since + self.min_awake_s)
 
     # ---- a lost lease ----

@@ -230,3 +230,66 @@ def test_errors_come_in_openai_shape(stack):
     assert wrong.value.body["param"] == "top_p"
     status, body = front.get("/v1/nowhere")
     assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_turn(stack):
+    """The client closes the connection after the first event: the front
+    cancels the generation, the request no longer counts as running, and the
+    next request is served."""
+    front, client, _ = stack
+    body = json.dumps({"model": SMOLLM2, "max_tokens": 200, "temperature": 0, "stream": True,
+                       "messages": [{"role": "user", "content": "Count to one hundred."}]})
+    request = urllib.request.Request(front.base + "/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    reply = urllib.request.urlopen(request, timeout=60)
+    assert reply.readline().startswith(b"data: ")
+    reply.close()
+
+    def running() -> float:
+        _, text = front.get("/metrics")
+        return next(float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("lmx:num_requests_running "))
+
+    deadline = time.monotonic() + 20
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0, "the abandoned stream still counts as running"
+    assert chat(client, [{"role": "user", "content": "Hello"}]).choices[0].message.content
+
+
+def test_memory_short_is_429_with_retry_after(stack, tmp_path):
+    """A worker whose KV cannot grow (another holder took all the free
+    memory, and this worker's priority, -1, is below every holder's, so none
+    is asked to give any back) refuses after --kv-wait-s: the client gets 429
+    with Retry-After, then, once the memory is back, an answer."""
+    from lmx.v1 import admission_pb2 as apb
+    from lmx.v1 import admission_pb2_grpc
+
+    front, client, worker = stack
+    short = WorkerProcess("synthetic:llama-tiny", worker.admission,
+                          ("--max-context", "512", "--kv-chunk-bytes", "64KiB",
+                           "--kv-wait-s", "1", "--kvstore", "none", "--priority", "-1"),
+                          tmp_path / "short.log")
+    short.launch().wait_ready()
+    stub = admission_pb2_grpc.AdmissionServiceStub(grpc.insecure_channel(worker.admission))
+    try:
+        free = stub.Status(apb.StatusRequest(), timeout=10).devices[0].free_bytes
+        lease = stub.Acquire(apb.AcquireRequest(
+            holder=apb.Holder(name="test/blocker", pid=1), bytes=free, priority=10,
+            purpose=apb.PURPOSE_OTHER, ttl_ms=60_000), timeout=10).lease
+        long_prompt = "one two three four five six seven eight nine ten " * 30
+        deadline = time.monotonic() + 20
+        while "synthetic:llama-tiny" not in [m.id for m in client.models.list().data]:
+            assert time.monotonic() < deadline, "the new worker never showed in /v1/models"
+            time.sleep(0.2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model="synthetic:llama-tiny", prompt=long_prompt,
+                                      max_tokens=4, temperature=0)
+        assert refused.value.status_code == 429
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        stub.Release(apb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch), timeout=10)
+        again = client.completions.create(model="synthetic:llama-tiny", prompt=long_prompt,
+                                          max_tokens=4, temperature=0)
+        assert again.usage.completion_tokens == 4
+    finally:
+        short.kill()
