@@ -125,6 +125,70 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def hbm_copy_bandwidth() -> float | None:
+    """Device memory bandwidth in bytes/s, measured: a 2 GiB device-to-device
+    copy (bytes read + bytes written), timed with CUDA events, median of 20
+    after a warm-up. None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    size = 2 << 30
+    src = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * size / statistics.median(times)
+
+
+def kv_bytes_per_token(model_name: str, dtype_name: str) -> int:
+    import torch
+
+    from services.worker.models import default_cache_dir, model_config
+
+    config, _ = model_config(model_name, default_cache_dir())
+    config = config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def prompt_token_ids(model_name: str) -> list[list[int]]:
+    """PROMPTS as the worker tokenizes them (synthetic models use smollm2's
+    tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from services.worker.models import default_cache_dir, model_config
+
+    cache = default_cache_dir()
+    _, path = model_config(model_name, cache)
+    tokenizer = AutoTokenizer.from_pretrained(path or cache / "models" / "smollm2-135m")
+    return [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+
+
+def floor(weight_bytes: int, kv_per_token: int, sessions: int, context: float,
+          bandwidth: float | None) -> dict | None:
+    """The bandwidth floor of one decode step: every weight and every
+    session's KV read once per step."""
+    if not bandwidth:
+        return None
+    step_bytes = weight_bytes + sessions * context * kv_per_token
+    step_s = step_bytes / bandwidth
+    return {"bytes_per_step": int(step_bytes), "step_ms": round(step_s * 1000, 4),
+            "tokens_per_s": round(sessions / step_s, 1),
+            "per_session_tokens_per_s": round(1 / step_s, 1)}
+
+
 # ---- figures --------------------------------------------------------------
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
@@ -257,7 +321,8 @@ def run_lmx(args, levels: list[int], logs: Path) -> tuple[dict, dict[int, list[l
         admission_args = ["--device", "cpu:0=64GiB"]
     admission_args += ["--log-format", "json", "--log-level", "warning"]
     worker_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
-                   "--log-format", "json", "--log-level", "warning"]
+                   "--cuda-graphs", args.cuda_graphs, "--log-format", "json",
+                   "--log-level", "warning"]
     started = time.perf_counter()
     admission = start_service("services.admission", ADMISSION_SERVICE, admission_args,
                               log_path=logs / "admission.log", timeout_s=60)
@@ -420,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads for the worker and the HF baseline "
                              "(OMP_NUM_THREADS / torch.set_num_threads) [0: torch's default]")
+    parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
+                        help="the worker's --cuda-graphs: auto replays CUDA graphs of decode "
+                             "steps on a GPU, off runs them eagerly [auto]")
     parser.add_argument("--skip-hf", action="store_true", help="measure only the worker")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
                         help="folder for the JSON results [bench/results]")
@@ -502,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     hf, hf_ids = ({"levels": {}}, {}) if args.skip_hf else run_hf(
         args, sorted({1, *levels}))
     load_end = load_average()
+    bandwidth = hbm_copy_bandwidth() if args.device == "cuda" else None
+    kv_per_token = kv_bytes_per_token(args.model, args.dtype)
+    weight_bytes = lmx["worker_status"]["weight_bytes"]
+    prompt_tokens = statistics.fmean(len(ids) for ids in prompt_token_ids(args.model))
 
     rows = []
     for n in levels:
@@ -517,14 +589,25 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_vs_hf_batch_1": _r(ours["tokens_per_s"] / hf_1["tokens_per_s"])
             if hf_1 else None,
             "greedy_tokens_vs_hf_batch_n": agreement(lmx_ids[n], hf_ids.get(n)),
+            "lmx_time_per_output_token_ms": _r(1000 / ours["per_session_tokens_per_s_mean"])
+            if ours["per_session_tokens_per_s_mean"] else None,
+            # Mean context over a decode: the prompt and half the answer.
+            "floor": floor(weight_bytes, kv_per_token, n, prompt_tokens + args.tokens / 2,
+                           bandwidth),
         })
+        if rows[-1]["floor"]:
+            rows[-1]["lmx_fraction_of_floor"] = _r(
+                ours["per_session_tokens_per_s_mean"] / rows[-1]["floor"]["per_session_tokens_per_s"],
+                3) if ours["per_session_tokens_per_s_mean"] else None
     lmx.pop("levels")
     hf.pop("levels")
     report = {
         "benchmark": "worker: decode tokens per second, lmx worker vs HF transformers generate",
         "date": started.isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "machine": machine,
+        "machine": {**machine, "hbm_copy_bytes_per_s": bandwidth and round(bandwidth),
+                    "hbm_copy_note": "2 GiB device-to-device copy, bytes read + written, "
+                                     "CUDA events, median of 20"},
         "load_average": {"start": load_start, "after_lmx": load_between, "end": load_end,
                          "note": "os.getloadavg() 1/5/15 min; compare with the core count"},
         "parameters": {
@@ -535,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": args.tokens,
             "repeats": args.repeats,
             "threads": args.threads or "torch default",
+            "cuda_graphs": args.cuda_graphs,
+            "kv_bytes_per_token": kv_per_token,
+            "floor": "weights + N x mean context x KV bytes per token, read once per decode "
+                     "step, over the measured copy bandwidth; the per-session rate at that "
+                     "step time is the bound for lmx's per-session rate",
             "quiet_wait_s": args.quiet_wait_s,
             "warmup_tokens": args.warmup_tokens,
             "sampling": "greedy (temperature 0)",
@@ -556,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"worker-{args.device}-{sanitise(args.model)}" + (f"-t{args.threads}" if args.threads
-                                                              else "")
+    stem = (f"worker-{args.device}-{sanitise(args.model)}"
+            + (f"-t{args.threads}" if args.threads else "")
+            + ("-eager" if args.device == "cuda" and args.cuda_graphs == "off" else ""))
     text = json.dumps(report, indent=2) + "\n"
     dated = out / f"{stem}-{started.strftime('%Y-%m-%d')}.json"
     for path in (dated, out / f"{stem}-latest.json"):

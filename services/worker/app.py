@@ -175,7 +175,9 @@ class WorkerApp:
         self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,
-                             max_prefill_tokens=settings.max_prefill_tokens)
+                             max_prefill_tokens=settings.max_prefill_tokens,
+                             decode_graphs=(settings.cuda_graphs == "auto"
+                                            and self.device.type == "cuda"))
         self.engine.start()
         if settings.kvstore != "none":
             self.kvstore = KVStoreLink(settings.kvstore, owner=self.worker_id)
@@ -528,6 +530,11 @@ class WorkerApp:
         finally:
             self.engine.kv_wait_s = wait_s
         self.engine.max_prefill_tokens = min(self.engine.max_prefill_tokens, tokens)
+        graphs = self.engine.runner.graphs
+        if graphs is not None:
+            # Every decode graph now: their memory pool is part of what is
+            # measured below, so the base lease covers it.
+            await self.engine.between_steps(graphs.capture_all)
         torch.cuda.empty_cache()
         steady = torch.cuda.memory_reserved(self.device)
         # The context grew as the warm-up's kernels loaded and cuBLAS made

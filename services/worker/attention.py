@@ -4,7 +4,8 @@ The worker runs the model's own modules (embeddings, norms, rotary, MLP,
 projections) and replaces only the attention kernel, through transformers'
 AttentionInterface: for each layer the new tokens' K and V are written into
 the paged pool, and each sequence's queries attend to its whole context
-gathered from the pool. Sequences of a step are packed into one batch row of
+gathered from the pool (a graphed decode step instead attends in place:
+decode_graphs.py). Sequences of a step are packed into one batch row of
 the model (position ids restart per sequence); the plan below maps between
 that packed order and a padded [sequences, tokens] layout for SDPA.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from services.worker.decode_graphs import GraphPlan
 from services.worker.kv_storage import KVStorage, SlotGroups
 
 ATTN_IMPLEMENTATION = "lmx_paged"
@@ -120,6 +122,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     (packed new tokens, rotary applied) -> [1, tokens, heads, dim]."""
     if lmx_plan is None:
         raise RuntimeError("paged attention needs lmx_plan (run the model through ModelRunner)")
+    if isinstance(lmx_plan, GraphPlan):       # a graphed decode step: Triton kernels in place
+        return lmx_plan.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
     plan = lmx_plan
     layer = module.layer_idx
     heads, dim = query.shape[1], query.shape[3]

@@ -13,6 +13,13 @@ Fencing: before each step the engine makes sure its leases are still held
 SIGSTOP, it renews first): a lost lease means the memory may be someone
 else's, so no step runs and every generation ends with ABORTED.
 
+Prompts and decodes run in separate steps (see _schedule): a prompt step
+computes at most max_prefill_tokens tokens, a long prompt in chunks of
+that size, with a decode step of the running sessions between two chunks
+(chunked prefill), so that one long prompt never stalls the others for
+more than a chunk, and a step's workspace stays within what the lease was
+sized for.
+
 Preemption: when every running generation waits for a KV block and none
 can come (the lease cannot grow, and the worker has no idle session to
 park), the newest generation gives its blocks to the others and goes back
@@ -46,6 +53,7 @@ from services.common.errors import (
     NotFound,
     Shortfall,
 )
+from services.worker.decode_graphs import DecodeGraphs
 from services.worker.kv_pool import BlockPool
 from services.worker.kv_storage import KVStorage
 from services.worker.memory import Memory
@@ -129,19 +137,23 @@ class EngineStats:
     steps: int
     tokens_generated: int
     preemptions: int = 0
+    prefill_chunks: int = 0     # steps' prompt chunks that did not end their prompt
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, memory: Memory, *, block_size: int = 16,
                  chunk_bytes: int = 32 << 20, kv_wait_s: float = 10.0,
-                 max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1):
+                 max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1,
+                 decode_graphs: bool = False):
         self.loaded = loaded
         self.memory = memory
         per_block = block_size * loaded.kv_shape.bytes_per_token
         blocks_per_chunk = max(1, chunk_bytes // per_block)
         self.pool = BlockPool(block_size, blocks_per_chunk)
         self.storage = KVStorage(loaded.kv_shape, blocks_per_chunk * block_size, loaded.device)
-        self.runner = ModelRunner(loaded, self.storage)
+        graphs = (DecodeGraphs(loaded, self.storage, block_size=block_size, max_batch=max_batch)
+                  if decode_graphs else None)
+        self.runner = ModelRunner(loaded, self.storage, graphs)
         self.kv_wait_s = kv_wait_s
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -161,6 +173,8 @@ class Engine:
         self._steps = 0
         self._tokens_generated = 0
         self._preemptions = 0
+        self._prefill_chunks = 0       # prompt chunks that did not end their prompt
+        self._last_step_prompts = False
         #: pause(): nothing is scheduled until resume(); requested by setting
         #: the future, carried out by the loop between two steps.
         self._paused = False
@@ -199,7 +213,7 @@ class Engine:
         usage = self.pool.usage()
         return EngineStats(len(self._waiting), len(self._running), usage.num_blocks,
                            usage.num_used_blocks, self.storage.num_bytes, self._steps,
-                           self._tokens_generated, self._preemptions)
+                           self._tokens_generated, self._preemptions, self._prefill_chunks)
 
     # ---- requests --------------------------------------------------------
     def submit(self, session: Session, params: SamplingParams, *, prompt: str | None = None,
@@ -424,7 +438,7 @@ class Engine:
                 self._maybe_shrink()      # the stopped generations' chunks go back
                 await self._wake.wait()
                 continue
-            items, batch = self._schedule()
+            items, batch, complete = self._schedule()
             if not batch:
                 self._wake.clear()
                 if self._waiting or self._running:
@@ -452,8 +466,9 @@ class Engine:
                     self._fail(request, LmxError(f"the forward pass failed: {exc}"))
                 continue
             self._steps += 1
-            for request, token in zip(batch, tokens):
-                self._advance(request, token)
+            for request, token, ends_feed in zip(batch, tokens, complete):
+                if ends_feed:
+                    self._advance(request, token)
 
     def _reap(self) -> None:
         """Cancelled requests leave; blocked ones fail past their deadline."""
@@ -483,40 +498,94 @@ class Engine:
                 r.blocked_since for r in [*self._waiting, *self._running]):
             self._growth_error = None
 
-    def _schedule(self) -> tuple[list[StepItem], list[Request]]:
-        """Prefills first (as many as fit), else one decode step for all."""
+    def _schedule(self) -> tuple[list[StepItem], list[Request], list[bool]]:
+        """The next step's work: its items, their requests, and for each
+        whether it ends its request's feed (only then is its sampled token
+        the next token; a chunk that does not is KV work only).
+
+        Prompts and decodes run in separate steps: a decode step has one
+        token per sequence, the shape CUDA graphs replay, and a prompt step
+        computes at most max_prefill_tokens tokens (the workspace the lease
+        was sized for). The prompt at the head of the queue takes what is
+        left of that budget, so a long prompt is computed in chunks
+        (chunked prefill). While both are pending, a prompt step and a
+        decode step alternate: a long prompt holds the decoding sessions up
+        for one chunk at a time, never for its whole length."""
+        decoding = [r for r in self._running if not r.done and self._pending(r) == 1]
+        prompting = bool(self._waiting) or len(decoding) < len(self._running)
+        prompts_first = prompting and (not decoding or not self._last_step_prompts)
+        for prompts in ((True, False) if prompts_first else (False, True)):
+            items, batch, complete = (self._schedule_prompts() if prompts
+                                      else self._schedule_decodes(decoding))
+            if batch:
+                self._last_step_prompts = prompts
+                return items, batch, complete
+        self._preempt_if_stalled()
+        return [], [], []
+
+    def _pending(self, request: Request) -> int:
+        """Tokens of the request's session not yet in the pool (fed next)."""
+        session = request.session
+        return len(session.tokens) - self.pool.length(session.session_id)
+
+    def _schedule_prompts(self) -> tuple[list[StepItem], list[Request], list[bool]]:
+        """Prompts begun in earlier steps first, then the queue in order:
+        each takes as many of its tokens as the step's budget has left."""
         items: list[StepItem] = []
         batch: list[Request] = []
+        complete: list[bool] = []
         budget = self.max_prefill_tokens
-        while self._waiting and len(batch) < self.max_batch:
-            request = self._waiting[0]
+
+        def take(request: Request) -> bool | None:
+            """Schedule a chunk of the request's feed; None: no budget left,
+            False: no KV blocks for it."""
+            nonlocal budget
+            pending = self._pending(request)
+            count = min(pending, budget)
+            if count <= 0 or len(batch) >= self.max_batch:
+                return None
+            if not self._reserve(request, count):
+                return False
             session = request.session
-            feed = session.tokens[self.pool.length(session.session_id):]
-            if batch and len(feed) > budget:
-                break
-            if not self._reserve(request, len(feed)):
+            start = len(session.tokens) - pending
+            items.append(self._item(request, session.tokens[start:start + count]))
+            batch.append(request)
+            complete.append(count == pending)
+            budget -= count
+            if count < pending:
+                self._prefill_chunks += 1
+            return True
+
+        for request in self._running:
+            if not request.done and self._pending(request) > 1:
+                if take(request) is None:
+                    break
+        while self._waiting:
+            request = self._waiting[0]
+            if not take(request):
                 break  # first come, first served: nobody overtakes it
             self._waiting.popleft()
             self._running.append(request)
-            items.append(self._item(request, feed))
-            batch.append(request)
-            budget -= len(feed)
         if batch:
-            # The running requests wait for these prefills, not for memory:
+            # The decoding requests wait for these prompts, not for memory:
             # their kv_wait_s clocks restart when they are next considered.
             for request in self._running:
-                request.blocked_since = None
-            return items, batch
-        for request in self._running[: self.max_batch]:
+                if request not in batch:
+                    request.blocked_since = None
+        return items, batch, complete
+
+    def _schedule_decodes(self, decoding: list[Request]
+                          ) -> tuple[list[StepItem], list[Request], list[bool]]:
+        items: list[StepItem] = []
+        batch: list[Request] = []
+        for request in decoding[: self.max_batch]:
             session = request.session
             feed = session.tokens[self.pool.length(session.session_id):]
             if not self._reserve(request, len(feed)):
                 continue
             items.append(self._item(request, feed))
             batch.append(request)
-        if not batch:
-            self._preempt_if_stalled()
-        return items, batch
+        return items, batch, [True] * len(batch)
 
     # ---- preemption ------------------------------------------------------
     def _others_progress(self, request: Request) -> bool:

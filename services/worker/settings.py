@@ -50,7 +50,9 @@ class WorkerSettings(ServerFields):
     kv_wait_s: float = field(default=10.0, metadata={
         "help": "how long a request waits for KV memory before RESOURCE_EXHAUSTED"})
     max_batch: int = field(default=64, metadata={"help": "sessions per decode step"})
-    max_prefill_tokens: int = field(default=2048, metadata={"help": "prompt tokens per step"})
+    max_prefill_tokens: int = field(default=2048, metadata={
+        "help": "prompt tokens per step (a longer prompt is computed in chunks, the running "
+                "sessions decoding in between)"})
     max_sessions: int = field(default=1024, metadata={"help": "open sessions at most"})
     max_prompt_chars: int = field(default=1_000_000, metadata={
         "help": "longest prompt or chat message, in characters (longer is INVALID_ARGUMENT)"})
@@ -83,6 +85,10 @@ class WorkerSettings(ServerFields):
                 "this model on this host map instead of holding their own copy"})
     weights_shm_dir: str = field(default="/dev/shm", metadata={
         "help": "where that file lives"})
+    cuda_graphs: str = field(default="auto", metadata={
+        "help": "auto: decode steps replay CUDA graphs on a CUDA device (Triton kernels attend "
+                "over the paged KV in place; the first graphed step is checked against the eager "
+                "one) | off: eager decode steps"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
@@ -109,6 +115,8 @@ class WorkerSettings(ServerFields):
                 parse_address(self.kvstore)
             except ValueError as exc:
                 raise ConfigError("kvstore", str(exc), fix="HOST:PORT, or none") from None
+        if self.cuda_graphs not in ("auto", "off"):
+            raise ConfigError("cuda_graphs", f"unknown value {self.cuda_graphs!r}", fix="auto | off")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", fix=" | ".join(DTYPES))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

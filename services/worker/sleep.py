@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from services.worker.models import weights_moved
+
 log = structlog.get_logger(__name__)
 
 ALIGN = 256   # bytes: every slice of the flat buffers starts on this boundary
@@ -118,6 +120,7 @@ class WeightStash:
             return Moved(0, time.perf_counter() - started)
         self.prepare()
         self._copy_out()
+        weights_moved(self.model)
         with torch.no_grad():
             for slot in self._slots:
                 self._set(slot, torch.empty(0, dtype=slot.dtype, device=self.device))
@@ -156,6 +159,7 @@ class WeightStash:
             for slot in self._slots:
                 piece = flat[slot.offset:slot.offset + slot.num_bytes]
                 self._set(slot, piece.view(slot.dtype).view(slot.shape))
+        weights_moved(self.model)
         self._sync()
         self.asleep = False
         moved = Moved(self.num_bytes, time.perf_counter() - started)

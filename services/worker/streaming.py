@@ -28,6 +28,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from services.worker.models import weights_moved
 from services.worker.shared_weights import SharedHostWeights, weights_key
 
 log = structlog.get_logger(__name__)
@@ -217,6 +218,7 @@ class LayerStreamer:
         self._prefetch()
 
     def _hook_layers(self) -> None:
+        weights_moved(self.model)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -245,6 +247,7 @@ class LayerStreamer:
         self.layers = [layer for _, layer, _ in kept]
         self.host = [flat for _, _, flat in kept]
         self.count -= moving
+        weights_moved(self.model)
         if not self.count:
             for hook in self._hooks:
                 hook.remove()
@@ -323,6 +326,7 @@ class LayerStreamer:
         self._sync()
         for param in self.streamed_parameters():
             param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        weights_moved(self.model)
         self.ring, self.views = [], []
         if self.cuda:
             torch.cuda.empty_cache()
@@ -332,6 +336,7 @@ class LayerStreamer:
         if not self.count or self.ring:
             return
         self._make_ring()
+        weights_moved(self.model)
         self._n = 0
         self._prefetch()
 
@@ -341,6 +346,7 @@ class LayerStreamer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        weights_moved(self.model)
         if not self.count:
             return
         self._sync()

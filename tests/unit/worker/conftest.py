@@ -49,8 +49,8 @@ def scramble_weights(loaded: LoadedModel, seed: int = 1) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
-def load_tiny(cache: Path, **kwargs) -> LoadedModel:
-    loaded = load_model("synthetic:llama-tiny", cache=cache, device=CPU, dtype=torch.float32,
+def load_tiny(cache: Path, shape: str = "llama-tiny", **kwargs) -> LoadedModel:
+    loaded = load_model(f"synthetic:{shape}", cache=cache, device=CPU, dtype=torch.float32,
                         **kwargs)
     scramble_weights(loaded)
     return loaded
@@ -68,3 +68,10 @@ def tiny64(model_cache) -> LoadedModel:
     loaded = load_tiny(model_cache, max_context=64)
     assert loaded.max_context == 64, f"load_model ignored max_context: {loaded.max_context}"
     return loaded
+
+
+@pytest.fixture(scope="session")
+def gemma_tiny(model_cache) -> LoadedModel:
+    """gemma3-tiny: Gemma 3's architecture, every layer with an 8-token
+    sliding window."""
+    return load_tiny(model_cache, "gemma3-tiny")

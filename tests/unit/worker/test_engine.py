@@ -754,3 +754,80 @@ def test_a_resent_whole_prompt_reuses_its_prefix(tiny):
     assert first.reused_tokens == 0 and second.reused_tokens > 0
     assert second.reused_tokens + second.prompt_tokens == third.prompt_tokens
     assert got == want
+
+
+# ---- chunked prefill -------------------------------------------------------------
+LONG_PROMPT = list(range(1000, 1150))      # 150 tokens: ten chunks of 16 at most
+
+
+def spy_step_sizes(engine: Engine) -> list[int]:
+    """The tokens each step computes (the real step runs)."""
+    sizes: list[int] = []
+    step = engine.runner.step
+
+    def recorded(items):
+        sizes.append(sum(len(item.tokens) for item in items))
+        return step(items)
+
+    engine.runner.step = recorded
+    return sizes
+
+
+def test_a_prompt_longer_than_a_step_is_computed_in_chunks_exactly(tiny, reference):
+    params = SamplingParams(max_tokens=16)
+
+    async def scenario(engine):
+        sizes = spy_step_sizes(engine)
+        session = SessionTable().open()
+        deltas, end = await collect(engine, engine.submit_tokens(session, params, LONG_PROMPT))
+        return tokens_of(deltas), end, engine.stats(), sizes
+
+    got, end, stats, sizes = run(tiny, scenario, max_prefill_tokens=16)
+    expected = hf_greedy(tiny, reference, LONG_PROMPT, 16)
+    assert isinstance(end, Finished), end
+    assert got == expected, f"chunked prefill gave {got}, HF generate on the whole prompt {expected}"
+    assert max(sizes) <= 16, f"a step computed more than max_prefill_tokens: {sizes}"
+    assert stats.prefill_chunks == -(-len(LONG_PROMPT) // 16) - 1, stats
+    assert end.prompt_tokens == len(LONG_PROMPT)
+
+
+def test_sessions_decode_between_the_chunks_of_a_long_prompt(tiny):
+    """A long prompt arriving while another session decodes: the decoding
+    session gets a token between every two chunks, and both generate what
+    they generate alone."""
+    params = SamplingParams(max_tokens=40)
+    short = tiny.tokenizer(PROMPTS[1])["input_ids"]
+    alone = run(tiny, each_alone([short, LONG_PROMPT], params), max_prefill_tokens=16)
+
+    async def scenario(engine):
+        sessions = SessionTable()
+        arrivals: list[str] = []
+        first = engine.submit_tokens(sessions.open(), params, short)
+        head = []
+        while len(head) < 2:
+            head.append(await first.out.get())
+            engine.delivered(first, 1)
+        second = engine.submit_tokens(sessions.open(), params, LONG_PROMPT)
+
+        async def watch(name, request):
+            deltas = []
+            while True:
+                event = await request.out.get()
+                if not isinstance(event, Delta):
+                    return deltas, event
+                arrivals.append(name)
+                deltas.append(event)
+                engine.delivered(request, 1)
+
+        (a, a_end), (b, b_end) = await asyncio.gather(watch("first", first),
+                                                      watch("second", second))
+        return head + a, a_end, b, b_end, arrivals
+
+    a, a_end, b, b_end, arrivals = run(tiny, scenario, max_prefill_tokens=16)
+    assert isinstance(a_end, Finished) and isinstance(b_end, Finished), (a_end, b_end)
+    during = arrivals.index("second")
+    chunks = -(-len(LONG_PROMPT) // 16)
+    assert arrivals[:during].count("first") >= chunks - 1, (
+        f"the decoding session got {arrivals[:during].count('first')} tokens while a prompt of "
+        f"{chunks} chunks was computed: {arrivals}")
+    assert [tokens_of(a), tokens_of(b)] == alone, "a generation changed beside a chunked prompt"

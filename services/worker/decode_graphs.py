@@ -1,0 +1,299 @@
+"""CUDA graphs of the decode step.
+
+Eager decoding at small batch is paced by Python launching hundreds of
+small kernels per step, not by the GPU (docs/benchmarks.md, worker
+benchmark). A decode step feeds one token per sequence, so its shapes
+depend only on the number of sequences: for each batch-size bucket the
+model's forward pass is captured once into a CUDA graph and replayed, one
+launch per step.
+
+Everything that changes from one step to the next is read from static
+device buffers the graph was captured on: token ids, positions, each
+sequence's new slot, block table and context length, and the KV chunks'
+address table. Attention goes through `GraphPlan` (paged_attention
+dispatches on it): the Triton kernels of paged_kernels.py write the new K/V
+and attend over the paged pool in place. A step with fewer sequences than
+its bucket pads with rows of context 0 and slot -1, which write nothing and
+are dropped. The pool growing or shrinking changes only the address table,
+not the graphs.
+
+What invalidates the graphs: the weights moving (sleep, wake, layers
+streamed or made resident; models.weights_moved). They are dropped and
+captured again when next needed; while layers stream (forward hooks with
+copies and events of their own), decode steps run eagerly.
+
+Memory: the graphs share one pool. The worker captures every bucket during
+its warm-up, before it measures what it holds, so that its base lease
+covers them (measured, not guessed).
+
+Without `capture` (the CPU, tests) the same static-buffer forward runs
+eagerly: everything but the capture itself is exercised.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import structlog
+import torch
+
+from services.worker import paged_kernels
+from services.worker.kv_storage import KVStorage
+from services.worker.models import LoadedModel, weights_version
+
+log = structlog.get_logger(__name__)
+
+#: Chunks the address table can name. 8 bytes each, so generous: a pool of
+#: more chunks decodes eagerly.
+MAX_CHUNKS = 16384
+#: The first graphed step is checked against the eager one: logits as close
+#: as two bf16 computations of the same function are, or graphs go off.
+CHECK_MIN_COSINE = 0.995
+CHECK_MAX_ERROR = 0.1
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a graph of their own: 1, 2, 4, then multiples of 8."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch]
+    sizes += list(range(8, max_batch, 8))
+    return sorted(set(sizes + [max_batch]))
+
+
+class GraphPlan:
+    """The attention of a graphed decode step: views of the static buffers
+    for the first `rows` rows."""
+
+    def __init__(self, graphs: DecodeGraphs, rows: int):
+        self.rows = rows
+        self.new_slots = graphs.new_slots[:rows]
+        self.block_table = graphs.block_table[:rows]
+        self.ctx_lens = graphs.ctx_lens[:rows]
+        self.k_ptrs = graphs.k_ptrs
+        self.v_ptrs = graphs.v_ptrs
+        self.slots_per_chunk = graphs.storage.slots_per_chunk
+        self.block_size = graphs.block_size
+        self.kv_heads = graphs.storage.shape.num_kv_heads
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+        """query [1, heads, rows, dim], key/value [1, kv_heads, rows, dim] ->
+        [1, rows, heads, dim]."""
+        q = query[0].transpose(0, 1).contiguous()
+        paged_kernels.write_kv(key[0].transpose(0, 1).contiguous(),
+                               value[0].transpose(0, 1).contiguous(), self.new_slots,
+                               self.k_ptrs, self.v_ptrs, layer, self.slots_per_chunk)
+        out = paged_kernels.decode_attention(
+            q, self.k_ptrs, self.v_ptrs, self.block_table, self.ctx_lens, layer=layer,
+            slots_per_chunk=self.slots_per_chunk, block_size=self.block_size,
+            kv_heads=self.kv_heads, scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+            window=sliding_window or 0)
+        return out.unsqueeze(0)
+
+
+class DecodeGraphs:
+    def __init__(self, loaded: LoadedModel, storage: KVStorage, *, block_size: int,
+                 max_batch: int, capture: bool | None = None):
+        self.loaded = loaded
+        self.storage = storage
+        self.block_size = block_size
+        self.device = loaded.device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.sizes = buckets(max_batch)
+        top = self.sizes[-1]
+        self.max_blocks = -(-loaded.max_context // block_size)
+        device = self.device
+        self.input_ids = torch.zeros((1, top), dtype=torch.long, device=device)
+        self.position_ids = torch.zeros((1, top), dtype=torch.long, device=device)
+        self.new_slots = torch.full((top,), -1, dtype=torch.long, device=device)
+        self.block_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, device=device)
+        self.ctx_lens = torch.zeros((top,), dtype=torch.int32, device=device)
+        self.k_ptrs = torch.zeros((MAX_CHUNKS,), dtype=torch.long, device=device)
+        self.v_ptrs = torch.zeros((MAX_CHUNKS,), dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        self._host_longs = torch.zeros((3, top), dtype=torch.long, pin_memory=pin)
+        self._host_ctx = torch.zeros((top,), dtype=torch.int32, pin_memory=pin)
+        self._host_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._chunk_ptrs: tuple[int, ...] = ()
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self._pool = None
+        self._version = -1
+        self._streaming = False
+        #: Why decode steps run eagerly for good (None: they need not): the
+        #: model or this install cannot, or the first graphed step
+        #: disagreed with the eager one (`check`).
+        self.broken: str | None = self._unsupported()
+        self.checked = False
+        if self.broken is not None:
+            log.info("decode_graphs_off", reason=self.broken)
+
+    def _unsupported(self) -> str | None:
+        config = self.loaded.model.config.get_text_config()
+        if getattr(config, "attn_logit_softcapping", None):
+            return "the model soft-caps its attention logits"
+        return paged_kernels.supported(self.storage.shape.head_dim, self.block_size)
+
+    # ---- when ---------------------------------------------------------------
+    def applies(self, items) -> bool:
+        if self.broken is not None or len(items) > self.sizes[-1]:
+            return False
+        if self.storage.num_chunks > MAX_CHUNKS or not self.storage.num_chunks:
+            return False
+        if any(len(item.tokens) != 1 for item in items):
+            return False
+        self._follow_weights()
+        return not self._streaming
+
+    def _follow_weights(self) -> None:
+        version = weights_version(self.loaded.model)
+        if version == self._version:
+            return
+        if self._graphs:
+            log.info("decode_graphs_dropped", graphs=len(self._graphs), reason="weights moved")
+        self.invalidate()
+        self._version = version
+        # Streamed layers copy through forward hooks of their own.
+        self._streaming = any(module._forward_pre_hooks
+                              for module in self.loaded.model.modules())
+
+    def invalidate(self) -> None:
+        self._graphs.clear()
+        self._logits.clear()
+        self._pool = None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def fail(self, exc: BaseException) -> None:
+        """A capture or replay raised: eager decode steps from now on."""
+        self.broken = f"{type(exc).__name__}: {exc}"
+        log.error("decode_graphs_off", reason=self.broken, exc_info=exc)
+        self.invalidate()
+
+    def check(self, graphed: torch.Tensor, eager: torch.Tensor) -> bool:
+        """Compare the first graphed step's logits with the eager step's on
+        the same rows; on a disagreement beyond rounding, graphs go off for
+        good (logged). Returns whether they agreed."""
+        self.checked = True
+        a, b = graphed.float().flatten(), eager.float().flatten()
+        cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        worst = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+        agree = bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))
+        good = cosine >= CHECK_MIN_COSINE and worst <= CHECK_MAX_ERROR
+        log.info("decode_graphs_checked", cosine=round(cosine, 6), max_relative_error=round(worst, 5),
+                 same_argmax=agree, good=good)
+        if not good:
+            self.broken = (f"the first graphed step disagreed with the eager one "
+                           f"(cosine {cosine:.4f}, max relative error {worst:.3g})")
+            log.error("decode_graphs_off", reason=self.broken)
+            self.invalidate()
+        return good
+
+    # ---- running --------------------------------------------------------------
+    def run(self, items) -> torch.Tensor:
+        """Logits [len(items), vocab] of one decode step (after `applies`)."""
+        rows = len(items)
+        size = next(s for s in self.sizes if s >= rows)
+        self._fill(items, size)
+        if not self.capture:
+            return self._forward(size)[:rows]
+        graph = self._graphs.get(size)
+        if graph is None:
+            graph = self._capture(size)
+        graph.replay()
+        return self._logits[size][:rows]
+
+    @torch.inference_mode()
+    def capture_all(self) -> float:
+        """Capture every bucket now (the worker's warm-up); returns seconds."""
+        started = time.perf_counter()
+        if not self.capture or self.broken is not None or not self.storage.num_chunks:
+            return 0.0
+        self._follow_weights()
+        if self._streaming:
+            return 0.0
+        self._clear_rows(self.sizes[-1])
+        try:
+            for size in reversed(self.sizes):   # the largest first: the others reuse its pool
+                if size not in self._graphs:
+                    self._capture(size)
+        except Exception as exc:  # noqa: BLE001 - decode eagerly rather than not at all
+            self.fail(exc)
+            return 0.0
+        seconds = time.perf_counter() - started
+        log.info("decode_graphs_captured", graphs=len(self._graphs), sizes=self.sizes,
+                 seconds=round(seconds, 3))
+        return seconds
+
+    def _forward(self, size: int) -> torch.Tensor:
+        out = self.loaded.model(input_ids=self.input_ids[:, :size],
+                                position_ids=self.position_ids[:, :size], use_cache=False,
+                                lmx_plan=GraphPlan(self, size), logits_to_keep=0)
+        return out.logits[0]
+
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        """Capture the forward pass for `size` rows. Its warm-up passes run
+        for real: the rows are padding then (or this step's: they only
+        write this step's K/V, as the replay will again)."""
+        started = time.perf_counter()
+        self._update_chunk_table()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):    # Triton compiles, cuBLAS picks its kernels: not in the graph
+                self._forward(size)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(size)
+        self._graphs[size] = graph
+        self._logits[size] = logits
+        log.debug("decode_graph_captured", rows=size,
+                  seconds=round(time.perf_counter() - started, 4))
+        return graph
+
+    def _clear_rows(self, size: int) -> None:
+        self.new_slots[:size].fill_(-1)
+        self.ctx_lens[:size].zero_()
+
+    def _update_chunk_table(self) -> None:
+        chunks = (tuple(t.data_ptr() for t in self.storage._k),
+                  tuple(t.data_ptr() for t in self.storage._v))
+        flat = chunks[0] + chunks[1]
+        if flat == self._chunk_ptrs:
+            return
+        count = len(chunks[0])
+        self.k_ptrs[:count].copy_(torch.tensor(chunks[0], dtype=torch.long))
+        self.v_ptrs[:count].copy_(torch.tensor(chunks[1], dtype=torch.long))
+        self._chunk_ptrs = flat
+
+    def _fill(self, items, size: int) -> None:
+        """This step's rows into the static buffers (five small host-to-device
+        copies from pinned memory), padding rows after them."""
+        self._update_chunk_table()
+        rows = len(items)
+        block = self.block_size
+        longs = self._host_longs.numpy()
+        ctx = self._host_ctx.numpy()
+        table = self._host_table.numpy()
+        longs[0, :size] = 0
+        longs[1, :size] = 0
+        longs[2, :size] = -1
+        ctx[:size] = 0
+        for row, item in enumerate(items):
+            length = len(item.all_slots)
+            longs[0, row] = item.tokens[0]
+            longs[1, row] = length - 1
+            longs[2, row] = item.new_slots[0]
+            ctx[row] = length
+            blocks = np.asarray(item.all_slots[::block], dtype=np.int64) // block
+            table[row, :len(blocks)] = blocks
+        self.input_ids[0, :size].copy_(self._host_longs[0, :size], non_blocking=True)
+        self.position_ids[0, :size].copy_(self._host_longs[1, :size], non_blocking=True)
+        self.new_slots[:size].copy_(self._host_longs[2, :size], non_blocking=True)
+        self.ctx_lens[:size].copy_(self._host_ctx[:size], non_blocking=True)
+        self.block_table[:rows].copy_(self._host_table[:rows], non_blocking=True)

@@ -1,0 +1,113 @@
+"""Graphed decode steps (decode_graphs.py) on the CPU: the static-buffer
+forward pass and its Triton kernels (run by Triton's interpreter), without
+the CUDA capture itself. Generations through them equal the eager engine's
+token for token (float32), with sessions joining and leaving (bucket
+changes, padding rows), contexts spread over several KV chunks, a sliding
+window model, and weights that move in between (the graphs follow)."""
+
+from __future__ import annotations
+
+import asyncio
+import pytest
+
+from services.worker import paged_kernels
+from services.worker.decode_graphs import DecodeGraphs, buckets
+from services.worker.engine import Finished
+from services.worker.models import weights_moved
+from services.worker.sampling import SamplingParams
+from services.worker.sessions import SessionTable
+
+from test_engine import PROMPTS, collect, run, tokens_of  # noqa: E402 (same directory)
+
+pytestmark = pytest.mark.skipif(
+    not paged_kernels.AVAILABLE or not paged_kernels.triton.knobs.runtime.interpret,
+    reason="needs Triton's interpreter: Triton installed, no CUDA GPU (tests/conftest.py); "
+           "tests/gpu/test_decode_graphs_gpu.py runs the kernels on a GPU")
+
+
+def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = True,
+                 move_weights_after: int | None = None):
+    """PROMPTS generated together (the later ones joining once the first
+    has decoded a few tokens), with or without graphed decode steps."""
+    params = SamplingParams(max_tokens=max_tokens)
+
+    async def scenario(engine):
+        sessions = SessionTable()
+        first = engine.submit(sessions.open(), params, prompt=PROMPTS[0])
+        head = []
+        if stagger:
+            while len(head) < 3:
+                head.append(await first.out.get())
+                engine.delivered(first, 1)
+        others = [engine.submit(sessions.open(), SamplingParams(max_tokens=max_tokens - 2 * i),
+                                prompt=p) for i, p in enumerate(PROMPTS[1:])]
+        if move_weights_after is not None:
+            async def mover():
+                while engine.runner.graphed_steps < move_weights_after:
+                    await asyncio.sleep(0.005)
+                weights_moved(loaded.model)
+            moving = asyncio.create_task(mover())
+        results = await asyncio.gather(collect(engine, first), *(collect(engine, r) for r in others))
+        if move_weights_after is not None:
+            await moving
+        outs = [head + results[0][0]] + [r[0] for r in results[1:]]
+        assert all(isinstance(r[1], Finished) for r in results), [r[1] for r in results]
+        return [tokens_of(o) for o in outs], engine.runner
+
+    return run(loaded, scenario, decode_graphs=graphs, max_batch=8, timeout=120)
+
+
+def test_buckets():
+    assert buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert buckets(6) == [1, 2, 4, 6]
+    assert buckets(1) == [1]
+
+
+def test_graphed_decode_steps_equal_eager_ones(tiny):
+    eager, _ = generate_all(tiny, graphs=False)
+    graphed, runner = generate_all(tiny, graphs=True)
+    assert graphed == eager
+    graphs = runner.graphs
+    assert graphs.checked and graphs.broken is None
+    assert runner.graphed_steps > 10, runner.graphed_steps
+    assert runner.storage.num_chunks > 1, "the contexts should span several KV chunks"
+
+
+def test_graphs_follow_weights_that_move(tiny):
+    eager, _ = generate_all(tiny, graphs=False)
+    graphed, runner = generate_all(tiny, graphs=True, move_weights_after=4)
+    assert graphed == eager
+    assert runner.graphs._version >= 1
+
+
+def test_a_sliding_window_model(gemma_tiny):
+    eager, _ = generate_all(gemma_tiny, graphs=False, max_tokens=16, stagger=False)
+    graphed, runner = generate_all(gemma_tiny, graphs=True, max_tokens=16, stagger=False)
+    assert graphed == eager
+    assert runner.graphed_steps > 5
+
+
+def test_a_disagreeing_first_step_turns_graphs_off(tiny):
+    """The first graphed step is checked against the eager one: a wrong
+    kernel result turns graphs off, and the output stays right."""
+    eager, _ = generate_all(tiny, graphs=False)
+    real = paged_kernels.decode_attention
+
+    def wrong(q, *args, **kwargs):
+        return real(q, *args, **kwargs) * 0.0
+
+    paged_kernels.decode_attention = wrong
+    try:
+        graphed, runner = generate_all(tiny, graphs=True)
+    finally:
+        paged_kernels.decode_attention = real
+    assert runner.graphs.broken is not None and "disagreed" in runner.graphs.broken
+    assert graphed == eager
+
+
+def test_models_that_graphs_cannot_serve_are_refused_clearly(tiny):
+    from services.worker.kv_storage import KVStorage
+
+    storage = KVStorage(tiny.kv_shape, 64, tiny.device)
+    graphs = DecodeGraphs(tiny, storage, block_size=12, max_batch=4, capture=False)
+    assert graphs.broken is not None and "powers of 2" in graphs.broken
