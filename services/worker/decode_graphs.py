@@ -248,7 +248,9 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the event loop's thread (KV chunks freed, the
+        # allocator capped) and the parking copies' threads go on meanwhile.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._forward(size)
         self._graphs[size] = graph
         self._logits[size] = logits

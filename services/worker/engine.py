@@ -567,9 +567,11 @@ class Engine:
             self._waiting.popleft()
             self._running.append(request)
         if batch:
-            # The decoding requests wait for these prompts, not for memory:
-            # their kv_wait_s clocks restart when they are next considered.
-            for request in self._running:
+            # The others wait for these prompts (a step of up to
+            # max_prefill_tokens, seconds on a CPU), not for memory: their
+            # kv_wait_s clocks restart when they are next considered. A
+            # prompt that found no blocks has its growth under way already.
+            for request in [*self._running, *self._waiting]:
                 if request not in batch:
                     request.blocked_since = None
         return items, batch, complete
