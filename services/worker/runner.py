@@ -52,7 +52,8 @@ class ModelRunner:
                     eager = self._eager(items)
                     if not graphs.check(logits, eager):
                         logits = eager
-                self.graphed_steps += 1
+                if graphs.broken is None:
+                    self.graphed_steps += 1
         if logits is None:
             logits = self._eager(items)
         return sample(logits, [i.params for i in items], [i.generator for i in items],
