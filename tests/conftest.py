@@ -17,7 +17,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         import triton.language  # noqa: F401 - decorated in interpreter mode
 
         triton.knobs.runtime.interpret = True
-    except ImportError:
+    except (ImportError, AttributeError):   # no Triton, or one without knobs: tests skip
         pass
     finally:
         del os.environ["TRITON_INTERPRET"]

@@ -556,11 +556,14 @@ class Engine:
                 self._prefill_chunks += 1
             return True
 
+        started_first = True
         for request in self._running:
             if not request.done and self._pending(request) > 1:
-                if take(request) is None:
+                taken = take(request)
+                if taken is None:
                     break
-        while self._waiting:
+                started_first = started_first and taken
+        while self._waiting and started_first:   # a begun prompt short of blocks goes first
             request = self._waiting[0]
             if not take(request):
                 break  # first come, first served: nobody overtakes it

@@ -28,9 +28,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
 except ImportError:        # torch's CPU build brings no Triton
     triton = None
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:
+    InterpretedFunction = None
 
 AVAILABLE = triton is not None
 
@@ -40,9 +43,13 @@ def next_power_of_2(n: int) -> int:
 
 
 def _both(fn):
-    """The kernel compiled for CUDA tensors, and run by Triton's
-    interpreter for CPU ones (the tests), whatever TRITON_INTERPRET says."""
-    return {"cuda": triton.jit(fn), "cpu": InterpretedFunction(fn)}
+    """The kernel compiled for CUDA tensors, and interpreted for CPU ones
+    (the tests: Triton's interpreter mode must be on in the process, as
+    tests/conftest.py sets it where there is no GPU)."""
+    kernels = {"cuda": triton.jit(fn)}
+    if InterpretedFunction is not None:
+        kernels["cpu"] = InterpretedFunction(fn)
+    return kernels
 
 
 if AVAILABLE:
