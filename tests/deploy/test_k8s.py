@@ -18,6 +18,7 @@ kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="install the dev extras (pip install -e '.[dev]')")
 
 from services.admission.settings import load_settings as admission_settings  # noqa: E402
+from services.front.settings import load_settings as front_settings  # noqa: E402
 from services.kvstore.settings import load_settings as kvstore_settings  # noqa: E402
 from services.worker.settings import load_settings as worker_settings  # noqa: E402
 
@@ -25,7 +26,7 @@ K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 FILES = sorted(K8S.rglob("*.yaml"))
 VERSION = "1.33.0"
 LOADERS = {"admission": admission_settings, "kvstore": kvstore_settings,
-           "worker": worker_settings}
+           "worker": worker_settings, "front": front_settings}
 
 
 def documents() -> list[tuple[Path, dict]]:
@@ -53,8 +54,8 @@ def flag(args: list[str], name: str) -> str:
 def test_there_are_manifests_and_the_namespace_comes_first():
     assert FILES and FILES[0].name == "00-namespace.yaml", FILES
     kinds = sorted(doc["kind"] for _, doc in documents())
-    assert kinds == ["ConfigMap", "DaemonSet", "DaemonSet", "Deployment", "Deployment",
-                     "Namespace", "Service", "Service"], kinds
+    assert kinds == ["ConfigMap", "DaemonSet", "DaemonSet", "DaemonSet", "Deployment",
+                     "Deployment", "Namespace", "Service", "Service", "Service"], kinds
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(K8S)))
@@ -106,3 +107,17 @@ def test_node_local_wiring():
         assert shm_dir in mounts, f"{worker['metadata']['name']} does not see {shm_dir}"
         assert container(worker)["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert flag(args, "--advertise").startswith("10.0.0.7:"), "advertise the pod's IP"
+
+
+def test_the_front_reaches_its_nodes_admission_and_answers_health_checks():
+    (front,) = [d for d in by_kind("DaemonSet") if d["metadata"]["name"] == "lmx-front"]
+    args = args_of(front)
+    assert flag(args, "--admission") == "lmx-admission.lmx.svc.cluster.local:50051"
+    assert flag(args, "--listen").startswith("0.0.0.0:")
+    port = int(flag(args, "--listen").rsplit(":", 1)[1])
+    main = container(front)
+    assert main["ports"][0]["containerPort"] == port
+    assert main["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert front["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+    (service,) = [d for d in by_kind("Service") if d["metadata"]["name"] == "lmx-front"]
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
