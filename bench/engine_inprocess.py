@@ -26,8 +26,9 @@ from services.worker.sampling import SamplingParams  # noqa: E402
 from services.worker.sessions import SessionTable  # noqa: E402
 
 
-async def engine_rate(loaded, sessions: int, tokens: int) -> tuple[float, float]:
-    engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60)
+async def engine_rate(loaded, sessions: int, tokens: int,
+                      graphs: bool = False) -> tuple[float, float, int]:
+    engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60, decode_graphs=graphs)
     engine.start()
     table = SessionTable()
 
@@ -47,17 +48,22 @@ async def engine_rate(loaded, sessions: int, tokens: int) -> tuple[float, float]
     await asyncio.gather(*(one(i) for i in range(sessions)))
     wall = time.perf_counter() - started
     steps = engine.stats().steps - steps0
+    graphed = engine.runner.graphed_steps
+    if engine.runner.graphs is not None and engine.runner.graphs.broken:
+        print(f"decode graphs went off: {engine.runner.graphs.broken}", flush=True)
     await engine.close()
-    return sessions * tokens / wall, wall / steps * 1000
+    return sessions * tokens / wall, wall / steps * 1000, graphed
 
 
-def profile_steps(loaded, sessions: int, context: int = 64, steps: int = 20) -> None:
-    """torch.profiler over decode steps of the runner alone (this thread)."""
+def profile_steps(loaded, sessions: int, context: int = 64, steps: int = 20,
+                  graphs: bool = False) -> None:
+    """torch.profiler over decode steps of the runner alone (this thread),
+    replaying CUDA graphs if `graphs`."""
     from torch.profiler import ProfilerActivity, profile
 
     from services.worker.runner import StepItem
 
-    engine = Engine(loaded, FixedMemory(1 << 40))
+    engine = Engine(loaded, FixedMemory(1 << 40), decode_graphs=graphs)
     engine.pool.add_chunk()
     engine.storage.add_chunk()
     items = []
@@ -113,6 +119,8 @@ def main() -> int:
     parser.add_argument("--sessions", default="1,16")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
+                        help="decode steps replay CUDA graphs (auto, on CUDA) or run eagerly")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's table of the timed run (slows it down)")
     args = parser.parse_args()
@@ -122,15 +130,18 @@ def main() -> int:
     rows = []
     for n in [int(x) for x in args.sessions.split(",")]:
         if args.profile:
-            profile_steps(loaded, n)
+            profile_steps(loaded, n, graphs=args.cuda_graphs == "auto" and device.type == "cuda")
             continue
-        rate, step_ms = asyncio.run(engine_rate(loaded, n, args.tokens))
+        graphs = args.cuda_graphs == "auto" and device.type == "cuda"
+        rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs))
         rows.append({"sessions": n, "engine_tokens_per_s": round(rate, 1),
-                     "step_ms": round(step_ms, 2)})
-        print(f"engine N={n:<3} {rate:8.1f} tok/s  {step_ms:6.2f} ms/step", flush=True)
+                     "step_ms": round(step_ms, 2), "graphed_steps": graphed})
+        print(f"engine N={n:<3} {rate:8.1f} tok/s  {step_ms:6.2f} ms/step  "
+              f"graphed steps {graphed}", flush=True)
     hf = 0.0 if args.profile else hf_rate(loaded, args.tokens)
     print(f"HF generate batch 1 {hf:8.1f} tok/s", flush=True)
     report = {"model": args.model, "device": str(device), "dtype": str(dtype), "rows": rows,
+              "cuda_graphs": args.cuda_graphs,
               "hf_batch_1_tokens_per_s": round(hf, 1), "tokens": args.tokens,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__}
