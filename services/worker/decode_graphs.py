@@ -87,7 +87,7 @@ class GraphPlan:
             q, self.k_ptrs, self.v_ptrs, self.block_table, self.ctx_lens, layer=layer,
             slots_per_chunk=self.slots_per_chunk, block_size=self.block_size,
             kv_heads=self.kv_heads, scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
-            window=sliding_window or 0)
+            window=sliding_window or 0, parts=paged_kernels.PARTS)
         return out.unsqueeze(0)
 
 

@@ -9,11 +9,12 @@ the table's contents change, never the graph.
 - `write_kv`: the step's new K and V (one token per sequence) into their
   slots; a slot of -1 (a padding row of the graph's batch) writes nothing.
 - `decode_attention`: each sequence's one query against its whole context,
-  walked block by block through its block table, with an online softmax
-  (no copy of the context, no score matrix in memory); grouped-query
-  attention (each KV head serves its group of query heads in one program);
-  a sliding window if the layer has one. A context length of 0 (padding)
-  gives zeros.
+  read through its block table, no copy of it and no score matrix in
+  memory. The context is split into PARTS parts walked in parallel, each
+  with an online softmax (flash-decoding), then a second kernel combines
+  the parts' statistics; grouped-query attention (each KV head serves its
+  group of query heads in one program); a sliding window if the layer has
+  one. A context length of 0 (padding) gives zeros.
 
 Blocks never straddle chunks (a chunk holds a whole number of blocks), so a
 block's slots are contiguous. Float32 accumulation whatever the pool's
@@ -36,6 +37,10 @@ except ImportError:
     InterpretedFunction = None
 
 AVAILABLE = triton is not None
+#: Parts a sequence's context is split into, walked by parallel programs
+#: (flash-decoding): at batch 1 a model with 8 KV heads would otherwise run
+#: 8 programs, each walking its whole context block after block.
+PARTS = 16
 
 
 def next_power_of_2(n: int) -> int:
@@ -67,12 +72,16 @@ if AVAILABLE:
         tl.store(k_base + dst, tl.load(k_new + row * HD + offs, mask=keep), mask=keep)
         tl.store(v_base + dst, tl.load(v_new + row * HD + offs, mask=keep), mask=keep)
 
-    def _decode_kernel(q, out, k_ptrs, v_ptrs, block_table, ctx_lens, layer, slots_per_chunk,
-                       max_blocks, scale, window,
+    def _decode_kernel(q, part_m, part_l, part_acc, k_ptrs, v_ptrs, block_table, ctx_lens,
+                       layer, slots_per_chunk, max_blocks, scale, window,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
-                       DIM: tl.constexpr, BLOCK: tl.constexpr):
+                       DIM: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
+        """One part of one sequence's context for one KV head and its group
+        of query heads: the running max, sum and weighted values of an
+        online softmax over its blocks, for _reduce_kernel to combine."""
         seq = tl.program_id(0)
         head = tl.program_id(1)
+        part = tl.program_id(2)
         ctx = tl.load(ctx_lens + seq)
         g = tl.arange(0, GROUP_P2)
         d = tl.arange(0, DIM)
@@ -85,7 +94,12 @@ if AVAILABLE:
         l_i = tl.zeros([GROUP_P2], tl.float32)
         acc = tl.zeros([GROUP_P2, DIM], tl.float32)
         first_key = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-        for j in range(first_key // BLOCK, tl.cdiv(ctx, BLOCK)):
+        first_block = first_key // BLOCK
+        end_block = tl.cdiv(ctx, BLOCK)
+        per_part = tl.cdiv(end_block - first_block, PARTS)
+        lo = first_block + part * per_part
+        hi = tl.minimum(lo + per_part, end_block)
+        for j in range(lo, hi):
             block = tl.load(block_table + seq * max_blocks + j).to(tl.int64)
             slot0 = block * BLOCK
             chunk = slot0 // slots_per_chunk
@@ -106,12 +120,32 @@ if AVAILABLE:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
             m_i = m_new
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)
-        result = acc / l_i[:, None]
-        tl.store(out + q_offs, result.to(out.dtype.element_ty), mask=in_group[:, None])
+        stat = (seq * (KV_HEADS * GROUP) + q_heads) * PARTS + part                # [G]
+        tl.store(part_m + stat, m_i, mask=in_group)
+        tl.store(part_l + stat, l_i, mask=in_group)
+        tl.store(part_acc + stat[:, None] * DIM + d[None, :], acc, mask=in_group[:, None])
+
+    def _reduce_kernel(part_m, part_l, part_acc, out, DIM: tl.constexpr, PARTS: tl.constexpr):
+        """One query head of one sequence: its parts' softmax statistics
+        combined (a part with no keys has max -inf and weighs nothing; a
+        row with no keys at all, padding, gives zeros)."""
+        row = tl.program_id(0)          # sequence * heads + head
+        parts = tl.arange(0, PARTS)
+        d = tl.arange(0, DIM)
+        m = tl.load(part_m + row * PARTS + parts)
+        l = tl.load(part_l + row * PARTS + parts)
+        acc = tl.load(part_acc + (row * PARTS + parts)[:, None] * DIM + d[None, :])
+        top = tl.max(m, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp(m - top)                      # exp(-inf) = 0 for empty parts
+        total = tl.sum(l * weight, axis=0)
+        total = tl.where(total > 0.0, total, 1.0)
+        result = tl.sum(acc * weight[:, None], axis=0) / total
+        tl.store(out + row * DIM + d, result.to(out.dtype.element_ty))
 
     _WRITE = _both(_write_kernel)
     _DECODE = _both(_decode_kernel)
+    _REDUCE = _both(_reduce_kernel)
 
 
 def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor, k_ptrs: torch.Tensor,
@@ -126,18 +160,25 @@ def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor, k_pt
 def decode_attention(q: torch.Tensor, k_ptrs: torch.Tensor, v_ptrs: torch.Tensor,
                      block_table: torch.Tensor, ctx_lens: torch.Tensor, *, layer: int,
                      slots_per_chunk: int, block_size: int, kv_heads: int, scale: float,
-                     window: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+                     window: int = 0, parts: int = PARTS,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """q [rows, heads, head_dim] (contiguous; rotary applied) -> [rows, heads, head_dim].
     block_table [rows, max_blocks] (int32 block ids in token order), ctx_lens
-    [rows] (int32: keys per row, this step's included). window 0: none."""
+    [rows] (int32: keys per row, this step's included). window 0: none.
+    Each row's context is split into `parts` (a power of two) walked in
+    parallel, then combined."""
     rows, heads, dim = q.shape
     if out is None:
         out = torch.empty_like(q)
     group = heads // kv_heads
-    _DECODE[q.device.type][(rows, kv_heads)](
-        q, out, k_ptrs, v_ptrs, block_table, ctx_lens, layer, slots_per_chunk,
-        block_table.shape[1], scale, window, KV_HEADS=kv_heads, GROUP=group,
-        GROUP_P2=max(2, next_power_of_2(group)), DIM=dim, BLOCK=block_size)
+    stats = torch.empty((2, rows * heads * parts), dtype=torch.float32, device=q.device)
+    part_acc = torch.empty((rows * heads * parts, dim), dtype=torch.float32, device=q.device)
+    kind = q.device.type
+    _DECODE[kind][(rows, kv_heads, parts)](
+        q, stats[0], stats[1], part_acc, k_ptrs, v_ptrs, block_table, ctx_lens, layer,
+        slots_per_chunk, block_table.shape[1], scale, window, KV_HEADS=kv_heads, GROUP=group,
+        GROUP_P2=max(2, next_power_of_2(group)), DIM=dim, BLOCK=block_size, PARTS=parts)
+    _REDUCE[kind][(rows * heads,)](stats[0], stats[1], part_acc, out, DIM=dim, PARTS=parts)
     return out
 
 

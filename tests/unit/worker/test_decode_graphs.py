@@ -27,6 +27,13 @@ pytestmark = pytest.mark.skipif(
            "tests/gpu/test_decode_graphs_gpu.py runs the kernels on a GPU")
 
 
+@pytest.fixture(autouse=True)
+def few_parts(monkeypatch):
+    """Contexts split in 2 parts, not 16: the interpreter runs every
+    program one after the other (test_paged_kernels.py covers other splits)."""
+    monkeypatch.setattr(paged_kernels, "PARTS", 2)
+
+
 def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = True,
                  move_weights_after: int | None = None):
     """PROMPTS generated together (the later ones joining once the first

@@ -78,7 +78,8 @@ def pointers(storage: KVStorage) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("heads", [2, 6, 8], ids=["mha", "gqa3", "gqa4"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_attention_equals_gather_and_sdpa(heads, window):
+@pytest.mark.parametrize("parts", [1, 2, 8])
+def test_decode_attention_equals_gather_and_sdpa(heads, window, parts):
     lengths = [1, 7, 13, 4]
     pool, storage, slots, q = pool_with(lengths, heads)
     assert storage.num_chunks > 2
@@ -87,7 +88,7 @@ def test_decode_attention_equals_gather_and_sdpa(heads, window):
     for layer in range(LAYERS):
         got = paged_kernels.decode_attention(
             q, k_ptrs, v_ptrs, table, ctx, layer=layer, slots_per_chunk=storage.slots_per_chunk,
-            block_size=BLOCK, kv_heads=KV_HEADS, scale=0.25, window=window)
+            block_size=BLOCK, kv_heads=KV_HEADS, scale=0.25, window=window, parts=parts)
         want = reference(storage, slots, q, layer, window)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
