@@ -156,8 +156,8 @@ def main() -> int:
         rows.append(row)
         print(f"max_prefill_tokens {value:>6} ({row['chunks']:>3} chunks): stall "
               f"{row['stall_ms']:8.1f} ms  gap p50 {row['gap_p50_ms']:7.1f} ms  prompt TTFT "
-              f"{row['prompt_ttft_ms']:8.1f} ms  decode {row['decode_tokens_per_s_during_prompt']:7.1f}"
-              " tok/s", flush=True)
+              f"{row['prompt_ttft_ms']:8.1f} ms  decode "
+              f"{row['decode_tokens_per_s_during_prompt']:7.1f} tok/s", flush=True)
     today = dt.date.today().isoformat()
     report = {
         "bench": "chunked_prefill", "date": today, "commit": git_commit(),

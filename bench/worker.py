@@ -653,10 +653,10 @@ def main(argv: list[str] | None = None) -> int:
             "floor": floor(weight_bytes, kv_per_token, n, prompt_tokens + args.tokens / 2,
                            bandwidth),
         })
-        if rows[-1]["floor"]:
-            rows[-1]["lmx_fraction_of_floor"] = _r(
-                ours["per_session_tokens_per_s_mean"] / rows[-1]["floor"]["per_session_tokens_per_s"],
-                3) if ours["per_session_tokens_per_s_mean"] else None
+        bound, rate = rows[-1]["floor"], ours["per_session_tokens_per_s_mean"]
+        if bound:
+            rows[-1]["lmx_fraction_of_floor"] = (
+                _r(rate / bound["per_session_tokens_per_s"], 3) if rate else None)
     lmx.pop("levels")
     hf.pop("levels")
     report = {

@@ -182,7 +182,8 @@ class DecodeGraphs:
         worst = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
         agree = bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))
         good = cosine >= CHECK_MIN_COSINE and worst <= CHECK_MAX_ERROR
-        log.info("decode_graphs_checked", cosine=round(cosine, 6), max_relative_error=round(worst, 5),
+        log.info("decode_graphs_checked", cosine=round(cosine, 6),
+                 max_relative_error=round(worst, 5),
                  same_argmax=agree, good=good)
         if not good:
             self.broken = (f"the first graphed step disagreed with the eager one "

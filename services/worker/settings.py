@@ -116,7 +116,8 @@ class WorkerSettings(ServerFields):
             except ValueError as exc:
                 raise ConfigError("kvstore", str(exc), fix="HOST:PORT, or none") from None
         if self.cuda_graphs not in ("auto", "off"):
-            raise ConfigError("cuda_graphs", f"unknown value {self.cuda_graphs!r}", fix="auto | off")
+            raise ConfigError("cuda_graphs", f"unknown value {self.cuda_graphs!r}",
+                              fix="auto | off")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", fix=" | ".join(DTYPES))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

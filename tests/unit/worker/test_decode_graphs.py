@@ -56,7 +56,8 @@ def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = 
                     await asyncio.sleep(0.005)
                 weights_moved(loaded.model)
             moving = asyncio.create_task(mover())
-        results = await asyncio.gather(collect(engine, first), *(collect(engine, r) for r in others))
+        results = await asyncio.gather(collect(engine, first),
+                                       *(collect(engine, r) for r in others))
         if move_weights_after is not None:
             await moving
         outs = [head + results[0][0]] + [r[0] for r in results[1:]]
