@@ -75,3 +75,4 @@ def gemma_tiny(model_cache) -> LoadedModel:
     """gemma3-tiny: Gemma 3's architecture, every layer with an 8-token
     sliding window."""
     return load_tiny(model_cache, "gemma3-tiny")
+

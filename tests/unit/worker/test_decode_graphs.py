@@ -18,13 +18,9 @@ from services.worker.sampling import SamplingParams
 from services.worker.sessions import SessionTable
 
 from test_engine import PROMPTS, collect, run, tokens_of  # noqa: E402 (same directory)
+from test_paged_kernels import needs_triton_interpreter  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not paged_kernels.AVAILABLE
-    or not getattr(getattr(paged_kernels.triton, "knobs", None), "runtime", None)
-    or not paged_kernels.triton.knobs.runtime.interpret,
-    reason="needs Triton's interpreter: Triton installed, no CUDA GPU (tests/conftest.py); "
-           "tests/gpu/test_decode_graphs_gpu.py runs the kernels on a GPU")
+pytestmark = needs_triton_interpreter
 
 
 @pytest.fixture(autouse=True)

@@ -62,13 +62,17 @@ def run(loaded: LoadedModel, scenario: Callable[[Engine], Awaitable[object]], *,
     return asyncio.run(main())
 
 
-async def collect(engine: Engine, request: Request) -> tuple[list[Delta], Finished | Failed]:
-    """Every event of a request, telling the engine each delta was delivered."""
+async def collect(engine: Engine, request: Request, on_delta: Callable[[], None] | None = None
+                  ) -> tuple[list[Delta], Finished | Failed]:
+    """Every event of a request, telling the engine each delta was delivered
+    (and `on_delta`, as each arrives)."""
     deltas = []
     while True:
         event = await request.out.get()
         if not isinstance(event, Delta):
             return deltas, event
+        if on_delta is not None:
+            on_delta()
         deltas.append(event)
         engine.delivered(request, len(event.token_ids))
 
@@ -808,19 +812,9 @@ def test_sessions_decode_between_the_chunks_of_a_long_prompt(tiny):
             head.append(await first.out.get())
             engine.delivered(first, 1)
         second = engine.submit_tokens(sessions.open(), params, LONG_PROMPT)
-
-        async def watch(name, request):
-            deltas = []
-            while True:
-                event = await request.out.get()
-                if not isinstance(event, Delta):
-                    return deltas, event
-                arrivals.append(name)
-                deltas.append(event)
-                engine.delivered(request, 1)
-
-        (a, a_end), (b, b_end) = await asyncio.gather(watch("first", first),
-                                                      watch("second", second))
+        (a, a_end), (b, b_end) = await asyncio.gather(
+            collect(engine, first, lambda: arrivals.append("first")),
+            collect(engine, second, lambda: arrivals.append("second")))
         return head + a, a_end, b, b_end, arrivals
 
     a, a_end, b, b_end, arrivals = run(tiny, scenario, max_prefill_tokens=16)

@@ -13,12 +13,19 @@ from services.worker import paged_kernels
 from services.worker.kv_pool import BlockPool
 from services.worker.kv_storage import KVShape, KVStorage, SlotGroups
 
-pytestmark = pytest.mark.skipif(
-    not paged_kernels.AVAILABLE
-    or not getattr(getattr(paged_kernels.triton, "knobs", None), "runtime", None)
-    or not paged_kernels.triton.knobs.runtime.interpret,
+
+def _triton_interpreting() -> bool:
+    knobs = getattr(paged_kernels.triton, "knobs", None) if paged_kernels.AVAILABLE else None
+    return bool(knobs is not None and knobs.runtime.interpret)
+
+
+#: For the tests of the CUDA decode step's Triton kernels on CPU tensors.
+needs_triton_interpreter = pytest.mark.skipif(
+    not _triton_interpreting(),
     reason="needs Triton's interpreter: Triton installed, no CUDA GPU (tests/conftest.py); "
            "tests/gpu/test_decode_graphs_gpu.py runs the kernels on a GPU")
+
+pytestmark = needs_triton_interpreter
 
 BLOCK = 4
 LAYERS, KV_HEADS, DIM = 2, 2, 16
