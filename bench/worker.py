@@ -154,13 +154,9 @@ def hbm_copy_bandwidth() -> float | None:
 def kv_bytes_per_token(model_name: str, dtype_name: str) -> int:
     import torch
 
-    from services.worker.models import default_cache_dir, model_config
+    from services.worker.models import default_cache_dir, weight_plan
 
-    config, _ = model_config(model_name, default_cache_dir())
-    config = config.get_text_config()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+    return weight_plan(model_name, default_cache_dir(), getattr(torch, dtype_name)).kv_bytes_per_token
 
 
 def prompt_token_ids(model_name: str) -> list[list[int]]:
