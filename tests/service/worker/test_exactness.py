@@ -193,3 +193,32 @@ def test_a_base_model_takes_a_chat_message_only_with_a_template(workers, referen
         f"the session's template rendered {got.finish.prompt_tokens} tokens, Hugging Face "
         f"{len(input_ids)}")
 
+
+
+@pytest.fixture(scope="module")
+def chunked_worker(worker_fleet, worker_admission):
+    """SmolLM2 computing prompts 16 tokens a step (--max-prefill-tokens)."""
+    worker = worker_fleet.ready("smollm2-chunked", SMOLLM2, worker_admission.address,
+                                "--max-prefill-tokens", "16")
+    yield worker
+    problem = worker_fleet.stop("smollm2-chunked")
+    if problem:
+        pytest.fail(problem)
+
+
+def test_prompts_computed_in_chunks_match_hugging_face(chunked_worker, references):
+    """Prompts longer than a step's 16 tokens, sent at once: each is computed
+    in chunks, decode steps of the others in between, and every session still
+    gets exactly its greedy continuation."""
+    address = chunked_worker.address
+    reference = references(SMOLLM2)
+    items = INPUTS[SMOLLM2]
+    longest = max(len(item.reference_ids(reference)) for item in items)
+    assert longest > 2 * 16, f"the inputs should need several chunks: {longest} tokens at most"
+    for item in items:
+        reference.greedy(tuple(item.reference_ids(reference)), MAX_NEW_TOKENS)
+    results = run_concurrently({str(item): (lambda item=item: generate_once(address, item))
+                                for item in items}, timeout_s=120)
+    for item in items:
+        assert_matches_reference(SMOLLM2, item, results[str(item)], reference,
+                                 "prompts computed 16 tokens a step, concurrently")
