@@ -114,7 +114,7 @@ class DecodeGraphs:
         self._host_longs = torch.zeros((3, top), dtype=torch.long, pin_memory=pin)
         self._host_ctx = torch.zeros((top,), dtype=torch.int32, pin_memory=pin)
         self._host_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, pin_memory=pin)
-        self._chunk_ptrs: tuple[int, ...] = ()
+        self._chunks_version = -1
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._pool = None
@@ -264,15 +264,14 @@ class DecodeGraphs:
         self.ctx_lens[:size].zero_()
 
     def _update_chunk_table(self) -> None:
-        chunks = (tuple(t.data_ptr() for t in self.storage._k),
-                  tuple(t.data_ptr() for t in self.storage._v))
-        flat = chunks[0] + chunks[1]
-        if flat == self._chunk_ptrs:
+        if self.storage.version == self._chunks_version:
             return
-        count = len(chunks[0])
-        self.k_ptrs[:count].copy_(torch.tensor(chunks[0], dtype=torch.long))
-        self.v_ptrs[:count].copy_(torch.tensor(chunks[1], dtype=torch.long))
-        self._chunk_ptrs = flat
+        count = self.storage.num_chunks
+        self.k_ptrs[:count].copy_(torch.tensor([t.data_ptr() for t in self.storage._k],
+                                               dtype=torch.long))
+        self.v_ptrs[:count].copy_(torch.tensor([t.data_ptr() for t in self.storage._v],
+                                               dtype=torch.long))
+        self._chunks_version = self.storage.version
 
     def _fill(self, items, size: int) -> None:
         """This step's rows into the static buffers (five small host-to-device

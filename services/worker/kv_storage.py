@@ -80,6 +80,8 @@ class KVStorage:
         self.device = device
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
+        #: Bumped whenever the chunks change (their addresses, for decode graphs).
+        self.version = 0
 
     @property
     def chunk_bytes(self) -> int:
@@ -98,11 +100,13 @@ class KVStorage:
                 self.shape.head_dim)
         self._k.append(torch.zeros(dims, dtype=self.shape.dtype, device=self.device))
         self._v.append(torch.zeros(dims, dtype=self.shape.dtype, device=self.device))
+        self.version += 1
 
     def remove_chunks(self, count: int) -> None:
         for _ in range(count):
             self._k.pop()
             self._v.pop()
+        self.version += 1
 
     def write(self, layer: int, groups: SlotGroups, key: torch.Tensor, value: torch.Tensor) -> None:
         """key, value: [num_tokens, kv_heads, head_dim] for the grouped slots."""
