@@ -74,13 +74,11 @@ def test_the_device_copies_of_streamed_layers_are_gone_and_come_back():
     model = tiny()
     want = logits(model, [3, 1, 4])
     layers = decoder_layers(model)
-    before = {p.data_ptr() for p in layers[4].parameters()}
     streamer = LayerStreamer(model, CPU, [3, 4], ring_slots=2)
     streamer.attach()
     ring = {t.untyped_storage().data_ptr() for t in streamer.ring}
     assert {p.untyped_storage().data_ptr() for p in layers[4].parameters()} <= ring, (
         "a streamed layer's weights must live in the ring")
-    assert not before & {p.data_ptr() for p in layers[4].parameters()}
     streamer.detach()
     assert torch.equal(logits(model, [3, 1, 4]), want)
     assert not streamer._hooks
@@ -256,14 +254,14 @@ def test_a_resident_model_starts_streaming_and_stops_again():
     assert one > 0, "the layer size is known before anything streams"
     assert streamer.more_frees(1) == 0 and streamer.more_frees(2) == 0, "the ring costs two"
     assert streamer.more_frees(3) == one
-    resident_copy = {p.untyped_storage().data_ptr() for p in layers[2].parameters()}
     assert streamer.stream_more(3) == 3      # stream_order(5): 2, 1, 3
     assert streamer.streamed == [1, 2, 3] and streamer.slots == 2
     info = streamer.info()
     assert info.host_bytes == 3 * one and info.ring_bytes == 2 * one
     ring = {t.untyped_storage().data_ptr() for t in streamer.ring}
+    # The layer now runs from the ring. (Whether the ring took the freed
+    # resident copy's addresses is the allocator's business: not asserted.)
     assert {p.untyped_storage().data_ptr() for p in layers[2].parameters()} <= ring
-    assert not resident_copy & ring
     for _ in range(2):
         assert torch.equal(logits(model, [8, 6, 7]), want)
     assert streamer.more_frees(1) == one, "with a ring already, a layer frees a layer"
