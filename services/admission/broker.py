@@ -15,7 +15,7 @@ import structlog
 
 from services.admission.devices import DeviceSource
 from services.admission.events import EventBus, Published
-from services.admission.lease_secrets import LeaseSecrets
+from services.admission.secret_book import SecretBook
 from services.admission.ledger import (
     DeviceView,
     Event,
@@ -60,8 +60,8 @@ class Broker:
         self.sweep_interval_s = sweep_interval_s
         self.poll_interval_s = poll_interval_s
         self._over_lease: dict[str, dict[int, int]] = {}
-        #: Secrets of the leases acquired with one (services/admission/lease_secrets.py).
-        self.secrets = LeaseSecrets()
+        #: Secrets of the leases acquired with one (services/admission/secret_book.py).
+        self.secrets = SecretBook("lease", "acquired")
         self._waiter_secrets: dict[Waiter, str] = {}
         self._futures: dict[Waiter, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
@@ -141,14 +141,22 @@ class Broker:
         return Snapshot(self.ledger.devices(), self.ledger.leases(), self.ledger.waiters(),
                         self.registry.workers(), self.reclaimer.reclaims(), self._clock())
 
-    def answer_reclaim(self, reclaim_id: str, freed_bytes: int, detail: str) -> Reclaim:
+    def answer_reclaim(self, reclaim_id: str, freed_bytes: int, detail: str,
+                       secret: str = "") -> Reclaim:
+        """The holder's answer: only with the secret of the lease that was
+        asked, if it was acquired with one and is still held (a holder often
+        answers after giving the lease back: then anyone may say so)."""
+        lease_id = self.reclaimer.ask(reclaim_id).lease.lease_id
+        if self.ledger.holds(lease_id):
+            self.secrets.check(lease_id, secret)
         answered = self.reclaimer.answer(reclaim_id, freed_bytes, detail)
         self.bus.publish(Event(EventKind.RECLAIM_ANSWERED, answered.device, lease=answered.lease,
                                detail=answered))
         self._publish()   # the next stage may start
         return answered
 
-    def report_activity(self, activity: Activity) -> None:
+    def report_activity(self, activity: Activity, secret: str = "") -> None:
+        self.registry.check(activity.worker_id, secret)
         device = next((w.device for w in self.registry.workers()
                        if w.worker_id == activity.worker_id), "")
         log.info("worker_activity", kind=activity.kind, worker_id=activity.worker_id,

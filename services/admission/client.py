@@ -20,6 +20,11 @@ from services.common import transport
 
 log = structlog.get_logger(__name__)
 
+#: A worker's registration secret, when its starter gives one (`lmx up`
+#: does, the same for every restart of that worker, so that a restarted
+#: worker takes over its entry at once); otherwise each client makes one.
+WORKER_SECRET_ENV = "LMX_WORKER_SECRET"
+
 PURPOSES = {"weights": pb.PURPOSE_WEIGHTS, "kv": pb.PURPOSE_KV,
             "workspace": pb.PURPOSE_WORKSPACE, "other": pb.PURPOSE_OTHER}
 
@@ -60,8 +65,9 @@ def error_details(exc: grpc.aio.AioRpcError) -> ErrorDetails:
 
 
 class AdmissionClient:
-    def __init__(self, address: str, *, timeout_s: float = 30.0):
+    def __init__(self, address: str, *, timeout_s: float = 30.0, worker_secret: str = ""):
         self.address = address
+        self.worker_secret = worker_secret
         self.timeout_s = timeout_s
         self._channel = transport.aio_channel(address)
         self.stub = admission_pb2_grpc.AdmissionServiceStub(self._channel)
@@ -69,6 +75,10 @@ class AdmissionClient:
         #: every lease it acquires gets a random one, given again on each
         #: Resize, Release and Renew of it.
         self._secrets: dict[str, str] = {}
+        #: Likewise for each worker this client registers: `worker_secret`,
+        #: or a random secret made on its first registration, given again on
+        #: every later one, its activity reports and its unregistration.
+        self._worker_secrets: dict[str, str] = {}
 
     async def __aenter__(self) -> AdmissionClient:
         return self
@@ -120,13 +130,31 @@ class AdmissionClient:
         return response.lease
 
     async def register_worker(self, info: pb.WorkerInfo, ttl_s: float) -> None:
+        secret = self._worker_secrets.setdefault(
+            info.worker_id, self.worker_secret or secrets.token_urlsafe(24))
         await self.stub.RegisterWorker(
-            pb.RegisterWorkerRequest(worker=info, ttl_ms=round(ttl_s * 1000)),
+            pb.RegisterWorkerRequest(worker=info, ttl_ms=round(ttl_s * 1000), secret=secret),
             timeout=self.timeout_s)
 
     async def unregister_worker(self, worker_id: str) -> None:
-        await self.stub.UnregisterWorker(pb.UnregisterWorkerRequest(worker_id=worker_id),
-                                         timeout=self.timeout_s)
+        await self.stub.UnregisterWorker(
+            pb.UnregisterWorkerRequest(worker_id=worker_id,
+                                       secret=self._worker_secrets.get(worker_id, "")),
+            timeout=self.timeout_s)
+
+    async def report_activity(self, activity: pb.WorkerActivity) -> None:
+        await self.stub.ReportActivity(
+            pb.ReportActivityRequest(activity=activity,
+                                     secret=self._worker_secrets.get(activity.worker_id, "")),
+            timeout=self.timeout_s)
+
+    async def answer_reclaim(self, reclaim: pb.Reclaim, freed_bytes: int, detail: str) -> None:
+        """Answer a ReclaimRequested event for a lease this client holds."""
+        await self.stub.AnswerReclaim(
+            pb.AnswerReclaimRequest(reclaim_id=reclaim.reclaim_id, freed_bytes=freed_bytes,
+                                    detail=detail,
+                                    secret=self._secrets.get(reclaim.lease.lease_id, "")),
+            timeout=self.timeout_s)
 
     async def list_workers(self, model: str = "") -> list[pb.WorkerInfo]:
         response = await self.stub.ListWorkers(pb.ListWorkersRequest(model=model),

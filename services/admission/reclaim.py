@@ -207,10 +207,14 @@ class Reclaimer:
         return now - nothing[0] < backoff
 
     # ---- answers and deadlines ----
-    def answer(self, reclaim_id: str, freed_bytes: int, detail: str) -> Reclaim:
+    def ask(self, reclaim_id: str) -> Reclaim:
         ask = self._asks.get(reclaim_id)
         if ask is None:
             raise NotFound("reclaim", reclaim_id, "it was answered long ago, or never asked")
+        return ask
+
+    def answer(self, reclaim_id: str, freed_bytes: int, detail: str) -> Reclaim:
+        ask = self.ask(reclaim_id)
         if freed_bytes < 0:
             raise InvalidArgument("freed_bytes", f"must not be negative, got {freed_bytes}")
         answered = replace(ask, state="answered", freed_bytes=freed_bytes, detail=detail[:500],

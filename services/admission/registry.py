@@ -1,6 +1,11 @@
 """Which worker serves which model where: workers register (and re-register
 as a heartbeat), clients look a model's workers up. An entry not refreshed
-within its TTL is dropped, so a dead worker disappears by itself."""
+within its TTL is dropped, so a dead worker disappears by itself.
+
+A worker that registers with a secret owns its id while its entry lives:
+registering again, unregistering and reporting its activity need the same
+secret (secret_book.py). Once the entry is gone (unregistered, expired) the
+id is free again."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from services.admission.secret_book import SecretBook
 from services.common.errors import InvalidArgument, NotFound
 from services.common.units import parse_address
 
@@ -39,10 +45,12 @@ class WorkerRegistry:
         self.clock = clock
         self.max_ttl_s = max_ttl_s
         self._workers: dict[str, WorkerRecord] = {}
+        self.secrets = SecretBook("worker", "registered")
 
     def register(self, worker_id: str, model: str, address: str, state: str, *, pid: int = 0,
                  device: str = "", num_sessions: int = 0, ttl_s: float = 10.0,
-                 num_parked: int = 0, resident_fraction: float = 1.0) -> WorkerRecord:
+                 num_parked: int = 0, resident_fraction: float = 1.0,
+                 secret: str = "") -> WorkerRecord:
         for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
                             ("worker.address", address)):
             if not value or len(value) > MAX_FIELD_CHARS or not value.isprintable():
@@ -59,7 +67,14 @@ class WorkerRegistry:
             raise InvalidArgument("worker.num_sessions", "counts must not be negative")
         if not 0.0 <= resident_fraction <= 1.0:   # 0: not said (an older worker): all
             raise InvalidArgument("worker.resident_fraction", "must be in [0, 1]")
+        self.secrets.validate(secret)
+        self.expire_due()
         previous = self._workers.get(worker_id)
+        if previous is not None:
+            self.secrets.check(worker_id, secret)
+        else:   # a new entry: its secret (if any) owns the id from now on
+            self.secrets.forget(worker_id)
+            self.secrets.remember(worker_id, secret)
         record = WorkerRecord(worker_id, model, address, state, pid, device, num_sessions, ttl_s,
                               self.clock(), num_parked, resident_fraction or 1.0)
         self._workers[worker_id] = record
@@ -68,10 +83,13 @@ class WorkerRegistry:
                      state=state, device=device)
         return record
 
-    def unregister(self, worker_id: str) -> WorkerRecord:
-        record = self._workers.pop(worker_id, None)
-        if record is None:
+    def unregister(self, worker_id: str, secret: str = "") -> WorkerRecord:
+        self.expire_due()
+        if worker_id not in self._workers:
             raise NotFound("worker", worker_id, "it unregistered or its registration expired")
+        self.secrets.check(worker_id, secret)
+        record = self._workers.pop(worker_id)
+        self.secrets.forget(worker_id)
         log.info("worker_unregistered", worker_id=worker_id, model=record.model)
         return record
 
@@ -80,9 +98,16 @@ class WorkerRegistry:
         due = [r for r in self._workers.values() if r.updated_at + r.ttl_s <= now]
         for record in due:
             del self._workers[record.worker_id]
+            self.secrets.forget(record.worker_id)
             log.warning("worker_registration_expired", worker_id=record.worker_id,
                         model=record.model, address=record.address)
         return due
+
+    def check(self, worker_id: str, secret: str) -> None:
+        """PermissionDenied if `worker_id` is registered with another secret
+        (a report in its name from someone else)."""
+        self.expire_due()
+        self.secrets.check(worker_id, secret)
 
     def workers(self, model: str = "") -> list[WorkerRecord]:
         self.expire_due()

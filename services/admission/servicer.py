@@ -210,12 +210,13 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         self.broker.registry.register(
             info.worker_id, info.model, info.address, state, pid=info.pid, device=info.device,
             num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000,
-            num_parked=info.num_parked, resident_fraction=info.resident_fraction)
+            num_parked=info.num_parked, resident_fraction=info.resident_fraction,
+            secret=request.secret)
         return pb.RegisterWorkerResponse()
 
     async def UnregisterWorker(self, request: pb.UnregisterWorkerRequest,
                                context) -> pb.UnregisterWorkerResponse:
-        self.broker.registry.unregister(request.worker_id)
+        self.broker.registry.unregister(request.worker_id, request.secret)
         return pb.UnregisterWorkerResponse()
 
     async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
@@ -227,11 +228,13 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
                             context) -> pb.AnswerReclaimResponse:
         if not request.reclaim_id:
             raise InvalidArgument("reclaim_id", "is required")
-        self.broker.answer_reclaim(request.reclaim_id, request.freed_bytes, request.detail)
+        self.broker.answer_reclaim(request.reclaim_id, request.freed_bytes, request.detail,
+                                   request.secret)
         return pb.AnswerReclaimResponse()
 
     async def ReportActivity(self, request: pb.ReportActivityRequest,
                              context) -> pb.ReportActivityResponse:
         self.broker.report_activity(activity_from_pb(request.activity,
-                                                     request.HasField("activity")))
+                                                     request.HasField("activity")),
+                                    request.secret)
         return pb.ReportActivityResponse()

@@ -12,6 +12,7 @@ commands.py) and the demo.
 
 from __future__ import annotations
 
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from services.admission.client import WORKER_SECRET_ENV
 from services.common.launch import wait_serving
 from services.common.parent import child_env
 from services.stack.config import ServiceSpec, StackConfig
@@ -57,6 +59,9 @@ class Child:
     state: str = "stopped"     # starting | serving | restarting | stopped | failed
     last_healthy: float = 0.0
     last_probe: float = 0.0
+    #: A worker's registration secret, the same for each of its restarts:
+    #: the restarted process takes its entry in admission over at once.
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
 
 @dataclass
@@ -114,11 +119,14 @@ class Supervisor:
     def _launch(self, child: Child) -> None:
         spec = child.spec
         argv = [sys.executable, "-m", spec.module, *spec.argv, "--log-format", "json"]
+        env = child_env()
+        if spec.is_worker:
+            env[WORKER_SECRET_ENV] = child.secret
         log_file = open(child.log_path, "ab")
         try:
             child.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                env=child_env(), start_new_session=True)   # Ctrl-C reaches the supervisor only
+                env=env, start_new_session=True)   # Ctrl-C reaches the supervisor only
         finally:
             log_file.close()
         child.started_at = time.monotonic()

@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
-from services.admission.client import AdmissionClient
+from services.admission.client import WORKER_SECRET_ENV, AdmissionClient
 from services.common.errors import CapacityExhausted, FailedPrecondition, LmxError
 from services.worker import device as devices
 from services.worker.core import WorkerCore
@@ -120,7 +120,9 @@ class WorkerApp:
             self.memory = FixedMemory(settings.budget)
             self.admission_device = "local"
         else:
-            self.admission = AdmissionClient(settings.admission, timeout_s=10)
+            self.admission = AdmissionClient(
+                settings.admission, timeout_s=10,
+                worker_secret=os.environ.get(WORKER_SECRET_ENV, ""))
             try:
                 status = await self.admission.status()
             except grpc.aio.AioRpcError as exc:
@@ -296,9 +298,7 @@ class WorkerApp:
         try:
             relief = await self._relieve(reclaim, purpose)
             try:
-                await self.admission.stub.AnswerReclaim(admission_pb2.AnswerReclaimRequest(
-                    reclaim_id=reclaim.reclaim_id, freed_bytes=relief.freed_bytes,
-                    detail=relief.detail), timeout=10)
+                await self.admission.answer_reclaim(reclaim, relief.freed_bytes, relief.detail)
             except grpc.aio.AioRpcError as exc:
                 log.warning("reclaim_answer_failed", reclaim_id=reclaim.reclaim_id,
                             code=exc.code().name)
@@ -422,8 +422,7 @@ class WorkerApp:
 
         async def send() -> None:
             try:
-                await self.admission.stub.ReportActivity(
-                    admission_pb2.ReportActivityRequest(activity=activity), timeout=10)
+                await self.admission.report_activity(activity)
             except grpc.aio.AioRpcError as exc:
                 log.warning("activity_report_failed", kind=kind, code=exc.code().name)
 

@@ -98,3 +98,67 @@ def test_bad_answers_and_reports_are_refused(admission):
         for method, request, code in cases:
             error, _ = call_error(method, request)
             assert error.code() == code, f"{request} gave {error.code().name}: {error.details()}"
+
+
+
+@pytest.mark.parametrize("admission", [["--reclaim-deadline-s", "5"]], indirect=True)
+def test_only_the_holder_answers_and_only_the_worker_reports(admission):
+    """A reclaim for a lease acquired with a secret is answered only with
+    it; a worker registered with a secret is the only one that can report
+    its activity, register it again or unregister it. Ids are public."""
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    with grpc.insecure_channel(admission.address) as channel:
+        adm = stub(channel)
+        watch = WatchStream(adm)
+        try:
+            held = adm.Acquire(acquire_request(6 * GiB, name="worker/big", secret="lease-s"),
+                               timeout=RPC_TIMEOUT_S).lease
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(adm.Acquire, acquire_request(
+                    4 * GiB, name="worker/small", wait_ms=20_000), timeout=30)
+                asked = next_of(watch, "reclaim_requested").reclaim_requested.reclaim
+                for wrong in ("", "guess"):
+                    error, _ = call_error(adm.AnswerReclaim, pb.AnswerReclaimRequest(
+                        reclaim_id=asked.reclaim_id, freed_bytes=asked.bytes, secret=wrong))
+                    assert error.code() == denied, error
+                adm.Resize(pb.ResizeRequest(lease_id=held.lease_id, epoch=held.epoch,
+                                            bytes=held.bytes - asked.bytes, secret="lease-s"),
+                           timeout=RPC_TIMEOUT_S)
+                waiting.result(timeout=10)
+                adm.AnswerReclaim(pb.AnswerReclaimRequest(
+                    reclaim_id=asked.reclaim_id, freed_bytes=asked.bytes, detail="parked",
+                    secret="lease-s"), timeout=RPC_TIMEOUT_S)
+                assert next_of(watch, "reclaim_answered").reclaim_answered.reclaim.detail == (
+                    "parked")
+
+            worker = pb.WorkerInfo(worker_id="m@127.0.0.1:7001", model="m",
+                                   address="127.0.0.1:7001", state=pb.WORKER_STATE_READY)
+            adm.RegisterWorker(pb.RegisterWorkerRequest(worker=worker, ttl_ms=60_000,
+                                                        secret="worker-s"), timeout=RPC_TIMEOUT_S)
+            listed = adm.ListWorkers(pb.ListWorkersRequest(), timeout=RPC_TIMEOUT_S)
+            assert "worker-s" not in str(listed)
+            report = pb.WorkerActivity(kind=pb.WorkerActivity.KIND_MODEL_AWAKE,
+                                       worker_id=worker.worker_id, model="m", bytes=1)
+            fake = pb.WorkerInfo(worker_id=worker.worker_id, model="m",
+                                 address="127.0.0.1:6666", state=pb.WORKER_STATE_READY)
+            for wrong in ("", "guess"):
+                for method, request in (
+                        (adm.ReportActivity, pb.ReportActivityRequest(activity=report,
+                                                                      secret=wrong)),
+                        (adm.RegisterWorker, pb.RegisterWorkerRequest(worker=fake, ttl_ms=60_000,
+                                                                      secret=wrong)),
+                        (adm.UnregisterWorker, pb.UnregisterWorkerRequest(
+                            worker_id=worker.worker_id, secret=wrong))):
+                    error, _ = call_error(method, request)
+                    assert error.code() == denied, (request, error)
+            [still] = adm.ListWorkers(pb.ListWorkersRequest(), timeout=RPC_TIMEOUT_S).workers
+            assert still.address == "127.0.0.1:7001", "a refused registration moved the worker"
+            adm.ReportActivity(pb.ReportActivityRequest(activity=report, secret="worker-s"),
+                               timeout=RPC_TIMEOUT_S)
+            assert next_of(watch, "activity").activity.worker_id == worker.worker_id
+            adm.UnregisterWorker(pb.UnregisterWorkerRequest(worker_id=worker.worker_id,
+                                                            secret="worker-s"),
+                                 timeout=RPC_TIMEOUT_S)
+            assert not adm.ListWorkers(pb.ListWorkersRequest(), timeout=RPC_TIMEOUT_S).workers
+        finally:
+            watch.close()

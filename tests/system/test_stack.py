@@ -159,6 +159,10 @@ def test_up_ps_client_restart_and_down(tmp_path, env):
             return found[0] if found else None
         new = wait_for(restarted, "the supervisor to restart the killed worker", 90)
         children["worker"] = new.pid
+        # The restart registered under the worker's own secret (the same for
+        # each of its processes): it took its entry over at once, no refusal.
+        worker_logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("worker*"))
+        assert "worker_register_failed" not in worker_logs, worker_logs[-2000:]
         with Client(admission) as client, client.session("synthetic:llama-tiny") as session:
             assert session.generate("again", max_tokens=3) is not None
 
