@@ -11,7 +11,7 @@ Names:
                        smollm2-1.7b, llama-3b, qwen2.5-3b, llama-8b, gemma3-270m, gemma3-1b
   <directory>          a local model directory (config.json, safetensors, tokenizer)
 
-GGUF files are de-quantized by transformers (`gguf_file=`), which takes 20-40 s
+GGUF files are de-quantized by transformers (`gguf_file=`), which takes 25-50 s
 on a 2-core CPU with the file parsed once (`_one_gguf_parse`), so each is
 converted once into the cache (LMX_CACHE, default ~/.cache/lmx):
 <cache>/models/<name>/ holds safetensors, config and tokenizer, and later
@@ -215,7 +215,7 @@ def converted_dir(name: str, cache: Path) -> Path:
 
         gguf = GGUF_SOURCES[name](cache)
         log.info("model_converting", model=name, gguf=str(gguf),
-                 note="first start only: de-quantizing the GGUF takes 20-40 s")
+                 note="first start only: de-quantizing the GGUF takes 25-50 s")
         started = time.monotonic()
         with _one_gguf_parse():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
