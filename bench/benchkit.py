@@ -1,8 +1,9 @@
 """What the benchmarks share: the machine they run on, the commit, CPU
-meters, and waiting for the machine to be quiet."""
+meters, writing their JSON, and waiting for the machine to be quiet."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -36,6 +37,14 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+def write_report(report: dict, path: Path) -> Path:
+    """A benchmark's JSON (indented, one trailing newline), its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 def cpu_seconds(pid: int) -> float:

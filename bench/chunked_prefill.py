@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("LMX_CACHE", str(ROOT / ".cache" / "lmx"))
 
 import torch  # noqa: E402
-from benchkit import cpu_model, git_commit  # noqa: E402
+from benchkit import cpu_model, git_commit, write_report  # noqa: E402
 
 from services.worker.attention import register as register_attention  # noqa: E402
 from services.worker.engine import Delta, Engine  # noqa: E402
@@ -174,11 +173,9 @@ def main() -> int:
         },
         "rows": rows,
     }
-    out = args.out or (ROOT / "bench" / "results" /
-                       f"chunked-prefill-{device.type}-{args.model.replace(':', '-')}-{today}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out or (
+        ROOT / "bench" / "results" /
+        f"chunked-prefill-{device.type}-{args.model.replace(':', '-')}-{today}.json"))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchkit import cpu_model, git_commit  # noqa: E402
+from benchkit import cpu_model, git_commit, write_report  # noqa: E402
 
 CHILD = """
 import contextlib, sys, time
@@ -82,10 +81,7 @@ def main() -> int:
         },
         "rows": rows,
     }
-    out = args.out or ROOT / "bench" / "results" / f"conversion-cpu-{today}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out or ROOT / "bench" / "results" / f"conversion-cpu-{today}.json")
     return 0
 
 
