@@ -185,14 +185,14 @@ def _one_gguf_parse():
         yield
         return
     original = gguf.GGUFReader
-    readers: dict[tuple[str, str], object] = {}
+    readers: dict[str, object] = {}
 
     def shared_reader(path, mode="r"):
-        key = (os.fspath(path), mode)
-        if mode != "r":
+        if mode != "r":             # a writable map is nobody's to share
             return original(path, mode)
+        key = os.fspath(path)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = original(path)
         return readers[key]
 
     gguf.GGUFReader = shared_reader
