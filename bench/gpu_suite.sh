@@ -9,7 +9,8 @@
 #   bench/gpu_suite.sh stream    # issue 7: layer streaming against the link bound
 #   bench/gpu_suite.sh all       # all of the above (about 35 minutes)
 #
-# Results go to bench/results as usual; logs and a tarball of the new results
+# On a bare machine with nothing to fetch, first bench/gpu_carry.sh here (it
+# says what to carry and what to run there). Results go to bench/results as usual; logs and a tarball of the new results
 # go to $OUT (default bench/results/logs). Each step has its own time limit, so
 # a step that hangs costs its limit, not the stage.
 set -uo pipefail

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What a bare GPU machine needs, beside its own torch, transformers and
+# grpcio, to run bench/gpu_suite.sh on a copy of this tree, with nothing to
+# fetch there:
+#   .whl/       wheels for CPython 3.12 on x86-64 Linux, pinned to this
+#               checkout's .venv versions (the generated stubs require the
+#               grpcio they were generated for): grpcio, its health checking,
+#               reflection and status, protobuf, structlog
+#   .devcache/  the converted smollm2-135m's tokenizer and config, no
+#               weights: the synthetic models' tokenizer (the weights are
+#               random and built there)
+# Both are ignored by git. On the GPU machine, before bench/gpu_suite.sh:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site LMX_CACHE=$PWD/.devcache/lmx
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+CACHE=${LMX_CACHE:-.cache/lmx}
+[ -x "$PY" ] || { echo "run make setup first" >&2; exit 1; }
+[ -f "$CACHE/models/smollm2-135m/config.json" ] || {
+    echo "no converted smollm2-135m in $CACHE: start it once (make demo, or make test)" >&2; exit 1; }
+pins=()
+for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf structlog; do
+    pins+=("$name==$("$PY" -m pip show "$name" | awk '/^Version:/ {print $2}')")
+done
+rm -rf .whl && mkdir .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
+rm -rf .devcache && mkdir -p .devcache/lmx/models/smollm2-135m
+find "$CACHE/models/smollm2-135m" -maxdepth 1 -type f ! -name '*.safetensors' \
+    -exec cp {} .devcache/lmx/models/smollm2-135m/ \;
+du -sh .whl .devcache
+echo "carry: .whl .devcache lmx/v1 (the generated stubs)"
