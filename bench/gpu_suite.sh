@@ -10,28 +10,31 @@
 #   bench/gpu_suite.sh all       # all of the above (about 35 minutes)
 #
 # On a bare machine with nothing to fetch, first bench/gpu_carry.sh here (it
-# says what to carry and what to run there). Results go to bench/results as usual; logs and a tarball of the new results
-# go to $OUT (default bench/results/logs). Each step has its own time limit, so
-# a step that hangs costs its limit, not the stage.
+# says what to carry and what to run there). Results go to bench/results as
+# usual; one tarball of the new results and every log goes to $OUT (default
+# bench/results/logs): one file, as a lent machine sends back only a few. Each
+# step has its own time limit, so a step that hangs costs its limit, not the
+# stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-bench/results/logs}
 mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d)
+LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 export LMX_BENCH_COMMIT=${LMX_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 marker=$(mktemp)
 
-step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $OUT/NAME.log
+step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.log
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout --signal=INT --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s"
-    tail -n 15 "$OUT/$name.log"
+    tail -n 15 "$LOGS/$name.log"
 }
 
 tests() {
@@ -56,7 +59,7 @@ speed8b() {
 
 seed() {
     step "seed-scenario-auto-$stamp" 540 $PY bench/seed_scenario.py --device cuda \
-        --resident-fraction auto --log-dir "$OUT"
+        --resident-fraction auto --log-dir "$LOGS"
 }
 
 stream() {
@@ -68,7 +71,9 @@ case "${1:-}" in
     all) tests; speed; speed8b; seed; stream ;;
     *) echo "usage: $0 tests|speed|speed8b|seed|stream|all" >&2; exit 2 ;;
 esac
-find bench/results -maxdepth 1 -name '*.json' -newer "$marker" -print0 \
-    | tar --null -czf "$OUT/results-${1}.tgz" -T - 2>/dev/null
-rm -f "$marker"
-echo "new results: $(tar -tzf "$OUT/results-${1}.tgz" 2>/dev/null | tr '\n' ' ')"
+find bench/results -maxdepth 1 -name '*.json' -newer "$marker" > "$LOGS/new-results.txt"
+tar -czf "$OUT/gpu-suite-$1-$stamp.tgz" -T "$LOGS/new-results.txt" -C "$LOGS" .
+rm -rf "$marker" "$LOGS"
+echo "results and logs: $OUT/gpu-suite-$1-$stamp.tgz"
+tar -tzf "$OUT/gpu-suite-$1-$stamp.tgz" | tr '\n' ' '
+echo
