@@ -100,6 +100,7 @@ class WorkerApp:
         self._answering: set[str] = set()   # reclaim ids being answered
         self._background: set[asyncio.Task] = set()
         self._registering: set[asyncio.Future] = set()  # state changes on their way
+        self._registration_held = False   # an earlier process's entry holds this id
         self.worker_id = ""
 
     # ---- App -------------------------------------------------------------
@@ -499,7 +500,19 @@ class WorkerApp:
         try:
             await self.admission.register_worker(info, ttl_s=self.settings.lease_ttl_s)
         except grpc.aio.AioRpcError as exc:
-            log.warning("worker_register_failed", code=exc.code().name, message=exc.details())
+            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                log.warning("worker_register_failed", code=exc.code().name, message=exc.details())
+            elif not self._registration_held:   # said once; the heartbeat keeps trying
+                self._registration_held = True
+                log.warning("worker_registration_held", worker_id=self.worker_id,
+                            reason="admission still lists an earlier process of this worker id "
+                                   "(this address) under another secret, a crash's leftover",
+                            effect="listed, and its activity reported, once that entry expires "
+                                   f"(within {self.settings.lease_ttl_s:g} s); it serves meanwhile")
+        else:
+            if self._registration_held:
+                log.info("worker_registration_taken_over", worker_id=self.worker_id)
+            self._registration_held = False
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -279,6 +279,17 @@ def test_a_worker_restarted_on_its_address_brings_back_the_sessions_it_parked(pr
         c2.close_session(session)
         c2.close_session(control)
     assert '"session_adopted"' in w2.log()
+    # While the dead one's entry (another secret) lives, its registration is
+    # held (said once, not at every heartbeat); then it takes the entry over.
+    # (Whether it started before that entry expired depends on timing.)
+    if '"worker_registration_held"' in w2.log():
+        deadline = time.monotonic() + 30
+        while ('"worker_registration_taken_over"' not in w2.log()
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        assert '"worker_registration_taken_over"' in w2.log(), w2.log()[-3000:]
+    assert w2.log().count('"worker_registration_held"') <= 1, w2.log()[-3000:]
+    assert '"worker_register_failed"' not in w2.log(), w2.log()[-3000:]
 
 
 def test_with_the_kvstore_down_parks_fail_cleanly_and_parked_sessions_recompute(processes,
