@@ -4,14 +4,18 @@
 # fetch there:
 #   .whl/       wheels for CPython 3.12 on x86-64 Linux, pinned to this
 #               checkout's .venv versions (the generated stubs require the
-#               grpcio they were generated for): grpcio, its health checking,
-#               reflection and status, protobuf, structlog
+#               grpcio they were generated for): every package the services
+#               import that the GPU image lacks or holds in another version:
+#               grpcio, its health checking, reflection and status (which
+#               needs googleapis-common-protos for google.rpc), protobuf,
+#               structlog, and transformers with its tokenizers and hub
+#               client (the versions CI tests the model code with)
 #   .devcache/  the converted smollm2-135m's tokenizer and config, no
 #               weights: the synthetic models' tokenizer (the weights are
 #               random and built there)
 # Both are ignored by git. On the GPU machine, before bench/gpu_suite.sh:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-#   export PYTHONPATH=/tmp/site LMX_CACHE=$PWD/.devcache/lmx
+#   source bench/gpu_setup.sh    (installs them into /tmp/site, checks that the
+#                                 services import, sets PYTHONPATH and LMX_CACHE)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -20,7 +24,8 @@ CACHE=${LMX_CACHE:-.cache/lmx}
 [ -f "$CACHE/models/smollm2-135m/config.json" ] || {
     echo "no converted smollm2-135m in $CACHE: start it once (make demo, or make test)" >&2; exit 1; }
 pins=()
-for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf structlog; do
+for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf structlog \
+        googleapis-common-protos transformers tokenizers huggingface-hub; do
     pins+=("$name==$("$PY" -m pip show "$name" | awk '/^Version:/ {print $2}')")
 done
 rm -rf .whl && mkdir .whl

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark, in stages that each end within ten minutes on
 # an H100/H200, most important first. Run from the repository root on the GPU
-# machine, with the project importable (make setup, or PYTHONPATH):
+# machine, with the project importable (make setup, or on a bare machine
+# `source bench/gpu_setup.sh` after bench/gpu_carry.sh here):
 #
-#   bench/gpu_suite.sh tests     # pytest -m gpu tests/gpu (first real CUDA-graph capture)
-#   bench/gpu_suite.sh speed     # issue 9: decode speed, graphs on and off, and a profile
-#   bench/gpu_suite.sh seed      # issue 5: the seed scenario at an 8 GiB cap
-#   bench/gpu_suite.sh stream    # issue 7: layer streaming against the link bound
-#   bench/gpu_suite.sh all       # all of the above (about 35 minutes)
+#   bench/gpu_suite.sh tests     # pytest -m gpu tests/gpu
+#   bench/gpu_suite.sh plan      # the step memory plan against measured peaks, shapes to 3B
+#   bench/gpu_suite.sh stress    # 1-128 sessions, prompts to 4,000 tokens, short KV, NVML sampled
+#   bench/gpu_suite.sh workers   # bench/worker.py --sessions 1,8,32,64, 3 shapes, graphs on and off
+#   bench/gpu_suite.sh seed      # the seed scenario at an 8 GiB cap, both modes
+#   bench/gpu_suite.sh speed     # decode speed, graphs on and off, and a profile
+#   bench/gpu_suite.sh speed8b   # the same for the 8B shape
+#   bench/gpu_suite.sh stream    # layer streaming against the link bound
+#   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
-# On a bare machine with nothing to fetch, first bench/gpu_carry.sh here (it
-# says what to carry and what to run there). Results go to bench/results as
-# usual; one tarball of the new results and every log goes to $OUT (default
-# bench/results/logs): one file, as a lent machine sends back only a few. Each
-# step has its own time limit, so a step that hangs costs its limit, not the
-# stage.
+# Results go to bench/results as usual; one tarball of the new results and
+# every log goes to $OUT (default bench/results/logs): one file, as a lent
+# machine sends back only a few. Each step has its own time limit, so a step
+# that hangs costs its limit, not the stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -38,7 +41,25 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
 }
 
 tests() {
-    step gpu-tests-$stamp 420 $PY -m pytest -q -m gpu tests/gpu -x -p no:cacheprovider
+    step gpu-tests-$stamp 420 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+}
+
+plan() {
+    step step-memory-$stamp 300 $PY bench/step_memory.py --device cuda
+}
+
+stress() {
+    step stress-$stamp 540 $PY bench/stress.py --log-dir "$LOGS/stress"
+}
+
+workers() {
+    for m in synthetic:llama-1b synthetic:smollm2-135m synthetic:qwen2.5-1.5b; do
+        for g in auto off; do
+            step "worker-${m#synthetic:}-graphs-$g-$stamp" 120 $PY bench/worker.py --device cuda \
+                --model "$m" --sessions 1,8,32,64 --tokens 64 --repeats 1 --quiet-wait-s 0 \
+                --cuda-graphs $g --skip-hf
+        done
+    done
 }
 
 speed() {
@@ -58,22 +79,27 @@ speed8b() {
 }
 
 seed() {
-    step "seed-scenario-auto-$stamp" 540 $PY bench/seed_scenario.py --device cuda \
-        --resident-fraction auto --log-dir "$LOGS"
+    for mode in 1.0 auto; do
+        step "seed-scenario-$mode-$stamp" 270 $PY bench/seed_scenario.py --device cuda \
+            --cap-gib 8 --resident-fraction $mode --log-dir "$LOGS/seed-$mode"
+    done
 }
 
 stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-case "${1:-}" in
-    tests|speed|speed8b|seed|stream) "$1" ;;
-    all) tests; speed; speed8b; seed; stream ;;
-    *) echo "usage: $0 tests|speed|speed8b|seed|stream|all" >&2; exit 2 ;;
-esac
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|speed|speed8b|stream ..." >&2; exit 2; }
+for stage in "$@"; do
+    case "$stage" in
+        tests|plan|stress|workers|seed|speed|speed8b|stream) "$stage" ;;
+        *) echo "unknown stage $stage" >&2; exit 2 ;;
+    esac
+done
+name=$(echo "$@" | tr ' ' '-')
 find bench/results -maxdepth 1 -name '*.json' -newer "$marker" > "$LOGS/new-results.txt"
-tar -czf "$OUT/gpu-suite-$1-$stamp.tgz" -T "$LOGS/new-results.txt" -C "$LOGS" .
+tar -czf "$OUT/gpu-suite-$name-$stamp.tgz" -T "$LOGS/new-results.txt" -C "$LOGS" .
 rm -rf "$marker" "$LOGS"
-echo "results and logs: $OUT/gpu-suite-$1-$stamp.tgz"
-tar -tzf "$OUT/gpu-suite-$1-$stamp.tgz" | tr '\n' ' '
+echo "results and logs: $OUT/gpu-suite-$name-$stamp.tgz"
+tar -tzf "$OUT/gpu-suite-$name-$stamp.tgz" | tr '\n' ' '
 echo

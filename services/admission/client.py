@@ -1,13 +1,13 @@
 """A small asyncio client for AdmissionService, used by the CLI, the demo and
-the other lmx services. Holds a lease alive with `keep_alive`."""
+the other lmx services. A lease is kept alive by renewer.LeaseRenewer, from a
+thread of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import secrets
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -168,34 +168,6 @@ class AdmissionClient:
         async for event in self.stub.Watch(pb.WatchRequest()):
             yield event
 
-    def keep_alive(self, lease: pb.Lease,
-                   on_lost: Callable[[ErrorDetails], None] | None = None,
-                   on_renewed: Callable[[float], None] | None = None) -> asyncio.Task:
-        """Renew `lease` every third of its TTL until the task is cancelled.
-        If admission says the lease is gone (expired, unknown), call `on_lost`
-        and stop: the holder must stop using the memory. After each renewal,
-        `on_renewed(sent_at)` (time.monotonic() when the renewal was sent:
-        the lease is good for its TTL from then)."""
-
-        async def renew_forever() -> None:
-            period = max(0.05, lease.ttl_ms / 3000)
-            while True:
-                await asyncio.sleep(period)
-                try:
-                    sent_at = time.monotonic()
-                    await self.renew(lease)
-                    if on_renewed is not None:
-                        on_renewed(sent_at)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
-                                      grpc.StatusCode.NOT_FOUND):
-                        details = error_details(exc)
-                        log.warning("lease_lost", lease_id=lease.lease_id, reason=details.reason,
-                                    message=details.message)
-                        if on_lost is not None:
-                            on_lost(details)
-                        return
-                    log.warning("lease_renew_failed", lease_id=lease.lease_id,
-                                code=exc.code().name)
-
-        return asyncio.create_task(renew_forever(), name=f"keep-alive-{lease.lease_id}")
+    def lease_secret(self, lease_id: str) -> str:
+        """The secret this client acquired `lease_id` with ("" if none)."""
+        return self._secrets.get(lease_id, "")

@@ -7,6 +7,12 @@ overhead + workspace (waiting in admission's queue, visibly, if it does not
 fit), load the weights once (state "loading"), on CUDA measure the real
 workspace with a full-size warm-up step and resize the lease to it, then
 serve (state "ready"). A heartbeat re-registers every TTL/3.
+
+The base lease is sized from the step memory plan (step_memory.py): the
+weights, the CUDA context, the workspace of the largest step the limits
+allow, the decode graphs' pool (estimated, then measured after capture),
+staging buffers and the allocator's slack. The engine never runs a step
+whose plan exceeds that workspace.
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ from services.worker.servicer import WorkerServicer
 from services.worker.sessions import SessionTable
 from services.worker.settings import WorkerSettings
 from services.worker.sleep import StreamedStash, WeightStash
+from services.worker.step_memory import (
+    ALLOCATOR_SLACK_BYTES,
+    BaseLease,
+    ModelDims,
+    StepMemoryPlan,
+    StepShape,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -59,16 +72,6 @@ ACTIVITY_TO_PB = {"session_parked": admission_pb2.WorkerActivity.KIND_SESSION_PA
                   "session_restored": admission_pb2.WorkerActivity.KIND_SESSION_RESTORED,
                   "model_asleep": admission_pb2.WorkerActivity.KIND_MODEL_ASLEEP,
                   "model_awake": admission_pb2.WorkerActivity.KIND_MODEL_AWAKE}
-
-
-def workspace_estimate(loaded_config, tokens: int, rows: int, itemsize: int) -> int:
-    """Activations of one step of `tokens` tokens, generously: a few hidden
-    and MLP-wide tensors per token, attention scores, and fp32 logits."""
-    config = loaded_config.get_text_config()
-    per_token = (8 * config.hidden_size + 4 * config.intermediate_size) * itemsize
-    scores = config.num_attention_heads * tokens * tokens * 4
-    logits = rows * config.vocab_size * 4 * 2
-    return tokens * per_token + scores + logits
 
 
 class WorkerApp:
@@ -93,6 +96,8 @@ class WorkerApp:
         self.kvstore: KVStoreLink | None = None
         self.pressure: PressureRelief | None = None
         self._plan = None
+        self.step_plan: StepMemoryPlan | None = None
+        self.lease_terms: BaseLease | None = None
         self._heartbeat: asyncio.Task | None = None
         self._reclaim_task: asyncio.Task | None = None
         self._grow_task: asyncio.Task | None = None
@@ -144,18 +149,15 @@ class WorkerApp:
                  admission_device=self.admission_device)
 
         plan = await self._weight_plan()
-        workspace = 0
+        self.step_plan = await asyncio.to_thread(self._step_plan)
+        terms = BaseLease(0, 0, 0)
         if self.device.type == "cuda":
             self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
-            from services.worker.models import model_config
-            config, _ = await asyncio.to_thread(model_config, settings.model, self.cache)
-            itemsize = torch.empty((), dtype=self.dtype).element_size()
             # The load itself needs no more than the weights: synthetic
             # models are built without a transient output matrix
             # (models.build_synthetic), checkpoints are loaded in place.
-            workspace = workspace_estimate(config, settings.max_prefill_tokens,
-                                           settings.max_batch, itemsize)
-        if self.device.type == "cuda":
+            terms = BaseLease(0, self.overhead_bytes, self._workspace(),
+                              self._graph_pool_estimate(), 0, ALLOCATOR_SLACK_BYTES)
             self.memory.on_change = self._cap_allocator
         fraction = settings.resident_fraction
         if fraction == AUTO:
@@ -163,14 +165,14 @@ class WorkerApp:
             # not start.
             kv_room = max(settings.kv_chunk_bytes,
                           settings.max_prefill_tokens * plan.kv_bytes_per_token)
-            fraction = await self._fitting_fraction(
-                plan, self.overhead_bytes + workspace + kv_room)
+            fraction = await self._fitting_fraction(plan, terms.total + kv_room)
         # Streaming: only the resident layers and the ring go on the device.
         streamed = streamed_indices(plan.num_layers, fraction)
-        weight_bytes = plan.device_bytes(len(streamed), settings.stream_ring)
-        base = weight_bytes + self.overhead_bytes + workspace
-        log.info("worker_lease_needed", weight_bytes=weight_bytes,
-                 overhead_bytes=self.overhead_bytes, workspace_bytes=workspace, bytes=base)
+        terms = dataclasses.replace(terms, weights=plan.device_bytes(len(streamed),
+                                                                     settings.stream_ring))
+        base = terms.total
+        self.lease_terms = terms
+        log.info("worker_lease_needed", **terms.fields())
         await self.memory.acquire_base(base)
 
         self._set_state("loading")
@@ -180,7 +182,11 @@ class WorkerApp:
                              max_batch=settings.max_batch,
                              max_prefill_tokens=settings.max_prefill_tokens,
                              decode_graphs=(settings.cuda_graphs == "auto"
-                                            and self.device.type == "cuda"))
+                                            and self.device.type == "cuda"),
+                             step_plan=self.step_plan)
+        if self.device.type == "cuda":
+            # Every step within the workspace the lease holds, from the first.
+            self.engine.runner.workspace_bytes = terms.workspace
         self.engine.start()
         if settings.kvstore != "none":
             self.kvstore = KVStoreLink(settings.kvstore, owner=self.worker_id)
@@ -455,12 +461,18 @@ class WorkerApp:
     def _stash(self) -> WeightStash | StreamedStash:
         """What moves the weights when the model sleeps: all of them, or for
         a streamed model the resident ones (and its ring is freed)."""
-        assert self.loaded is not None
+        assert self.loaded is not None and self.engine is not None
         if self.streamer is None:
-            return WeightStash(self.loaded.model, self.device)
-        stash = WeightStash(self.loaded.model, self.device,
-                            skip=self.streamer.streamed_parameters())
-        return StreamedStash(stash, self.streamer)
+            stash = WeightStash(self.loaded.model, self.device)
+        else:
+            stash = WeightStash(self.loaded.model, self.device,
+                                skip=self.streamer.streamed_parameters())
+        graphs = self.engine.runner.graphs
+        if graphs is not None:
+            # Their pool goes with the weights (captured again, the largest
+            # first, at the first decode step after the wake).
+            stash.before_sleep = graphs.invalidate
+        return stash if self.streamer is None else StreamedStash(stash, self.streamer)
 
     def _allocator_residue(self) -> int:
         """What torch's allocator holds on the device now (after the weights
@@ -519,19 +531,68 @@ class WorkerApp:
             await self._register()
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
 
+    # ---- memory sizing (the formulas are step_memory.py's) --------------------
+    def _step_plan(self) -> StepMemoryPlan:
+        from services.worker.models import model_config
+
+        config, _ = model_config(self.settings.model, self.cache)
+        self._model_window = int(getattr(config.get_text_config(), "max_position_embeddings", 0)
+                                 or 2048)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        # Off CUDA, SDPA's math kernel runs (nothing caps the memory there).
+        return StepMemoryPlan(ModelDims.from_config(config, itemsize),
+                              math_attention=self.device.type != "cuda")
+
+    def _max_context(self) -> int:
+        if self.loaded is not None:
+            return self.loaded.max_context
+        window = getattr(self, "_model_window", 2048)
+        return min(window, self.settings.max_context) if self.settings.max_context else window
+
+    def _graphs_wanted(self) -> bool:
+        return self.settings.cuda_graphs == "auto" and self.device.type == "cuda"
+
+    def _workspace(self) -> int:
+        assert self.step_plan is not None
+        max_prefill = (self.engine.max_prefill_tokens if self.engine is not None
+                       else self.settings.max_prefill_tokens)
+        return self.step_plan.workspace_bytes(
+            max_batch=self.settings.max_batch, max_prefill_tokens=max_prefill,
+            max_context=self._max_context(), graphs=self._graphs_wanted())
+
+    def _graph_pool_estimate(self) -> int:
+        if not self._graphs_wanted():
+            return 0
+        from services.worker import paged_kernels
+        from services.worker.decode_graphs import buckets
+
+        assert self.step_plan is not None
+        return self.step_plan.graph_pool_bytes(buckets(self.settings.max_batch),
+                                               paged_kernels.PARTS)
+
     async def _measure_workspace(self) -> None:
-        """Run one full-size prefill, then size the base lease to the peak
-        the allocator really reserved beyond weights and KV."""
+        """vLLM's profile run, against the plan: one full-size prefill (and
+        a decode step after it), its peak beyond weights and KV measured
+        and compared with the step memory plan (a plan below it is scaled
+        up and logged as step_plan_below_measured: a bug of the formula);
+        then the decode graphs, captured and their pool measured; then the
+        base lease resized to the plan's workspace, the pool and the rest
+        (BaseLease). The runner keeps every step within that workspace."""
         assert self.core is not None and self.engine is not None and self.loaded is not None
+        assert self.step_plan is not None and self.lease_terms is not None
         tokens = min(self.settings.max_prefill_tokens, self.loaded.max_context - 2)
         # On a device this full, the KV of a full-size prefill may not be
         # granted: halve the prefill (the engine's tokens per step) until it
         # is, rather than fail or wait for memory that is not coming.
         wait_s, self.engine.kv_wait_s = self.engine.kv_wait_s, min(self.engine.kv_wait_s, 10.0)
+        runner = self.engine.runner
+        graphs = runner.graphs
+        if graphs is not None:
+            graphs.held = True     # the warm-up's decode step runs eagerly
         try:
             while True:
                 try:
-                    peak, kv_at_peak = await self._prefill_peak(tokens)
+                    measured, kv_at_peak = await self._prefill_peak(tokens)
                     break
                 except CapacityExhausted as exc:
                     if tokens <= MIN_PREFILL_TOKENS:
@@ -541,14 +602,25 @@ class WorkerApp:
                                 reason=exc.message)
         finally:
             self.engine.kv_wait_s = wait_s
+            if graphs is not None:
+                graphs.held = False
         self.engine.max_prefill_tokens = min(self.engine.max_prefill_tokens, tokens)
-        graphs = self.engine.runner.graphs
+        plan = self.step_plan
+        planned = plan.step_bytes(StepShape(1, tokens, tokens, tokens))
+        if measured > planned:
+            plan.scale *= measured / planned * 1.1
+            log.warning("step_plan_below_measured", tokens=tokens, planned_bytes=planned,
+                        measured_bytes=measured, scale=round(plan.scale, 3),
+                        effect="the plan is scaled up for every step; the formula misses a term")
+        workspace = self._workspace()
+        pool = 0
         if graphs is not None:
-            # Every decode graph now: their memory pool is part of what is
-            # measured below, so the base lease covers it.
+            # Every decode graph now, the largest first, and its pool measured.
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved(self.device)
             await self.engine.between_steps(graphs.capture_all)
-        torch.cuda.empty_cache()
-        steady = torch.cuda.memory_reserved(self.device)
+            torch.cuda.empty_cache()
+            pool = max(0, torch.cuda.memory_reserved(self.device) - before)
         # The context grew as the warm-up's kernels loaded and cuBLAS made
         # its handles: measured once at start, it would now be too small, and
         # the excess would count against the lease of whoever asks next
@@ -561,16 +633,52 @@ class WorkerApp:
             self.overhead_bytes = context + CONTEXT_GROWTH_BYTES
             assert self.pressure is not None
             self.pressure.keep_bytes = self.overhead_bytes
-        workspace = max(0, peak - self.device_weight_bytes() - kv_at_peak)
-        # Whichever is larger: the peak step's needs, or what the allocator
-        # keeps after it (cuBLAS workspaces, blocks still split); plus slack,
-        # and the staging buffers of a park or restore running beside a step.
-        staging = self.core.parking.transfer.staging_bytes
-        base = self.overhead_bytes + max(self.device_weight_bytes() + int(workspace * 1.1),
-                                         steady) + (32 << 20) + staging
-        log.info("worker_workspace_measured", peak_reserved=peak, kv_bytes=kv_at_peak,
-                 steady_reserved=steady, workspace_bytes=workspace, base_lease_bytes=base)
-        await self.memory.resize_base(base)
+        terms = BaseLease(self.device_weight_bytes(), self.overhead_bytes, workspace, pool,
+                          self.core.parking.transfer.staging_bytes, ALLOCATOR_SLACK_BYTES)
+        log.info("worker_workspace_measured", prefill_tokens=tokens, planned_step_bytes=planned,
+                 measured_step_bytes=measured, kv_bytes=kv_at_peak,
+                 graph_pool_estimate_bytes=self.lease_terms.graph_pool, **terms.fields())
+        try:
+            await self.memory.resize_base(terms.total)
+        except CapacityExhausted as exc:
+            if not pool:
+                raise
+            # Decode graphs only where they fit: without their pool.
+            await self.engine.between_steps(graphs.disable, "their memory pool does not fit "
+                                            f"the lease ({exc.message})")
+            torch.cuda.empty_cache()
+            terms = dataclasses.replace(terms, graph_pool=0)
+            await self.memory.resize_base(terms.total)
+        self.lease_terms = terms
+        assert self.pressure is not None
+        self.pressure.base_bytes = terms.total
+        self.engine.runner.workspace_bytes = workspace
+
+    async def _prefill_peak(self, tokens: int) -> tuple[int, int]:
+        """The largest step's peak beyond what it found allocated (the
+        runner measures each step) over one prefill of `tokens` tokens and
+        one decode step, and the KV it held then; its KV is given back
+        before returning."""
+        assert self.core is not None and self.engine is not None and self.loaded is not None
+        runner = self.engine.runner
+        runner.max_step_bytes = 0
+        session = self.core.open_session().session
+        try:
+            prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
+            # Two tokens: a prefill step and a decode step, so that both
+            # steps' kernels are loaded before the context is measured.
+            request = self.engine.submit_tokens(session, SamplingParams(max_tokens=2), prompt_ids)
+            while True:
+                event = await request.out.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    break
+            kv_at_peak = self.engine.storage.num_bytes
+        finally:
+            await self.core.close_session(session.session_id, session.token)
+            await self.engine.wait_settled()  # the warm-up's KV chunks are given back
+        return runner.max_step_bytes, kv_at_peak
 
     def _load(self, streamed: list[int]) -> LoadedModel:
         """The model, loaded once. Streamed (--resident-fraction below 1):
@@ -621,30 +729,6 @@ class WorkerApp:
         log.info("worker_resident_fraction_chosen", free_bytes=free, layers=plan.num_layers,
                  resident_layers=chosen, resident_fraction=round(chosen / plan.num_layers, 3))
         return fraction
-
-    async def _prefill_peak(self, tokens: int) -> tuple[int, int]:
-        """Peak reserved device memory over one prefill of `tokens` tokens,
-        and the KV it held then; its KV is given back before returning."""
-        assert self.core is not None and self.engine is not None and self.loaded is not None
-        torch.cuda.reset_peak_memory_stats(self.device)
-        session = self.core.open_session().session
-        try:
-            prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
-            # Two tokens: a prefill step and a decode step, so that both
-            # steps' kernels are loaded before the context is measured.
-            request = self.engine.submit_tokens(session, SamplingParams(max_tokens=2), prompt_ids)
-            while True:
-                event = await request.out.get()
-                if isinstance(event, Failed):
-                    raise event.error
-                if isinstance(event, Finished):
-                    break
-            kv_at_peak = self.engine.storage.num_bytes
-            peak = torch.cuda.max_memory_reserved(self.device)
-        finally:
-            await self.core.close_session(session.session_id, session.token)
-            await self.engine.wait_settled()  # the warm-up's KV chunks are given back
-        return peak, kv_at_peak
 
     def _resident_fraction(self) -> float:
         return 1.0 if self.streamer is None else self.streamer.info().resident_fraction

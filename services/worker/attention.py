@@ -139,8 +139,19 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     q = q.reshape(plan.num_seqs, plan.max_new, heads, dim).transpose(1, 2)
     if softcap is None:
         mask, causal = plan.sdpa_mask(sliding_window)
+        gqa = heads != kv_heads
+        if gqa and mask is not None and q.is_cuda:
+            # SDPA's memory-efficient kernel takes a mask but not grouped
+            # heads: asked for both, SDPA falls back to its math kernel,
+            # which holds the scores and float32 copies of Q, K and V (at 28
+            # sessions of a Llama-1B, more than the step's lease). With the
+            # heads expanded here the efficient kernel runs, in the memory
+            # services/worker/step_memory.py plans for.
+            k_all = k_all.repeat_interleave(heads // kv_heads, dim=1)
+            v_all = v_all.repeat_interleave(heads // kv_heads, dim=1)
+            gqa = False
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=causal,
-                                             scale=scaling, enable_gqa=heads != kv_heads)
+                                             scale=scaling, enable_gqa=gqa)
     else:  # logit soft-capping (Gemma 2): no fused kernel takes it
         groups = heads // kv_heads
         k_rep = k_all.repeat_interleave(groups, dim=1)

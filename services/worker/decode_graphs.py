@@ -125,6 +125,9 @@ class DecodeGraphs:
         #: disagreed with the eager one (`check`).
         self.broken: str | None = self._unsupported()
         self.checked = False
+        #: True: not used for now (the worker's warm-up measures eager steps,
+        #: then captures every bucket at once and measures their pool).
+        self.held = False
         if self.broken is not None:
             log.info("decode_graphs_off", reason=self.broken)
 
@@ -136,7 +139,7 @@ class DecodeGraphs:
 
     # ---- when ---------------------------------------------------------------
     def applies(self, items) -> bool:
-        if self.broken is not None or len(items) > self.sizes[-1]:
+        if self.broken is not None or self.held or len(items) > self.sizes[-1]:
             return False
         if self.storage.num_chunks > MAX_CHUNKS or not self.storage.num_chunks:
             return False
@@ -144,6 +147,16 @@ class DecodeGraphs:
             return False
         self._follow_weights()
         return not self._streaming
+
+    def likely(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows will replay a graph, as far as
+        the event loop can tell without touching the graphs (the scheduler
+        plans its memory on it; the runner decides, and splits an eager step
+        that does not fit)."""
+        return (self.broken is None and not self.held and rows <= self.sizes[-1]
+                and not self._streaming
+                and 0 < self.storage.num_chunks <= MAX_CHUNKS
+                and weights_version(self.loaded.model) == self._version)
 
     def _follow_weights(self) -> None:
         version = weights_version(self.loaded.model)
@@ -165,6 +178,12 @@ class DecodeGraphs:
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
+
+    def disable(self, reason: str) -> None:
+        """Eager decode steps from now on, the graphs and their pool freed."""
+        self.broken = reason
+        log.warning("decode_graphs_off", reason=reason)
+        self.invalidate()
 
     def fail(self, exc: BaseException) -> None:
         """A capture or replay raised: eager decode steps from now on."""
@@ -197,6 +216,12 @@ class DecodeGraphs:
         """Logits [len(items), vocab] of one decode step (after `applies`)."""
         rows = len(items)
         size = next(s for s in self.sizes if s >= rows)
+        if self.capture and not self._graphs:
+            # None yet (after a wake, or the weights moved): every bucket,
+            # the largest first, as at the warm-up, so that the pool is the
+            # one the base lease was sized for (captured smallest first, the
+            # buckets would share less of it). On padding rows.
+            self._capture_sizes(self.sizes)
         self._fill(items, size)
         if not self.capture:
             return self._forward(size)[:rows]
@@ -210,16 +235,16 @@ class DecodeGraphs:
     def capture_all(self) -> float:
         """Capture every bucket now (the worker's warm-up); returns seconds."""
         started = time.perf_counter()
-        if not self.capture or self.broken is not None or not self.storage.num_chunks:
+        # No KV chunk is needed: capture runs on padding rows (context 0,
+        # slot -1), which read and write no KV; a replay reads the chunks'
+        # addresses from the table then.
+        if not self.capture or self.broken is not None:
             return 0.0
         self._follow_weights()
         if self._streaming:
             return 0.0
-        self._clear_rows(self.sizes[-1])
         try:
-            for size in reversed(self.sizes):   # the largest first: the others reuse its pool
-                if size not in self._graphs:
-                    self._capture(size)
+            self._capture_sizes(self.sizes)
         except Exception as exc:  # noqa: BLE001 - decode eagerly rather than not at all
             self.fail(exc)
             return 0.0
@@ -227,6 +252,12 @@ class DecodeGraphs:
         log.info("decode_graphs_captured", graphs=len(self._graphs), sizes=self.sizes,
                  seconds=round(seconds, 3))
         return seconds
+
+    def _capture_sizes(self, sizes: list[int]) -> None:
+        self._clear_rows(self.sizes[-1])
+        for size in sorted(sizes, reverse=True):   # the largest first: the others reuse its pool
+            if size not in self._graphs:
+                self._capture(size)
 
     def _forward(self, size: int) -> torch.Tensor:
         out = self.loaded.model(input_ids=self.input_ids[:, :size],

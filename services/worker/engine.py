@@ -59,6 +59,7 @@ from services.worker.kv_storage import KVStorage
 from services.worker.memory import Memory
 from services.worker.models import LoadedModel
 from services.worker.runner import ModelRunner, StepItem
+from services.worker.step_memory import StepMemoryPlan, StepShape
 from services.worker.sampling import SamplingParams, make_generator
 from services.worker.sessions import Session
 from services.worker.tokens import Detokenizer, chat_tokens, common_prefix
@@ -138,13 +139,16 @@ class EngineStats:
     tokens_generated: int
     preemptions: int = 0
     prefill_chunks: int = 0     # steps' prompt chunks that did not end their prompt
+    steps_split: int = 0        # steps run in parts to fit the workspace (runner.py)
+    steps_out_of_memory: int = 0   # steps that ran out of device memory (each a bug)
+    workspace_bytes: int = 0    # what the base lease holds for a step (0: unbounded)
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, memory: Memory, *, block_size: int = 16,
                  chunk_bytes: int = 32 << 20, kv_wait_s: float = 10.0,
                  max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1,
-                 decode_graphs: bool = False):
+                 decode_graphs: bool = False, step_plan: StepMemoryPlan | None = None):
         self.loaded = loaded
         self.memory = memory
         per_block = block_size * loaded.kv_shape.bytes_per_token
@@ -153,7 +157,8 @@ class Engine:
         self.storage = KVStorage(loaded.kv_shape, blocks_per_chunk * block_size, loaded.device)
         graphs = (DecodeGraphs(loaded, self.storage, block_size=block_size, max_batch=max_batch)
                   if decode_graphs else None)
-        self.runner = ModelRunner(loaded, self.storage, graphs)
+        self.runner = ModelRunner(loaded, self.storage, graphs, step_plan)
+        self._decode_cursor = 0     # where the next decode step starts when not all rows fit
         self.kv_wait_s = kv_wait_s
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -211,9 +216,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         usage = self.pool.usage()
+        runner = self.runner
         return EngineStats(len(self._waiting), len(self._running), usage.num_blocks,
                            usage.num_used_blocks, self.storage.num_bytes, self._steps,
-                           self._tokens_generated, self._preemptions, self._prefill_chunks)
+                           self._tokens_generated, self._preemptions, self._prefill_chunks,
+                           runner.split_steps, runner.out_of_memory,
+                           runner.workspace_bytes or 0)
 
     # ---- requests --------------------------------------------------------
     def submit(self, session: Session, params: SamplingParams, *, prompt: str | None = None,
@@ -467,7 +475,9 @@ class Engine:
                 continue
             self._steps += 1
             for request, token, ends_feed in zip(batch, tokens, complete):
-                if ends_feed:
+                if isinstance(token, LmxError):
+                    self._fail(request, token)   # no memory for it even alone: retryable
+                elif ends_feed:
                     self._advance(request, token)
 
     def _reap(self) -> None:
@@ -535,14 +545,19 @@ class Engine:
         batch: list[Request] = []
         complete: list[bool] = []
         budget = self.max_prefill_tokens
+        shape = StepShape(0, 0, 0, 0)
 
         def take(request: Request) -> bool | None:
-            """Schedule a chunk of the request's feed; None: no budget left,
-            False: no KV blocks for it."""
-            nonlocal budget
+            """Schedule a chunk of the request's feed; None: no budget left
+            (tokens, rows or the step's memory), False: no KV blocks for it."""
+            nonlocal budget, shape
             pending = self._pending(request)
             count = min(pending, budget)
             if count <= 0 or len(batch) >= self.max_batch:
+                return None
+            context_before = len(request.session.tokens) - pending
+            count = self._fitting_chunk(shape, count, context_before)
+            if count <= 0:
                 return None
             if not self._reserve(request, count):
                 return False
@@ -552,6 +567,7 @@ class Engine:
             batch.append(request)
             complete.append(count == pending)
             budget -= count
+            shape = shape.plus(count, context_before + count)
             if count < pending:
                 self._prefill_chunks += 1
             return True
@@ -579,17 +595,47 @@ class Engine:
                     request.blocked_since = None
         return items, batch, complete
 
+    def _fitting_chunk(self, shape: StepShape, count: int, context_before: int) -> int:
+        """The most of `count` prompt tokens (after `context_before` tokens of
+        context) that a step shaped `shape` so far can add within the
+        workspace (services/worker/step_memory.py): a long prompt at a long
+        context takes smaller chunks. A step's first row always gets one
+        token at least (the workspace is sized for one row at the longest
+        context)."""
+        runner = self.runner
+        if runner.plan is None or runner.workspace_bytes is None:
+            return count
+        fitting = runner.plan.largest_chunk(shape, count, context_before, runner.workspace_bytes)
+        return fitting if fitting or shape.rows else 1
+
     def _schedule_decodes(self, decoding: list[Request]
                           ) -> tuple[list[StepItem], list[Request], list[bool]]:
+        """Every decoding session, up to max_batch rows and, for a step that
+        will run eagerly, as many as its memory plan fits in the workspace;
+        the rows left out start the next decode step (no session starves)."""
         items: list[StepItem] = []
         batch: list[Request] = []
-        for request in decoding[: self.max_batch]:
+        runner = self.runner
+        if len(decoding) > 1:
+            start = self._decode_cursor % len(decoding)
+            decoding = decoding[start:] + decoding[:start]
+        rows = decoding[: self.max_batch]
+        graphed = runner.will_graph(len(rows))
+        checked = runner.graphs is None or runner.graphs.checked
+        shape = StepShape(0, 0, 0, 0, graphed, checked)
+        for request in rows:
             session = request.session
-            feed = session.tokens[self.pool.length(session.session_id):]
+            length = self.pool.length(session.session_id)
+            feed = session.tokens[length:]
+            grown = shape.plus(len(feed), length + len(feed))
+            if batch and not runner.fits(grown):
+                break
             if not self._reserve(request, len(feed)):
                 continue
             items.append(self._item(request, feed))
             batch.append(request)
+            shape = grown
+        self._decode_cursor += len(batch) if len(batch) < len(decoding) else 0
         return items, batch, [True] * len(batch)
 
     # ---- preemption ------------------------------------------------------

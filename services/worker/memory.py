@@ -2,7 +2,8 @@
 
 - AdmissionMemory: leases from the admission service: one for the weights
   and fixed overhead, one for KV that grows and shrinks a chunk at a time.
-  Both are kept alive in the background.
+  Both are renewed from a thread of their own (services/admission/renewer.py),
+  so that no step, capture or busy event loop lets one expire.
 - FixedMemory: a local byte budget, for running a worker without admission
   (tests of the engine, `lmx chat --standalone`).
 
@@ -23,6 +24,7 @@ import structlog
 
 from lmx.v1 import admission_pb2 as pb
 from services.admission.client import AdmissionClient, error_details
+from services.admission.renewer import LeaseRenewer
 from services.common.errors import CapacityExhausted, FailedPrecondition, Shortfall
 
 log = structlog.get_logger(__name__)
@@ -142,7 +144,8 @@ class AdmissionMemory:
         self.priority = priority
         self.on_lost = on_lost
         self._leases: dict[str, pb.Lease] = {}
-        self._keepers: dict[str, asyncio.Task] = {}
+        self._keepers: dict = {}            # purpose -> renewer.Held
+        self._renewer: LeaseRenewer | None = None
         #: Per purpose: time.monotonic() until which the lease is surely held
         #: (its TTL from when its last grant or renewal was sent).
         self._valid_until: dict[str, float] = {}
@@ -177,14 +180,17 @@ class AdmissionMemory:
         if old is not None:
             old.cancel()
 
-        def renewed(at: float) -> None:
+        def renewed(at: float) -> None:     # on the renewer's thread: a float stored
             if self._leases.get(purpose) is lease:
                 self._valid_until[purpose] = at + lease.ttl_ms / 1000
 
-        def lost(details) -> None:
+        def lost(details) -> None:          # on this event loop
             self._lost(purpose, lease, details.reason)
 
-        self._keepers[purpose] = self.client.keep_alive(lease, on_lost=lost, on_renewed=renewed)
+        if self._renewer is None:
+            self._renewer = LeaseRenewer(self.client.address)
+        self._keepers[purpose] = self._renewer.hold(
+            lease, self.client.lease_secret(lease.lease_id), on_lost=lost, on_renewed=renewed)
 
     def _lost(self, purpose: str, lease: pb.Lease, reason: str) -> None:
         """Admission says the lease is gone (expired while this worker was
@@ -196,7 +202,7 @@ class AdmissionMemory:
         self._valid_until.pop(purpose, None)
         self._lost_purposes.add(purpose)
         keeper = self._keepers.pop(purpose, None)
-        if keeper is not None and keeper is not asyncio.current_task():
+        if keeper is not None:
             keeper.cancel()
         self._changed()
         log.error("worker_lease_lost", purpose=purpose, lease_id=lease.lease_id, reason=reason)
@@ -314,9 +320,12 @@ class AdmissionMemory:
         self._keep("kv", lease, sent_at)
 
     async def close(self) -> None:
-        for task in self._keepers.values():
-            task.cancel()
+        for held in self._keepers.values():
+            held.cancel()
         self._keepers.clear()
+        if self._renewer is not None:
+            await asyncio.to_thread(self._renewer.close)
+            self._renewer = None
         for lease in self._leases.values():
             try:
                 await self.client.release(lease)

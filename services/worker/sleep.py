@@ -14,7 +14,7 @@ free. Pure torch; called from a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import time
 from dataclasses import dataclass
@@ -63,6 +63,10 @@ class WeightStash:
         self._slots: list[_Slot] = []
         self._host: torch.Tensor | None = None
         self.num_bytes = 0
+        #: Called first when the model goes to sleep: what else holds device
+        #: memory for these weights lets it go (the decode graphs and their
+        #: pool), so that the sleep gives back all but the lease it keeps.
+        self.before_sleep: Callable[[], None] | None = None
 
     def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
         """Move none of `tensors` from now on (planned again at the next sleep)."""
@@ -118,6 +122,8 @@ class WeightStash:
         if not self.moves:
             self.asleep = True
             return Moved(0, time.perf_counter() - started)
+        if self.before_sleep is not None:
+            self.before_sleep()
         self.prepare()
         self._copy_out()
         weights_moved(self.model)

@@ -1,0 +1,16 @@
+# Sourced on a bare GPU machine, in a copy of this tree that carries .whl,
+# .devcache and lmx/v1 (bench/gpu_carry.sh prepares them):
+#   source bench/gpu_setup.sh
+# Installs the carried wheels into /tmp/site (nothing is fetched), sets
+# PYTHONPATH and LMX_CACHE, and checks that every service imports. Should the
+# carried transformers not import beside the image's other packages, it
+# falls back to the image's own (said in the output).
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3
+export PYTHONPATH=/tmp/site:$PWD LMX_CACHE=$PWD/.devcache/lmx PYTHONUNBUFFERED=1
+export LMX_BENCH_COMMIT=${LMX_BENCH_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
+_lmx_check='import services.admission.app, services.worker.app, services.kvstore.app, services.front.app, transformers, torch; print("imports ok: torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
+if ! python3 -c "$_lmx_check"; then
+    echo "the carried transformers does not import here: using the image's" >&2
+    rm -rf /tmp/site/transformers* /tmp/site/tokenizers* /tmp/site/huggingface_hub*
+    python3 -c "$_lmx_check"
+fi
