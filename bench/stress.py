@@ -239,7 +239,11 @@ def run_model(model: str, args, total: int, logs: Path) -> dict:
                 wpb.GetStatusRequest(), timeout=10)
         report["worker"] = dict(leased_bytes=status.leased_bytes, held_bytes=status.held_bytes,
                                 weight_bytes=status.weight_bytes, steps=status.steps,
-                                overhead_bytes=status.overhead_bytes)
+                                overhead_bytes=status.overhead_bytes,
+                                workspace_bytes=status.workspace_bytes,
+                                steps_split=status.steps_split,
+                                steps_out_of_memory=status.steps_out_of_memory,
+                                step_plan_misses=status.step_plan_misses)
     except Exception as exc:  # noqa: BLE001 - a failed start is a result too
         report["error"] = f"{type(exc).__name__}: {exc}"
         print(f"{model}: {report['error']}", flush=True)

@@ -38,6 +38,7 @@ class WorkerRecord:
     updated_at: float
     num_parked: int = 0
     resident_fraction: float = 1.0     # below 1: streaming the other layers
+    steps_out_of_memory: int = 0       # the worker's steps that ran out of memory (bugs)
 
 
 class WorkerRegistry:
@@ -50,7 +51,7 @@ class WorkerRegistry:
     def register(self, worker_id: str, model: str, address: str, state: str, *, pid: int = 0,
                  device: str = "", num_sessions: int = 0, ttl_s: float = 10.0,
                  num_parked: int = 0, resident_fraction: float = 1.0,
-                 secret: str = "") -> WorkerRecord:
+                 steps_out_of_memory: int = 0, secret: str = "") -> WorkerRecord:
         for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
                             ("worker.address", address)):
             if not value or len(value) > MAX_FIELD_CHARS or not value.isprintable():
@@ -63,7 +64,8 @@ class WorkerRegistry:
             raise InvalidArgument("worker.state", f"must be one of {', '.join(WORKER_STATES)}")
         if not 0 < ttl_s <= self.max_ttl_s:
             raise InvalidArgument("ttl_ms", f"must be in (0, {self.max_ttl_s * 1000:.0f}]")
-        if num_sessions < 0 or pid < 0 or not 0 <= num_parked <= num_sessions:
+        if (num_sessions < 0 or pid < 0 or steps_out_of_memory < 0
+                or not 0 <= num_parked <= num_sessions):
             raise InvalidArgument("worker.num_sessions", "counts must not be negative")
         if not 0.0 <= resident_fraction <= 1.0:   # 0: not said (an older worker): all
             raise InvalidArgument("worker.resident_fraction", "must be in [0, 1]")
@@ -76,7 +78,8 @@ class WorkerRegistry:
             self.secrets.forget(worker_id)
             self.secrets.remember(worker_id, secret)
         record = WorkerRecord(worker_id, model, address, state, pid, device, num_sessions, ttl_s,
-                              self.clock(), num_parked, resident_fraction or 1.0)
+                              self.clock(), num_parked, resident_fraction or 1.0,
+                              steps_out_of_memory)
         self._workers[worker_id] = record
         if previous is None or previous.state != state:
             log.info("worker_registered", worker_id=worker_id, model=model, address=address,

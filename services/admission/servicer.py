@@ -90,7 +90,8 @@ def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
                          state=WORKER_STATE_TO_PB[record.state], pid=record.pid,
                          device=record.device, num_sessions=record.num_sessions,
                          updated_s_ago=now - record.updated_at, num_parked=record.num_parked,
-                         resident_fraction=record.resident_fraction)
+                         resident_fraction=record.resident_fraction,
+                         steps_out_of_memory=record.steps_out_of_memory)
 
 
 ACTIVITY_TO_PB = {
@@ -211,7 +212,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             info.worker_id, info.model, info.address, state, pid=info.pid, device=info.device,
             num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000,
             num_parked=info.num_parked, resident_fraction=info.resident_fraction,
-            secret=request.secret)
+            steps_out_of_memory=info.steps_out_of_memory, secret=request.secret)
         return pb.RegisterWorkerResponse()
 
     async def UnregisterWorker(self, request: pb.UnregisterWorkerRequest,

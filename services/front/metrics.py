@@ -153,6 +153,11 @@ def render(front: FrontMetrics, reuse: ReuseStats, status: apb.StatusResponse | 
         parked += worker.num_parked
     metric("lmx:workers", "gauge", "Workers by model and state.",
            [({"model": m, "state": s}, n) for (m, s), n in sorted(workers.items())])
+    metric("lmx:worker_steps_out_of_memory_total", "counter",
+           "Forward steps that ran out of device memory (each a bug: lmx plans every step's "
+           "memory; the step was split and run again, or ended only its request).",
+           [({"worker": w.worker_id, "model": w.model}, w.steps_out_of_memory)
+            for w in status.workers])
     metric("lmx:parked_sessions", "gauge", "Sessions whose KV is parked in the kvstore.",
            [({}, parked)])
     metric("lmx:reclaims_open", "gauge", "Reclaims asked and not answered yet.",

@@ -508,7 +508,8 @@ class WorkerApp:
             state=STATE_TO_PB[self._reported_state()], pid=os.getpid(),
             device=self.admission_device, num_sessions=len(self.sessions),
             num_parked=sum(1 for s in self.sessions.all() if s.parked_entry),
-            resident_fraction=self._resident_fraction())
+            resident_fraction=self._resident_fraction(),
+            steps_out_of_memory=self.engine.runner.out_of_memory if self.engine else 0)
         try:
             await self.admission.register_worker(info, ttl_s=self.settings.lease_ttl_s)
         except grpc.aio.AioRpcError as exc:
@@ -768,5 +769,8 @@ class WorkerApp:
                 weight_bytes=self.loaded.weight_bytes, kv_bytes=stats.kv_bytes,
                 kv_blocks=stats.num_blocks, kv_blocks_used=stats.num_used_blocks,
                 block_size=self.settings.block_size, held_bytes=held, steps=stats.steps,
-                tokens_generated=stats.tokens_generated, max_context=self.loaded.max_context))
+                tokens_generated=stats.tokens_generated, max_context=self.loaded.max_context,
+                workspace_bytes=stats.workspace_bytes, steps_split=stats.steps_split,
+                steps_out_of_memory=stats.steps_out_of_memory,
+                step_plan_misses=self.engine.runner.plan_misses))
         return reply
