@@ -29,10 +29,10 @@ import torch
 
 from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
 from services.admission.client import WORKER_SECRET_ENV, AdmissionClient
-from services.common.errors import CapacityExhausted, FailedPrecondition, LmxError
+from services.common.errors import FailedPrecondition, LmxError
 from services.worker import device as devices
 from services.worker.core import WorkerCore
-from services.worker.engine import Engine, Failed, Finished
+from services.worker.engine import Engine
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
 from services.worker.kv_link import KVStoreLink
 from services.worker.models import LoadedModel, default_cache_dir, load_model, weight_plan
@@ -41,26 +41,14 @@ from services.worker.streaming import LayerStreamer, streamed_indices
 from services.worker.parking import Parking
 from services.worker.placement import Candidate, place
 from services.worker.pressure import PressureRelief, Relief
-from services.worker.sampling import SamplingParams
 from services.worker.servicer import WorkerServicer
 from services.worker.sessions import SessionTable
 from services.worker.settings import WorkerSettings
 from services.worker.sleep import StreamedStash, WeightStash
-from services.worker.step_memory import (
-    ALLOCATOR_SLACK_BYTES,
-    BaseLease,
-    ModelDims,
-    StepMemoryPlan,
-    StepShape,
-)
+from services.worker.sizing import LeaseSizing
+from services.worker.step_memory import BaseLease
 
 log = structlog.get_logger(__name__)
-
-#: The smallest prefill per step the warm-up falls back to on a full device.
-MIN_PREFILL_TOKENS = 64
-#: Room left in the lease for kernels a later step may still load into the
-#: CUDA context after the warm-up measured it.
-CONTEXT_GROWTH_BYTES = 64 << 20
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 STATE_TO_PB = {"waiting": admission_pb2.WORKER_STATE_WAITING,
@@ -96,7 +84,7 @@ class WorkerApp:
         self.kvstore: KVStoreLink | None = None
         self.pressure: PressureRelief | None = None
         self._plan = None
-        self.step_plan: StepMemoryPlan | None = None
+        self.sizing: LeaseSizing | None = None
         self.lease_terms: BaseLease | None = None
         self._heartbeat: asyncio.Task | None = None
         self._reclaim_task: asyncio.Task | None = None
@@ -149,16 +137,15 @@ class WorkerApp:
                  admission_device=self.admission_device)
 
         plan = await self._weight_plan()
-        self.step_plan = await asyncio.to_thread(self._step_plan)
-        terms = BaseLease(0, 0, 0)
+        self.sizing = await asyncio.to_thread(LeaseSizing, settings, self.device, self.dtype,
+                                              self.cache)
         if self.device.type == "cuda":
             self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
-            # The load itself needs no more than the weights: synthetic
-            # models are built without a transient output matrix
-            # (models.build_synthetic), checkpoints are loaded in place.
-            terms = BaseLease(0, self.overhead_bytes, self._workspace(),
-                              self._graph_pool_estimate(), 0, ALLOCATOR_SLACK_BYTES)
             self.memory.on_change = self._cap_allocator
+        # The load itself needs no more than the weights: synthetic models are
+        # built without a transient output matrix (models.build_synthetic),
+        # checkpoints are loaded in place.
+        terms = self.sizing.initial(self.overhead_bytes)
         fraction = settings.resident_fraction
         if fraction == AUTO:
             # Room for the KV of one full prefill step too, or sessions could
@@ -183,7 +170,7 @@ class WorkerApp:
                              max_prefill_tokens=settings.max_prefill_tokens,
                              decode_graphs=(settings.cuda_graphs == "auto"
                                             and self.device.type == "cuda"),
-                             step_plan=self.step_plan)
+                             step_plan=self.sizing.plan)
         if self.device.type == "cuda":
             # Every step within the workspace the lease holds, from the first.
             self.engine.runner.workspace_bytes = terms.workspace
@@ -202,7 +189,7 @@ class WorkerApp:
         self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure,
                                max_prompt_chars=settings.max_prompt_chars)
         if self.device.type == "cuda":
-            await self._measure_workspace()
+            await self._measure()
             # Pin the host buffer the weights sleep into now, not in the
             # middle of the first reclaim (seconds per GB to pin, against
             # a copy at PCIe speed).
@@ -532,154 +519,22 @@ class WorkerApp:
             await self._register()
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
 
-    # ---- memory sizing (the formulas are step_memory.py's) --------------------
-    def _step_plan(self) -> StepMemoryPlan:
-        from services.worker.models import model_config
+    async def _measure(self) -> None:
+        """The profile run and the base lease resized to what it measured
+        (services/worker/sizing.py)."""
+        assert self.core is not None and self.engine is not None and self.pressure is not None
+        core = self.core
 
-        config, _ = model_config(self.settings.model, self.cache)
-        self._model_window = int(getattr(config.get_text_config(), "max_position_embeddings", 0)
-                                 or 2048)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        # Off CUDA, SDPA's math kernel runs (nothing caps the memory there).
-        return StepMemoryPlan(ModelDims.from_config(config, itemsize),
-                              math_attention=self.device.type != "cuda")
+        async def close(session) -> None:
+            await core.close_session(session.session_id, session.token)
 
-    def _max_context(self) -> int:
-        if self.loaded is not None:
-            return self.loaded.max_context
-        window = getattr(self, "_model_window", 2048)
-        return min(window, self.settings.max_context) if self.settings.max_context else window
-
-    def _graphs_wanted(self) -> bool:
-        return self.settings.cuda_graphs == "auto" and self.device.type == "cuda"
-
-    def _workspace(self) -> int:
-        assert self.step_plan is not None
-        max_prefill = (self.engine.max_prefill_tokens if self.engine is not None
-                       else self.settings.max_prefill_tokens)
-        return self.step_plan.workspace_bytes(
-            max_batch=self.settings.max_batch, max_prefill_tokens=max_prefill,
-            max_context=self._max_context(), graphs=self._graphs_wanted())
-
-    def _graph_pool_estimate(self) -> int:
-        if not self._graphs_wanted():
-            return 0
-        from services.worker import paged_kernels
-        from services.worker.decode_graphs import buckets
-
-        assert self.step_plan is not None
-        return self.step_plan.graph_pool_bytes(buckets(self.settings.max_batch),
-                                               paged_kernels.PARTS)
-
-    async def _measure_workspace(self) -> None:
-        """vLLM's profile run, against the plan: one full-size prefill (and
-        a decode step after it), its peak beyond weights and KV measured
-        and compared with the step memory plan (a plan below it is scaled
-        up and logged as step_plan_below_measured: a bug of the formula);
-        then the decode graphs, captured and their pool measured; then the
-        base lease resized to the plan's workspace, the pool and the rest
-        (BaseLease). The runner keeps every step within that workspace."""
-        assert self.core is not None and self.engine is not None and self.loaded is not None
-        assert self.step_plan is not None and self.lease_terms is not None
-        tokens = min(self.settings.max_prefill_tokens, self.loaded.max_context - 2)
-        # On a device this full, the KV of a full-size prefill may not be
-        # granted: halve the prefill (the engine's tokens per step) until it
-        # is, rather than fail or wait for memory that is not coming.
-        wait_s, self.engine.kv_wait_s = self.engine.kv_wait_s, min(self.engine.kv_wait_s, 10.0)
-        runner = self.engine.runner
-        graphs = runner.graphs
-        if graphs is not None:
-            graphs.held = True     # the warm-up's decode step runs eagerly
-        try:
-            while True:
-                try:
-                    measured, kv_at_peak = await self._prefill_peak(tokens)
-                    break
-                except CapacityExhausted as exc:
-                    if tokens <= MIN_PREFILL_TOKENS:
-                        raise
-                    tokens = max(MIN_PREFILL_TOKENS, tokens // 2)
-                    log.warning("worker_prefill_reduced", max_prefill_tokens=tokens,
-                                reason=exc.message)
-        finally:
-            self.engine.kv_wait_s = wait_s
-            if graphs is not None:
-                graphs.held = False
-        self.engine.max_prefill_tokens = min(self.engine.max_prefill_tokens, tokens)
-        plan = self.step_plan
-        planned = plan.step_bytes(StepShape(1, tokens, tokens, tokens))
-        if measured > planned:
-            plan.scale *= measured / planned * 1.1
-            log.warning("step_plan_below_measured", tokens=tokens, planned_bytes=planned,
-                        measured_bytes=measured, scale=round(plan.scale, 3),
-                        effect="the plan is scaled up for every step; the formula misses a term")
-        workspace = self._workspace()
-        pool = 0
-        if graphs is not None:
-            # Every decode graph now, the largest first, and its pool measured.
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_reserved(self.device)
-            await self.engine.between_steps(graphs.capture_all)
-            torch.cuda.empty_cache()
-            pool = max(0, torch.cuda.memory_reserved(self.device) - before)
-        # The context grew as the warm-up's kernels loaded and cuBLAS made
-        # its handles: measured once at start, it would now be too small, and
-        # the excess would count against the lease of whoever asks next
-        # (admission sees it as foreign). Measure it again, with room for the
-        # kernels a later step may still load.
-        context = await asyncio.to_thread(devices.cuda_context_bytes, self.device)
-        if context is not None and context + CONTEXT_GROWTH_BYTES > self.overhead_bytes:
-            log.info("worker_context_grew", before_bytes=self.overhead_bytes,
-                     measured_bytes=context, growth_room_bytes=CONTEXT_GROWTH_BYTES)
-            self.overhead_bytes = context + CONTEXT_GROWTH_BYTES
-            assert self.pressure is not None
-            self.pressure.keep_bytes = self.overhead_bytes
-        terms = BaseLease(self.device_weight_bytes(), self.overhead_bytes, workspace, pool,
-                          self.core.parking.transfer.staging_bytes, ALLOCATOR_SLACK_BYTES)
-        log.info("worker_workspace_measured", prefill_tokens=tokens, planned_step_bytes=planned,
-                 measured_step_bytes=measured, kv_bytes=kv_at_peak,
-                 graph_pool_estimate_bytes=self.lease_terms.graph_pool, **terms.fields())
-        try:
-            await self.memory.resize_base(terms.total)
-        except CapacityExhausted as exc:
-            if not pool:
-                raise
-            # Decode graphs only where they fit: without their pool.
-            await self.engine.between_steps(graphs.disable, "their memory pool does not fit "
-                                            f"the lease ({exc.message})")
-            torch.cuda.empty_cache()
-            terms = dataclasses.replace(terms, graph_pool=0)
-            await self.memory.resize_base(terms.total)
-        self.lease_terms = terms
-        assert self.pressure is not None
-        self.pressure.base_bytes = terms.total
-        self.engine.runner.workspace_bytes = workspace
-
-    async def _prefill_peak(self, tokens: int) -> tuple[int, int]:
-        """The largest step's peak beyond what it found allocated (the
-        runner measures each step) over one prefill of `tokens` tokens and
-        one decode step, and the KV it held then; its KV is given back
-        before returning."""
-        assert self.core is not None and self.engine is not None and self.loaded is not None
-        runner = self.engine.runner
-        runner.max_step_bytes = 0
-        session = self.core.open_session().session
-        try:
-            prompt_ids = [i % self.loaded.vocab_limit for i in range(1000, 1000 + tokens)]
-            # Two tokens: a prefill step and a decode step, so that both
-            # steps' kernels are loaded before the context is measured.
-            request = self.engine.submit_tokens(session, SamplingParams(max_tokens=2), prompt_ids)
-            while True:
-                event = await request.out.get()
-                if isinstance(event, Failed):
-                    raise event.error
-                if isinstance(event, Finished):
-                    break
-            kv_at_peak = self.engine.storage.num_bytes
-        finally:
-            await self.core.close_session(session.session_id, session.token)
-            await self.engine.wait_settled()  # the warm-up's KV chunks are given back
-        return runner.max_step_bytes, kv_at_peak
+        self.lease_terms = await self.sizing.measure(
+            self.engine, lambda: core.open_session().session, close, self.memory,
+            weight_bytes=self.device_weight_bytes, overhead=self.overhead_bytes,
+            staging=core.parking.transfer.staging_bytes, estimated=self.lease_terms)
+        self.overhead_bytes = self.lease_terms.overhead
+        self.pressure.keep_bytes = self.overhead_bytes
+        self.pressure.base_bytes = self.lease_terms.total
 
     def _load(self, streamed: list[int]) -> LoadedModel:
         """The model, loaded once. Streamed (--resident-fraction below 1):

@@ -1,0 +1,187 @@
+"""The worker's base lease, sized from the step memory plan (step_memory.py).
+
+Before the load, from the model's config: the plan, the workspace of the
+largest step the limits allow, an estimate of the decode graphs' pool
+(`initial`). After the load, vLLM's profile run against the plan
+(`measure`): one full-size prefill and an eager decode step, each step's peak
+beyond what was allocated before it measured by the runner and compared
+with the plan (a plan below it is scaled up for every later step and logged
+as step_plan_below_measured: a missing term); every decode graph captured,
+the largest bucket first, and their pool measured; the CUDA context measured
+again. The measured terms are what the base lease is resized to; if
+admission cannot grant the graphs' pool, graphs go off (only where they fit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import torch
+
+from services.common.errors import CapacityExhausted
+from services.worker import device as devices
+from services.worker.engine import Engine, Failed, Finished
+from services.worker.memory import Memory
+from services.worker.sampling import SamplingParams
+from services.worker.settings import WorkerSettings
+from services.worker.step_memory import (
+    ALLOCATOR_SLACK_BYTES,
+    BaseLease,
+    ModelDims,
+    StepMemoryPlan,
+    StepShape,
+)
+
+log = structlog.get_logger(__name__)
+
+#: The smallest prefill per step the warm-up falls back to on a full device.
+MIN_PREFILL_TOKENS = 64
+#: Room left in the lease for kernels a later step may still load into the
+#: CUDA context after the warm-up measured it.
+CONTEXT_GROWTH_BYTES = 64 << 20
+
+
+class LeaseSizing:
+    def __init__(self, settings: WorkerSettings, device: torch.device, dtype: torch.dtype,
+                 cache: Path):
+        from services.worker.models import model_config
+
+        self.settings = settings
+        self.device = device
+        config, _ = model_config(settings.model, cache)
+        window = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 2048)
+        self.max_context = min(window, settings.max_context) if settings.max_context else window
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # Off CUDA, SDPA's math kernel runs (and nothing caps the memory there).
+        self.plan = StepMemoryPlan(ModelDims.from_config(config, itemsize),
+                                   math_attention=device.type != "cuda")
+        self.graphs = settings.cuda_graphs == "auto" and device.type == "cuda"
+        self.max_prefill_tokens = settings.max_prefill_tokens
+
+    def workspace(self) -> int:
+        return self.plan.workspace_bytes(
+            max_batch=self.settings.max_batch, max_prefill_tokens=self.max_prefill_tokens,
+            max_context=self.max_context, graphs=self.graphs)
+
+    def graph_pool_estimate(self) -> int:
+        if not self.graphs:
+            return 0
+        from services.worker import paged_kernels
+        from services.worker.decode_graphs import buckets
+
+        return self.plan.graph_pool_bytes(buckets(self.settings.max_batch), paged_kernels.PARTS)
+
+    def initial(self, overhead: int) -> BaseLease:
+        """Before the load (the weights' term is set by the caller): on CUDA
+        the context, the workspace, the graphs' pool estimated and the
+        allocator's slack; nothing beside the weights on the CPU."""
+        if self.device.type != "cuda":
+            return BaseLease(0, 0, 0)
+        return BaseLease(0, overhead, self.workspace(), self.graph_pool_estimate(), 0,
+                         ALLOCATOR_SLACK_BYTES)
+
+    async def measure(self, engine: Engine, open_session, close_session, memory: Memory, *,
+                      weight_bytes: Callable[[], int], overhead: int, staging: int,
+                      estimated: BaseLease) -> BaseLease:
+        """The profile run (CUDA), then the base lease resized to the
+        measured terms, which are returned. The engine's runner keeps every
+        step within their workspace from then on."""
+        tokens = min(self.settings.max_prefill_tokens, self.max_context - 2)
+        # On a device this full, the KV of a full-size prefill may not be
+        # granted: halve the prefill (the engine's tokens per step) until it
+        # is, rather than fail or wait for memory that is not coming.
+        wait_s, engine.kv_wait_s = engine.kv_wait_s, min(engine.kv_wait_s, 10.0)
+        graphs = engine.runner.graphs
+        if graphs is not None:
+            graphs.held = True     # the warm-up's decode step runs eagerly
+        try:
+            while True:
+                try:
+                    measured, kv_at_peak = await self._prefill_peak(
+                        engine, open_session, close_session, tokens)
+                    break
+                except CapacityExhausted as exc:
+                    if tokens <= MIN_PREFILL_TOKENS:
+                        raise
+                    tokens = max(MIN_PREFILL_TOKENS, tokens // 2)
+                    log.warning("worker_prefill_reduced", max_prefill_tokens=tokens,
+                                reason=exc.message)
+        finally:
+            engine.kv_wait_s = wait_s
+            if graphs is not None:
+                graphs.held = False
+        engine.max_prefill_tokens = self.max_prefill_tokens = min(engine.max_prefill_tokens, tokens)
+        planned = self.plan.step_bytes(StepShape(1, tokens, tokens, tokens))
+        if measured > planned:
+            self.plan.scale *= measured / planned * 1.1
+            log.warning("step_plan_below_measured", tokens=tokens, planned_bytes=planned,
+                        measured_bytes=measured, scale=round(self.plan.scale, 3),
+                        effect="the plan is scaled up for every step; the formula misses a term")
+        pool = 0
+        if graphs is not None:
+            # Every decode graph now, the largest first, and its pool measured.
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved(self.device)
+            await engine.between_steps(graphs.capture_all)
+            torch.cuda.empty_cache()
+            pool = max(0, torch.cuda.memory_reserved(self.device) - before)
+        # The context grew as the warm-up's kernels loaded and cuBLAS made
+        # its handles: measured once at start, it would now be too small, and
+        # the excess would count against the lease of whoever asks next
+        # (admission sees it as foreign). Measure it again, with room for the
+        # kernels a later step may still load.
+        context = await asyncio.to_thread(devices.cuda_context_bytes, self.device)
+        if context is not None and context + CONTEXT_GROWTH_BYTES > overhead:
+            log.info("worker_context_grew", before_bytes=overhead, measured_bytes=context,
+                     growth_room_bytes=CONTEXT_GROWTH_BYTES)
+            overhead = context + CONTEXT_GROWTH_BYTES
+        terms = BaseLease(weight_bytes(), overhead, self.workspace(), pool, staging,
+                          ALLOCATOR_SLACK_BYTES)
+        log.info("worker_workspace_measured", prefill_tokens=tokens, planned_step_bytes=planned,
+                 measured_step_bytes=measured, kv_bytes=kv_at_peak,
+                 graph_pool_estimate_bytes=estimated.graph_pool, **terms.fields())
+        try:
+            await memory.resize_base(terms.total)
+        except CapacityExhausted as exc:
+            if not pool:
+                raise
+            # Decode graphs only where they fit: without their pool.
+            await engine.between_steps(graphs.disable, "their memory pool does not fit the "
+                                       f"lease ({exc.message})")
+            torch.cuda.empty_cache()
+            terms = dataclasses.replace(terms, graph_pool=0)
+            await memory.resize_base(terms.total)
+        engine.runner.workspace_bytes = terms.workspace
+        return terms
+
+    @staticmethod
+    async def _prefill_peak(engine: Engine, open_session, close_session,
+                            tokens: int) -> tuple[int, int]:
+        """The largest step's peak beyond what it found allocated (the
+        runner measures each step) over one prefill of `tokens` tokens and
+        one decode step, and the KV it held then; its KV is given back
+        before returning."""
+        runner = engine.runner
+        runner.max_step_bytes = 0
+        session = open_session()
+        try:
+            vocab = engine.loaded.vocab_limit
+            prompt_ids = [i % vocab for i in range(1000, 1000 + tokens)]
+            # Two tokens: a prefill step and a decode step, so that both
+            # steps' kernels are loaded before the context is measured.
+            request = engine.submit_tokens(session, SamplingParams(max_tokens=2), prompt_ids)
+            while True:
+                event = await request.out.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    break
+            kv_at_peak = engine.storage.num_bytes
+        finally:
+            await close_session(session)
+            await engine.wait_settled()  # the warm-up's KV chunks are given back
+        return runner.max_step_bytes, kv_at_peak
