@@ -55,6 +55,7 @@ class ModelDims:
     itemsize: int              # bytes per element of activations (the model's dtype)
     rotary_sets: int = 1       # Gemma 3 keeps two (local and global layers)
     softcap: bool = False      # attention logits soft-capped: the math path runs
+    logit_softcap: bool = False   # final logits soft-capped: two more copies of them
 
     @classmethod
     def from_config(cls, config, itemsize: int) -> ModelDims:
@@ -66,7 +67,8 @@ class ModelDims:
                    kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                    head_dim=head_dim, vocab=text.vocab_size, itemsize=itemsize,
                    rotary_sets=2 if model_type.startswith("gemma3") else 1,
-                   softcap=bool(getattr(text, "attn_logit_softcapping", None)))
+                   softcap=bool(getattr(text, "attn_logit_softcapping", None)),
+                   logit_softcap=bool(getattr(text, "final_logit_softcapping", None)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +183,7 @@ class StepMemoryPlan:
             return 0
         d = self.dims
         top = max(sizes)
-        logits = 3 * sum(sizes) * d.vocab * d.itemsize
+        logits = (3 if d.logit_softcap else 1) * sum(sizes) * d.vocab * d.itemsize
         partials = top * d.heads * parts * (d.head_dim + 2) * 4
         queries = 4 * top * d.heads * d.head_dim * d.itemsize
         raw = logits + self.activation_bytes(top) + partials + queries

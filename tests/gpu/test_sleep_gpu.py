@@ -25,7 +25,7 @@ def _live_blocks(limit: int = 12) -> str:
     lines = []
     for block in blocks[:limit]:
         frames = [f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
-                  for f in block.get("frames", []) if "python" not in f["filename"]][:6]
+                  for f in block.get("frames", []) if "/torch/" not in f["filename"]][:6]
         lines.append(f"{block['size'] / 1e6:.1f} MB: " + " <- ".join(frames))
     segments = [(s["total_size"], s["allocated_size"]) for s in snapshot["segments"]]
     return (f"{len(segments)} segments (total, allocated MB): "
