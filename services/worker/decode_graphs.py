@@ -179,6 +179,14 @@ class DecodeGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    def limit(self, max_rows: int) -> None:
+        """Graphs only up to `max_rows` rows (their pool did not fit the
+        lease): the larger buckets are dropped, all captured again when next
+        needed; larger decode steps run eagerly."""
+        self.sizes = [size for size in self.sizes if size <= max_rows] or self.sizes[:1]
+        log.warning("decode_graphs_limited", max_rows=self.sizes[-1])
+        self.invalidate()
+
     def disable(self, reason: str) -> None:
         """Eager decode steps from now on, the graphs and their pool freed."""
         self.broken = reason

@@ -620,6 +620,9 @@ class Engine:
             start = self._decode_cursor % len(decoding)
             decoding = decoding[start:] + decoding[:start]
         rows = decoding[: self.max_batch]
+        top = runner.graphs.sizes[-1] if runner.graphs is not None else 0
+        if top < len(rows) and runner.will_graph(top):
+            rows = rows[:top]         # graphs only up to `top` rows fit the lease: a graphed step
         graphed = runner.will_graph(len(rows))
         checked = runner.graphs is None or runner.graphs.checked
         shape = StepShape(0, 0, 0, 0, graphed, checked)

@@ -121,14 +121,7 @@ class LeaseSizing:
             log.warning("step_plan_below_measured", tokens=tokens, planned_bytes=planned,
                         measured_bytes=measured, scale=round(self.plan.scale, 3),
                         effect="the plan is scaled up for every step; the formula misses a term")
-        pool = 0
-        if graphs is not None:
-            # Every decode graph now, the largest first, and its pool measured.
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_reserved(self.device)
-            await engine.between_steps(graphs.capture_all)
-            torch.cuda.empty_cache()
-            pool = max(0, torch.cuda.memory_reserved(self.device) - before)
+        pool = await self._graph_pool(engine)
         # The context grew as the warm-up's kernels loaded and cuBLAS made
         # its handles: measured once at start, it would now be too small, and
         # the excess would count against the lease of whoever asks next
@@ -144,19 +137,40 @@ class LeaseSizing:
         log.info("worker_workspace_measured", prefill_tokens=tokens, planned_step_bytes=planned,
                  measured_step_bytes=measured, kv_bytes=kv_at_peak,
                  graph_pool_estimate_bytes=estimated.graph_pool, **terms.fields())
-        try:
-            await memory.resize_base(terms.total)
-        except CapacityExhausted as exc:
-            if not pool:
-                raise
-            # Decode graphs only where they fit: without their pool.
-            await engine.between_steps(graphs.disable, "their memory pool does not fit the "
-                                       f"lease ({exc.message})")
-            torch.cuda.empty_cache()
-            terms = dataclasses.replace(terms, graph_pool=0)
-            await memory.resize_base(terms.total)
+        while True:
+            try:
+                await memory.resize_base(terms.total)
+                break
+            except CapacityExhausted as exc:
+                if graphs is None or not terms.graph_pool:
+                    raise
+                # Decode graphs only for the buckets that fit: half the rows,
+                # captured again and measured; none below 8 rows.
+                top = graphs.sizes[-1] // 2
+                if top < 8:
+                    await engine.between_steps(graphs.disable, "their memory pool does not fit "
+                                               f"the lease ({exc.message})")
+                    torch.cuda.empty_cache()
+                    terms = dataclasses.replace(terms, graph_pool=0)
+                else:
+                    await engine.between_steps(graphs.limit, top)
+                    torch.cuda.empty_cache()
+                    terms = dataclasses.replace(terms, graph_pool=await self._graph_pool(engine))
+                log.info("worker_lease_retried", reason=exc.message, **terms.fields())
         engine.runner.workspace_bytes = terms.workspace
         return terms
+
+    async def _graph_pool(self, engine: Engine) -> int:
+        """Every decode graph captured now, the largest first, and the bytes
+        their pool reserves (0 without graphs)."""
+        graphs = engine.runner.graphs
+        if graphs is None or graphs.broken is not None:
+            return 0
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        await engine.between_steps(graphs.capture_all)
+        torch.cuda.empty_cache()
+        return max(0, torch.cuda.memory_reserved(self.device) - before)
 
     @staticmethod
     async def _prefill_peak(engine: Engine, open_session, close_session,
