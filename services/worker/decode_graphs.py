@@ -38,7 +38,7 @@ import numpy as np
 import structlog
 import torch
 
-from services.worker import paged_kernels
+from services.worker import paged_kernels, step_memory
 from services.worker.kv_storage import KVStorage
 from services.worker.models import LoadedModel, weights_version
 
@@ -51,6 +51,10 @@ MAX_CHUNKS = 16384
 #: as two bf16 computations of the same function are, or graphs go off.
 CHECK_MIN_COSINE = 0.995
 CHECK_MAX_ERROR = 0.1
+#: Of the first graphed step, this many rows are computed eagerly too and
+#: compared (enough to catch a wrong kernel; the step memory plan counts
+#: their eager step and the comparison's float32 copies).
+CHECK_ROWS = step_memory.CHECK_ROWS
 
 
 def buckets(max_batch: int) -> list[int]:

@@ -623,9 +623,9 @@ class Engine:
         top = runner.graphs.sizes[-1] if runner.graphs is not None else 0
         if top < len(rows) and runner.will_graph(top):
             rows = rows[:top]         # graphs only up to `top` rows fit the lease: a graphed step
-        graphed = runner.will_graph(len(rows))
-        checked = runner.graphs is None or runner.graphs.checked
-        shape = StepShape(0, 0, 0, 0, graphed, checked)
+        # (The first graphed step's eager check is split to the workspace by
+        # the runner: it does not limit the rows here.)
+        shape = StepShape(0, 0, 0, 0, graphed=runner.will_graph(len(rows)))
         for request in rows:
             session = request.session
             length = self.pool.length(session.session_id)

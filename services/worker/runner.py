@@ -23,7 +23,7 @@ import torch
 
 from services.common.errors import CapacityExhausted, Shortfall
 from services.worker.attention import BatchPlan, Segment
-from services.worker.decode_graphs import DecodeGraphs
+from services.worker.decode_graphs import CHECK_ROWS, DecodeGraphs
 from services.worker.kv_storage import KVStorage
 from services.worker.models import LoadedModel
 from services.worker.sampling import SamplingParams, sample
@@ -87,10 +87,12 @@ class ModelRunner:
         graphs = self.graphs
         return graphs is not None and graphs.likely(rows)
 
-    def fits(self, shape: StepShape) -> bool:
+    def fits(self, shape: StepShape, held_bytes: int = 0) -> bool:
+        """Whether a step of this shape stays within the workspace, beside
+        `held_bytes` already held (earlier parts' logits)."""
         if self.plan is None or self.workspace_bytes is None:
             return True
-        return self.plan.fits(shape, self.workspace_bytes)
+        return self.plan.fits(shape, self.workspace_bytes - held_bytes)
 
     # ---- a step ------------------------------------------------------------
     @torch.inference_mode()
@@ -160,17 +162,18 @@ class ModelRunner:
         if graphs is not None and graphs.applies(items):
             try:
                 logits = graphs.run(items)
-            except torch.OutOfMemoryError:
-                raise                  # the step is split and run again, graphs stay on
             except Exception as exc:  # noqa: BLE001 - decode eagerly rather than not at all
+                # A capture that failed, out of memory too (its pool is
+                # freed): eager decode steps from now on.
                 graphs.fail(exc)
             else:
                 self._path = StepShape(0, 0, 0, 0, graphed=True, checked=graphs.checked)
                 if not graphs.checked:
-                    # The eager step writes this step's K/V again: its own stays.
-                    eager = self._eager_fitting(items)
-                    if not graphs.check(logits, eager):
-                        logits = eager
+                    # Its first rows again, eagerly (their K/V written again:
+                    # the same values), to check the kernels.
+                    rows = items[:CHECK_ROWS]
+                    if not graphs.check(logits[:len(rows)], self._eager_fitting(rows)):
+                        logits = None
                 if graphs.broken is None:
                     self.graphed_steps += 1
         if logits is None:
@@ -185,10 +188,14 @@ class ModelRunner:
             return self._eager(items)
         self.split_steps += 1
         if len(items) > 1:
-            parts, group = [], []
+            # Each part's logits are held while the next parts run.
+            row_bytes = self.loaded.model.config.get_text_config().vocab_size * \
+                torch.empty((), dtype=self.loaded.dtype).element_size()
+            parts, group, held = [], [], 0
             for item in items:
-                if group and not self.fits(step_shape([*group, item])):
+                if group and not self.fits(step_shape([*group, item]), held):
                     parts.append(self._eager_fitting(group))
+                    held += len(group) * row_bytes
                     group = []
                 group.append(item)
             parts.append(self._eager_fitting(group))

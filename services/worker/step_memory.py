@@ -37,6 +37,9 @@ from dataclasses import dataclass
 FIXED_MARGIN_BYTES = 24 << 20
 #: And a share of the planned bytes, for what the formula rounds down.
 RELATIVE_MARGIN = 0.15
+#: Rows of the first graphed step that are computed eagerly too, to check
+#: the graphs (decode_graphs.CHECK_ROWS; decode_graphs imports torch).
+CHECK_ROWS = 8
 #: Sampling works one row at a time over the vocabulary in float32 (scores,
 #: a sort's values and indices, softmax, cumulative sums): this many copies.
 SAMPLING_VOCAB_COPIES = 10
@@ -166,9 +169,12 @@ class StepMemoryPlan:
         if shape.graphed:
             raw = self.graphed_bytes(shape)
             if not shape.checked:
-                # The first graphed step is computed eagerly as well, and the
-                # two logits compared in float32 (decode_graphs.check).
-                raw += self.eager_bytes(shape) + 4 * shape.rows * self.dims.vocab * 4
+                # The first graphed step's first CHECK_ROWS rows are computed
+                # eagerly as well, and the logits compared in float32
+                # (decode_graphs.check).
+                rows = min(shape.rows, CHECK_ROWS)
+                raw += (self.eager_bytes(StepShape(rows, rows, 1, shape.max_len))
+                        + 4 * rows * self.dims.vocab * 4)
         else:
             raw = self.eager_bytes(shape)
         return int(raw * self.scale * (1 + RELATIVE_MARGIN)) + FIXED_MARGIN_BYTES
