@@ -100,3 +100,84 @@ def test_worker_on_cuda_stays_inside_its_lease(tmp_path):
         if worker is not None:
             assert worker.stop() == 0, (tmp_path / "worker.log").read_text()[-3000:]
         assert admission.stop() == 0
+
+
+def _nvml_used(pid: int) -> int:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return max((int(p.usedGpuMemory or 0)
+                    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                    if int(p.pid) == pid), default=0)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_a_sleeping_worker_holds_no_more_than_the_lease_it_keeps_cycle_after_cycle(tmp_path):
+    """Another holder asks for nearly all the memory: the worker sleeps, and
+    then NVML's figure for its process (context, weights' leftovers, the
+    graphs' pool, the allocator's cache) is within the lease it keeps. The
+    holder lets go, a request wakes the worker and decodes (graphs captured
+    again). Five times."""
+    import grpc
+
+    from lmx.v1 import admission_pb2, admission_pb2_grpc
+    from lmx.v1 import worker_pb2 as pb
+    from lmx.v1 import worker_pb2_grpc
+    from services.admission.app import SERVICE_NAME as ADMISSION
+    from services.common.launch import start_service
+    from services.worker.app import SERVICE_NAME as WORKER
+
+    admission = start_service("services.admission", ADMISSION,
+                              ["--device-backend", "nvml", "--poll-interval-s", "0.2",
+                               "--reclaim-deadline-s", "20", "--log-format", "json"],
+                              log_path=tmp_path / "admission.log")
+    worker = None
+    try:
+        worker = start_service(
+            "services.worker", WORKER,
+            ["--model", "synthetic:llama-1b", "--admission", admission.address, "--device", "cuda",
+             "--kvstore", "none", "--log-format", "json"],
+            log_path=tmp_path / "worker.log", timeout_s=300)
+        pid = worker.process.pid
+        with grpc.insecure_channel(admission.address) as channel:
+            book = admission_pb2_grpc.AdmissionServiceStub(channel)
+
+            def worker_leases() -> int:
+                status = book.Status(admission_pb2.StatusRequest(), timeout=5)
+                return sum(lease.bytes for lease in status.leases if lease.holder.pid == pid)
+
+            async def one_turn() -> int:
+                async with grpc.aio.insecure_channel(worker.address) as wchannel:
+                    count, _ = await _generate(worker_pb2_grpc.WorkerServiceStub(wchannel), pb,
+                                               "Agent says", 16)
+                return count
+
+            for cycle in range(5):
+                assert asyncio.run(one_turn()) == 16
+                awake = worker_leases()
+                device = book.Status(admission_pb2.StatusRequest(), timeout=5).devices[0]
+                want = device.free_bytes + awake - (1 << 30)   # all but the context's room
+                granted = book.Acquire(admission_pb2.AcquireRequest(
+                    holder=admission_pb2.Holder(name="test/other", pid=1), bytes=want,
+                    purpose=admission_pb2.PURPOSE_OTHER, wait_ms=60_000, ttl_ms=60_000),
+                    timeout=90).lease
+                time.sleep(0.5)
+                kept, used = worker_leases(), _nvml_used(pid)
+                print(f"cycle {cycle}: leases awake {awake >> 20} MiB, asleep {kept >> 20} MiB; "
+                      f"NVML {used >> 20} MiB")
+                assert kept < awake / 2, f"cycle {cycle}: the worker kept {kept} of {awake} bytes"
+                assert used <= kept, (
+                    f"cycle {cycle}: asleep, the worker's process holds {used} bytes on the GPU "
+                    f"(NVML), beyond the {kept} bytes of lease it keeps")
+                book.Release(admission_pb2.ReleaseRequest(lease_id=granted.lease_id,
+                                                          epoch=granted.epoch), timeout=5)
+        assert asyncio.run(one_turn()) == 16
+        log = (tmp_path / "worker.log").read_text()
+        assert "step_out_of_memory" not in log and "worker_lease_lost" not in log
+    finally:
+        if worker is not None:
+            assert worker.stop() == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        assert admission.stop() == 0
