@@ -18,6 +18,8 @@ expired, and NVML samples above the leases.
 
     python3 bench/stress.py                              # 3 shapes, N = 1..128
     python3 bench/stress.py --models synthetic:smollm2-135m --sessions 1,16
+    python3 bench/stress.py --device cpu --models synthetic:llama-tiny --sessions 1,8 \
+        --max-prompt 300                                  # the script itself, on a CPU
 
 Writes bench/results/stress-<card>-<date>.json; exits 1 when any failure
 that the issue forbids was seen.
@@ -194,18 +196,19 @@ def gpu_info() -> tuple[str, int]:
 
 
 def run_model(model: str, args, total: int, logs: Path) -> dict:
-    cap = CAPS_GIB.get(model, 4.0) * GIB
+    cap = CAPS_GIB.get(model, args.cpu_cap_gib if args.device == "cpu" else 4.0) * GIB
     admission_log, worker_log = logs / f"{model[10:]}-admission.log", logs / f"{model[10:]}-worker.log"
+    devices = (["--device-backend", "nvml", "--cap-fraction", f"{cap / total:.6f}"]
+               if args.device == "cuda" else ["--device", f"cpu:0={int(cap / 0.9)}"])
     admission = start_service("services.admission", ADMISSION,
-                              ["--device-backend", "nvml", "--cap-fraction", f"{cap / total:.6f}",
-                               "--poll-interval-s", "0.2", "--log-format", "json"],
+                              [*devices, "--poll-interval-s", "0.2", "--log-format", "json"],
                               log_path=admission_log, timeout_s=60)
     worker = None
     report: dict = dict(model=model, cap_bytes=int(cap), cuda_graphs=args.cuda_graphs, waves=[])
     try:
         started = time.perf_counter()
         worker = start_service("services.worker", WORKER,
-                               ["--model", model, "--device", "cuda", "--admission",
+                               ["--model", model, "--device", args.device, "--admission",
                                 admission.address, "--kvstore", "none", "--log-format", "json",
                                 "--cuda-graphs", args.cuda_graphs],
                                log_path=worker_log, timeout_s=args.start_timeout_s)
@@ -213,13 +216,15 @@ def run_model(model: str, args, total: int, logs: Path) -> dict:
         print(f"{model}: ready in {report['ready_s']} s (cap {cap / GIB:.2f} GiB)", flush=True)
         for sessions in args.sessions:
             before = count_logs(admission_log, worker_log)
-            sampler = Sampler(admission.address, worker.process.pid)
-            sampler.start()
+            sampler = (Sampler(admission.address, worker.process.pid) if args.device == "cuda"
+                       else None)
+            if sampler is not None:
+                sampler.start()
             t0 = time.perf_counter()
             results = asyncio.run(wave(worker.address, sessions, args.max_prompt, args.max_tokens,
                                        args.wave_timeout_s))
             wall = time.perf_counter() - t0
-            memory = sampler.finish()
+            memory = sampler.finish() if sampler is not None else dict(samples=0, over_lease=0)
             after = count_logs(admission_log, worker_log)
             codes: dict[str, int] = {}
             for r in results:
@@ -292,13 +297,16 @@ def main() -> int:
     parser.add_argument("--max-prompt", type=int, default=4000)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a simulated device, no NVML samples (checks the script)")
+    parser.add_argument("--cpu-cap-gib", type=float, default=1.0)
     parser.add_argument("--wave-timeout-s", type=float, default=60.0)
     parser.add_argument("--start-timeout-s", type=float, default=180.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--log-dir", default=None)
     args = parser.parse_args()
     args.sessions = [int(n) for n in args.sessions.split(",")]
-    card, total = gpu_info()
+    card, total = gpu_info() if args.device == "cuda" else ("cpu", 0)
     logs = Path(args.log_dir or tempfile.mkdtemp(prefix="lmx-stress-"))
     logs.mkdir(parents=True, exist_ok=True)
     report = dict(benchmark="stress", card=card, date=dt.date.today().isoformat(),
@@ -308,7 +316,7 @@ def main() -> int:
         report["models"].append(run_model(model.strip(), args, total, logs))
     report["problems"] = bad(report)
     slug = card.lower().replace("nvidia ", "").split()[0]
-    suffix = "" if args.cuda_graphs == "auto" else "-eager"
+    suffix = ("" if args.cuda_graphs == "auto" else "-eager") + ("" if args.device == "cuda" else "-cpu")
     write_report(report, Path(args.out) / f"stress-{slug}{suffix}-{report['date']}.json")
     print("problems:", report["problems"] or "none")
     return 1 if report["problems"] else 0
