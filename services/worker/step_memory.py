@@ -41,8 +41,9 @@ RELATIVE_MARGIN = 0.15
 #: the graphs (decode_graphs.CHECK_ROWS; decode_graphs imports torch).
 CHECK_ROWS = 8
 #: Sampling works one row at a time over the vocabulary in float32 (scores,
-#: a sort's values and indices, softmax, cumulative sums): this many copies.
-SAMPLING_VOCAB_COPIES = 10
+#: a sort's values and its int64 indices, softmax, cumulative sums, masks):
+#: this many float32 copies.
+SAMPLING_VOCAB_COPIES = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,9 @@ class StepMemoryPlan:
         keys = shape.rows * shape.max_len
         queries = shape.rows * shape.max_new
         gathered = 4 * keys * d.kv_heads * d.head_dim * b     # K, V, and a chunk's index_select
-        expanded = 2 * keys * d.heads * d.head_dim * b if d.heads != d.kv_heads else 0
+        # K and V with grouped heads expanded, and room for one copy the
+        # kernel may make into its own layout.
+        expanded = 3 * keys * d.heads * d.head_dim * b if d.heads != d.kv_heads else 0
         padded_q = 4 * queries * d.heads * d.head_dim * b     # q, contiguous q, out, packed out
         mask = shape.rows * shape.max_new * (shape.max_len + 16) * (3 + 2 * b)
         indices = 16 * keys + 24 * queries                    # gather slots, positions, masks
