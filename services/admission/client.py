@@ -100,7 +100,10 @@ class AdmissionClient:
             holder=pb.Holder(name=holder, pid=os.getpid() if pid is None else pid),
             device=device, bytes=num_bytes, purpose=PURPOSES[purpose], priority=priority,
             wait_ms=round(wait_s * 1000), ttl_ms=round(ttl_s * 1000), secret=secret)
-        response = await self.stub.Acquire(request, timeout=self.timeout_s + wait_s)
+        # wait_for_ready: an admission restarting (the channel reconnecting)
+        # is waited for within the timeout, not an error at once.
+        response = await self.stub.Acquire(request, timeout=self.timeout_s + wait_s,
+                                           wait_for_ready=True)
         self._secrets[response.lease.lease_id] = secret
         return response.lease
 
@@ -109,7 +112,7 @@ class AdmissionClient:
             pb.ResizeRequest(lease_id=lease.lease_id, epoch=lease.epoch, bytes=num_bytes,
                              wait_ms=round(wait_s * 1000),
                              secret=self._secrets.get(lease.lease_id, "")),
-            timeout=self.timeout_s + wait_s)
+            timeout=self.timeout_s + wait_s, wait_for_ready=True)
         return response.lease
 
     async def release(self, lease: pb.Lease) -> int:

@@ -25,7 +25,7 @@ import structlog
 from lmx.v1 import admission_pb2 as pb
 from services.admission.client import AdmissionClient, error_details
 from services.admission.renewer import LeaseRenewer
-from services.common.errors import CapacityExhausted, FailedPrecondition, Shortfall
+from services.common.errors import Aborted, CapacityExhausted, FailedPrecondition, Shortfall
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +122,16 @@ class FixedMemory:
 
     async def close(self) -> None:
         self._held = {"weights": 0, "kv": 0}
+
+
+#: Admission could not be reached in time (restarting, or gone): the
+#: request that needed the memory is aborted, to be retried.
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _unreachable(exc: grpc.aio.AioRpcError, what: str) -> Aborted:
+    return Aborted(f"{what}: admission could not be reached ({exc.code().name}); retry",
+                   reason="ADMISSION_UNAVAILABLE")
 
 
 def _capacity_error(exc: grpc.aio.AioRpcError, what: str) -> CapacityExhausted:
@@ -249,6 +259,8 @@ class AdmissionMemory:
                                                   ttl_s=self.ttl_s, pid=self.pid,
                                                   priority=self.priority)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in UNREACHABLE:
+                    raise _unreachable(exc, "acquiring the weights' memory") from None
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 log.warning("worker_waiting_for_memory", bytes=num_bytes, device=self.device,
@@ -270,6 +282,8 @@ class AdmissionMemory:
                            sent_at)
                 return
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in UNREACHABLE:
+                    raise _unreachable(exc, "resizing the weights' lease") from None
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 if not wait_forever:
@@ -316,6 +330,8 @@ class AdmissionMemory:
                     self._lost("kv", lease, error_details(exc).reason or exc.code().name)
                 raise FailedPrecondition(f"the KV lease is gone: {exc.details()}",
                                          reason="LEASE_LOST") from None
+            if exc.code() in UNREACHABLE:
+                raise _unreachable(exc, f"growing KV to {num_bytes} bytes") from None
             raise
         self._keep("kv", lease, sent_at)
 
