@@ -458,7 +458,7 @@ class WorkerApp:
         if graphs is not None:
             # Their pool goes with the weights (captured again, the largest
             # first, at the first decode step after the wake).
-            stash.before_sleep = graphs.invalidate
+            stash.before_sleep = graphs.release
         return stash if self.streamer is None else StreamedStash(stash, self.streamer)
 
     def _allocator_residue(self) -> int:
