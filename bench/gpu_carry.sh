@@ -9,7 +9,11 @@
 #               grpcio, its health checking, reflection and status (which
 #               needs googleapis-common-protos for google.rpc), protobuf,
 #               structlog, and transformers with its tokenizers and hub
-#               client (the versions CI tests the model code with)
+#               client (the versions CI tests the model code with) and what
+#               those need that the image lacks (huggingface_hub 2 imports
+#               httpx2: without it, on an H100 on 2026-12-06, the carried
+#               transformers did not import and gpu_setup.sh fell back to the
+#               image's 5.17)
 #   .devcache/  the converted smollm2-135m's tokenizer and config, no
 #               weights: the synthetic models' tokenizer (the weights are
 #               random and built there)
@@ -25,7 +29,8 @@ CACHE=${LMX_CACHE:-.cache/lmx}
     echo "no converted smollm2-135m in $CACHE: start it once (make demo, or make test)" >&2; exit 1; }
 pins=()
 for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf structlog \
-        googleapis-common-protos transformers tokenizers huggingface-hub; do
+        googleapis-common-protos transformers tokenizers huggingface-hub \
+        httpx2 httpcore2 truststore hf-xet kernels tomlkit; do
     pins+=("$name==$("$PY" -m pip show "$name" | awk '/^Version:/ {print $2}')")
 done
 rm -rf .whl && mkdir .whl
