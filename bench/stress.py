@@ -154,9 +154,9 @@ async def one(stub, index: int, prompt_tokens: int, max_tokens: int) -> dict:
     finally:
         if session is not None:
             try:
-                await stub.CloseSession(wpb.CloseSessionRequest(session_id=session.session_id,
-                                                                token=session.token))
-            except grpc.aio.AioRpcError:
+                await asyncio.shield(stub.CloseSession(wpb.CloseSessionRequest(
+                    session_id=session.session_id, token=session.token)))
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
     outcome["seconds"] = round(time.perf_counter() - started, 3)
     return outcome
@@ -173,6 +173,8 @@ async def wave(address: str, sessions: int, max_prompt: int, max_tokens: int,
         done, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
+        # Their sessions are closed before the channel is.
+        await asyncio.gather(*pending, return_exceptions=True)
         results = [t.result() for t in done]
         results += [dict(prompt_tokens=0, tokens=0, code="BENCH_TIMEOUT")] * len(pending)
         return results
