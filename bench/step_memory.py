@@ -64,7 +64,7 @@ def run_model(name: str, args, device: torch.device) -> dict:
     from services.worker.models import default_cache_dir, load_model
     from services.worker import paged_kernels
     from services.worker.runner import ModelRunner, StepItem, step_shape
-    from services.worker.sampling import SamplingParams
+    from services.worker.sampling import SamplingParams, sample
     from services.worker.step_memory import ModelDims, StepMemoryPlan
 
     torch.cuda.empty_cache()
@@ -120,19 +120,10 @@ def run_model(name: str, args, device: torch.device) -> dict:
         before = torch.cuda.memory_allocated(device)
         started = time.perf_counter()
         with torch.inference_mode():
-            if graphed:
-                from services.worker.sampling import sample
-
-                logits = graphs.run(batch)
-                sample(logits, [i.params for i in batch], [i.generator for i in batch],
-                       loaded.vocab_limit)
-            else:
-                from services.worker.sampling import sample
-
-                logits = runner._eager(batch)
-                sample(logits, [i.params for i in batch], [i.generator for i in batch],
-                       loaded.vocab_limit)
-                del logits
+            logits = graphs.run(batch) if graphed else runner._eager(batch)
+            sample(logits, [i.params for i in batch], [i.generator for i in batch],
+                   loaded.vocab_limit)
+            del logits
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         measured = torch.cuda.max_memory_allocated(device) - before

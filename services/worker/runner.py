@@ -115,12 +115,12 @@ class ModelRunner:
             tokens = list(self._step(items))
         except torch.OutOfMemoryError as exc:
             failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
-        planned = self._planned(items)
         if failed is None:
             if cuda:
                 measured = torch.cuda.max_memory_allocated(self.device) - before
                 self.max_step_bytes = max(self.max_step_bytes, measured)
                 captured = self.graphs is not None and self.graphs.num_graphs != graphs_before
+                planned = self._planned(items)
                 if measured > planned and not captured and self.plan is not None:
                     self.plan_misses += 1
                     log.warning("step_plan_below_measured", rows=len(items),
@@ -131,6 +131,7 @@ class ModelRunner:
         # Out of the except block: the failed step's frames, and the tensors
         # they held, are gone before anything runs again.
         self.out_of_memory += 1
+        planned = self._planned(items)
         peak = 0
         if cuda:
             peak = torch.cuda.max_memory_allocated(self.device) - before
@@ -189,8 +190,7 @@ class ModelRunner:
         self.split_steps += 1
         if len(items) > 1:
             # Each part's logits are held while the next parts run.
-            row_bytes = self.loaded.model.config.get_text_config().vocab_size * \
-                torch.empty((), dtype=self.loaded.dtype).element_size()
+            row_bytes = self.plan.dims.vocab * self.plan.dims.itemsize
             parts, group, held = [], [], 0
             for item in items:
                 if group and not self.fits(step_shape([*group, item]), held):

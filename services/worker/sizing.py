@@ -154,7 +154,6 @@ class LeaseSizing:
                     terms = dataclasses.replace(terms, graph_pool=0)
                 else:
                     await engine.between_steps(graphs.limit, top)
-                    torch.cuda.empty_cache()
                     terms = dataclasses.replace(terms, graph_pool=await self._graph_pool(engine))
                 log.info("worker_lease_retried", reason=exc.message, **terms.fields())
         engine.runner.workspace_bytes = terms.workspace
