@@ -41,11 +41,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
 }
 
 tests() {
-    step gpu-tests-$stamp 420 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 }
 
 plan() {
-    step step-memory-$stamp 300 $PY bench/step_memory.py --device cuda
+    step step-memory-$stamp ${PLAN_LIMIT:-300} $PY bench/step_memory.py --device cuda
 }
 
 stress() {
