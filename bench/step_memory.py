@@ -162,18 +162,22 @@ def main() -> int:
         print("needs a CUDA device: the plan bounds what the CUDA allocator gives out")
         return 2
     card = torch.cuda.get_device_name(device)
+    names = [name.strip() for name in args.models.split(",")]
     models = []
-    for name in args.models.split(","):
-        models.append(run_model(name.strip(), args, device))
-    misses = [dict(model=m["model"], **s) for m in models for s in m["steps"]
-              if s.get("ok") is False]
-    pools = [m["model"] for m in models if not m["graph_pool_ok"]]
-    report = dict(benchmark="step_memory", card=card, torch=torch.__version__,
-                  date=dt.date.today().isoformat(), commit=git_commit(), models=models,
-                  steps=sum(len(m["steps"]) for m in models), plan_below_measured=misses,
-                  graph_pool_below_measured=pools)
     slug = card.lower().replace("nvidia ", "").split()[0]
-    write_report(report, Path(args.out) / f"step-memory-{slug}-{report['date']}.json")
+    path = Path(args.out) / f"step-memory-{slug}-{dt.date.today().isoformat()}.json"
+    for name in names:
+        models.append(run_model(name, args, device))
+        misses = [dict(model=m["model"], **s) for m in models for s in m["steps"]
+                  if s.get("ok") is False]
+        pools = [m["model"] for m in models if not m["graph_pool_ok"]]
+        report = dict(benchmark="step_memory", card=card, torch=torch.__version__,
+                      date=dt.date.today().isoformat(), commit=git_commit(), models=models,
+                      complete=len(models) == len(names),
+                      steps=sum(len(m["steps"]) for m in models), plan_below_measured=misses,
+                      graph_pool_below_measured=pools)
+        # Written after every model: a run stopped at its time limit keeps what it measured.
+        write_report(report, path)
     print(f"{report['steps']} steps; plan below measured: {len(misses)}; graph pool estimate "
           f"below measured: {pools or 'none'}")
     return 1 if misses or pools else 0
