@@ -314,12 +314,15 @@ def main() -> int:
     report = dict(benchmark="stress", card=card, date=dt.date.today().isoformat(),
                   commit=git_commit(), total_bytes=total, sessions=args.sessions,
                   max_prompt=args.max_prompt, max_tokens=args.max_tokens, models=[])
-    for model in args.models.split(","):
-        report["models"].append(run_model(model.strip(), args, total, logs))
-    report["problems"] = bad(report)
     slug = card.lower().replace("nvidia ", "").split()[0]
     suffix = ("" if args.cuda_graphs == "auto" else "-eager") + ("" if args.device == "cuda" else "-cpu")
-    write_report(report, Path(args.out) / f"stress-{slug}{suffix}-{report['date']}.json")
+    models = [model.strip() for model in args.models.split(",")]
+    for model in models:
+        report["models"].append(run_model(model, args, total, logs))
+        report["complete"] = len(report["models"]) == len(models)
+        report["problems"] = bad(report)
+        # Written after every model: a run stopped at its time limit keeps what it measured.
+        write_report(report, Path(args.out) / f"stress-{slug}{suffix}-{report['date']}.json")
     print("problems:", report["problems"] or "none")
     return 1 if report["problems"] else 0
 
