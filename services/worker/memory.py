@@ -39,9 +39,11 @@ class Memory(Protocol):
         """Weights + fixed overhead; waits until granted."""
         ...
 
-    async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
-        """Make the weights lease num_bytes (a growth waits; with
-        wait_forever it waits in admission's queue until granted)."""
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False,
+                          wait_s: float = 60.0) -> None:
+        """Make the weights lease num_bytes (a growth waits up to wait_s for
+        admission to reclaim memory from others; with wait_forever it waits
+        in admission's queue until granted)."""
         ...
 
     async def release_base(self) -> None:
@@ -93,7 +95,8 @@ class FixedMemory:
         self._held["weights"] = num_bytes
         self._changed()
 
-    async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False,
+                          wait_s: float = 60.0) -> None:
         await self.acquire_base(num_bytes)
 
     async def release_base(self) -> None:
@@ -271,14 +274,15 @@ class AdmissionMemory:
                      lease_id=lease.lease_id)
             return
 
-    async def resize_base(self, num_bytes: int, wait_forever: bool = False) -> None:
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False,
+                          wait_s: float = 60.0) -> None:
         while True:
             lease = self._leases.get("weights")
             if lease is None:
                 raise FailedPrecondition("the weights lease is gone", reason="LEASE_LOST")
             sent_at = time.monotonic()
             try:
-                self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=60.0),
+                self._keep("weights", await self.client.resize(lease, num_bytes, wait_s=wait_s),
                            sent_at)
                 return
             except grpc.aio.AioRpcError as exc:

@@ -43,6 +43,9 @@ MIN_PREFILL_TOKENS = 64
 #: Room left in the lease for kernels a later step may still load into the
 #: CUDA context after the warm-up measured it.
 CONTEXT_GROWTH_BYTES = 64 << 20
+#: How long one growth of the base lease at start waits for admission to
+#: reclaim memory from other holders before the graphs are cut to fit.
+SIZING_WAIT_S = 10.0
 
 
 class LeaseSizing:
@@ -139,7 +142,10 @@ class LeaseSizing:
                  graph_pool_estimate_bytes=estimated.graph_pool, **terms.fields())
         while True:
             try:
-                await memory.resize_base(terms.total)
+                # A short wait: admission asks other holders to give back in
+                # it, and should none, fewer graphs is better than a start
+                # that waits a minute per try.
+                await memory.resize_base(terms.total, wait_s=SIZING_WAIT_S)
                 break
             except CapacityExhausted as exc:
                 if graphs is None or not terms.graph_pool:
