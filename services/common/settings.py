@@ -77,13 +77,14 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     shared = {f.name for f in dataclasses.fields(ServerFields)}
     for field in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
         flag = _flag(field)
-        help_text = field.metadata.get("help", "")
+        # argparse formats help with %: a literal one ("90% of") must be doubled.
+        help_text = field.metadata.get("help", "").replace("%", "%%")
         default = field.default if field.default is not dataclasses.MISSING else None
         if field.metadata.get("repeat"):
             parser.add_argument(flag, action="append", default=None, dest=field.name,
                                 help=f"{help_text} (repeatable)")
         else:
-            parser.add_argument(flag, default=None, dest=field.name, help=f"{help_text} [default: {default}]")
+            parser.add_argument(flag, default=None, dest=field.name, help=f"{help_text} [default: {str(default).replace('%', '%%')}]")
     return parser
 
 
