@@ -22,9 +22,9 @@ from typing import Any, Protocol
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common import logging as lmx_logging
+from services.common import reflection
 from services.common.errors import ConfigError, LmxError
 from services.common.interceptors import ErrorMappingInterceptor
 from services.common.transport import TokenInterceptor, read_token, server_credentials
@@ -95,9 +95,8 @@ class Server:
         names = list(self.app.service_names)
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], server)
+        reflection.enable(
+            server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         try:
             port = (server.add_secure_port(self.listen, self.credentials) if self.credentials
                     else server.add_insecure_port(self.listen))
