@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,8 @@ def store_config(settings: KVStoreSettings) -> StoreConfig:
         segment_bytes=settings.segment_bytes, capacity_bytes=settings.capacity_bytes,
         when_full=settings.when_full, spill_dir=Path(settings.spill_dir),
         state_dir=Path(settings.state_dir), keep_on_stop=settings.keep_on_stop,
-        clean_stale=settings.clean_stale, max_entry_bytes=settings.max_entry_bytes)
+        clean_stale=settings.clean_stale, max_entry_bytes=settings.max_entry_bytes,
+        reservation_ttl_s=settings.reservation_ttl_s)
 
 
 class KVStoreApp:
@@ -32,6 +34,7 @@ class KVStoreApp:
     def __init__(self, settings: KVStoreSettings):
         self.settings = settings
         self.store = Store(store_config(settings))
+        self._sweeper: asyncio.Task | None = None
         # Before serving: a store already running under this id is a clear error.
         self.store.start()
 
@@ -40,10 +43,21 @@ class KVStoreApp:
             KVStoreServicer(self.store, self.settings.export_chunk_bytes), server)
 
     async def start(self, address: str) -> None:
-        pass
+        if self.settings.reservation_ttl_s > 0:
+            self._sweeper = asyncio.create_task(self._sweep(), name="kvstore-reservations")
+
+    async def _sweep(self) -> None:
+        """Uncommitted reservations are dropped past their TTL even when no
+        request comes to trigger it."""
+        period = max(0.5, self.settings.reservation_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.store.expire_reservations()
 
     def drain(self) -> None:
         pass
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.store.close()

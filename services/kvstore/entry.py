@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,8 @@ class Entry:
     owner: str
     session_id: str
     layout: Layout
-    token_ids: tuple[int, ...]
+    #: int32s (an array from Reserve, a tuple from the manifest).
+    token_ids: Sequence[int]
     secret_hash: str
     created_at: float
     last_used_at: float

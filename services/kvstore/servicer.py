@@ -11,13 +11,12 @@ import structlog
 from lmx.v1 import kvstore_pb2 as pb
 from lmx.v1 import kvstore_pb2_grpc
 from services.common.errors import InvalidArgument, LmxError
+from services.kvstore import limits
 from services.kvstore.arena import Region
 from services.kvstore.entry import Entry, Layout
 from services.kvstore.store import Store
 
 log = structlog.get_logger(__name__)
-
-MAX_CHUNK_BYTES = 32 << 20
 
 
 def layout_from_pb(layout: pb.KVLayout, present: bool) -> Layout:
@@ -97,9 +96,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
             num_segments=status.num_segments, when_full=status.when_full)
 
     async def Export(self, request, context) -> AsyncIterator[pb.ExportChunk]:
+        limits.check_chunk_bytes(request.chunk_bytes)
         chunk_bytes = request.chunk_bytes or self.export_chunk_bytes
-        if chunk_bytes > MAX_CHUNK_BYTES:
-            raise InvalidArgument("chunk_bytes", f"must be at most {MAX_CHUNK_BYTES}")
         entry, region = self.store.open(request.entry_id, request.secret)
         self.store.pin(entry.entry_id)   # not spilled nor deleted while streamed
         try:
@@ -117,6 +115,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
             raise InvalidArgument("header", "the first chunk must be the header (a ReserveRequest)")
         header = first.header
         entry, region = self._reserve(header)
+        self.store.pin(entry.entry_id)   # not expired while its bytes arrive
         try:
             written = 0
             crc = None
@@ -142,12 +141,14 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
                 raise InvalidArgument("checksum", "is required as the last chunk")
             entry = self.store.commit(entry.entry_id, header.secret, crc, verify=True)
         except BaseException:
+            self.store.unpin(entry.entry_id)
             if self.store.get(entry.entry_id) is not None:
                 try:
                     self.store.delete(entry.entry_id, header.secret)
                 except LmxError:
                     pass
             raise
+        self.store.unpin(entry.entry_id)
         log.info("entry_imported", entry_id=entry.entry_id, bytes=entry.num_bytes)
         return pb.ImportResponse(entry=entry_to_pb(entry, self.store.clock()))
 

@@ -61,6 +61,9 @@ class KVStoreSettings(ServerFields):
                 "and has no manifest"})
     max_entry_bytes: int = field(default=0, metadata={
         "help": "largest entry accepted (0: the capacity)", "parse": parse_bytes})
+    reservation_ttl_s: float = field(default=60.0, metadata={
+        "help": "a reservation not committed within this many seconds is dropped and its "
+                "memory freed (0: never)"})
     export_chunk_bytes: int = field(default=4 << 20, metadata={
         "help": "default chunk size of Export", "parse": parse_bytes})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
@@ -77,7 +80,7 @@ class KVStoreSettings(ServerFields):
         if self.when_full not in ("spill", "refuse"):
             raise ConfigError("when_full", f"unknown policy {self.when_full!r}",
                               fix="use spill or refuse")
-        for name in ("capacity_bytes", "max_entry_bytes"):
+        for name in ("capacity_bytes", "max_entry_bytes", "reservation_ttl_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must not be negative")
         if not 0 < self.export_chunk_bytes <= 32 << 20:

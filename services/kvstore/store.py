@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from services.common.errors import (
     PermissionDenied,
     Shortfall,
 )
+from services.kvstore import limits
 from services.kvstore.arena import Arena, Region, parse_segment_name
 from services.kvstore.checksum import checksum
 from services.kvstore.entry import Entry, Layout, State, hash_secret, secret_matches
@@ -37,9 +40,10 @@ from services.kvstore.spill import SpillDir
 log = structlog.get_logger(__name__)
 
 WHEN_FULL = ("spill", "refuse")
-MAX_NAME_CHARS = 1024
-MAX_METADATA_BYTES = 1 << 20
 RETRY_AFTER_S = 1.0
+#: How many expired reservations' ids are remembered, so that a late Commit
+#: learns why its entry is gone.
+EXPIRED_REMEMBERED = 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class StoreConfig:
     keep_on_stop: bool = True
     clean_stale: bool = True
     max_entry_bytes: int = 0  # 0: capacity_bytes
+    #: A reservation not committed within this is dropped (0: never).
+    reservation_ttl_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Store:
         self.manifest = Manifest(config.state_dir)
         self._lock = StoreLock(config.shm_dir, config.store_id)
         self._entries: dict[str, Entry] = {}
+        self._expired: OrderedDict[str, float] = OrderedDict()
         self._closed = False
 
     @property
@@ -128,20 +135,19 @@ class Store:
     # ---- requests ---------------------------------------------------------
     def reserve(self, owner: str, session_id: str, secret: str, layout: Layout,
                 token_ids: Iterable[int], metadata: bytes = b"") -> tuple[Entry, Region]:
-        token_ids = tuple(token_ids)
-        if len(metadata) > MAX_METADATA_BYTES:
-            raise InvalidArgument("metadata", f"at most {MAX_METADATA_BYTES} bytes")
-        for name, value in (("owner", owner), ("session_id", session_id), ("secret", secret)):
-            if not value:
-                raise InvalidArgument(name, "is required")
-            if len(value) > MAX_NAME_CHARS:
-                raise InvalidArgument(name, f"longer than {MAX_NAME_CHARS} characters")
+        if not hasattr(token_ids, "__len__"):
+            token_ids = list(token_ids)   # a repeated field has a length: checked before copied
         layout.validate(len(token_ids))
         num_bytes = layout.num_bytes
         if num_bytes > self.max_entry_bytes:
             raise InvalidArgument("layout", f"the entry needs {num_bytes} bytes, more than the "
                                             f"store ever holds ({self.max_entry_bytes})")
+        limits.check_reserve(owner, session_id, secret, layout.model, layout.model_version,
+                             layout.num_tokens, token_ids, metadata)
+        self.expire_reservations()
+        self._check_bookkeeping(limits.bookkeeping_bytes(len(token_ids), len(metadata)))
         self._make_room(num_bytes)
+        token_ids = array("i", token_ids)   # 4 bytes an id, not a Python int each
         region = self.arena.allocate(num_bytes)
         now = self.clock()
         entry = Entry(entry_id=f"kv-{secrets.token_hex(8)}", owner=owner, session_id=session_id,
@@ -223,12 +229,52 @@ class Store:
 
     # ---- internals --------------------------------------------------------
     def _authorized(self, entry_id: str, secret: str) -> Entry:
+        limits.check_entry_id(entry_id)
         entry = self._entries.get(entry_id)
         if entry is None:
+            if entry_id in self._expired:
+                raise FailedPrecondition(
+                    f"entry {entry_id!r} was reserved but not committed within "
+                    f"{self.config.reservation_ttl_s:g} s, and was dropped: reserve it again",
+                    "RESERVATION_EXPIRED")
             raise NotFound("entry", entry_id)
         if not secret or not secret_matches(secret, entry.secret_hash):
             raise PermissionDenied("secret", f"does not match entry {entry_id!r}'s session")
         return entry
+
+    def expire_reservations(self) -> int:
+        """Drop the reservations older than the TTL that no one is writing
+        (an Import pins its entry); returns how many."""
+        ttl = self.config.reservation_ttl_s
+        if ttl <= 0:
+            return 0
+        now = self.clock()
+        stale = [e for e in self._entries.values()
+                 if e.state == State.RESERVED and not e.pins and now - e.created_at > ttl]
+        for entry in stale:
+            self._forget(entry)
+            self._expired[entry.entry_id] = now
+            while len(self._expired) > EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
+            log.warning("reservation_expired", entry_id=entry.entry_id, owner=entry.owner,
+                        session_id=entry.session_id, bytes=entry.num_bytes, ttl_s=ttl)
+        return len(stale)
+
+    @property
+    def bookkeeping_bytes(self) -> int:
+        """What the entries hold in the store's own memory beside their KV."""
+        return sum(limits.bookkeeping_bytes(len(e.token_ids), len(e.metadata))
+                   for e in self._entries.values())
+
+    def _check_bookkeeping(self, num_bytes: int) -> None:
+        bound = limits.bookkeeping_bound(self.config.capacity_bytes)
+        held = self.bookkeeping_bytes
+        if held + num_bytes > bound:
+            raise CapacityExhausted(
+                f"the KV store's entries hold {held} bytes of token ids and metadata; "
+                f"{num_bytes} more would pass its bound of {bound}: delete entries",
+                Shortfall(f"kvstore:{self.config.store_id}", num_bytes, max(0, bound - held)),
+                RETRY_AFTER_S)
 
     def _make_room(self, num_bytes: int) -> None:
         capacity = self.config.capacity_bytes
