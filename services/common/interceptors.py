@@ -99,6 +99,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request_id: 
     else:
         log.error("rpc_failed", exc_info=exc)
     status = to_status(exc, request_id)
+    # The traceback's frames hold the request: grpc keeps the abort's
+    # exception (chained to this one) for a while, and a request of many MB
+    # would stay in memory with it, one per refused call.
+    exc.__traceback__ = None
     await context.abort(status.code, status.details,
                         tuple(status.trailing_metadata) + ((REQUEST_ID_KEY, request_id),))
 
@@ -174,6 +178,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     _check_decoded(request)
                     return await inner(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped, never fatal
+                    del request   # not kept alive by the abort's traceback (see _abort)
                     await _abort(context, exc, request_id, rpc)
                 finally:
                     structlog.contextvars.reset_contextvars(**tokens)
@@ -196,6 +201,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         async for item in inner_stream(request, context):
                             yield item
                     except Exception as exc:  # noqa: BLE001
+                        del request   # see _abort
                         await _abort(context, exc, request_id, rpc)
 
             return grpc.unary_stream_rpc_method_handler(
