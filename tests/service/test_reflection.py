@@ -57,3 +57,23 @@ def test_grpcurl_describes_the_v1_reflection_service(shared_admission):
     assert done.returncode == 0, done.stderr
     assert "rpc ServerReflectionInfo" in done.stdout
     assert ".grpc.reflection.v1.ServerReflectionRequest" in done.stdout
+
+
+@pytest.mark.skipif(not GRPCURL.exists(), reason="grpcurl is installed by make setup")
+def test_grpcurl_describe_shows_the_protos_comments_and_finds_methods(shared_admission):
+    def describe(symbol: str) -> str:
+        done = subprocess.run([str(GRPCURL), "-plaintext", shared_admission.address,
+                               "describe", symbol], capture_output=True, text=True,
+                              timeout=20, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    proto = (Path(__file__).resolve().parents[2] / "protos/lmx/v1/admission.proto").read_text()
+    body = proto.split("message AcquireRequest {", 1)[1].split("\n}", 1)[0]
+    comments = [line.strip() for line in body.splitlines() if line.strip().startswith("//")]
+    assert comments, "AcquireRequest's fields are documented in admission.proto"
+    request = describe("lmx.v1.AcquireRequest")
+    for comment in comments:   # as written in the .proto
+        assert comment in request, comment
+    renew = describe("lmx.v1.AdmissionService.Renew")
+    assert "rpc Renew" in renew and "Errors:" in renew
