@@ -1,10 +1,18 @@
 """Running deploy/docker-compose.yml with podman where no Docker engine runs and no
-container registry can be reached (/work/shared/CONTAINERS.md):
+container registry can be reached:
 
+- podman itself: `apt-get install podman runc`, and in /etc/containers/containers.conf
+  `default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]` under [containers],
+  `runtime = "runc"` and `cgroup_manager = "cgroupfs"` under [engine] (without them:
+  crun's `setrlimit RLIMIT_NOFILE: Operation not permitted`, then `cgroups in hybrid
+  mode not supported`);
 - the Dockerfile's base image is made locally when it cannot be pulled: busybox, this
   machine's CPython tree at its own path and the shared libraries it needs, tarred and
   `podman import`ed under the name the Dockerfile's FROM uses;
-- `podman system service` answers the Docker API that compose talks to.
+- `podman system service` answers the Docker API that compose talks to, with
+  DOCKER_BUILDKIT=0 (else compose tries to pull a buildkit image);
+- podman schedules no healthchecks without systemd, so the test runs them itself
+  (`podman healthcheck run`), for `depends_on: condition: service_healthy`.
 """
 
 from __future__ import annotations
