@@ -43,7 +43,21 @@ def documented_files(path: Path = DOCUMENTED) -> dict[str, bytes]:
     except (OSError, ValueError) as exc:
         log.info("reflection_without_comments", path=str(path), reason=str(exc))
         return {}
-    return {proto.name: proto.SerializeToString() for proto in files}
+    documented = {}
+    for proto in files:
+        # As the stubs' own descriptors (which carry no json_name): clients
+        # such as grpcurl then print the proto's field names, as before.
+        for message in _messages(proto.message_type):
+            for field in message.field:
+                field.ClearField("json_name")
+        documented[proto.name] = proto.SerializeToString()
+    return documented
+
+
+def _messages(messages):
+    for message in messages:
+        yield message
+        yield from _messages(message.nested_type)
 
 
 class Servicer(_async.ReflectionServicer):
