@@ -31,7 +31,7 @@ from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
 from services.admission.client import WORKER_SECRET_ENV, AdmissionClient
 from services.common.errors import FailedPrecondition, LmxError
 from services.worker import device as devices
-from services.worker.core import WorkerCore
+from services.worker.core import WorkerCore, template_chars
 from services.worker.engine import Engine
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
 from services.worker.kv_link import KVStoreLink
@@ -47,6 +47,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.sleep import StreamedStash, WeightStash
 from services.worker.sizing import LeaseSizing
 from services.worker.step_memory import BaseLease
+from services.worker.templates import TemplateSandbox
 
 log = structlog.get_logger(__name__)
 
@@ -184,10 +185,16 @@ class WorkerApp:
             self._stash(), base_bytes=base,
             keep_bytes=self.overhead_bytes, residue=self._allocator_residue,
             pinned=settings.pin_model, min_awake_s=settings.min_awake_s,
-            on_activity=self._report_activity, on_state=lambda _state: self._register_soon())
+            on_activity=self._report_activity, on_state=lambda _state: self._register_soon(),
+            wake_wait_s=settings.wake_wait_s)
         self.engine.on_kv_short = self.pressure.kv_short
-        self.core = WorkerCore(self.loaded, self.engine, self.sessions, parking, self.pressure,
-                               max_prompt_chars=settings.max_prompt_chars)
+        client_templates = settings.client_templates == "sandboxed"
+        self.core = WorkerCore(
+            self.loaded, self.engine, self.sessions, parking, self.pressure,
+            max_prompt_chars=settings.max_prompt_chars, client_templates=client_templates,
+            sandbox=TemplateSandbox(settings.template_timeout_s,
+                                    template_chars(settings.max_prompt_chars))
+            if client_templates else None)
         if self.device.type == "cuda":
             await self._measure()
             # Pin the host buffer the weights sleep into now, not in the
@@ -216,6 +223,8 @@ class WorkerApp:
             await self.engine.close()
         if self.core is not None:
             self.core.parking.close()
+            if self.core.sandbox is not None:
+                self.core.sandbox.close()
         if self.streamer is not None:
             self.streamer.close()
         if self._heartbeat is not None:

@@ -15,13 +15,21 @@ from services.worker.models import LoadedModel
 from services.worker.parking import Parked, Parking, Restored
 from services.worker.pressure import PressureRelief
 from services.worker.sampling import SamplingParams
-from services.worker.sessions import Session, SessionTable
+from services.worker.prompts import PromptBuilder
+from services.worker.sessions import MAX_TEMPLATE_CHARS, Session, SessionTable
+from services.worker.templates import TemplateSandbox, compile_template
 
 #: Default longest prompt or message (characters): --max-prompt-chars.
 MAX_PROMPT_CHARS = 1_000_000
 #: How long a Generate waits for its session to finish moving (park/restore).
 MOVING_WAIT_S = 60.0
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+def template_chars(max_prompt_chars: int) -> int:
+    """The most text a chat rendering may give: the prompt bound, and as
+    much again for the template's own markup around the turns."""
+    return 2 * max_prompt_chars + MAX_TEMPLATE_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +62,16 @@ def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:
 class WorkerCore:
     def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
                  parking: Parking | None = None, pressure: PressureRelief | None = None,
-                 max_prompt_chars: int = MAX_PROMPT_CHARS):
+                 max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 sandbox: TemplateSandbox | None = None, client_templates: bool = True):
         self.loaded = loaded
         self.max_prompt_chars = max_prompt_chars
+        #: Client templates: rendered in `sandbox` (made on first use when
+        #: not given), or refused at OpenSession.
+        self.client_templates = client_templates
+        self.sandbox = sandbox if sandbox is not None or not client_templates else (
+            TemplateSandbox(max_chars=template_chars(max_prompt_chars)))
+        self.prompts = PromptBuilder(loaded, self.sandbox, template_chars(max_prompt_chars))
         self.engine = engine
         self.sessions = sessions
         self.parking = parking or Parking(loaded, engine, sessions, None)
@@ -87,6 +102,13 @@ class WorkerCore:
         if model and model != self.loaded.name:
             raise InvalidArgument("model", f"this worker serves {self.loaded.name!r}, not "
                                   f"{model!r}; find the worker for a model through admission")
+        if chat_template:
+            if not self.client_templates:
+                raise InvalidArgument("chat_template", "this worker does not take templates "
+                                      "from clients (--client-templates off): leave it empty to "
+                                      "use the model's")
+            if len(chat_template) <= MAX_TEMPLATE_CHARS:   # longer: refused by the table
+                compile_template(chat_template)
         chat = bool(chat_template or self.loaded.has_chat_template)
         if system_prompt and not chat:
             raise InvalidArgument("system_prompt", f"{self.loaded.name} has no chat template; "
@@ -160,8 +182,10 @@ class WorkerCore:
         async with self._awake():
             if session.parked_entry:
                 await self.parking.unpark(session)
-            request = self.engine.submit(session, params, prompt=prompt, message=message,
-                                         conversation=conversation, whole_prompt=whole_prompt)
+            prepared = await self.prompts.prepare(session, prompt=prompt, message=message,
+                                                  conversation=conversation,
+                                                  whole_prompt=whole_prompt)
+            request = self.engine.submit_prepared(session, params, prepared)
         finished = False
         try:
             while True:

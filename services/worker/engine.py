@@ -58,11 +58,12 @@ from services.worker.kv_pool import BlockPool
 from services.worker.kv_storage import KVStorage
 from services.worker.memory import Memory
 from services.worker.models import LoadedModel
+from services.worker.prompts import Prepared, prepare
 from services.worker.runner import ModelRunner, StepItem
 from services.worker.step_memory import StepMemoryPlan, StepShape
 from services.worker.sampling import SamplingParams, make_generator
 from services.worker.sessions import Session
-from services.worker.tokens import Detokenizer, chat_tokens, common_prefix
+from services.worker.tokens import Detokenizer, common_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -233,40 +234,32 @@ class Engine:
         user turn) or `whole_prompt` (the whole raw context) replace the
         session's: the longest prefix of its tokens that they share is kept,
         only the rest is computed (prefix reuse)."""
+        return self.submit_prepared(session, params, prepare(
+            self.loaded, session, prompt=prompt, message=message, conversation=conversation,
+            whole_prompt=whole_prompt))
+
+    def submit_prepared(self, session: Session, params: SamplingParams,
+                        prepared: Prepared) -> Request:
+        """Queue input already made tokens (prompts.py: off the event loop)."""
         if session.session_id in self._busy:
             raise FailedPrecondition(f"session {session.session_id} is already generating; "
                                      "wait for it to finish or cancel it", reason="SESSION_BUSY")
-        loaded = self.loaded
-        history = session.messages
-        if conversation is not None:
-            history, message = list(conversation[:-1]), conversation[-1]
-        if message is not None:
-            template = session.chat_template or getattr(loaded.tokenizer, "chat_template", None)
-            if not template:
-                raise InvalidArgument(
-                    "conversation" if conversation is not None else "message",
-                    f"{loaded.name} has no chat template (it is a base model): send a "
-                    "raw prompt, or open the session with a chat_template")
-            full = chat_tokens(loaded.tokenizer, [*history, message], template)
-            keep = common_prefix(session.tokens, full)
-            new_tokens = full[keep:]
-        elif whole_prompt is not None:
-            history = []
-            full = loaded.tokenizer(whole_prompt, add_special_tokens=True)["input_ids"]
-            # At least the last token is computed again: its logits start the answer.
-            keep = min(common_prefix(session.tokens, full), len(full) - 1)
-            new_tokens = full[keep:]
+        if prepared.history is not None and prepared.basis != len(session.messages):
+            raise Aborted(f"session {session.session_id}'s conversation changed while this "
+                          "turn was being prepared; send it again", reason="SESSION_CHANGED")
+        full = prepared.tokens
+        if not prepared.replace:
+            keep, new_tokens = len(session.tokens), full
         else:
-            assert prompt is not None
-            keep = len(session.tokens)
-            new_tokens = loaded.tokenizer(prompt, add_special_tokens=not session.tokens)["input_ids"]
-        if message is not None and keep == len(full) and keep:
-            keep -= 1          # the same conversation again: its last token starts the answer
+            keep = common_prefix(session.tokens, full)
+            if prepared.message is None:
+                # At least the last token is computed again: its logits start the answer.
+                keep = min(keep, len(full) - 1)
+            elif keep == len(full) and keep:
+                keep -= 1      # the same conversation again: its last token starts the answer
             new_tokens = full[keep:]
-        field_name = ("conversation" if conversation is not None else
-                      "message" if message is not None else
-                      "whole_prompt" if whole_prompt is not None else "prompt")
-        return self._queue(session, params, keep, new_tokens, message, field_name, history)
+        return self._queue(session, params, keep, new_tokens, prepared.message, prepared.field,
+                           prepared.history)
 
     def submit_tokens(self, session: Session, params: SamplingParams,
                       token_ids: list[int]) -> Request:

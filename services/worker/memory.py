@@ -35,8 +35,9 @@ class Memory(Protocol):
     #: caps its CUDA allocator there).
     on_change: Callable[[int], None] | None
 
-    async def acquire_base(self, num_bytes: int) -> None:
-        """Weights + fixed overhead; waits until granted."""
+    async def acquire_base(self, num_bytes: int, wait_s: float | None = None) -> None:
+        """Weights + fixed overhead; waits until granted (wait_s: at most that
+        long, then CapacityExhausted with admission's retry hint)."""
         ...
 
     async def resize_base(self, num_bytes: int, wait_forever: bool = False,
@@ -87,7 +88,7 @@ class FixedMemory:
         if self.on_change is not None:
             self.on_change(sum(self._held.values()))
 
-    async def acquire_base(self, num_bytes: int) -> None:
+    async def acquire_base(self, num_bytes: int, wait_s: float | None = None) -> None:
         if num_bytes > self.capacity_bytes:
             raise CapacityExhausted(f"the model needs {num_bytes} bytes, the budget is "
                                     f"{self.capacity_bytes}",
@@ -252,13 +253,16 @@ class AdmissionMemory:
                 self._valid_until[purpose] = sent_at + lease.ttl_ms / 1000
         return True
 
-    async def acquire_base(self, num_bytes: int) -> None:
-        """Wait in admission's queue (visible in its status) until granted."""
+    async def acquire_base(self, num_bytes: int, wait_s: float | None = None) -> None:
+        """Wait in admission's queue (visible in its status) until granted:
+        for ever at start (wait_s None), at most wait_s for a request."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
         while True:
             sent_at = time.monotonic()
+            wait = 60.0 if deadline is None else max(0.0, deadline - sent_at)
             try:
                 lease = await self.client.acquire(self.holder, num_bytes, "weights",
-                                                  device=self.device, wait_s=60.0,
+                                                  device=self.device, wait_s=wait,
                                                   ttl_s=self.ttl_s, pid=self.pid,
                                                   priority=self.priority)
             except grpc.aio.AioRpcError as exc:
@@ -266,6 +270,9 @@ class AdmissionMemory:
                     raise _unreachable(exc, "acquiring the weights' memory") from None
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
+                if deadline is not None and time.monotonic() >= deadline - 0.05:
+                    raise _capacity_error(exc, f"waking the model (waited {wait_s:g} s, "
+                                               "--wake-wait-s)") from None
                 log.warning("worker_waiting_for_memory", bytes=num_bytes, device=self.device,
                             message=exc.details())
                 continue

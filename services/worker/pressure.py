@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from services.common.errors import Aborted, LmxError
+from services.common.errors import Aborted, CapacityExhausted, LmxError, Shortfall
 from services.worker.engine import Engine
 from services.worker.memory import Memory
 from services.worker.parking import Parking
@@ -58,6 +58,8 @@ DRAIN_LIMIT_S = 300.0
 #: Serving through a drain, the model sleeps once it has had no work this long
 #: (an agent's next turn usually follows its last within milliseconds).
 IDLE_GRACE_S = 0.25
+#: The retry hint of a request that waited too long for a wake.
+WAKE_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +75,12 @@ class PressureRelief:
                  residue: Callable[[], int] = lambda: 0, pinned: bool = False,
                  min_awake_s: float = 0.0,
                  on_activity: Callable[..., None] | None = None,
-                 on_state: Callable[[str], None] | None = None):
+                 on_state: Callable[[str], None] | None = None,
+                 wake_wait_s: float = 30.0):
         self.engine = engine
+        #: How long a request waits for the memory to wake the model before
+        #: RESOURCE_EXHAUSTED with a retry hint (--wake-wait-s).
+        self.wake_wait_s = wake_wait_s
         self.sessions = sessions
         self.parking = parking
         self.memory = memory
@@ -293,22 +299,42 @@ class PressureRelief:
                 self.memory.loss_handled()
                 self._set_state("asleep")
 
-    async def ensure_awake(self) -> None:
+    async def ensure_awake(self, wait_s: float | None = -1.0) -> None:
         """Before any work on the model: wake it if it sleeps (or is going to,
-        unless it serves through its drain)."""
+        unless it serves through its drain). A request waits at most
+        wait_s (default: wake_wait_s) for the memory, in line behind other
+        wakes included, then gets CapacityExhausted with a retry hint; None
+        waits for ever (generations paused for a higher priority)."""
         giving_up = self._giving_up is not None and not self._giving_up.done()
         if not giving_up and (self.state == "ready" or self._serving_through()):
             return
-        async with self._lock:
+        if wait_s is not None and wait_s < 0:
+            wait_s = self.wake_wait_s
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        try:
+            # asyncio.timeout, not wait_for: a cancelled Lock.acquire never
+            # leaves the lock taken.
+            async with asyncio.timeout(wait_s):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise CapacityExhausted(
+                f"the model is asleep and waking it waits for memory: not awake within "
+                f"{wait_s:g} s (--wake-wait-s); retry", Shortfall("wake", self.base_bytes, 0),
+                WAKE_RETRY_S) from None
+        try:
             if self.state != "asleep":
                 return
             self._set_state("waking")
             started = time.perf_counter()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 if self._held("weights"):
-                    await self.memory.resize_base(self.base_bytes, wait_forever=True)
+                    if left is None:
+                        await self.memory.resize_base(self.base_bytes, wait_forever=True)
+                    else:
+                        await self.memory.resize_base(self.base_bytes, wait_s=left)
                 else:
-                    await self.memory.acquire_base(self.base_bytes)
+                    await self.memory.acquire_base(self.base_bytes, wait_s=left)
                 moved = await asyncio.to_thread(self.stash.wake)
             except BaseException:
                 self._set_state("asleep")
@@ -318,10 +344,12 @@ class PressureRelief:
             self._set_state("ready")
             self._activity("model_awake", "", moved.num_bytes, time.perf_counter() - started,
                            "request")
+        finally:
+            self._lock.release()
 
     async def _resume_paused(self) -> None:
         try:
-            await self.ensure_awake()
+            await self.ensure_awake(wait_s=None)
         except Exception as exc:  # noqa: BLE001 - the paused requests fail instead of hanging
             log.error("paused_generations_not_resumed", error=str(exc))
             self.engine.abort_all(Aborted(f"the model could not wake again: {exc}; retry",

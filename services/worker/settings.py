@@ -49,6 +49,9 @@ class WorkerSettings(ServerFields):
         "help": "KV lease growth step", "parse": parse_bytes})
     kv_wait_s: float = field(default=10.0, metadata={
         "help": "how long a request waits for KV memory before RESOURCE_EXHAUSTED"})
+    wake_wait_s: float = field(default=30.0, metadata={
+        "help": "how long a request to a sleeping model waits for the memory to wake it "
+                "before RESOURCE_EXHAUSTED with a retry hint"})
     max_batch: int = field(default=64, metadata={"help": "sessions per decode step"})
     max_prefill_tokens: int = field(default=2048, metadata={
         "help": "prompt tokens per step (a longer prompt is computed in chunks, the running "
@@ -56,6 +59,13 @@ class WorkerSettings(ServerFields):
     max_sessions: int = field(default=1024, metadata={"help": "open sessions at most"})
     max_prompt_chars: int = field(default=1_000_000, metadata={
         "help": "longest prompt or chat message, in characters (longer is INVALID_ARGUMENT)"})
+    client_templates: str = field(default="sandboxed", metadata={
+        "help": "chat templates sent by clients (OpenSession.chat_template): sandboxed "
+                "(rendered in a child process, bounded by --template-timeout-s) | off "
+                "(refused with INVALID_ARGUMENT)"})
+    template_timeout_s: float = field(default=2.0, metadata={
+        "help": "longest a client's chat template may take to render (past it, "
+                "INVALID_ARGUMENT)"})
     max_context: int = field(default=0, metadata={
         "help": "cap on a session's context (0: the model's window)"})
     lease_ttl_s: float = field(default=10.0, metadata={"help": "TTL of the worker's leases"})
@@ -129,6 +139,13 @@ class WorkerSettings(ServerFields):
                 raise ConfigError(name, "must be positive")
         if self.max_context < 0:
             raise ConfigError("max_context", "must not be negative")
+        if self.client_templates not in ("sandboxed", "off"):
+            raise ConfigError("client_templates", f"unknown mode {self.client_templates!r}",
+                              fix="sandboxed | off")
+        if not 0 < self.wake_wait_s <= 3600:
+            raise ConfigError("wake_wait_s", "must be in (0, 3600]")
+        if not 0 < self.template_timeout_s <= 600:
+            raise ConfigError("template_timeout_s", "must be in (0, 600]")
         if not -1000 <= self.priority <= 1000:
             raise ConfigError("priority", "must be within -1000..1000")
         if not 0 <= self.min_awake_s <= 3600:

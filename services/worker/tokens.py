@@ -14,10 +14,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def chat_tokens(tokenizer, messages: list[dict[str, str]], template: str) -> list[int]:
     """The whole conversation rendered with the chat template, ready for the
-    assistant's reply. The session keeps the longest prefix of its context
-    that this rendering shares and computes only the rest."""
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    assistant's reply (as tokenizer.apply_chat_template renders it). The
+    session keeps the longest prefix of its context that this rendering
+    shares and computes only the rest."""
+    from services.worker.templates import render
+
+    text = render(template, messages, dict(getattr(tokenizer, "special_tokens_map", {}) or {}),
+                  1 << 62)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
