@@ -186,7 +186,7 @@ class WorkerApp:
             keep_bytes=self.overhead_bytes, residue=self._allocator_residue,
             pinned=settings.pin_model, min_awake_s=settings.min_awake_s,
             on_activity=self._report_activity, on_state=lambda _state: self._register_soon(),
-            wake_wait_s=settings.wake_wait_s)
+            wake_wait_s=settings.wake_wait_s, max_turn_s=settings.max_turn_s)
         self.engine.on_kv_short = self.pressure.kv_short
         client_templates = settings.client_templates == "sandboxed"
         self.core = WorkerCore(

@@ -6,7 +6,11 @@ wakes again. No grpc: the app feeds it reclaim requests and sends its answers.
   bytes asked or no idle session is left.
 - Weights: put the model to sleep: refused when the model is pinned
   (--pin-model). Generations in flight finish first ("draining": new
-  requests wait meanwhile); then every session with KV is parked, the weights
+  requests wait meanwhile), for at most --max-turn-s: past it they pause
+  between two steps (their KV given back, recomputed when they go on) and
+  go on once the model wakes again, so that no model holds the device
+  against another's waiting request longer than that; then every session
+  with KV is parked, the weights
   go to host memory (services/worker/sleep.py) and the weights lease shrinks
   to what stays on the device (the CUDA context; released on the CPU). The
   worker is then "asleep".
@@ -76,8 +80,12 @@ class PressureRelief:
                  min_awake_s: float = 0.0,
                  on_activity: Callable[..., None] | None = None,
                  on_state: Callable[[str], None] | None = None,
-                 wake_wait_s: float = 30.0):
+                 wake_wait_s: float = 30.0, max_turn_s: float = DRAIN_LIMIT_S):
         self.engine = engine
+        #: Asked to sleep, the longest the model goes on generating for the
+        #: sessions it serves before it pauses them (--max-turn-s): another
+        #: model's waiting request gets the device within it.
+        self.max_turn_s = max_turn_s
         #: How long a request waits for the memory to wake the model before
         #: RESOURCE_EXHAUSTED with a retry hint (--wake-wait-s).
         self.wake_wait_s = wake_wait_s
@@ -183,15 +191,26 @@ class PressureRelief:
             if cannot:
                 return Relief(0, cannot)
             self._set_state("draining")
-            deadline = time.monotonic() + DRAIN_LIMIT_S
+            started = time.monotonic()
+            deadline = started + DRAIN_LIMIT_S
             idle_since: float | None = None
+            paused = urgent
             if urgent:
                 self._urgent = True          # no quantum: nothing new is let in
                 await self.engine.pause()
-            while not urgent:
+            while not paused:
                 now = time.monotonic()
                 if self._busy():
                     idle_since = None
+                    if now >= started + self.max_turn_s:
+                        # The turn is over: generations that would hold the
+                        # device past it pause between two steps, their KV
+                        # given back, and go on once the model wakes again.
+                        log.info("turn_over", max_turn_s=self.max_turn_s, reason=reason)
+                        self._urgent = True
+                        await self.engine.pause()
+                        paused = True
+                        break
                 else:
                     idle_since = now if idle_since is None else idle_since
                     if not self._serving_through() or now - idle_since >= IDLE_GRACE_S:
@@ -207,7 +226,7 @@ class PressureRelief:
                 for session in self.idle_sessions():
                     await self.parking.park(session, reason=reason)
                 await self.engine.wait_settled(timeout_s=10.0)
-                if self._busy(paused_ok=urgent) or self.engine.pool.usage().num_used_blocks:
+                if self._busy(paused_ok=paused) or self.engine.pool.usage().num_used_blocks:
                     raise LmxError("a request came in while its sessions were parked")
                 moved = await asyncio.to_thread(self.stash.sleep)
                 keep = self.keep_bytes + self.residue() if self.keep_bytes else 0

@@ -52,6 +52,9 @@ class WorkerSettings(ServerFields):
     wake_wait_s: float = field(default=30.0, metadata={
         "help": "how long a request to a sleeping model waits for the memory to wake it "
                 "before RESOURCE_EXHAUSTED with a retry hint"})
+    max_turn_s: float = field(default=30.0, metadata={
+        "help": "asked to sleep for another model, the longest this one goes on generating "
+                "before it pauses its generations (they go on when it wakes again)"})
     max_batch: int = field(default=64, metadata={"help": "sessions per decode step"})
     max_prefill_tokens: int = field(default=2048, metadata={
         "help": "prompt tokens per step (a longer prompt is computed in chunks, the running "
@@ -142,6 +145,8 @@ class WorkerSettings(ServerFields):
         if self.client_templates not in ("sandboxed", "off"):
             raise ConfigError("client_templates", f"unknown mode {self.client_templates!r}",
                               fix="sandboxed | off")
+        if not 0 <= self.max_turn_s <= 3600:
+            raise ConfigError("max_turn_s", "must be in [0, 3600]")
         if not 0 < self.wake_wait_s <= 3600:
             raise ConfigError("wake_wait_s", "must be in (0, 3600]")
         if not 0 < self.template_timeout_s <= 600:

@@ -36,7 +36,7 @@ def arena(tmp_path):
 
 
 def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_bytes=1 << 14,
-                 keep_bytes=0, residue=lambda: 0, min_awake_s=0.0):
+                 keep_bytes=0, residue=lambda: 0, min_awake_s=0.0, max_turn_s=300.0):
     async def main():
         memory = FixedMemory(1 << 30)
         await memory.acquire_base(BASE)
@@ -49,7 +49,8 @@ def run_pressure(loaded, scenario, link, *, pinned=False, moves=False, chunk_byt
                                   WeightStash(loaded.model, loaded.device, moves=moves),
                                   base_bytes=BASE, keep_bytes=keep_bytes, residue=residue,
                                   pinned=pinned, min_awake_s=min_awake_s,
-                                  on_activity=lambda *a: activity.append(a))
+                                  on_activity=lambda *a: activity.append(a),
+                                  max_turn_s=max_turn_s)
         parking.on_activity = lambda *a: activity.append(a)
         engine.on_kv_short = pressure.kv_short
         core = WorkerCore(loaded, engine, sessions, parking, pressure)
@@ -243,6 +244,32 @@ def test_for_a_higher_priority_generations_pause_the_model_sleeps_then_they_go_o
         assert kinds.count("model_asleep") == 1 and kinds.count("model_awake") == 1
 
     run_pressure(tiny, scenario, FakeLink(arena), moves=True)
+
+
+def test_past_its_turn_a_generation_pauses_the_model_sleeps_then_it_goes_on(tiny, arena):
+    """Asked to sleep for another model (not urgent), a model whose
+    generation runs on past --max-turn-s pauses it between two steps and
+    sleeps: the waiter gets the device within the turn, not when the
+    generation ends. The generation then goes on to the same tokens."""
+    async def scenario(core, pressure, memory, activity):
+        control, long_one = core.open_session().session, core.open_session().session
+        want = await ids_of(core, control, "tell me a long story", max_tokens=200)
+        stream = core.generate(long_one.session_id, long_one.token,
+                               SamplingParams(max_tokens=200), prompt="tell me a long story")
+        got = list((await anext(stream)).token_ids)
+        started = asyncio.get_running_loop().time()
+        relief = await asyncio.wait_for(pressure.sleep("another model"), 10)
+        took = asyncio.get_running_loop().time() - started
+        assert "asleep" in relief.detail and relief.freed_bytes > 0, relief
+        assert 0.25 <= took < 5, took
+        assert len(got) < 200
+        async for event in stream:
+            if hasattr(event, "token_ids"):
+                got.extend(event.token_ids)
+        assert got == want, "a generation paused at the end of its turn went on differently"
+        assert pressure.state == "ready" and not core.engine.paused
+
+    run_pressure(tiny, scenario, FakeLink(arena), moves=True, max_turn_s=0.25)
 
 
 def test_a_pinned_model_never_sleeps(tiny, arena):
