@@ -151,6 +151,11 @@ class FrontApp:
         stream = aiter(replies)
         try:
             first = await anext(stream)
+        except asyncio.CancelledError:      # the client left before the first token
+            replies.cancel()
+            self.metrics.running -= 1
+            self._drop(held)
+            raise
         except grpc.aio.AioRpcError as exc:
             self.metrics.running -= 1
             self._drop(held)
@@ -162,7 +167,7 @@ class FrontApp:
                                type="api_error") from None
         turn = _Turn(self, call, held, key, started, replies)
         if not call.stream:
-            try:
+            try:        # cancelled when the client leaves: close() cancels the generation
                 return Response.of_json(200, await turn.whole(first, stream))
             finally:
                 turn.close()

@@ -4,8 +4,11 @@ of at most `max_body_bytes` (Content-Length; no chunked uploads), a whole
 response or a stream of server-sent events ended by closing. No framework:
 the stack's dependencies stay grpcio, protobuf, torch and structlog.
 
-A client that goes away mid-stream closes the stream's iterator, which
-cancels what feeds it (the worker's generation)."""
+A client that goes away, at any point after its request, cancels what
+serves it: the connection is watched while the answer is made (a whole
+answer, or a stream before its first event) and the handler cancelled when
+it closes; mid-stream, the stream's iterator is closed, which cancels what
+feeds it (the worker's generation)."""
 
 from __future__ import annotations
 
@@ -168,8 +171,7 @@ class HttpServer:
                 return
             except (ConnectionError, TimeoutError):
                 return
-            response = await self.handler(request)
-            await self._send(writer, response)
+            await self._answer(request, reader, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -179,6 +181,31 @@ class HttpServer:
                 await writer.wait_closed()
             except (ConnectionError, asyncio.CancelledError):
                 pass
+
+    async def _answer(self, request: Request, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """Handle and send, watching the connection meanwhile: a client that
+        closes it (one request per connection: nothing else may come) is
+        gone, and the handler is cancelled whatever it waits for (a queue,
+        memory, the first token, a whole answer), which cancels the worker's
+        generation."""
+        answering = asyncio.create_task(self._handle_and_send(request, writer))
+        watching = asyncio.create_task(reader.read(1))
+        try:
+            done, _ = await asyncio.wait({answering, watching},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if answering not in done and not watching.cancelled() and (
+                    watching.exception() is not None or watching.result() == b""):
+                log.info("client_left", method=request.method, path=request.path)
+                answering.cancel()
+            await answering
+        finally:
+            for task in (answering, watching):
+                task.cancel()
+            await asyncio.gather(answering, watching, return_exceptions=True)
+
+    async def _handle_and_send(self, request: Request, writer: asyncio.StreamWriter) -> None:
+        await self._send(writer, await self.handler(request))
 
     async def _send(self, writer: asyncio.StreamWriter,
                     response: Response | StreamResponse) -> None:

@@ -167,6 +167,10 @@ class WorkerCore:
             if text is not None and len(text) > self.max_prompt_chars:
                 raise InvalidArgument(name, f"at most {self.max_prompt_chars} characters "
                                             "(--max-prompt-chars)")
+        if params.max_tokens >= self.loaded.max_context:
+            raise InvalidArgument("sampling.max_tokens", f"at most {self.loaded.max_context - 1}:"
+                                  f" {self.loaded.name}'s context holds {self.loaded.max_context}"
+                                  " tokens, the prompt's included")
         if conversation is not None:
             check_conversation(conversation, self.max_prompt_chars)
         if message is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -255,6 +256,49 @@ def test_a_client_that_leaves_mid_stream_frees_its_turn(stack):
         time.sleep(0.2)
     assert running() == 0, "the abandoned stream still counts as running"
     assert chat(client, [{"role": "user", "content": "Hello"}]).choices[0].message.content
+
+
+def running(front) -> float:
+    _, text = front.get("/metrics")
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("lmx:num_requests_running "))
+
+
+def test_a_client_that_leaves_before_a_whole_answer_cancels_it(stack):
+    """A non-streamed request whose client closes the connection while the
+    answer is being made (issue 19: it generated on for 600 s): the front
+    cancels it within a moment, the worker stops generating, and a huge
+    max_tokens is refused outright."""
+    front, client, worker = stack
+    body = json.dumps({"model": SMOLLM2, "max_tokens": SHARED_MAX_CONTEXT - 64,
+                       "temperature": 0,
+                       "messages": [{"role": "user", "content": "Count to one thousand."}]})
+    host, port = front.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                      f"\r\n{body}").encode())
+        deadline = time.monotonic() + 20
+        while not running(front) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(front) == 1
+        time.sleep(0.5)
+    left = time.monotonic()
+    while running(front) and time.monotonic() < left + 10:
+        time.sleep(0.1)
+    assert running(front) == 0, "the abandoned request still counts as running"
+    assert time.monotonic() - left < 5
+    assert "generation_cancelled" in worker.log()
+    with grpc.insecure_channel(worker.address) as channel:
+        from lmx.v1 import worker_pb2_grpc
+        status = worker_pb2_grpc.WorkerServiceStub(channel).GetStatus(
+            wpb.GetStatusRequest(), timeout=10)
+    assert not any(s.state == "generating" for s in status.sessions), status.sessions
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=SMOLLM2, max_tokens=1_000_000_000,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    assert "max_tokens" in str(err.value)
 
 
 def test_memory_short_is_429_with_retry_after(stack, tmp_path):

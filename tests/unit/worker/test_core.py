@@ -98,6 +98,22 @@ def test_generate_checks_its_input(tiny, inputs, field):
         "refused input must leave the session untouched")
 
 
+def test_max_tokens_beyond_the_models_window_is_refused(tiny):
+    async def scenario(core):
+        session = core.open_session().session
+        with pytest.raises(InvalidArgument) as caught:
+            await first_event(core.generate(session.session_id, session.token,
+                                            SamplingParams(max_tokens=10**9), prompt="hi"))
+        fine = await first_event(core.generate(
+            session.session_id, session.token,
+            SamplingParams(max_tokens=core.loaded.max_context - 1), prompt="hi"))
+        return caught.value, fine
+
+    error, fine = run(tiny, scenario)
+    assert error.field == "sampling.max_tokens" and "context" in error.message
+    assert fine is not None
+
+
 def test_generate_checks_the_session(tiny):
     async def scenario(core):
         session = core.open_session().session
