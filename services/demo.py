@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import subprocess
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from lmx.client import Client, ClientError
 from services.common.launch import free_port, start_service
 from services.common.units import format_bytes, parse_bytes
+from services.naive import run_naive
 from services.stack.config import load_stack
 from services.stack.supervisor import StackError, Supervisor
 from services.timeline import Recorder, plot
@@ -91,30 +91,22 @@ def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
                            ["--device", f"cpu:0={device_size}", "--log-format", "json"],
                            log_path=out / "naive-admission.log")
     try:
-        runs = [(agent, subprocess.Popen(
-            [sys.executable, "-m", "services.naive", device.address, agent.model,
-             agent.turns[0], str(max_tokens)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for agent in AGENTS]
         results = []
-        for agent, run in runs:
-            stdout, stderr = run.communicate(timeout=600)
-            lines = stdout.strip().splitlines()
-            reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-            if run.returncode == 3:
-                outcome = "out of memory"
-                say(f"   {agent.name:<16} {agent.model:<13} CRASHED: out of memory (it reserves "
+        for run in run_naive(device.address, AGENTS, max_tokens):
+            reply = run.reply
+            if run.outcome == "out of memory":
+                say(f"   {run.agent:<16} {run.model:<13} CRASHED: out of memory (it reserves "
                     f"{format_bytes(reply.get('needed_bytes', 0))} up front)")
-            elif run.returncode == 0:
-                outcome = "ran"
-                say(f"   {agent.name:<16} {agent.model:<13} ran (reserved "
+            elif run.outcome == "ran":
+                say(f"   {run.agent:<16} {run.model:<13} ran (reserved "
                     f"{format_bytes(reply.get('reserved_bytes', 0))} for its whole context "
-                    "window)")
+                    "window, held for its whole conversation)")
             else:
-                outcome = f"failed ({run.returncode})"
-                say(f"   {agent.name:<16} {agent.model:<13} failed otherwise: "
-                    f"{stderr.strip().splitlines()[-1] if stderr.strip() else run.returncode}")
-            results.append({"agent": agent.name, "model": agent.model, "outcome": outcome,
-                            "exit_code": run.returncode, **reply})
+                lines = run.stderr.strip().splitlines()
+                say(f"   {run.agent:<16} {run.model:<13} failed otherwise: "
+                    f"{lines[-1] if lines else run.exit_code}")
+            results.append({"agent": run.agent, "model": run.model, "outcome": run.outcome,
+                            "exit_code": run.exit_code, **reply})
         return results
     finally:
         device.stop()

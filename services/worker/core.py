@@ -10,20 +10,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.worker import limits
 from services.worker.engine import Delta, Engine, Failed, Finished
 from services.worker.models import LoadedModel
 from services.worker.parking import Parked, Parking, Restored
 from services.worker.pressure import PressureRelief
 from services.worker.sampling import SamplingParams
 from services.worker.prompts import PromptBuilder
-from services.worker.sessions import MAX_TEMPLATE_CHARS, Session, SessionTable
+from services.worker.limits import MAX_PROMPT_CHARS, MAX_TEMPLATE_CHARS
+from services.worker.sessions import Session, SessionTable
 from services.worker.templates import TemplateSandbox, compile_template
 
-#: Default longest prompt or message (characters): --max-prompt-chars.
-MAX_PROMPT_CHARS = 1_000_000
 #: How long a Generate waits for its session to finish moving (park/restore).
 MOVING_WAIT_S = 60.0
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def template_chars(max_prompt_chars: int) -> int:
@@ -38,25 +37,6 @@ class OpenedSession:
     model: str
     max_context: int
     chat: bool
-
-
-ROLES = ("system", "user", "assistant")
-
-
-def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:
-    """A whole conversation to answer: known roles, a user turn last, and no
-    more text than --max-prompt-chars in all."""
-    if not messages:
-        raise InvalidArgument("conversation", "must hold at least one message")
-    for index, message in enumerate(messages):
-        if message.get("role") not in ROLES:
-            raise InvalidArgument(f"conversation.messages[{index}].role",
-                                  f"must be one of {', '.join(ROLES)}")
-    if messages[-1]["role"] != "user" or not messages[-1].get("content"):
-        raise InvalidArgument("conversation", "must end with a user turn that is not empty")
-    if sum(len(m.get("content", "")) for m in messages) > max_chars:
-        raise InvalidArgument("conversation", f"at most {max_chars} characters in all "
-                                              "(--max-prompt-chars)")
 
 
 class WorkerCore:
@@ -140,10 +120,8 @@ class WorkerCore:
         return await self.parking.park(await self._session(session_id, token))
 
     async def restore_session(self, entry_id: str, token: str) -> Restored:
-        if not entry_id:
-            raise InvalidArgument("entry_id", "is required")
-        if not token:
-            raise InvalidArgument("token", "is required (the parked session's token)")
+        limits.check_id("entry_id", entry_id)
+        limits.check_id("token", token)
         async with self._awake():
             return await self.parking.restore(entry_id, token)
 
@@ -161,26 +139,13 @@ class WorkerCore:
         if len(given) != 1:
             raise InvalidArgument("input", "give one of prompt, message, conversation or "
                                            "whole_prompt")
-        for name, text in (("prompt", prompt), ("whole_prompt", whole_prompt)):
-            if text is not None and not text:
-                raise InvalidArgument(name, "must not be empty")
-            if text is not None and len(text) > self.max_prompt_chars:
-                raise InvalidArgument(name, f"at most {self.max_prompt_chars} characters "
-                                            "(--max-prompt-chars)")
-        if params.max_tokens >= self.loaded.max_context:
-            raise InvalidArgument("sampling.max_tokens", f"at most {self.loaded.max_context - 1}:"
-                                  f" {self.loaded.name}'s context holds {self.loaded.max_context}"
-                                  " tokens, the prompt's included")
+        limits.check_text("prompt", prompt, self.max_prompt_chars)
+        limits.check_text("whole_prompt", whole_prompt, self.max_prompt_chars)
+        limits.check_max_tokens(params.max_tokens, self.loaded.max_context, self.loaded.name)
         if conversation is not None:
-            check_conversation(conversation, self.max_prompt_chars)
+            limits.check_conversation(conversation, self.max_prompt_chars)
         if message is not None:
-            if message.get("role") != "user":
-                raise InvalidArgument("message.role", "a turn to answer must be role 'user'")
-            if not message.get("content"):
-                raise InvalidArgument("message.content", "must not be empty")
-            if len(message["content"]) > self.max_prompt_chars:
-                raise InvalidArgument("message.content", f"at most {self.max_prompt_chars} "
-                                                         "characters (--max-prompt-chars)")
+            limits.check_message(message, self.max_prompt_chars)
         # Being parked (memory pressure, or a ParkSession): wait, then restore.
         await self._still(session)
         async with self._awake():

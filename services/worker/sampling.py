@@ -7,9 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.errors import InvalidArgument
-
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
+from services.worker import limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +30,7 @@ class SamplingParams:
             raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument("sampling.top_k", f"must not be negative, got {self.top_k}")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS
-                                                   for s in self.stop):
-            raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} non-empty strings "
-                                  f"of at most {MAX_STOP_CHARS} characters")
+        limits.check_stop(self.stop)
 
     @property
     def greedy(self) -> bool:

@@ -9,10 +9,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
+from services.worker import limits
 
-MAX_SYSTEM_PROMPT_CHARS = 64_000
-MAX_TEMPLATE_CHARS = 64_000
 
 
 @dataclass
@@ -55,10 +54,7 @@ class SessionTable:
         if len(self._sessions) >= self.max_sessions:
             raise FailedPrecondition(f"this worker holds its maximum of {self.max_sessions} "
                                      "sessions; close one first", reason="TOO_MANY_SESSIONS")
-        if chat_template is not None and len(chat_template) > MAX_TEMPLATE_CHARS:
-            raise InvalidArgument("chat_template", f"at most {MAX_TEMPLATE_CHARS} characters")
-        if len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
-            raise InvalidArgument("system_prompt", f"at most {MAX_SYSTEM_PROMPT_CHARS} characters")
+        limits.check_open(chat_template, system_prompt)
         session = Session(f"sess-{secrets.token_hex(8)}", secrets.token_urlsafe(24), chat_template)
         if system_prompt:
             session.messages.append({"role": "system", "content": system_prompt})
@@ -84,8 +80,8 @@ class SessionTable:
         self._sessions.pop(session_id, None)
 
     def get(self, session_id: str, token: str) -> Session:
-        if not session_id:
-            raise InvalidArgument("session_id", "is required")
+        limits.check_id("session_id", session_id)
+        limits.check_id("token", token, required=False)
         session = self._sessions.get(session_id)
         if session is None:
             raise NotFound("session", session_id, "it was closed, or opened on another worker")

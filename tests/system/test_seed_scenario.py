@@ -19,11 +19,8 @@ conversations at once: a code generator and a security reviewer on smollm2
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +33,8 @@ from lmx.v1 import admission_pb2_grpc
 from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
 from services.common.launch import start_service
-from services.demo import AGENTS, Agent   # the demo's three agents: the same conversations
+from services.demo import AGENTS, Agent
+from services.naive import run_naive   # the demo's three agents: the same conversations
 
 pytestmark = pytest.mark.timeout(900, func_only=True)
 
@@ -194,18 +192,18 @@ def test_three_agents_two_models_one_small_device(stack):
                            ["--device", "cpu:0=1400MiB", "--log-format", "json"],
                            log_path=tmp / "naive-admission.log")
     try:
-        runs = [subprocess.Popen([sys.executable, "-m", "services.naive", device.address,
-                                  agent.model, agent.turns[0], str(MAX_TOKENS)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for agent in AGENTS]
-        codes = []
-        for run in runs:
-            out, err = run.communicate(timeout=300)
-            codes.append(run.returncode)
-            assert run.returncode in (0, 3), f"naive engine crashed otherwise:\n{err[-2000:]}"
-            if run.returncode == 3:
-                assert json.loads(out.strip().splitlines()[-1])["error"] == "out of memory"
+        runs = run_naive(device.address, AGENTS, MAX_TOKENS, timeout_s=300)
     finally:
         assert device.stop() == 0
-    assert codes.count(3) >= 2, (
-        f"the naive processes should not all fit (exit codes {codes}; 3 = out of memory)")
+    for run in runs:
+        assert run.exit_code in (0, 3), f"naive engine crashed otherwise:\n{run.stderr[-2000:]}"
+        if run.exit_code == 3:
+            assert run.reply["error"] == "out of memory"
+        else:
+            turns = next(agent.turns for agent in AGENTS if agent.name == run.agent)
+            assert len(run.reply["token_ids"]) == len(turns), run.reply
+    codes = [run.exit_code for run in runs]
+    # The same on every run: the first engine holds its reservation, the others find no room.
+    assert codes == [0, 3, 3], (
+        f"exit codes {codes} (3 = out of memory): the first agent's engine should run, the others "
+        "crash")

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
-from services.worker.core import MAX_PROMPT_CHARS, WorkerCore
+from services.worker.core import WorkerCore
+from services.worker.limits import MAX_CONVERSATION_MESSAGES, MAX_PROMPT_CHARS
 from services.worker.engine import Delta, Engine, Finished
 from services.worker.memory import FixedMemory
 from services.worker.models import LoadedModel
@@ -83,6 +84,9 @@ async def first_event(stream):
     (dict(message={"role": "user", "content": ""}), "message.content"),
     (dict(message={"role": "user"}), "message.content"),
     (dict(message={"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}), "message.content"),
+    (dict(conversation=[{"role": "user", "content": "hi"}] * (MAX_CONVERSATION_MESSAGES + 1)),
+     "conversation"),
+    (dict(conversation=[]), "conversation"),
 ])
 def test_generate_checks_its_input(tiny, inputs, field):
     async def scenario(core):

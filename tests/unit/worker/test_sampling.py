@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
+from services.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from services.worker.sampling import (
-    MAX_STOP_CHARS,
-    MAX_STOP_STRINGS,
     SamplingParams,
     make_generator,
     sample,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from services.worker.sessions import MAX_SYSTEM_PROMPT_CHARS, MAX_TEMPLATE_CHARS, SessionTable
+from services.worker.limits import MAX_SYSTEM_PROMPT_CHARS, MAX_TEMPLATE_CHARS
+from services.worker.sessions import SessionTable
 
 
 def test_open_get_close():
