@@ -27,6 +27,14 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 BYSTANDER_TOKENS = 48
 
 
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def token_rate(client: WorkerClient, session) -> float:
     """Tokens a second after the first (decode only), streamed one by one."""
     stamps = []
@@ -80,10 +88,13 @@ def test_hostile_input_is_refused_and_a_bystander_keeps_its_rate(smollm2_worker)
         failures: list = []
         stop = threading.Event()
 
+        rss: list[int] = []
+
         def attacker() -> None:
             try:
                 while not stop.is_set():
                     results.append(attacks(client))
+                    rss.append(rss_bytes(smollm2_worker.proc.pid))
             except BaseException as exc:  # noqa: BLE001 - reported below
                 failures.append(exc)
 
@@ -104,7 +115,7 @@ def test_hostile_input_is_refused_and_a_bystander_keeps_its_rate(smollm2_worker)
         try:
             time.sleep(1.0)   # the attacks under way
             rates = []
-            for _ in range(2):
+            for _ in range(3):
                 bystander = client.open()
                 rates.append(token_rate(client, bystander))
                 client.close_session(bystander)
@@ -120,3 +131,7 @@ def test_hostile_input_is_refused_and_a_bystander_keeps_its_rate(smollm2_worker)
         assert under_attack >= alone / 2, (
             f"the bystander's rate fell from {alone:.1f} to {under_attack:.1f} tokens/s")
         assert max(health_times) < 1.0, f"a health check took {max(health_times):.2f} s"
+        # Refused requests leave nothing behind: round after round, the
+        # worker's memory stays where the first round left it.
+        assert len(rss) >= 2, f"only {len(rss)} attack round(s) while the bystander ran"
+        assert rss[-1] - rss[0] < 64 << 20, f"the worker grew by {rss[-1] - rss[0]} bytes"
