@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from services.admission import limits
 from services.admission.devices import DeviceMemory
 from services.common.errors import (
     FailedPrecondition,
@@ -37,7 +38,6 @@ from services.common.errors import (
 
 log = structlog.get_logger(__name__)
 
-MAX_NAME_CHARS = 256
 PRIORITY_RANGE = (-1000, 1000)
 EXPIRED_REMEMBERED = 10_000
 
@@ -298,8 +298,7 @@ class Ledger:
     def _check_holder(holder: Holder) -> None:
         if not holder.name or not holder.name.strip():
             raise InvalidArgument("holder.name", "a holder name is required (e.g. worker/smollm2)")
-        if len(holder.name) > MAX_NAME_CHARS or not holder.name.isprintable():
-            raise InvalidArgument("holder.name", f"must be printable, at most {MAX_NAME_CHARS} chars")
+        limits.check_name("holder.name", holder.name)
         if holder.pid < 0:
             raise InvalidArgument("holder.pid", f"must not be negative, got {holder.pid}")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from services.admission import limits
 from services.admission.secret_book import SecretBook
 from services.common.errors import InvalidArgument, NotFound
 from services.common.units import parse_address
@@ -22,7 +23,6 @@ from services.common.units import parse_address
 log = structlog.get_logger(__name__)
 
 WORKER_STATES = ("waiting", "loading", "ready", "asleep", "stopping")
-MAX_FIELD_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +54,8 @@ class WorkerRegistry:
                  steps_out_of_memory: int = 0, secret: str = "") -> WorkerRecord:
         for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
                             ("worker.address", address)):
-            if not value or len(value) > MAX_FIELD_CHARS or not value.isprintable():
-                raise InvalidArgument(name, f"is required: printable, at most {MAX_FIELD_CHARS} chars")
+            limits.check_name(name, value)
+        limits.check_name("worker.device", device, required=False)
         try:
             parse_address(address)
         except ValueError as exc:

@@ -12,9 +12,9 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.admission import limits
+from services.common.errors import PermissionDenied
 
-MAX_SECRET_CHARS = 256
 
 
 def _digest(secret: str) -> str:
@@ -32,8 +32,7 @@ class SecretBook:
 
     @staticmethod
     def validate(secret: str) -> None:
-        if len(secret) > MAX_SECRET_CHARS:
-            raise InvalidArgument("secret", f"at most {MAX_SECRET_CHARS} characters")
+        limits.check_secret(secret)
 
     def remember(self, key: str, secret: str) -> None:
         if secret:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.admission.devices import DeviceMemory
+from services.admission.limits import MAX_NAME_CHARS
 from services.admission.ledger import (
-    MAX_NAME_CHARS,
     EventKind,
     Holder,
     Lease,

@@ -75,6 +75,9 @@ def test_bad_registrations_are_refused_with_the_field():
         (dict(state="dancing"), "worker.state"),
         (dict(ttl_s=0), "ttl_ms"),
         (dict(secret="x" * 257), "secret"),
+        (dict(device="x" * 257), "worker.device"),
+        (dict(device="gpu\n0"), "worker.device"),
+        (dict(model="m" * 257), "worker.model"),
     ]
     for change, field in cases:
         with pytest.raises(InvalidArgument) as caught:
