@@ -18,8 +18,10 @@ class Clock:
 
 
 def register(registry: WorkerRegistry, worker_id: str = "m@127.0.0.1:1", *, secret: str = "",
-             state: str = "ready", ttl_s: float = 10.0, address: str = "127.0.0.1:1"):
-    return registry.register(worker_id, "m", address, state, ttl_s=ttl_s, secret=secret)
+             state: str = "ready", ttl_s: float = 10.0, address: str = "127.0.0.1:1",
+             model: str = "m", device: str = ""):
+    return registry.register(worker_id, model, address, state, ttl_s=ttl_s, secret=secret,
+                             device=device)
 
 
 def test_a_registered_secret_is_needed_to_register_again_unregister_or_report():
