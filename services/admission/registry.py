@@ -64,9 +64,14 @@ class WorkerRegistry:
             raise InvalidArgument("worker.state", f"must be one of {', '.join(WORKER_STATES)}")
         if not 0 < ttl_s <= self.max_ttl_s:
             raise InvalidArgument("ttl_ms", f"must be in (0, {self.max_ttl_s * 1000:.0f}]")
-        if (num_sessions < 0 or pid < 0 or steps_out_of_memory < 0
-                or not 0 <= num_parked <= num_sessions):
-            raise InvalidArgument("worker.num_sessions", "counts must not be negative")
+        for name, value in (("worker.num_sessions", num_sessions), ("worker.pid", pid),
+                            ("worker.steps_out_of_memory", steps_out_of_memory),
+                            ("worker.num_parked", num_parked)):
+            if value < 0:
+                raise InvalidArgument(name, f"must not be negative, got {value}")
+        if num_parked > num_sessions:
+            raise InvalidArgument("worker.num_parked", f"{num_parked} parked of {num_sessions} "
+                                                       "sessions: at most num_sessions")
         if not 0.0 <= resident_fraction <= 1.0:   # 0: not said (an older worker): all
             raise InvalidArgument("worker.resident_fraction", "must be in [0, 1]")
         self.secrets.validate(secret)

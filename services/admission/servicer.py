@@ -9,6 +9,7 @@ import structlog
 
 from lmx.v1 import admission_pb2 as pb
 from lmx.v1 import admission_pb2_grpc
+from services.admission import limits
 from services.admission.broker import Broker
 from services.admission.events import Published
 from services.admission.ledger import DeviceView, EventKind, Holder, Lease, Purpose, Waiter
@@ -124,10 +125,11 @@ def activity_from_pb(activity: pb.WorkerActivity, present: bool) -> Activity:
     if not present or kind is None:
         raise InvalidArgument("activity.kind", "is required: KIND_SESSION_PARKED, "
                               "KIND_SESSION_RESTORED, KIND_MODEL_ASLEEP or KIND_MODEL_AWAKE")
-    if not activity.worker_id or len(activity.worker_id) > 256:
-        raise InvalidArgument("activity.worker_id", "is required (at most 256 characters)")
-    if activity.bytes < 0 or not activity.seconds >= 0:
-        raise InvalidArgument("activity.bytes", "bytes and seconds must not be negative")
+    limits.check_name("activity.worker_id", activity.worker_id)
+    if activity.bytes < 0:
+        raise InvalidArgument("activity.bytes", f"must not be negative, got {activity.bytes}")
+    if not activity.seconds >= 0:
+        raise InvalidArgument("activity.seconds", f"must not be negative, got {activity.seconds}")
     return Activity(kind, activity.worker_id, activity.model[:256], activity.session_id[:256],
                     activity.bytes, activity.seconds, activity.reason[:500])
 
