@@ -1,6 +1,7 @@
 """Every bound on what a client sends the KV store, checked here and nowhere
-else (the servicer calls these before the store does anything), so that no
-request can make the store hold memory it does not account for.
+else (the store calls these before it allocates anything, after the layout's
+own checks; the servicer for Export's chunk size), so that no request can
+make the store hold memory it does not account for.
 
 A parked context's own bytes are bounded by the store's capacity; what an
 entry holds beside them, in the store's own memory, is bounded here:

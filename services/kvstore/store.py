@@ -244,7 +244,10 @@ class Store:
 
     def expire_reservations(self) -> int:
         """Drop the reservations older than the TTL that no one is writing
-        (an Import pins its entry); returns how many."""
+        (an Import pins its entry); returns how many. A writer through
+        shared memory slower than the TTL would write into a freed region:
+        its Commit is refused (RESERVATION_EXPIRED), and whatever entry the
+        region went to meanwhile fails its checksum when read."""
         ttl = self.config.reservation_ttl_s
         if ttl <= 0:
             return 0
