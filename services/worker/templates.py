@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -76,11 +77,21 @@ def render(source: str, messages: list[dict[str, Any]], special: dict[str, str],
     return "".join(pieces)
 
 
-def _child(conn) -> None:
+def _child(conn, parent_pid: int) -> None:
     """The child's loop: (source, messages, special, max_chars) in,
-    (True, text) or (False, message) out."""
+    (True, text) or (False, message) out. It dies with the worker (a
+    template still looping would otherwise run on for hours)."""
+    import ctypes
     import os
     import resource
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        return
 
     import transformers.utils.chat_template_utils  # noqa: F401 - imported before the limit
 
@@ -132,7 +143,7 @@ class TemplateSandbox:
 
     def _start(self) -> None:
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_child, args=(child,), daemon=True,
+        process = self._context.Process(target=_child, args=(child, os.getpid()), daemon=True,
                                         name="lmx-template-sandbox")
         process.start()
         child.close()
@@ -159,7 +170,12 @@ class TemplateSandbox:
                 self.stats.restarts += 1
             self._kill()
             self._start()
-        self._conn.send((source, messages, special, self.max_chars))
+        try:
+            self._conn.send((source, messages, special, self.max_chars))
+        except OSError:   # it died since (a broken pipe): once more, on a fresh child
+            self._kill()
+            self._start()
+            self._conn.send((source, messages, special, self.max_chars))
         if not self._conn.poll(self.timeout_s):
             self._kill()
             self.stats.timeouts += 1

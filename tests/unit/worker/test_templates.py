@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,46 @@ def test_the_loop_is_not_blocked_while_a_template_runs():
         assert ticks > 50   # 1.5 s of 10 ms ticks: the loop kept running
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_the_sandbox_dies_with_its_worker(tmp_path):
+    """A worker killed while a template loops leaves no child spinning."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from services.worker.templates import TemplateSandbox\n"
+        f"LOOP = {LOOP!r}\n"
+        "async def main():\n"
+        "    sandbox = TemplateSandbox(timeout_s=120)\n"
+        "    await sandbox.render('x', [], {})\n"
+        "    print('CHILD', sandbox._process.pid, flush=True)\n"
+        "    await sandbox.render(LOOP, [], {})\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n")
+    root = Path(__file__).resolve().parents[3]
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    line = worker.stdout.readline()
+    while not line.startswith("CHILD"):    # past the sandbox's own log lines
+        line = worker.stdout.readline()
+    child = int(line.split()[1])
+    time.sleep(0.5)                              # the loop is running in the child
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as stat:   # a zombie waiting for init is gone too
+            if stat.read().split(") ")[1].startswith("Z"):
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the sandbox's child outlived its worker")
