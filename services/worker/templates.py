@@ -60,16 +60,19 @@ def compile_template(source: str) -> None:
 
 
 def render(source: str, messages: list[dict[str, Any]], special: dict[str, str],
-           max_chars: int) -> str:
+           max_chars: int, tools: list[dict[str, Any]] | None = None) -> str:
     """The conversation rendered for the assistant's reply, at most max_chars
     (ValueError past it). Used by the child, and in a thread for the model's
-    own template."""
+    own template. `tools`: OpenAI's tool definitions, given to the template
+    as apply_chat_template gives them (None: no tools)."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     template = _compile_jinja_template(source)
     pieces: list[str] = []
     size = 0
-    for piece in template.generate(messages=messages, add_generation_prompt=True, **special):
+    extra = {} if tools is None else {"tools": tools}
+    for piece in template.generate(messages=messages, add_generation_prompt=True, **special,
+                                   **extra):
         size += len(piece)
         if size > max_chars:
             raise ValueError(f"renders more than {max_chars} characters")

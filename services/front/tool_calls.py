@@ -1,0 +1,150 @@
+"""Tool calls in a model's text, as OpenAI's API returns them (pure).
+
+One small parser per output format, as vLLM's tool parsers are: `extract`
+for a whole answer, `StreamingParser.push` for deltas. The format here is
+Hermes' (NousResearch; also Qwen 2.5, and lmx's ChatML template with tools,
+deploy/templates/chatml-tools.jinja):
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+Text outside the tags is the message's content. A block that is not a JSON
+object with a string "name" (and an object "arguments", or none) stays in
+the content as written: nothing a model says is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+
+OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str          # JSON text, as OpenAI's API carries it
+
+    def to_openai(self, index: int | None = None) -> dict:
+        call = {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+        if index is not None:
+            call["index"] = index
+        return call
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+def parse_block(body: str) -> ToolCall | None:
+    """One block's JSON as a call; None if it is not one."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):          # some models write the JSON text itself
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(new_call_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def extract(text: str) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a whole answer."""
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    rest = text
+    while True:
+        start = rest.find(OPEN)
+        if start < 0:
+            content.append(rest)
+            break
+        end = rest.find(CLOSE, start + len(OPEN))
+        if end < 0:                        # cut short (max_tokens): a block never closed
+            content.append(rest)
+            break
+        call = parse_block(rest[start + len(OPEN):end])
+        if call is None:
+            content.append(rest[:end + len(CLOSE)])
+        else:
+            content.append(rest[:start])
+            calls.append(call)
+        rest = rest[end + len(CLOSE):]
+    return "".join(content).strip() if calls else "".join(content), calls
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What a push gives: content text, or one whole tool call."""
+    content: str = ""
+    call: ToolCall | None = None
+
+
+class StreamingParser:
+    """Deltas of text in, content deltas and tool calls out. Text that may
+    be the start of a tag is held back until it is known not to be; a call
+    is given once its block has closed (OpenAI's clients accumulate a call's
+    argument deltas, so one delta with the whole arguments is a valid
+    stream)."""
+
+    def __init__(self) -> None:
+        self._held = ""            # text not given out yet
+        self._inside = False       # within a block
+        self.num_calls = 0
+
+    def push(self, text: str) -> list[Delta]:
+        self._held += text
+        out: list[Delta] = []
+        while True:
+            if self._inside:
+                end = self._held.find(CLOSE)
+                if end < 0:
+                    return out
+                body, self._held = self._held[:end], self._held[end + len(CLOSE):]
+                self._inside = False
+                call = parse_block(body)
+                if call is None:
+                    out.append(Delta(content=OPEN + body + CLOSE))
+                else:
+                    self.num_calls += 1
+                    out.append(Delta(call=call))
+                continue
+            start = self._held.find(OPEN)
+            if start >= 0:
+                if start:
+                    out.append(Delta(content=self._held[:start]))
+                self._held = self._held[start + len(OPEN):]
+                self._inside = True
+                continue
+            keep = _partial_tag(self._held)
+            if len(self._held) > keep:
+                out.append(Delta(content=self._held[:len(self._held) - keep]))
+                self._held = self._held[len(self._held) - keep:]
+            return out
+
+    def finish(self) -> list[Delta]:
+        """The end of the answer: whatever is held is content (a block never
+        closed included, with its tag)."""
+        held = (OPEN if self._inside else "") + self._held
+        self._held, self._inside = "", False
+        return [Delta(content=held)] if held else []
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest end of `text` that starts OPEN."""
+    for n in range(min(len(text), len(OPEN) - 1), 0, -1):
+        if OPEN.startswith(text[-n:]):
+            return n
+    return 0
