@@ -47,7 +47,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.sleep import StreamedStash, WeightStash
 from services.worker.sizing import LeaseSizing
 from services.worker.step_memory import BaseLease
-from services.worker.templates import TemplateSandbox
+from services.worker.templates import TemplateSandbox, with_chat_template
 
 log = structlog.get_logger(__name__)
 
@@ -165,6 +165,8 @@ class WorkerApp:
 
         self._set_state("loading")
         self.loaded = await asyncio.to_thread(self._load, streamed)
+        if settings.chat_template:
+            self.loaded = with_chat_template(self.loaded, settings.chat_template)
         self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,

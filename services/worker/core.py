@@ -129,7 +129,8 @@ class WorkerCore:
                        prompt: str | None = None,
                        message: dict[str, str] | None = None,
                        conversation: list[dict[str, str]] | None = None,
-                       whole_prompt: str | None = None) -> AsyncIterator[Delta | Finished]:
+                       whole_prompt: str | None = None,
+                       tools: list[dict] | None = None) -> AsyncIterator[Delta | Finished]:
         """Stream the answer. If the caller stops iterating (cancels), the
         generation stops and the session keeps only what was yielded.
         `conversation` and `whole_prompt` replace the session's context,
@@ -142,8 +143,10 @@ class WorkerCore:
         limits.check_text("prompt", prompt, self.max_prompt_chars)
         limits.check_text("whole_prompt", whole_prompt, self.max_prompt_chars)
         limits.check_max_tokens(params.max_tokens, self.loaded.max_context, self.loaded.name)
+        if tools and conversation is None:
+            raise InvalidArgument("conversation.tools_json", "tools come with a conversation")
         if conversation is not None:
-            limits.check_conversation(conversation, self.max_prompt_chars)
+            limits.check_conversation(conversation, self.max_prompt_chars, tools=bool(tools))
         if message is not None:
             limits.check_message(message, self.max_prompt_chars)
         # Being parked (memory pressure, or a ParkSession): wait, then restore.
@@ -153,7 +156,7 @@ class WorkerCore:
                 await self.parking.unpark(session)
             prepared = await self.prompts.prepare(session, prompt=prompt, message=message,
                                                   conversation=conversation,
-                                                  whole_prompt=whole_prompt)
+                                                  whole_prompt=whole_prompt, tools=tools)
             request = self.engine.submit_prepared(session, params, prepared)
         finished = False
         try:

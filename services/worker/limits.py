@@ -4,8 +4,9 @@ the session table and the sampling parameters call these before any work):
   - prompt, whole_prompt, a chat message's content: at most
     --max-prompt-chars characters (1,000,000 by default), not empty;
   - conversation: 1 to MAX_CONVERSATION_MESSAGES messages, roles system,
-    user or assistant, a user turn last, --max-prompt-chars characters of
-    content in all;
+    user, assistant or tool, a user turn last (or, with tools, a tool turn),
+    --max-prompt-chars characters of content in all; tools: at most
+    MAX_TOOLS definitions and MAX_TOOLS_CHARS of JSON, tool calls likewise;
   - chat_template and system_prompt: at most MAX_TEMPLATE_CHARS and
     MAX_SYSTEM_PROMPT_CHARS characters (a client's template is then rendered
     in a bounded sandbox: templates.py);
@@ -28,7 +29,9 @@ MAX_TEMPLATE_CHARS = 64_000
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_ID_CHARS = 256
-ROLES = ("system", "user", "assistant")
+MAX_TOOLS = 128
+MAX_TOOLS_CHARS = 256 << 10
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def check_id(field: str, value: str, required: bool = True) -> None:
@@ -65,9 +68,10 @@ def check_message(message: dict[str, str], max_chars: int) -> None:
                                                  "(--max-prompt-chars)")
 
 
-def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:
-    """A whole conversation to answer: known roles, a user turn last, at most
-    MAX_CONVERSATION_MESSAGES messages and --max-prompt-chars of text."""
+def check_conversation(messages: list[dict], max_chars: int, tools: bool = False) -> None:
+    """A whole conversation to answer: known roles, a user turn last (or a
+    tool's result, with tools), at most MAX_CONVERSATION_MESSAGES messages
+    and --max-prompt-chars of text."""
     if not messages:
         raise InvalidArgument("conversation", "must hold at least one message")
     if len(messages) > MAX_CONVERSATION_MESSAGES:
@@ -77,11 +81,37 @@ def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:
         if message.get("role") not in ROLES:
             raise InvalidArgument(f"conversation.messages[{index}].role",
                                   f"must be one of {', '.join(ROLES)}")
-    if messages[-1]["role"] != "user" or not messages[-1].get("content"):
-        raise InvalidArgument("conversation", "must end with a user turn that is not empty")
+        if (message.get("tool_calls") or message["role"] == "tool") and not tools:
+            raise InvalidArgument(f"conversation.messages[{index}]",
+                                  "tool calls and tool turns need the conversation's tools")
+    last = messages[-1]
+    ends = ("user", "tool") if tools else ("user",)
+    if last["role"] not in ends or not last.get("content"):
+        raise InvalidArgument("conversation", f"must end with a {' or '.join(ends)} turn that "
+                                              "is not empty")
     if sum(len(m.get("content", "")) for m in messages) > max_chars:
         raise InvalidArgument("conversation", f"at most {max_chars} characters in all "
                                               "(--max-prompt-chars)")
+
+
+def check_tools_json(field: str, text: str) -> list:
+    """OpenAI's JSON list (tool definitions, an assistant's tool calls),
+    parsed; [] for empty text."""
+    import json
+
+    if not text:
+        return []
+    if len(text) > MAX_TOOLS_CHARS:
+        raise InvalidArgument(field, f"at most {MAX_TOOLS_CHARS} characters of JSON")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(field, f"is not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise InvalidArgument(field, "must be a JSON list of objects")
+    if len(value) > MAX_TOOLS:
+        raise InvalidArgument(field, f"at most {MAX_TOOLS} entries, got {len(value)}")
+    return value
 
 
 def check_stop(stop: tuple[str, ...]) -> None:

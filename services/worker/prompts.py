@@ -68,9 +68,24 @@ def _tokenize_chat(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render_trusted(loaded, template: str, messages, field: str, max_chars: int) -> str:
+def renders_tools(template: str) -> bool:
+    """Whether a chat template uses the tools it is given (transformers
+    checks the same way: the variable appears in its source)."""
+    return "tools" in template
+
+
+def _check_tools(loaded, template: str, tools) -> None:
+    if tools and not renders_tools(template):
+        raise InvalidArgument("conversation.tools_json",
+                              f"{loaded.name}'s chat template renders no tools: start its worker "
+                              "with --chat-template deploy/templates/chatml-tools.jinja (ChatML "
+                              "models), or open the session with a chat_template that does")
+
+
+def _render_trusted(loaded, template: str, messages, field: str, max_chars: int,
+                    tools=None) -> str:
     try:
-        return render(template, messages, special_tokens(loaded.tokenizer), max_chars)
+        return render(template, messages, special_tokens(loaded.tokenizer), max_chars, tools)
     except Exception as exc:  # noqa: BLE001 - jinja's errors (raise_exception: a role it rejects)
         raise InvalidArgument(field, f"the chat template refused it: "
                                      f"{type(exc).__name__}: {exc}") from None
@@ -85,14 +100,16 @@ def _split(session: Session, message, conversation):
 def prepare(loaded, session: Session, *, prompt: str | None = None,
             message: dict[str, str] | None = None,
             conversation: list[dict[str, str]] | None = None,
-            whole_prompt: str | None = None, max_chars: int = 1 << 62) -> Prepared:
+            whole_prompt: str | None = None, max_chars: int = 1 << 62,
+            tools: list[dict] | None = None) -> Prepared:
     """Inline, trusted input (the template, even a session's, rendered here)."""
     field = _which(prompt, message, conversation, whole_prompt)
     tokenizer = loaded.tokenizer
     if message is not None or conversation is not None:
         history, turn = _split(session, message, conversation)
         template, _ = _template(loaded, session, field)
-        text = _render_trusted(loaded, template, [*history, turn], field, max_chars)
+        _check_tools(loaded, template, tools)
+        text = _render_trusted(loaded, template, [*history, turn], field, max_chars, tools)
         return Prepared(field, _tokenize_chat(tokenizer, text), True, history, turn,
                         len(session.messages))
     if whole_prompt is not None:
@@ -117,7 +134,8 @@ class PromptBuilder:
     async def prepare(self, session: Session, *, prompt: str | None = None,
                       message: dict[str, str] | None = None,
                       conversation: list[dict[str, str]] | None = None,
-                      whole_prompt: str | None = None) -> Prepared:
+                      whole_prompt: str | None = None,
+                      tools: list[dict] | None = None) -> Prepared:
         field = _which(prompt, message, conversation, whole_prompt)
         if message is None and conversation is None:
             return await asyncio.to_thread(prepare, self.loaded, session, prompt=prompt,
@@ -125,15 +143,16 @@ class PromptBuilder:
         history, turn = _split(session, message, conversation)
         basis = len(session.messages)
         template, from_client = _template(self.loaded, session, field)
+        _check_tools(self.loaded, template, tools)
         messages = [*history, turn]
         if from_client:
             if self.sandbox is None:
                 raise InvalidArgument("chat_template", "this worker does not render client "
                                                        "templates (--client-templates off)")
             text = await self.sandbox.render(template, messages,
-                                             special_tokens(self.loaded.tokenizer))
+                                             special_tokens(self.loaded.tokenizer), tools)
         else:
             text = await asyncio.to_thread(_render_trusted, self.loaded, template, messages,
-                                           field, self.max_chars)
+                                           field, self.max_chars, tools)
         tokens = await asyncio.to_thread(_tokenize_chat, self.loaded.tokenizer, text)
         return Prepared(field, tokens, True, history, turn, basis)

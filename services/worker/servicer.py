@@ -7,6 +7,7 @@ from collections.abc import Callable
 from lmx.v1 import worker_pb2 as pb
 from lmx.v1 import worker_pb2_grpc
 from services.common.errors import InvalidArgument
+from services.worker import limits
 from services.worker.core import WorkerCore
 from services.worker.engine import (
     FINISH_CONTEXT,
@@ -35,6 +36,27 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
         seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(sampling.stop))
 
 
+def conversation_from_pb(conversation: pb.Conversation) -> dict:
+    """The conversation as the chat template takes it: dicts, tool calls and
+    tool definitions parsed from their JSON."""
+    messages = []
+    for index, m in enumerate(conversation.messages):
+        message: dict = {"role": m.role, "content": m.content}
+        calls = limits.check_tools_json(f"conversation.messages[{index}].tool_calls_json",
+                                        m.tool_calls_json)
+        if calls:
+            message["tool_calls"] = calls
+        if m.tool_call_id:
+            limits.check_id(f"conversation.messages[{index}].tool_call_id", m.tool_call_id)
+            message["tool_call_id"] = m.tool_call_id
+        if m.name:
+            limits.check_id(f"conversation.messages[{index}].name", m.name)
+            message["name"] = m.name
+        messages.append(message)
+    tools = limits.check_tools_json("conversation.tools_json", conversation.tools_json)
+    return {"conversation": messages, "tools": tools or None}
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, core: Callable[[], WorkerCore],
                  status: Callable[[], pb.GetStatusResponse]):
@@ -58,9 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             "prompt": lambda: {"prompt": request.prompt},
             "message": lambda: {"message": {"role": request.message.role,
                                             "content": request.message.content}},
-            "conversation": lambda: {"conversation": [
-                {"role": m.role, "content": m.content}
-                for m in request.conversation.messages]},
+            "conversation": lambda: conversation_from_pb(request.conversation),
             "whole_prompt": lambda: {"whole_prompt": request.whole_prompt},
         }[which]()
         async for event in self._core().generate(request.session_id, request.token, params,

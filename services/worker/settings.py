@@ -62,6 +62,9 @@ class WorkerSettings(ServerFields):
     max_sessions: int = field(default=1024, metadata={"help": "open sessions at most"})
     max_prompt_chars: int = field(default=1_000_000, metadata={
         "help": "longest prompt or chat message, in characters (longer is INVALID_ARGUMENT)"})
+    chat_template: str = field(default="", metadata={
+        "help": "a Jinja chat template file in place of the model's own (e.g. "
+                "deploy/templates/chatml-tools.jinja: ChatML with tools, for tool calling)"})
     client_templates: str = field(default="sandboxed", metadata={
         "help": "chat templates sent by clients (OpenSession.chat_template): sandboxed "
                 "(rendered in a child process, bounded by --template-timeout-s) | off "
@@ -142,6 +145,13 @@ class WorkerSettings(ServerFields):
                 raise ConfigError(name, "must be positive")
         if self.max_context < 0:
             raise ConfigError("max_context", "must not be negative")
+        if self.chat_template:
+            try:
+                with open(self.chat_template, encoding="utf-8") as template:
+                    template.read(1)
+            except OSError as exc:
+                raise ConfigError("chat_template", f"cannot read {self.chat_template}: "
+                                                   f"{exc.strerror}") from None
         if self.client_templates not in ("sandboxed", "off"):
             raise ConfigError("client_templates", f"unknown mode {self.client_templates!r}",
                               fix="sandboxed | off")

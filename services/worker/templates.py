@@ -47,6 +47,20 @@ MEMORY_BYTES = 1 << 30
 START_TIMEOUT_S = 60.0
 
 
+def with_chat_template(loaded, path: str):
+    """The model with the operator's chat template (--chat-template FILE)
+    in place of its own: a tokenizer's template is what every chat session
+    renders (trusted: the operator chose it)."""
+    import dataclasses
+    from pathlib import Path
+
+    source = Path(path).read_text()
+    compile_template(source)
+    loaded.tokenizer.chat_template = source
+    log.info("chat_template_set", path=path, renders_tools="tools" in source)
+    return dataclasses.replace(loaded, has_chat_template=True)
+
+
 def compile_template(source: str) -> None:
     """Raises InvalidArgument for a template that does not parse (nothing is
     run: compiling is safe in the worker itself)."""
@@ -113,11 +127,11 @@ def _child(conn, parent_pid: int) -> None:
     conn.send((True, "ready"))
     while True:
         try:
-            source, messages, special, max_chars = conn.recv()
+            source, messages, special, max_chars, tools = conn.recv()
         except EOFError:
             return
         try:
-            conn.send((True, render(source, messages, special, max_chars)))
+            conn.send((True, render(source, messages, special, max_chars, tools)))
         except MemoryError:
             conn.send((False, f"needs more than {MEMORY_BYTES >> 20} MiB to render"))
         except Exception as exc:  # noqa: BLE001 - the template's own error, told the client
@@ -165,8 +179,8 @@ class TemplateSandbox:
             self._conn.close()
         self._process = self._conn = None
 
-    def _render(self, source: str, messages: list[dict[str, Any]],
-                special: dict[str, str]) -> tuple[bool, str]:
+    def _render(self, source: str, messages: list[dict[str, Any]], special: dict[str, str],
+                tools: list[dict[str, Any]] | None) -> tuple[bool, str]:
         """In a thread: (ok, text or why), or None past the timeout."""
         if self._process is None or not self._process.is_alive():
             if self._process is not None:
@@ -174,11 +188,11 @@ class TemplateSandbox:
             self._kill()
             self._start()
         try:
-            self._conn.send((source, messages, special, self.max_chars))
+            self._conn.send((source, messages, special, self.max_chars, tools))
         except OSError:   # it died since (a broken pipe): once more, on a fresh child
             self._kill()
             self._start()
-            self._conn.send((source, messages, special, self.max_chars))
+            self._conn.send((source, messages, special, self.max_chars, tools))
         if not self._conn.poll(self.timeout_s):
             self._kill()
             self.stats.timeouts += 1
@@ -191,10 +205,10 @@ class TemplateSandbox:
             return False, "the template's rendering ended its process"
 
     async def render(self, source: str, messages: list[dict[str, Any]],
-                     special: dict[str, str]) -> str:
+                     special: dict[str, str], tools: list[dict[str, Any]] | None = None) -> str:
         async with self._lock:
             started = time.perf_counter()
-            ok, text = await asyncio.to_thread(self._render, source, messages, special)
+            ok, text = await asyncio.to_thread(self._render, source, messages, special, tools)
         self.stats.renders += 1
         if not ok:
             self.stats.refused += 1
