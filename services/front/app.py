@@ -1,10 +1,17 @@
 """The front's routes: OpenAI's API over lmx's workers, health and metrics.
 
     GET  /v1/models             the models the workers serve (admission's registry)
+    GET  /v1/models/{id}        one of them (404 `model_not_found` if none serves it)
     POST /v1/chat/completions   a chat, streamed (server-sent events) or whole
     POST /v1/completions        raw text, likewise
     GET  /metrics               Prometheus
     GET  /health                200 once serving
+    OPTIONS any                 204: a CORS preflight (services/front/cors.py)
+
+The API's routes answer without their /v1 prefix too (as vLLM's and
+llama.cpp's do). Every answer carries an `x-request-id` (the client's own if
+it sent a sane one), which also goes to the worker with the call; answers to
+an origin allowed by --cors-origins carry CORS headers.
 
 A request goes to a worker of its model: the one holding a session whose
 history is the longest prefix of the request (services/front/reuse.py), else
@@ -15,9 +22,11 @@ an error event ends the stream."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import unquote
 
 import grpc
 import structlog
@@ -25,6 +34,7 @@ import structlog
 from lmx.v1 import admission_pb2 as apb
 from lmx.v1 import worker_pb2 as wpb
 from services.front import openai_api as api
+from services.front.cors import Cors
 from services.front.http_server import HttpError, Request, Response, StreamResponse
 from services.front.metrics import FrontMetrics, render
 from services.front.reuse import Held, SessionCache
@@ -34,12 +44,44 @@ from services.front.workers import Workers, api_error
 log = structlog.get_logger(__name__)
 
 
+#: The API's routes, answered with and without the /v1 prefix: path -> methods.
+API_ROUTES = {"/models": ("GET",), "/models/{id}": ("GET",),
+              "/chat/completions": ("POST",), "/completions": ("POST",)}
+OPERATIONS = {"/metrics": ("GET",), "/health": ("GET",)}
+
+
+def route_of(path: str) -> tuple[str, str | None, str]:
+    """(route, model id or None, the metrics' endpoint label) of a request
+    path: /v1/models/x and /models/x are ("/models/{id}", "x", ...); an
+    unknown path's route is itself, its label "other"."""
+    path = path.rstrip("/") or "/"
+    if path in OPERATIONS:
+        return path, None, path
+    route = path.removeprefix("/v1") if path.startswith("/v1/") else path
+    model = None
+    if route.startswith("/models/") and len(route) > len("/models/"):
+        route, model = "/models/{id}", unquote(route[len("/models/"):])
+    if route in API_ROUTES:
+        return route, model, "/v1" + route
+    return path, None, "other"
+
+
+def lmx_version() -> str:
+    try:
+        return importlib.metadata.version("lmx")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def error_response(error: api.ApiError) -> Response:
     return Response.of_json(error.status, error.body(), error.headers())
 
 
 def http_error_response(status: int, message: str) -> Response:
-    return error_response(api.ApiError(status, message))
+    """For a request the HTTP server could not read: no handler saw it."""
+    response = error_response(api.ApiError(status, message))
+    response.headers["x-request-id"] = api.request_id(None)
+    return response
 
 
 class FrontApp:
@@ -48,6 +90,8 @@ class FrontApp:
         self.workers = Workers(settings.admission, settings.request_timeout_s)
         self.cache = SessionCache(settings.sessions_per_worker)
         self.metrics = FrontMetrics()
+        self.cors = Cors(settings.cors_origins)
+        self.version = lmx_version()
         self._background: set[asyncio.Task] = set()
         self._kvstore = None
         if settings.kvstore:
@@ -84,70 +128,101 @@ class FrontApp:
 
     # ---- routing -----------------------------------------------------------
     async def handle(self, request: Request) -> Response | StreamResponse:
-        endpoint = request.path
-        try:
-            response = await self._route(request)
-        except api.ApiError as exc:
-            response = error_response(exc)
-        except HttpError as exc:
-            response = http_error_response(exc.status, exc.message)
-        except Exception as exc:  # noqa: BLE001 - one request fails, the front goes on
-            log.error("front_request_failed", path=request.path, exc_info=exc)
-            response = error_response(api.ApiError(500, f"internal error: {exc}",
-                                                   type="api_error"))
-        if endpoint.startswith("/v1/"):
-            known = endpoint in ("/v1/models", "/v1/chat/completions", "/v1/completions")
-            self.metrics.count(endpoint if known else "other", response.status)
+        rid = api.request_id(request.headers.get("x-request-id"))
+        route, model, label = route_of(request.path)
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                response = await self._route(request, route, model, rid)
+            except api.ApiError as exc:
+                response = error_response(exc)
+            except HttpError as exc:
+                response = http_error_response(exc.status, exc.message)
+            except Exception as exc:  # noqa: BLE001 - one request fails, the front goes on
+                log.error("front_request_failed", path=request.path, exc_info=exc)
+                response = error_response(api.ApiError(
+                    500, f"internal error (request id {rid}); see the front's log",
+                    type="server_error", code="internal_error"))
+        if label not in OPERATIONS:        # scrapes and health checks are not counted
+            self.metrics.count(label, response.status)
+        response.headers["x-request-id"] = rid
+        response.headers.update(self.cors.headers(request.headers.get("origin")))
         return response
 
-    async def _route(self, request: Request) -> Response | StreamResponse:
-        routes = {("GET", "/v1/models"): self._models,
-                  ("POST", "/v1/chat/completions"): self._chat,
-                  ("POST", "/v1/completions"): self._completion,
-                  ("GET", "/metrics"): self._metrics,
-                  ("GET", "/health"): self._health}
-        handler = routes.get((request.method, request.path.rstrip("/") or "/"))
+    async def _route(self, request: Request, route: str, model: str | None, rid: str
+                     ) -> Response | StreamResponse:
+        if request.method == "OPTIONS":
+            return self._options(request, route)
+        handlers: dict[tuple[str, str], Callable[[], Awaitable[Response | StreamResponse]]] = {
+            ("GET", "/models"): self._models,
+            ("GET", "/models/{id}"): lambda: self._model(model or ""),
+            ("POST", "/chat/completions"): lambda: self._chat(request, rid),
+            ("POST", "/completions"): lambda: self._completion(request, rid),
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/health"): self._health}
+        handler = handlers.get((request.method, route))
         if handler is None:
-            known = {path for _, path in routes}
-            if request.path in known:
+            if route in API_ROUTES or route in OPERATIONS:
                 raise HttpError(405, f"{request.method} is not allowed on {request.path}")
             raise api.ApiError(404, f"no route {request.method} {request.path}",
-                               type="not_found_error")
-        return await handler(request)
+                               code="not_found")
+        return await handler()
+
+    def _options(self, request: Request, route: str) -> Response:
+        """A CORS preflight: 204 with what the origin may do, when it is
+        allowed (403 when it is not); a plain OPTIONS: 204 with Allow."""
+        methods = API_ROUTES.get(route) or OPERATIONS.get(route)
+        if methods is None:
+            raise api.ApiError(404, f"no route {request.path}", code="not_found")
+        origin = request.headers.get("origin")
+        preflight = origin and "access-control-request-method" in request.headers
+        if preflight and not self.cors.allows(origin):
+            raise api.ApiError(403, f"origin {origin!r} may not call this API (the front's "
+                                    "--cors-origins)", type="permission_error",
+                               code="cors_origin_not_allowed")
+        headers = {"Allow": ", ".join((*methods, "OPTIONS"))}
+        headers.update(self.cors.preflight(origin, request.headers.get(
+            "access-control-request-headers")))
+        return Response(204, headers=headers)
 
     def _body(self, request: Request) -> object:
         try:
             return request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise api.bad(f"the body is not JSON: {exc}") from None
+            raise api.bad(f"the body is not JSON: {exc}", code=None) from None
 
     # ---- the API -------------------------------------------------------------
-    async def _models(self, request: Request) -> Response:
+    async def _models(self) -> Response:
         models = await self.workers.models()
         return Response.of_json(200, {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "lmx"} for m in models]})
+            api.model_card(model, created) for model, created in models.items()]})
 
-    async def _chat(self, request: Request) -> Response | StreamResponse:
+    async def _model(self, model: str) -> Response:
+        created = (await self.workers.models()).get(model)
+        if created is None:
+            raise await self.workers.not_found(model)
+        return Response.of_json(200, api.model_card(model, created))
+
+    async def _chat(self, request: Request, rid: str) -> Response | StreamResponse:
         return await self._complete(api.parse_chat(self._body(request),
-                                                   self.settings.default_max_tokens))
+                                                   self.settings.default_max_tokens), rid)
 
-    async def _completion(self, request: Request) -> Response | StreamResponse:
+    async def _completion(self, request: Request, rid: str) -> Response | StreamResponse:
         return await self._complete(api.parse_completion(self._body(request),
-                                                         self.settings.default_max_tokens))
+                                                         self.settings.default_max_tokens), rid)
 
-    async def _complete(self, call: api.Call) -> Response | StreamResponse:
+    async def _complete(self, call: api.Call, rid: str) -> Response | StreamResponse:
         started = time.monotonic()
         key = call.messages if call.kind == "chat" else call.prompt
         workers = await self.workers.serving(call.model)
         held = self.cache.take([w.address for w in workers], key)
         if held is None:
             address = workers[0].address
-            opened = await self.workers.open(address, call.model)
+            opened = await self.workers.open(address, call.model, rid)
             held = self.cache.add(address, opened.session_id, opened.token)
             for old in self.cache.evict():
                 self._spawn(self.workers.close_session(old.worker, old.session_id, old.token))
         self.metrics.running += 1
-        replies = self.workers.generate(held.worker, held.session_id, held.token, call)
+        replies = self.workers.generate(held.worker, held.session_id, held.token, call, rid)
         stream = aiter(replies)
         try:
             first = await anext(stream)
@@ -165,7 +240,9 @@ class FrontApp:
             self._drop(held)
             raise api.ApiError(502, "the worker ended the answer without a finish",
                                type="api_error") from None
-        turn = _Turn(self, call, held, key, started, replies)
+        answer = api.Answer(api.new_id(call.kind), int(time.time()),
+                            api.fingerprint(call.model, self.version))
+        turn = _Turn(self, call, answer, held, key, started, replies, rid)
         if not call.stream:
             try:        # cancelled when the client leaves: close() cancels the generation
                 return Response.of_json(200, await turn.whole(first, stream))
@@ -174,7 +251,7 @@ class FrontApp:
         return StreamResponse(turn.events(first, stream), on_close=turn.close)
 
     # ---- operations ----------------------------------------------------------
-    async def _metrics(self, request: Request) -> Response:
+    async def _metrics(self) -> Response:
         try:
             status = await self.workers.admission.stub.Status(apb.StatusRequest(), timeout=5)
         except grpc.aio.AioRpcError:
@@ -189,7 +266,7 @@ class FrontApp:
         text = render(self.metrics, self.cache.stats, status, store)
         return Response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
-    async def _health(self, request: Request) -> Response:
+    async def _health(self) -> Response:
         return Response.of_json(200, {"status": "ok"})
 
     def _drop(self, held: Held) -> None:
@@ -206,12 +283,12 @@ class _Turn:
     """One generation's way back to the client, whole or streamed; its end
     (well or not) settles the session in the cache and the metrics."""
 
-    def __init__(self, app: FrontApp, call: api.Call, held: Held, key, started: float,
-                 rpc):
+    def __init__(self, app: FrontApp, call: api.Call, answer: api.Answer, held: Held, key,
+                 started: float, rpc, request_id: str):
         self.app, self.call, self.held, self.key, self.started = app, call, held, key, started
+        self.answer = answer
         self.rpc = rpc                # the Generate call: cancelled if the turn ends early
-        self.rid = api.new_id(call.kind)
-        self.created = int(time.time())
+        self.request_id = request_id
         self.text: list[str] = []
         self.finish: wpb.GenerateFinish | None = None
         self.first_token_at: float | None = None
@@ -248,21 +325,21 @@ class _Turn:
         if self.finish is None:
             raise api.ApiError(502, "the worker ended the answer without a finish",
                                type="api_error")
-        return api.response(self.call, self.rid, self.created, "".join(self.text),
-                            self._reason(), self._usage())
+        return api.response(self.call, self.answer, "".join(self.text), self._reason(),
+                            self._usage())
 
     async def events(self, first: wpb.GenerateResponse,
                      stream: AsyncIterator[wpb.GenerateResponse]) -> AsyncIterator[bytes]:
-        call, rid, created = self.call, self.rid, self.created
+        call, answer = self.call, self.answer
         try:
             if call.kind == "chat":
-                yield api.sse(api.chunk(call, rid, created, "", None, first=True))
+                yield api.sse(api.chunk(call, answer, "", None, first=True))
             replies = [first]
             while True:
                 for reply in replies:
                     text = self._take(reply)
                     if text:
-                        yield api.sse(api.chunk(call, rid, created, text, None))
+                        yield api.sse(api.chunk(call, answer, text, None))
                 if self.finish is not None:
                     break
                 try:
@@ -273,9 +350,9 @@ class _Turn:
                 yield api.sse(api.ApiError(502, "the worker ended the answer without a finish",
                                            type="api_error").body())
             else:
-                yield api.sse(api.chunk(call, rid, created, None, self._reason()))
+                yield api.sse(api.chunk(call, answer, None, self._reason()))
                 if call.include_usage:
-                    yield api.sse(api.chunk(call, rid, created, None, None, used=self._usage()))
+                    yield api.sse(api.chunk(call, answer, None, None, used=self._usage()))
             yield api.DONE
         except grpc.aio.AioRpcError as exc:
             yield api.sse(api_error(exc).body())
@@ -303,7 +380,8 @@ class _Turn:
         history = (self.key + (("assistant", text),) if self.call.kind == "chat"
                    else self.key + text)
         app.cache.done(self.held, history, f.reused_tokens, f.prompt_tokens)
-        log.info("front_turn", model=self.call.model, kind=self.call.kind,
+        log.info("front_turn", request_id=self.request_id, model=self.call.model,
+                 kind=self.call.kind,
                  session_id=self.held.session_id, reused_tokens=f.reused_tokens,
                  prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
                  seconds=round(time.monotonic() - self.started, 3))

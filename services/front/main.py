@@ -25,7 +25,8 @@ async def serve(settings: FrontSettings) -> None:
     app = FrontApp(settings)
     app.start()
     host, port = parse_address(settings.listen)
-    server = HttpServer(app.handle, host, port, settings.max_body_bytes, http_error_response)
+    server = HttpServer(app.handle, host, port, settings.max_body_bytes, http_error_response,
+                        keep_alive_s=settings.keep_alive_s)
     await server.start()
     log.info("server_ready", address=server.address, admission=settings.admission,
              services=["openai-http"])

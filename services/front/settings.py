@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from services.common import settings as loader
 from services.common.errors import ConfigError
 from services.common.units import parse_address, parse_bytes
+from services.front.cors import parse_origins
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -28,6 +29,13 @@ class FrontSettings:
                 "closed first)"})
     request_timeout_s: float = field(default=600.0, metadata={
         "help": "longest a generation may take, waits for memory included"})
+    cors_origins: tuple[str, ...] = field(default=(), metadata={
+        "help": "origins whose browser pages may call the API (CORS): '*' for any, or a "
+                "comma-separated list such as http://localhost:3000 (empty: no CORS headers)",
+        "parse": parse_origins})
+    keep_alive_s: float = field(default=5.0, metadata={
+        "help": "how long an idle HTTP connection is kept for the client's next request "
+                "(0: one request per connection)"})
     grace_s: float = field(default=5.0, metadata={
         "help": "how long requests in flight may finish on shutdown"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
@@ -47,6 +55,12 @@ class FrontSettings:
             raise ConfigError("default_max_tokens", "must be at least 1")
         if self.sessions_per_worker < 1:
             raise ConfigError("sessions_per_worker", "must be at least 1")
+        if not 0 <= self.keep_alive_s <= 3600:
+            raise ConfigError("keep_alive_s", "must be within 0..3600 seconds")
+        try:
+            parse_origins(self.cors_origins)
+        except ValueError as exc:
+            raise ConfigError("cors_origins", str(exc)) from None
         if self.request_timeout_s <= 0 or self.grace_s < 0:
             raise ConfigError("request_timeout_s", "must be positive (grace_s not negative)")
         if self.log_format not in loader.LOG_FORMATS:

@@ -13,10 +13,16 @@ device), a kvstore, a smollm2-135m worker and the front.
 - /v1/completions with a growing raw prompt reuses its prefix too.
 - Errors come in OpenAI's shape with the right status: an unknown model is
   404, a bad parameter 400 naming it.
+- The surface agent frameworks rely on (issue 23): `models.retrieve`, the
+  routes without /v1, `context_length_exceeded` for a prompt past the
+  window, parameters lmx does not honour refused naming them, 16 stop
+  strings, `system_fingerprint` and `x-request-id` (passed on to the worker),
+  and several requests, whole and streamed, over one kept-alive connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -67,6 +73,7 @@ class Front:
     def __init__(self, admission: str, kvstore: str, log_path: Path):
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.front", "--listen", f"127.0.0.1:{port}",
@@ -91,6 +98,9 @@ class Front:
                 return reply.status, reply.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
         self.proc.terminate()
@@ -230,7 +240,7 @@ def test_errors_come_in_openai_shape(stack):
         chat(client, [{"role": "user", "content": "hi"}], top_p=7)
     assert wrong.value.body["param"] == "top_p"
     status, body = front.get("/v1/nowhere")
-    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+    assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_turn(stack):
@@ -337,3 +347,173 @@ def test_memory_short_is_429_with_retry_after(stack, tmp_path):
         assert again.usage.completion_tokens == 4
     finally:
         short.kill()
+
+
+# ---- the OpenAI surface agent frameworks rely on (issue 23) -----------------
+
+def bare_client(front: Front, **kwargs):
+    return openai.OpenAI(base_url=front.base, api_key="unused", max_retries=0,
+                         timeout=GENERATE_TIMEOUT_S, **kwargs)
+
+
+def test_a_model_is_retrieved_and_the_routes_answer_without_v1(stack):
+    front, client, _ = stack
+    model = client.models.retrieve(SMOLLM2)
+    assert model.id == SMOLLM2 and model.object == "model" and model.owned_by == "lmx"
+    assert time.time() - 3600 < model.created <= time.time(), \
+        "created: when the front first saw a worker serve it"
+    assert [m.created for m in client.models.list().data if m.id == SMOLLM2] == [model.created]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
+
+    bare = bare_client(front)           # base URL without /v1, as for vLLM or llama.cpp
+    assert bare.models.retrieve(SMOLLM2).created == model.created
+    assert SMOLLM2 in [m.id for m in bare.models.list().data]
+    reply = bare.chat.completions.create(model=SMOLLM2, temperature=0, max_tokens=4,
+                                         messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content
+    assert bare.completions.create(model=SMOLLM2, prompt="The sea is", max_tokens=4,
+                                   temperature=0).choices[0].text
+
+
+def test_a_prompt_past_the_window_is_context_length_exceeded(stack):
+    """Clients that trim their history on overflow look for this code. The
+    request id the client sent comes back, and the worker logged its refusal
+    under it."""
+    front, client, worker = stack
+    long = "one two three four five six seven eight nine ten " * 120     # > 512 tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=SMOLLM2, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": long}],
+                                       extra_headers={"x-request-id": "test-overflow-chat"})
+    assert refused.value.code == "context_length_exceeded", refused.value.body
+    assert refused.value.param == "messages" and refused.value.type == "invalid_request_error"
+    assert refused.value.response.headers["x-request-id"] == "test-overflow-chat"
+    with pytest.raises(openai.BadRequestError) as raw:
+        client.completions.create(model=SMOLLM2, prompt=long, max_tokens=4)
+    assert raw.value.code == "context_length_exceeded" and raw.value.param == "prompt"
+    deadline = time.monotonic() + 10
+    while "test-overflow-chat" not in worker.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "test-overflow-chat" in worker.log(), "the worker logs under the front's request id"
+    # A short prompt still answers: nothing was left behind.
+    assert chat(client, [{"role": "user", "content": "Hi"}]).choices[0].message.content
+
+
+def test_parameters_lmx_does_not_honour_are_refused_naming_them(stack):
+    _, client, _ = stack
+    hi = [{"role": "user", "content": "Hi"}]
+    for kwargs, param, code in [
+            ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_value"),
+            ({"presence_penalty": 1}, "presence_penalty", "unsupported_value"),
+            ({"n": 2}, "n", "unsupported_value"),
+            ({"logit_bias": {"1": 5}}, "logit_bias", "unsupported_value"),
+            ({"extra_body": {"top_k": 5}}, "top_k", "unknown_parameter")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            chat(client, hi, **kwargs)
+        assert (refused.value.param, refused.value.code) == (param, code), refused.value.body
+        assert param in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=SMOLLM2, prompt="x", max_tokens=2, best_of=2)
+    assert refused.value.param == "best_of"
+    # Their neutral values and the harmless fields are accepted.
+    reply = chat(client, hi, frequency_penalty=0, presence_penalty=0, n=1, user="agent-1",
+                 metadata={"run": "test"}, store=False, stream_options=None)
+    assert reply.choices[0].message.content
+
+
+def test_sixteen_stop_strings_are_accepted(stack):
+    _, client, _ = stack
+    messages = [{"role": "user", "content": "Name three colors of the rainbow."}]
+    want = chat(client, messages).choices[0].message.content
+    words = want.split()
+    assert len(words) >= 3, want
+    word = words[len(words) // 2]
+    stops = [f"@@never{i}@@" for i in range(15)] + [word]
+    reply = chat(client, messages, stop=stops).choices[0]
+    assert reply.finish_reason == "stop" and word not in reply.message.content
+    assert len(reply.message.content) < len(want)
+
+
+def test_answers_carry_a_system_fingerprint_and_a_request_id(stack):
+    front, client, _ = stack
+    hi = [{"role": "user", "content": "Hi"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model=SMOLLM2, messages=hi, temperature=0, max_tokens=4)
+    assert raw.headers["x-request-id"].startswith("req_")
+    whole = raw.parse()
+    assert whole.system_fingerprint and whole.system_fingerprint.startswith("lmx-")
+    mine = client.chat.completions.with_raw_response.create(
+        model=SMOLLM2, messages=hi, temperature=0, max_tokens=4, stream=True,
+        extra_headers={"x-request-id": "agent-7-turn-1"})
+    assert mine.headers["x-request-id"] == "agent-7-turn-1"
+    chunks = list(mine.parse())
+    assert chunks and all(c.system_fingerprint == whole.system_fingerprint for c in chunks)
+    text = client.completions.create(model=SMOLLM2, prompt="The sea is", max_tokens=2,
+                                     temperature=0)
+    assert text.system_fingerprint == whole.system_fingerprint, "one model, one fingerprint"
+    deadline = time.monotonic() + 10
+    while "agent-7-turn-1" not in front.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "agent-7-turn-1" in front.log(), "the front logs the turn under the client's id"
+
+
+def test_several_requests_share_one_kept_alive_connection(stack):
+    """The official client (httpx) keeps its connection between requests:
+    lists, whole answers, errors and streams go over one connection. (The
+    sync client closes the response of a stream at its [DONE] without reading
+    the chunked body's end, so httpx drops that connection after a stream;
+    the async client reads it to the end and keeps it: both are checked.)"""
+    front, _, _ = stack
+    httpx = pytest.importorskip("httpx2")      # the official client's HTTP library
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    hi = [{"role": "user", "content": "Hi"}]
+
+    def where(response) -> tuple:
+        return response.extensions["network_stream"].get_extra_info("client_addr")
+
+    client = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0,
+                           timeout=GENERATE_TIMEOUT_S,
+                           http_client=openai.DefaultHttpxClient(limits=limits))
+    used = []
+    try:
+        for _ in range(2):
+            listed = client.models.with_raw_response.list()
+            used.append(where(listed.http_response))
+            whole = client.chat.completions.with_raw_response.create(
+                model=SMOLLM2, messages=hi, temperature=0, max_tokens=4)
+            assert whole.parse().choices[0].message.content
+            used.append(where(whole.http_response))
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model=SMOLLM2, messages=hi, top_p=7)
+            used.append(where(refused.value.response))
+        streamed = client.chat.completions.with_raw_response.create(
+            model=SMOLLM2, messages=hi, temperature=0, max_tokens=4, stream=True)
+        used.append(where(streamed.http_response))
+        assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+        assert len(used) == 7 and len(set(used)) == 1, f"one connection for all: {used}"
+        assert client.models.list().data, "and the next request is served"
+    finally:
+        client.close()
+
+    async def streams() -> list[tuple]:
+        aclient = openai.AsyncOpenAI(base_url=front.base + "/v1", api_key="unused",
+                                     max_retries=0, timeout=GENERATE_TIMEOUT_S,
+                                     http_client=openai.DefaultAsyncHttpxClient(limits=limits))
+        used = []
+        try:
+            for stream in (True, False, True, True, False):
+                raw = await aclient.chat.completions.with_raw_response.create(
+                    model=SMOLLM2, messages=hi, temperature=0, max_tokens=4, stream=stream)
+                used.append(where(raw.http_response))
+                if stream:
+                    assert [c async for c in raw.parse()]
+                else:
+                    assert raw.parse().choices[0].message.content
+        finally:
+            await aclient.close()
+        return used
+
+    used = asyncio.run(streams())
+    assert len(set(used)) == 1, f"streams and whole answers on one connection: {used}"
