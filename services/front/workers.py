@@ -56,7 +56,9 @@ def param_of(field: str) -> str | None:
     if head == "sampling":
         return rest or None
     if head == "conversation":
-        return "messages" + rest.removeprefix("messages") if rest else "messages"
+        if rest.startswith("messages"):
+            return rest
+        return "tools" if rest == "tools_json" else "messages"
     if head in PROMPT_FIELDS:
         return PROMPT_FIELDS[head]
     return None

@@ -247,6 +247,9 @@ def test_max_tokens_past_the_window_is_context_length_exceeded():
     bad_role = api_error(_worker_refusal(InvalidArgument("conversation.messages[2].role",
                                                          "must be one of system, user")))
     assert bad_role.param == "messages[2].role" and bad_role.code == "invalid_value"
+    no_tools = api_error(_worker_refusal(InvalidArgument("conversation.tools_json",
+                                                         "the template renders no tools")))
+    assert no_tools.param == "tools"
 
 
 def test_other_refusals_get_openai_codes():
