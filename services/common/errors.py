@@ -22,10 +22,13 @@ class InvalidArgument(LmxError):
     """Bad input: the request can never succeed as sent. `field` names the
     offending request field (dotted path, as in the proto)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, reason: str = ""):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.description = message
+        #: A machine-readable kind, for clients to act on (ErrorInfo.reason):
+        #: CONTEXT_LENGTH_EXCEEDED. Empty for most.
+        self.reason = reason
 
 
 class NotFound(LmxError):

@@ -5,7 +5,8 @@ request gets an id bound into structlog's context.
                         (device, requested, free and missing bytes)
   NotFound           -> NOT_FOUND
   PermissionDenied   -> PERMISSION_DENIED
-  InvalidArgument    -> INVALID_ARGUMENT, with BadRequest naming the field
+  InvalidArgument    -> INVALID_ARGUMENT, with BadRequest naming the field (and
+                        ErrorInfo(reason) when it has one: CONTEXT_LENGTH_EXCEEDED)
   FailedPrecondition -> FAILED_PRECONDITION, with ErrorInfo(reason)
   Aborted            -> ABORTED, with ErrorInfo(reason) (retry the request)
   anything else      -> INTERNAL, the exception logged with the request id
@@ -72,6 +73,8 @@ def to_status(exc: Exception, request_id: str) -> grpc.Status:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=exc.field,
                                                         description=_clip(exc.description))]))
+        if exc.reason:
+            details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
     elif isinstance(exc, PermissionDenied):
         code = code_pb2.PERMISSION_DENIED
     elif isinstance(exc, NotFound):

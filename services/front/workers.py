@@ -66,8 +66,9 @@ def param_of(field: str) -> str | None:
 
 def context_exceeded(field: str, message: str) -> bool:
     """Whether a worker's INVALID_ARGUMENT says the request does not fit the
-    model's window: a prompt too long (engine.py `_queue`) or max_tokens past
-    the window (limits.py `check_max_tokens`)."""
+    model's window, for workers that do not give the reason
+    CONTEXT_LENGTH_EXCEEDED (ErrorInfo) yet: a prompt too long (engine.py
+    `_queue`) or max_tokens past the window (limits.py `check_max_tokens`)."""
     head = field.partition(".")[0]
     return (head in PROMPT_FIELDS or field == "sampling.max_tokens") and \
         OVER_WINDOW.search(message) is not None
@@ -85,8 +86,9 @@ def api_error(exc: grpc.aio.AioRpcError) -> ApiError:
     param = param_of(details.field) if details.field else None
     if details.field and param and message.startswith(details.field + ":"):
         message = param + message[len(details.field):]
-    if details.code == grpc.StatusCode.INVALID_ARGUMENT and \
-            context_exceeded(details.field, message):
+    if details.code == grpc.StatusCode.INVALID_ARGUMENT and (
+            details.reason == "CONTEXT_LENGTH_EXCEEDED" or context_exceeded(details.field,
+                                                                            message)):
         code = "context_length_exceeded"
         message += " (the model's maximum context length is exceeded: shorten the " + \
                    ("prompt" if param == "prompt" else "messages") + " or lower max_tokens)"

@@ -55,6 +55,7 @@ from services.common.errors import (
 )
 from services.worker.decode_graphs import DecodeGraphs
 from services.worker.kv_pool import BlockPool
+from services.worker.limits import CONTEXT_LENGTH_EXCEEDED
 from services.worker.kv_storage import KVStorage
 from services.worker.memory import Memory
 from services.worker.models import LoadedModel
@@ -279,7 +280,8 @@ class Engine:
         if total >= loaded.max_context:
             raise InvalidArgument(field_name,
                                   f"the context would hold {total} tokens; {loaded.name} takes "
-                                  f"at most {loaded.max_context - 1} before generating")
+                                  f"at most {loaded.max_context - 1} before generating",
+                                  reason=CONTEXT_LENGTH_EXCEEDED)
         self._truncate(session, keep)
         session.tokens.extend(new_tokens)
         if history is not None and history is not session.messages:

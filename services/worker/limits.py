@@ -32,6 +32,8 @@ MAX_ID_CHARS = 256
 MAX_TOOLS = 128
 MAX_TOOLS_CHARS = 256 << 10
 ROLES = ("system", "user", "assistant", "tool")
+#: The reason (ErrorInfo) of a request that does not fit the model's window.
+CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
 
 
 def check_id(field: str, value: str, required: bool = True) -> None:
@@ -124,4 +126,5 @@ def check_max_tokens(max_tokens: int, max_context: int, model: str) -> None:
     if max_tokens >= max_context:
         raise InvalidArgument("sampling.max_tokens", f"at most {max_context - 1}: {model}'s "
                                                      f"context holds {max_context} tokens, the "
-                                                     "prompt's included")
+                                                     "prompt's included",
+                              reason=CONTEXT_LENGTH_EXCEEDED)

@@ -75,6 +75,13 @@ def test_invalid_argument_names_the_field():
     assert (violation.field, violation.description) == ("holder.name", "a holder name is required")
 
 
+def test_an_invalid_argument_with_a_reason_carries_it_in_error_info():
+    exc = InvalidArgument("prompt", "too long", reason="CONTEXT_LENGTH_EXCEEDED")
+    details = unpack(rich_status(to_status(exc, "req-9")))
+    assert details[error_details_pb2.ErrorInfo].reason == "CONTEXT_LENGTH_EXCEEDED"
+    assert details[error_details_pb2.BadRequest].field_violations[0].field == "prompt"
+
+
 def test_not_found():
     status = to_status(NotFound("lease", "lease-1", "it was released"), "req-3")
     assert status.code is grpc.StatusCode.NOT_FOUND

@@ -231,6 +231,16 @@ def test_a_prompt_past_the_window_is_context_length_exceeded(field, param):
     assert error.message.startswith(param + ": the context would hold 5000 tokens")
 
 
+def test_the_workers_reason_alone_makes_context_length_exceeded():
+    """Whatever the message says: the worker's ErrorInfo reason decides."""
+    from services.common.errors import InvalidArgument
+    from services.worker.limits import CONTEXT_LENGTH_EXCEEDED
+
+    exc = InvalidArgument("conversation", "some other wording", reason=CONTEXT_LENGTH_EXCEEDED)
+    error = api_error(_worker_refusal(exc))
+    assert error.code == "context_length_exceeded" and error.param == "messages"
+
+
 def test_max_tokens_past_the_window_is_context_length_exceeded():
     from services.common.errors import InvalidArgument
     from services.worker.limits import check_max_tokens, check_stop
