@@ -82,6 +82,16 @@ def _check_tools(loaded, template: str, tools) -> None:
                               "models), or open the session with a chat_template that does")
 
 
+def chat_tokens(tokenizer, messages: list[dict], template: str,
+                tools: list[dict] | None = None) -> list[int]:
+    """The whole conversation rendered with the chat template, ready for the
+    assistant's reply (as tokenizer.apply_chat_template renders it), and
+    tokenized. The session keeps the longest prefix of its context that
+    this rendering shares and computes only the rest."""
+    return _tokenize_chat(tokenizer, render(template, messages, special_tokens(tokenizer),
+                                            1 << 62, tools))
+
+
 def _render_trusted(loaded, template: str, messages, field: str, max_chars: int,
                     tools=None) -> str:
     try:

@@ -1,4 +1,5 @@
-"""Text <-> tokens for sessions: chat rendering and streaming detokenization."""
+"""Tokens for sessions: common prefixes and streaming detokenization (chat
+rendering is in prompts.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-def chat_tokens(tokenizer, messages: list[dict[str, str]], template: str) -> list[int]:
-    """The whole conversation rendered with the chat template, ready for the
-    assistant's reply (as tokenizer.apply_chat_template renders it). The
-    session keeps the longest prefix of its context that this rendering
-    shares and computes only the rest."""
-    from services.worker.templates import render
-
-    text = render(template, messages, dict(getattr(tokenizer, "special_tokens_map", {}) or {}),
-                  1 << 62)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class Detokenizer:

@@ -345,3 +345,13 @@ def hostile_payloads(rng, known: list[bytes], *, random_count: int = 40,
                 out.append(bytes(mutated[:rng.randrange(len(mutated) + 1)]))
         out.append(raw)
     return out
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (Linux /proc), for tests that check a
+    server's memory before and after hostile requests."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

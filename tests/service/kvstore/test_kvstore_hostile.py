@@ -14,17 +14,10 @@ import pytest
 from lmx.v1 import kvstore_pb2 as pb
 from services.admission.client import error_details
 
+from ..support import rss_bytes
 from .support import RPC_TIMEOUT_S, SECRET, layout, reserve_request, stub
 
 MiB = 1 << 20
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def refused(call, request) -> grpc.RpcError:

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmx.v1 import worker_pb2 as wpb
 
+from ..support import rss_bytes
 from .worker_support import RPC_TIMEOUT_S, WorkerClient, generate_request, rpc_error
 
 pytestmark = pytest.mark.timeout(300, func_only=True)
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.timeout(300, func_only=True)
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 BYSTANDER_TOKENS = 48
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def token_rate(client: WorkerClient, session) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.tokens import Detokenizer, chat_tokens, common_prefix
+from services.worker.prompts import chat_tokens
+from services.worker.tokens import Detokenizer, common_prefix
 
 
 @pytest.mark.parametrize("a, b, expected", [
