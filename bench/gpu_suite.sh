@@ -49,7 +49,7 @@ plan() {
 }
 
 stress() {
-    step stress-$stamp 540 $PY bench/stress.py --log-dir "$LOGS/stress"
+    step stress-$stamp ${STRESS_LIMIT:-540} $PY bench/stress.py --log-dir "$LOGS/stress"
 }
 
 workers() {

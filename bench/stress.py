@@ -58,7 +58,8 @@ from services.common.launch import start_service  # noqa: E402
 from services.worker.app import SERVICE_NAME as WORKER  # noqa: E402
 
 GIB = 1 << 30
-#: Each shape's cap: its weights and a little KV (GiB).
+#: Each shape's cap: its weights and a little KV (GiB), on top of what the
+#: idle card already uses.
 #: The worker's start needs weights, CUDA context (about 0.5 GiB), workspace
 #: and the graphs' pool estimate; what is left after the pool is measured
 #: holds the KV of a fraction of the sessions' prompts only.
@@ -197,16 +198,31 @@ def gpu_info() -> tuple[str, int]:
     return name, int(total)
 
 
+def idle_used_bytes() -> int:
+    """NVML's used memory of the card with no process of ours on it (about
+    0.5 GiB on an idle H100): admission counts it as foreign, so the cap
+    is set above it and the shape's cap is what lmx may lease."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def run_model(model: str, args, total: int, logs: Path) -> dict:
     cap = CAPS_GIB.get(model, args.cpu_cap_gib if args.device == "cpu" else 4.0) * GIB
     admission_log, worker_log = logs / f"{model[10:]}-admission.log", logs / f"{model[10:]}-worker.log"
-    devices = (["--device-backend", "nvml", "--cap-fraction", f"{cap / total:.6f}"]
+    idle = idle_used_bytes() if args.device == "cuda" else 0
+    devices = (["--device-backend", "nvml", "--cap-fraction", f"{(cap + idle) / total:.6f}"]
                if args.device == "cuda" else ["--device", f"cpu:0={int(cap / 0.9)}"])
     admission = start_service("services.admission", ADMISSION,
                               [*devices, "--poll-interval-s", "0.2", "--log-format", "json"],
                               log_path=admission_log, timeout_s=60)
     worker = None
-    report: dict = dict(model=model, cap_bytes=int(cap), cuda_graphs=args.cuda_graphs, waves=[])
+    report: dict = dict(model=model, cap_bytes=int(cap), idle_used_bytes=idle,
+                        cuda_graphs=args.cuda_graphs, waves=[])
     try:
         started = time.perf_counter()
         worker = start_service("services.worker", WORKER,

@@ -542,9 +542,10 @@ class Engine:
         budget = self.max_prefill_tokens
         shape = StepShape(0, 0, 0, 0)
 
-        def take(request: Request) -> bool | None:
+        def take(request: Request, grow: bool = True) -> bool | None:
             """Schedule a chunk of the request's feed; None: no budget left
-            (tokens, rows or the step's memory), False: no KV blocks for it."""
+            (tokens, rows or the step's memory), False: no KV blocks for it
+            (with grow False: none free now, and nothing asked for)."""
             nonlocal budget, shape
             pending = self._pending(request)
             count = min(pending, budget)
@@ -554,6 +555,8 @@ class Engine:
             count = self._fitting_chunk(shape, count, context_before)
             if count <= 0:
                 return None
+            if not grow and not self.pool.can_append(request.session.session_id, count):
+                return False
             if not self._reserve(request, count):
                 return False
             session = request.session
@@ -567,28 +570,61 @@ class Engine:
                 self._prefill_chunks += 1
             return True
 
-        started_first = True
+        # First come, first served: a prompt short of blocks holds up the
+        # ones behind it, since the blocks the others free are for it. One
+        # that only a larger pool can serve (it needs more blocks than the
+        # pool has in all) waits for admission instead; the ones behind it
+        # go ahead meanwhile into blocks free now, asking for no growth
+        # (were they held up, each such prompt would stall the queue for
+        # kv_wait_s).
+        blocked = False     # a prompt ahead waits for blocks the others free
+        overtaking = False  # a prompt ahead waits for growth alone
+        passed: list[Request] = []
         for request in self._running:
             if not request.done and self._pending(request) > 1:
-                taken = take(request)
+                taken = take(request, grow=not overtaking)
                 if taken is None:
                     break
-                started_first = started_first and taken
-        while self._waiting and started_first:   # a begun prompt short of blocks goes first
-            request = self._waiting[0]
-            if not take(request):
-                break  # first come, first served: nobody overtakes it
-            self._waiting.popleft()
+                if not taken:
+                    if not overtaking and self._waits_for_growth(request):
+                        overtaking = True
+                        passed.append(request)
+                    else:
+                        blocked = True
+        index = 0
+        while not blocked and index < len(self._waiting):
+            request = self._waiting[index]
+            taken = take(request, grow=not overtaking)
+            if taken is None:
+                break
+            if not taken:
+                if overtaking or not self._waits_for_growth(request):
+                    break
+                overtaking = True
+                passed.append(request)
+                index += 1
+                continue
+            del self._waiting[index]
             self._running.append(request)
         if batch:
             # The others wait for these prompts (a step of up to
             # max_prefill_tokens, seconds on a CPU), not for memory: their
             # kv_wait_s clocks restart when they are next considered. A
             # prompt that found no blocks has its growth under way already.
+            # One passed over for growth waits for memory: its clock runs.
             for request in [*self._running, *self._waiting]:
-                if request not in batch:
+                if request not in batch and request not in passed:
                     request.blocked_since = None
         return items, batch, complete
+
+    def _waits_for_growth(self, request: Request) -> bool:
+        """Whether the request needs more KV blocks than the pool has in
+        all: only a larger pool (admission's grant) serves it, not the blocks
+        the other sessions free."""
+        session_id = request.session.session_id
+        held = len(self.pool.table(session_id))
+        return held + self.pool.blocks_needed(session_id, self._pending(request)) \
+            > self.pool.num_blocks
 
     def _fitting_chunk(self, shape: StepShape, count: int, context_before: int) -> int:
         """The most of `count` prompt tokens (after `context_before` tokens of

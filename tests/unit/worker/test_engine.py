@@ -396,6 +396,41 @@ def test_kv_growth_that_never_comes_fails_after_kv_wait_s(tiny):
 
 
 
+def test_a_prompt_only_a_larger_pool_can_hold_does_not_hold_up_the_queue(tiny):
+    """A prompt needing more blocks than the pool has in all waits for
+    admission's grant (here never coming); a short prompt queued behind it
+    runs meanwhile in the blocks free now, instead of waiting kv_wait_s
+    behind it; the long one then fails with CapacityExhausted."""
+    order = []
+
+    async def scenario(engine):
+        sessions = SessionTable()
+        warm = sessions.open()   # the pool's first chunk (64 tokens), mostly free after
+        await collect(engine, engine.submit_tokens(warm, SamplingParams(max_tokens=2),
+                                                   list(range(200, 210))))
+        long, short = sessions.open(), sessions.open()
+
+        async def one(name, session, prompt):
+            end = (await collect(engine, engine.submit_tokens(
+                session, SamplingParams(max_tokens=3), prompt)))[1]
+            order.append(name)
+            return end
+
+        long_task = asyncio.create_task(one("long", long, list(range(300, 500))))
+        await asyncio.sleep(0)
+        short_end = await one("short", short, list(range(600, 610)))
+        return await long_task, short_end, list(long.tokens)
+
+    long_end, short_end, long_tokens = run(tiny, scenario, memory=StalledMemory(GIB),
+                                           kv_wait_s=3, spare_chunks=1)
+    assert isinstance(short_end, Finished), f"the short prompt should finish: {short_end}"
+    assert order == ["short", "long"], (
+        f"the short prompt waited for the long one's growth (finished in order {order})")
+    assert isinstance(long_end, Failed) and isinstance(long_end.error, CapacityExhausted), (
+        f"the long prompt should fail with CapacityExhausted when no growth comes: {long_end}")
+    assert long_tokens == [], f"the failed prompt should leave its session empty: {long_tokens}"
+
+
 def test_generations_that_outgrow_the_kv_budget_together_are_preempted_not_failed(tiny):
     """Two generations that each fit alone but not together: when both wait
     for a block that cannot come, the newer gives its blocks back, waits,
