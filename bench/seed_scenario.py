@@ -580,7 +580,9 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = args.device
+    # One file per mode: the default (whole models sleep) keeps the plain name.
+    dev = args.device if args.resident_fraction == "1.0" else \
+        f"{args.device}-resident-{args.resident_fraction}"
     for name in (f"seed-scenario-{dev}-{started.date().isoformat()}.json",
                  f"seed-scenario-{dev}-latest.json"):
         (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -358,18 +358,16 @@ def load_hf(model_name: str, device: str, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.worker.models import default_cache_dir, model_config
+    from services.worker.models import build_synthetic, default_cache_dir, model_config
 
     cache = default_cache_dir()
     dtype = getattr(torch, dtype_name)
     config, path = model_config(model_name, cache)
     if path is None:  # synthetic: the worker's construction, same seed, same weights
-        torch.manual_seed(SEED)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation="sdpa")
+        model = build_synthetic(config, torch.device(device), dtype, SEED)
+        model.set_attn_implementation("sdpa")
         tokenizer = AutoTokenizer.from_pretrained(cache / "models" / "smollm2-135m")
-        source = f"from_config (seed {SEED}), tokenizer {cache / 'models' / 'smollm2-135m'}"
+        source = f"build_synthetic (seed {SEED}), tokenizer {cache / 'models' / 'smollm2-135m'}"
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                      attn_implementation="sdpa").to(device)

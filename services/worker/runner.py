@@ -110,6 +110,7 @@ class ModelRunner:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
+            kv_before = self.storage.num_chunks
         self._path = StepShape(0, 0, 0, 0)
         try:
             tokens = list(self._step(items))
@@ -117,7 +118,10 @@ class ModelRunner:
             failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
         if failed is None:
             if cuda:
-                measured = torch.cuda.max_memory_allocated(self.device) - before
+                # KV chunks the event loop added while the step ran (the
+                # KV lease's memory) are not the step's.
+                kv_added = max(0, self.storage.num_chunks - kv_before) * self.storage.chunk_bytes
+                measured = torch.cuda.max_memory_allocated(self.device) - before - kv_added
                 self.max_step_bytes = max(self.max_step_bytes, measured)
                 captured = self.graphs is not None and self.graphs.num_graphs != graphs_before
                 planned = self._planned(items)
