@@ -4,7 +4,7 @@
 # machine, with the project importable (make setup, or on a bare machine
 # `source bench/gpu_setup.sh` after bench/gpu_carry.sh here):
 #
-#   bench/gpu_suite.sh tests     # pytest -m gpu tests/gpu
+#   bench/gpu_suite.sh tests     # pytest -m gpu tests/gpu (bench/gpu_tests.py: JSON per test)
 #   bench/gpu_suite.sh plan      # the step memory plan against measured peaks, shapes to 3B
 #   bench/gpu_suite.sh stress    # 1-128 sessions, prompts to 4,000 tokens, short KV, NVML sampled
 #   bench/gpu_suite.sh workers   # bench/worker.py --sessions 1,8,32,64, 3 shapes, graphs on and off
@@ -41,7 +41,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
 }
 
 tests() {
-    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY bench/gpu_tests.py
 }
 
 plan() {
