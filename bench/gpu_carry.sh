@@ -30,7 +30,7 @@ CACHE=${LMX_CACHE:-.cache/lmx}
 pins=()
 for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf structlog \
         googleapis-common-protos transformers tokenizers huggingface-hub \
-        httpx2 httpcore2 truststore hf-xet kernels tomlkit; do
+        httpx2 httpcore2 truststore hf-xet kernels tomlkit llguidance; do
     pins+=("$name==$("$PY" -m pip show "$name" | awk '/^Version:/ {print $2}')")
 done
 rm -rf .whl && mkdir .whl

@@ -34,6 +34,7 @@ import structlog
 from lmx.v1 import admission_pb2 as apb
 from lmx.v1 import worker_pb2 as wpb
 from services.front import openai_api as api
+from services.front import tool_calls
 from services.front.cors import Cors
 from services.front.http_server import HttpError, Request, Response, StreamResponse
 from services.front.metrics import FrontMetrics, render
@@ -212,7 +213,9 @@ class FrontApp:
 
     async def _complete(self, call: api.Call, rid: str) -> Response | StreamResponse:
         started = time.monotonic()
-        key = call.messages if call.kind == "chat" else call.prompt
+        # A chat's history starts with its tools: a session rendered with
+        # other tools shares no prefix with it.
+        key = (call.tools, *call.messages) if call.kind == "chat" else call.prompt
         workers = await self.workers.serving(call.model)
         held = self.cache.take([w.address for w in workers], key)
         if held is None:
@@ -281,7 +284,9 @@ class FrontApp:
 
 class _Turn:
     """One generation's way back to the client, whole or streamed; its end
-    (well or not) settles the session in the cache and the metrics."""
+    (well or not) settles the session in the cache and the metrics. With
+    tools, the answer's text is read for tool calls (tool_calls.py): they
+    leave the content and come as `tool_calls`, finish_reason "tool_calls"."""
 
     def __init__(self, app: FrontApp, call: api.Call, answer: api.Answer, held: Held, key,
                  started: float, rpc, request_id: str):
@@ -293,6 +298,9 @@ class _Turn:
         self.finish: wpb.GenerateFinish | None = None
         self.first_token_at: float | None = None
         self.closed = False
+        self.parser = tool_calls.StreamingParser() if call.parses_tools else None
+        self.content: list[str] = []  # the answer's text outside tool calls
+        self.calls: list[tool_calls.ToolCall] = []
 
     def _take(self, reply: wpb.GenerateResponse) -> str | None:
         if reply.HasField("delta"):
@@ -305,6 +313,28 @@ class _Turn:
             self.finish = reply.finish
         return None
 
+    def _parse(self, text: str) -> list[tool_calls.Delta]:
+        """Text in, what the client gets out: content, or whole calls."""
+        if self.parser is None:
+            out = [tool_calls.Delta(content=text)] if text else []
+        else:
+            out = self.parser.push(text)
+        for delta in out:
+            if delta.call is not None:
+                self.calls.append(delta.call)
+            else:
+                self.content.append(delta.content)
+        return out
+
+    def _end_of_text(self) -> list[tool_calls.Delta]:
+        """The answer ended: what the parser held is content."""
+        if self.parser is None:
+            return []
+        held = self.parser.finish()
+        for delta in held:
+            self.content.append(delta.content)
+        return held
+
     def _usage(self) -> dict:
         f = self.finish
         assert f is not None
@@ -312,21 +342,41 @@ class _Turn:
 
     def _reason(self) -> str:
         assert self.finish is not None
+        if self.calls:
+            return "tool_calls"
         return api.FINISH.get(wpb.FinishReason.Name(self.finish.reason), "stop")
+
+    def _openai_calls(self) -> list[dict]:
+        return [call.to_openai() for call in self.calls]
 
     async def whole(self, first: wpb.GenerateResponse,
                     stream: AsyncIterator[wpb.GenerateResponse]) -> dict:
-        self._take(first)
+        self._parse(self._take(first) or "")
         try:
             async for reply in stream:
-                self._take(reply)
+                self._parse(self._take(reply) or "")
         except grpc.aio.AioRpcError as exc:
             raise api_error(exc) from None
         if self.finish is None:
             raise api.ApiError(502, "the worker ended the answer without a finish",
                                type="api_error")
-        return api.response(self.call, self.answer, "".join(self.text), self._reason(),
-                            self._usage())
+        self._end_of_text()
+        content = "".join(self.content)
+        if self.calls:
+            content = content.strip()
+        return api.response(self.call, self.answer, content, self._reason(), self._usage(),
+                            self._openai_calls())
+
+    def _sse(self, deltas: list[tool_calls.Delta]) -> list[bytes]:
+        out = []
+        call, answer = self.call, self.answer
+        for delta in deltas:
+            if delta.call is not None:
+                out.append(api.sse(api.chunk(call, answer, None, None, tool_call=delta.call.
+                                             to_openai(self.calls.index(delta.call)))))
+            elif delta.content:
+                out.append(api.sse(api.chunk(call, answer, delta.content, None)))
+        return out
 
     async def events(self, first: wpb.GenerateResponse,
                      stream: AsyncIterator[wpb.GenerateResponse]) -> AsyncIterator[bytes]:
@@ -339,7 +389,8 @@ class _Turn:
                 for reply in replies:
                     text = self._take(reply)
                     if text:
-                        yield api.sse(api.chunk(call, answer, text, None))
+                        for event in self._sse(self._parse(text)):
+                            yield event
                 if self.finish is not None:
                     break
                 try:
@@ -350,6 +401,8 @@ class _Turn:
                 yield api.sse(api.ApiError(502, "the worker ended the answer without a finish",
                                            type="api_error").body())
             else:
+                for event in self._sse(self._end_of_text()):
+                    yield event
                 yield api.sse(api.chunk(call, answer, None, self._reason()))
                 if call.include_usage:
                     yield api.sse(api.chunk(call, answer, None, None, used=self._usage()))
@@ -359,6 +412,21 @@ class _Turn:
             yield api.DONE
         finally:
             self.close()
+
+    def _history(self):
+        """What the session holds after this turn, as the client will send it
+        back: its request, then the answer (content, and calls with the ids
+        it was given)."""
+        if self.call.kind != "chat":
+            return self.key + "".join(self.text)
+        content = "".join(self.content)
+        if self.calls:
+            return self.key + (api.Message("assistant", content.strip(),
+                                           api.calls_json(self._openai_calls())),)
+        if self.call.prefill:        # the answer continues the client's last message
+            last = self.key[-1]
+            return self.key[:-1] + (api.Message("assistant", last.content + content),)
+        return self.key + (api.Message("assistant", content),)
 
     def close(self) -> None:
         """The end of the turn: a finished one keeps its session for reuse,
@@ -376,12 +444,11 @@ class _Turn:
         f = self.finish
         app.metrics.prompt_tokens += f.prompt_tokens
         app.metrics.generation_tokens += f.completion_tokens
-        text = "".join(self.text)
-        history = (self.key + (("assistant", text),) if self.call.kind == "chat"
-                   else self.key + text)
-        app.cache.done(self.held, history, f.reused_tokens, f.prompt_tokens)
+        app.metrics.tool_calls += len(self.calls)
+        app.cache.done(self.held, self._history(), f.reused_tokens, f.prompt_tokens)
         log.info("front_turn", request_id=self.request_id, model=self.call.model,
                  kind=self.call.kind,
                  session_id=self.held.session_id, reused_tokens=f.reused_tokens,
                  prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
+                 tool_calls=len(self.calls),
                  seconds=round(time.monotonic() - self.started, 3))

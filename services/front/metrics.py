@@ -37,6 +37,7 @@ class FrontMetrics:
     requests: dict[tuple[str, int], int] = field(default_factory=dict)   # (endpoint, status)
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    tool_calls: int = 0
     ttft: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
     #: From admission's Watch since the front started: parks, restores,
@@ -96,6 +97,8 @@ def render(front: FrontMetrics, reuse: ReuseStats, status: apb.StatusResponse | 
            [({}, front.prompt_tokens)])
     metric("lmx:generation_tokens_total", "counter", "Tokens generated.",
            [({}, front.generation_tokens)])
+    metric("lmx:tool_calls_total", "counter", "Tool calls read from answers.",
+           [({}, front.tool_calls)])
     histogram("lmx:time_to_first_token_seconds", "From the request to its first token.",
               front.ttft)
     histogram("lmx:e2e_request_latency_seconds", "From the request to its last token.",

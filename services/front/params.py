@@ -6,27 +6,30 @@ openai_api.py turns it into a 400.
 Honoured (parsed by openai_api.py): `model`, `messages` (chat) or `prompt`
 (completions), `max_tokens`, `max_completion_tokens`, `temperature`,
 `top_p`, `seed`, `stop` (up to 16 strings), `stream`, `stream_options`
-(`include_usage`; its other keys are ignored).
+(`include_usage`; its other keys are ignored), `tools`, `tool_choice` and
+`response_format` (chat).
 
 Accepted and ignored, as they ask nothing of the answer (IGNORED): `user`,
 `metadata`, `store`, `service_tier`, `prompt_cache_key` (lmx reuses
-prefixes anyway), `safety_identifier`, `parallel_tool_calls` (tools are
-refused).
+prefixes anyway), `safety_identifier`, `parallel_tool_calls` (an answer
+may hold several calls either way).
 
 Accepted at their neutral value only, refused otherwise (NEUTRAL):
 `frequency_penalty` and `presence_penalty` 0, `n` and `best_of` 1,
 `logprobs` false (chat), `top_logprobs` 0, `logit_bias` {}, `echo` false,
-`suffix` "", `tools` and `functions` [], `tool_choice` and `function_call`
-"none" or "auto" (no tools: the same), `response_format` {"type": "text"},
+`suffix` "", the legacy `functions` [] and `function_call` "none" or
+"auto",
 `modalities` ["text"]; and `audio`, `prediction`, `web_search_options`,
 `reasoning_effort`, `verbosity` and a completion's `logprobs` only null.
 
 A null value is the field's default, so it is always accepted. Anything
 else is an unknown parameter (OpenAI's `unknown_parameter`).
 
-In a chat message: `role` and `content` are honoured, `name` accepted and
-ignored; other fields only empty (null, "", [] or {}: what an SDK's
-`message.model_dump()` holds, e.g. `refusal`, `annotations`, `tool_calls`).
+In a chat message: `role`, `content`, `tool_calls` (assistant),
+`tool_call_id` and `name` (tool) are honoured (`name` is ignored on the
+other roles); other fields only empty
+(null, "", [] or {}: what an SDK's `message.model_dump()` holds, e.g.
+`refusal`, `annotations`); the legacy `function_call` only empty.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ from dataclasses import dataclass
 
 HONOURED_COMMON = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature",
                              "top_p", "seed", "stop", "stream", "stream_options"})
-HONOURED = {"chat": HONOURED_COMMON | {"messages"},
+HONOURED = {"chat": HONOURED_COMMON | {"messages", "tools", "tool_choice", "response_format"},
             "completion": HONOURED_COMMON | {"prompt"}}
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
                      "safety_identifier", "parallel_tool_calls"})
-MESSAGE_HONOURED = frozenset({"role", "content"})
-MESSAGE_IGNORED = frozenset({"name"})
+MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
+MESSAGE_IGNORED = frozenset()
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def _never(value: object) -> bool:
 
 
 PENALTIES = "penalties are not implemented"
-TOOLS = "tool calling is not yet supported by lmx"
+LEGACY = "the legacy function calling API: use tools and tool_choice"
 NEUTRAL_COMMON = {
     "frequency_penalty": Neutral(_is(0), "0", PENALTIES),
     "presence_penalty": Neutral(_is(0), "0", PENALTIES),
@@ -86,12 +89,8 @@ NEUTRAL = {
         **NEUTRAL_COMMON,
         "logprobs": Neutral(_is(False), "false", "logprobs are not implemented"),
         "top_logprobs": Neutral(_is(0), "0", "logprobs are not implemented"),
-        "tools": Neutral(lambda v: v == [], "[]", TOOLS),
-        "functions": Neutral(lambda v: v == [], "[]", TOOLS),
-        "tool_choice": Neutral(_is("none", "auto"), '"none" or "auto"', TOOLS),
-        "function_call": Neutral(_is("none", "auto"), '"none" or "auto"', TOOLS),
-        "response_format": Neutral(lambda v: v == {"type": "text"}, '{"type": "text"}',
-                                   "structured output is not implemented"),
+        "functions": Neutral(lambda v: v == [], "[]", LEGACY),
+        "function_call": Neutral(_is("none", "auto"), '"none" or "auto"', LEGACY),
         "modalities": Neutral(lambda v: v == ["text"], '["text"]', "text only"),
         "audio": Neutral(_never, "", "text only"),
         "prediction": Neutral(_never, "", "predicted outputs are not implemented"),
@@ -143,8 +142,8 @@ def message_refusal(message: dict, index: int) -> Refusal | None:
         if name in MESSAGE_HONOURED or name in MESSAGE_IGNORED or value in (None, "", [], {}):
             continue
         param = f"messages[{index}].{name}"
-        if name in ("tool_calls", "tool_call_id", "function_call"):
-            return Refusal(param, f"{param}: {TOOLS}", "unsupported_parameter")
+        if name == "function_call":
+            return Refusal(param, f"{param}: {LEGACY}", "unsupported_parameter")
         return Refusal(param, f"Unknown parameter: {param!r}", "unknown_parameter")
     return None
 

@@ -38,6 +38,35 @@ class ToolCall:
         return call
 
 
+#: How llguidance writes JSON under a grammar: the spacing a model trained
+#: on Hermes' format writes (no free whitespace, which a small model can
+#: fill without end).
+JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+def forced_grammar(tools_json: str, name: str | None) -> str:
+    """A Lark grammar (llguidance's syntax: `%json` embeds a JSON schema)
+    for an answer that is one call, in this format, of the function `name`
+    or of any of the tools: its name one of theirs, its arguments what the
+    function's parameters schema accepts (no properties beyond those it
+    names, unless it says otherwise, as OpenAI's strict mode does)."""
+    options = []
+    for tool in json.loads(tools_json):
+        function = tool["function"]
+        if name is not None and function["name"] != name:
+            continue
+        parameters = dict(function.get("parameters") or {"type": "object"})
+        if parameters.get("type") == "object":
+            parameters.setdefault("additionalProperties", False)
+        options.append({"type": "object", "additionalProperties": False,
+                        "required": ["name", "arguments"],
+                        "properties": {"name": {"const": function["name"]},
+                                       "arguments": parameters}})
+    schema = {"x-guidance": JSON_STYLE, "anyOf": options}
+    return (f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\n"
+            f"call: %json {json.dumps(schema)}\n")
+
+
 def new_call_id() -> str:
     return f"call_{secrets.token_hex(12)}"
 

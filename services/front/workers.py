@@ -57,7 +57,7 @@ def param_of(field: str) -> str | None:
         return rest or None
     if head == "conversation":
         if rest.startswith("messages"):
-            return rest
+            return rest.replace(".tool_calls_json", ".tool_calls")
         return "tools" if rest == "tools_json" else "messages"
     if head in PROMPT_FIELDS:
         return PROMPT_FIELDS[head]
@@ -177,10 +177,17 @@ class Workers:
                                       top_p=s.top_p, stop=list(s.stop))
         if s.seed is not None:
             sampling.seed = s.seed
+        if call.grammar is not None:        # constrained decoding (a forced call, a schema)
+            kind, text = call.grammar
+            sampling.grammar.CopyFrom(wpb.Grammar(**{kind: text}))
         request = wpb.GenerateRequest(session_id=session_id, token=token, sampling=sampling)
         if call.kind == "chat":
-            request.conversation.CopyFrom(wpb.Conversation(messages=[
-                wpb.ChatMessage(role=role, content=content) for role, content in call.messages]))
+            messages = [wpb.ChatMessage(role=m.role, content=m.content,
+                                        tool_calls_json=m.tool_calls,
+                                        tool_call_id=m.tool_call_id, name=m.name)
+                        for m in call.messages]
+            request.conversation.CopyFrom(wpb.Conversation(messages=messages,
+                                                           tools_json=call.tools))
         else:
             request.whole_prompt = call.prompt
         return self.stub(address).Generate(request, timeout=self.timeout_s,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.worker import limits
+from services.worker.constraints import Grammars, GrammarSpec
 from services.worker.engine import Delta, Engine, Failed, Finished
 from services.worker.models import LoadedModel
 from services.worker.parking import Parked, Parking, Restored
@@ -52,6 +53,7 @@ class WorkerCore:
         self.sandbox = sandbox if sandbox is not None or not client_templates else (
             TemplateSandbox(max_chars=template_chars(max_prompt_chars)))
         self.prompts = PromptBuilder(loaded, self.sandbox, template_chars(max_prompt_chars))
+        self.grammars = Grammars(loaded.tokenizer, loaded.eos_token_ids)
         self.engine = engine
         self.sessions = sessions
         self.parking = parking or Parking(loaded, engine, sessions, None)
@@ -130,11 +132,13 @@ class WorkerCore:
                        message: dict[str, str] | None = None,
                        conversation: list[dict[str, str]] | None = None,
                        whole_prompt: str | None = None,
-                       tools: list[dict] | None = None) -> AsyncIterator[Delta | Finished]:
+                       tools: list[dict] | None = None,
+                       grammar: GrammarSpec | None = None) -> AsyncIterator[Delta | Finished]:
         """Stream the answer. If the caller stops iterating (cancels), the
         generation stops and the session keeps only what was yielded.
         `conversation` and `whole_prompt` replace the session's context,
-        keeping the prefix they share with it (Engine.submit)."""
+        keeping the prefix they share with it (Engine.submit). `grammar`:
+        the answer's tokens follow it (constraints.py)."""
         session = await self._session(session_id, token)
         given = [x for x in (prompt, message, conversation, whole_prompt) if x is not None]
         if len(given) != 1:
@@ -149,6 +153,9 @@ class WorkerCore:
             limits.check_conversation(conversation, self.max_prompt_chars, tools=bool(tools))
         if message is not None:
             limits.check_message(message, self.max_prompt_chars)
+        constraint = None
+        if grammar is not None:       # compiling a large schema takes a while: off the loop
+            constraint = await asyncio.to_thread(self.grammars.compile, grammar)
         # Being parked (memory pressure, or a ParkSession): wait, then restore.
         await self._still(session)
         async with self._awake():
@@ -157,7 +164,7 @@ class WorkerCore:
             prepared = await self.prompts.prepare(session, prompt=prompt, message=message,
                                                   conversation=conversation,
                                                   whole_prompt=whole_prompt, tools=tools)
-            request = self.engine.submit_prepared(session, params, prepared)
+            request = self.engine.submit_prepared(session, params, prepared, constraint)
         finished = False
         try:
             while True:

@@ -120,6 +120,7 @@ class Request:
     cancelled: bool = False
     done: bool = False
     blocked_since: float | None = None  # waiting for KV blocks since
+    constraint: object = None           # its grammar (constraints.py), or None
 
 
 #: A request blocked on KV this long means growing the lease is slow (it
@@ -240,8 +241,9 @@ class Engine:
             whole_prompt=whole_prompt))
 
     def submit_prepared(self, session: Session, params: SamplingParams,
-                        prepared: Prepared) -> Request:
-        """Queue input already made tokens (prompts.py: off the event loop)."""
+                        prepared: Prepared, constraint=None) -> Request:
+        """Queue input already made tokens (prompts.py: off the event loop);
+        `constraint`: the grammar its tokens follow (constraints.py)."""
         if session.session_id in self._busy:
             raise FailedPrecondition(f"session {session.session_id} is already generating; "
                                      "wait for it to finish or cancel it", reason="SESSION_BUSY")
@@ -259,8 +261,10 @@ class Engine:
             elif keep == len(full) and keep:
                 keep -= 1      # the same conversation again: its last token starts the answer
             new_tokens = full[keep:]
-        return self._queue(session, params, keep, new_tokens, prepared.message, prepared.field,
-                           prepared.history)
+        request = self._queue(session, params, keep, new_tokens, prepared.message,
+                              prepared.field, prepared.history)
+        request.constraint = constraint
+        return request
 
     def submit_tokens(self, session: Session, params: SamplingParams,
                       token_ids: list[int]) -> Request:
@@ -736,7 +740,7 @@ class Engine:
     def _item(self, request: Request, feed: list[int]) -> StepItem:
         slots = self._slots[request.session.session_id]
         return StepItem(feed, slots[len(slots) - len(feed):], list(slots), request.params,
-                        request.generator)
+                        request.generator, request.constraint)
 
     def _advance(self, request: Request, token: int) -> None:
         if request.done:
@@ -748,6 +752,10 @@ class Engine:
         reason = None
         if token in self.loaded.eos_token_ids:
             reason = FINISH_STOP
+        elif request.constraint is not None:
+            request.constraint.consume(token)
+            if request.constraint.complete:
+                reason = FINISH_STOP          # the grammar is done
         text = request.detok.push(token)
         if request.params.stop:
             pending = request.held + text
@@ -776,11 +784,24 @@ class Engine:
     # ---- endings ---------------------------------------------------------
     def _finish(self, request: Request, reason: str) -> None:
         self._end(request)
-        if request.session.messages and request.session.messages[-1]["role"] == "user":
-            request.session.messages.append({"role": "assistant", "content": request.text})
+        self._record_answer(request, request.text)
         request.out.put_nowait(Finished(reason, request.num_prompt_tokens, len(request.generated),
                                         len(request.session.tokens),
                                         request.base_len - request.num_prompt_tokens))
+
+    @staticmethod
+    def _record_answer(request: Request, text: str) -> None:
+        """The answer joins the session's conversation: a new assistant turn
+        after a user's or a tool's, or the rest of an assistant turn the
+        conversation ended with (a prefill, which the answer continues)."""
+        messages = request.session.messages
+        if not messages:
+            return
+        last = messages[-1]
+        if last["role"] in ("user", "tool"):
+            messages.append({"role": "assistant", "content": text})
+        elif last["role"] == "assistant" and request.chat_turn:
+            messages[-1] = {**last, "content": (last.get("content") or "") + text}
 
     def _finish_cancelled(self, request: Request) -> None:
         """Keep only what the caller received."""
@@ -791,12 +812,12 @@ class Engine:
         keep = request.base_len + request.delivered
         if len(session.tokens) > keep:
             self._truncate(session, keep)
-        if session.messages and session.messages[-1]["role"] == "user":
+        if session.messages:
             delivered = request.generated[: request.delivered]
             text = self.loaded.tokenizer.decode(
                 [t for t in delivered if t not in self.loaded.eos_token_ids],
                 skip_special_tokens=True)
-            session.messages.append({"role": "assistant", "content": text})
+            self._record_answer(request, text)
         log.info("generation_cancelled", session_id=session.session_id,
                  delivered=request.delivered, generated=len(request.generated))
 
@@ -809,7 +830,8 @@ class Engine:
             # Nothing generated: undo the turn (its prompt too), so that a
             # retry starts from the same context.
             self._truncate(session, request.base_len - request.num_prompt_tokens)
-            if request.chat_turn and session.messages and session.messages[-1]["role"] == "user":
+            if request.chat_turn and session.messages and \
+                    session.messages[-1]["role"] in ("user", "tool", "assistant"):
                 session.messages.pop()
         # Else the session keeps every token generated: each is in the
         # caller's stream already, ahead of the error, so it receives them all.

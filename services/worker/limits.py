@@ -4,7 +4,8 @@ the session table and the sampling parameters call these before any work):
   - prompt, whole_prompt, a chat message's content: at most
     --max-prompt-chars characters (1,000,000 by default), not empty;
   - conversation: 1 to MAX_CONVERSATION_MESSAGES messages, roles system,
-    user, assistant or tool, a user turn last (or, with tools, a tool turn),
+    user, assistant or tool, a user turn last (or, with tools, a tool turn; or
+    an assistant turn, which the answer continues),
     --max-prompt-chars characters of content in all; tools: at most
     MAX_TOOLS definitions and MAX_TOOLS_CHARS of JSON, tool calls likewise;
   - chat_template and system_prompt: at most MAX_TEMPLATE_CHARS and
@@ -72,7 +73,7 @@ def check_message(message: dict[str, str], max_chars: int) -> None:
 
 def check_conversation(messages: list[dict], max_chars: int, tools: bool = False) -> None:
     """A whole conversation to answer: known roles, a user turn last (or a
-    tool's result, with tools), at most MAX_CONVERSATION_MESSAGES messages
+    tool's result, with tools; or an assistant's to continue: a prefill), at most MAX_CONVERSATION_MESSAGES messages
     and --max-prompt-chars of text."""
     if not messages:
         raise InvalidArgument("conversation", "must hold at least one message")
@@ -87,10 +88,14 @@ def check_conversation(messages: list[dict], max_chars: int, tools: bool = False
             raise InvalidArgument(f"conversation.messages[{index}]",
                                   "tool calls and tool turns need the conversation's tools")
     last = messages[-1]
-    ends = ("user", "tool") if tools else ("user",)
-    if last["role"] not in ends or not last.get("content"):
-        raise InvalidArgument("conversation", f"must end with a {' or '.join(ends)} turn that "
-                                              "is not empty")
+    ends = ("user", "tool", "assistant") if tools else ("user", "assistant")
+    if last["role"] not in ends or not (last.get("content") or last["role"] == "tool"):
+        raise InvalidArgument("conversation", f"must end with a {', '.join(ends[:-1])} or "
+                                              f"{ends[-1]} turn that is not empty (an assistant "
+                                              "turn last is a prefill: the answer continues it)")
+    if last["role"] == "assistant" and last.get("tool_calls"):
+        raise InvalidArgument("conversation", "a prefill (an assistant turn last) cannot hold "
+                                              "tool calls: their results come first")
     if sum(len(m.get("content", "")) for m in messages) > max_chars:
         raise InvalidArgument("conversation", f"at most {max_chars} characters in all "
                                               "(--max-prompt-chars)")

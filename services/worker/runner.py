@@ -46,6 +46,8 @@ class StepItem:
     all_slots: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    #: The generation's grammar (constraints.py), or None.
+    constraint: object = None
 
     def split(self, count: int) -> tuple[StepItem, StepItem]:
         """The first `count` tokens (KV only: their logits are not used) and
@@ -54,7 +56,7 @@ class StepItem:
         return (StepItem(self.tokens[:count], self.new_slots[:count],
                          self.all_slots[:head_len], self.params, self.generator),
                 StepItem(self.tokens[count:], self.new_slots[count:], self.all_slots,
-                         self.params, self.generator))
+                         self.params, self.generator, self.constraint))
 
 
 def step_shape(items: list[StepItem], graphed: bool = False, checked: bool = True) -> StepShape:
@@ -184,7 +186,7 @@ class ModelRunner:
         if logits is None:
             logits = self._eager_fitting(items)
         return sample(logits, [i.params for i in items], [i.generator for i in items],
-                      self.loaded.vocab_limit)
+                      self.loaded.vocab_limit, [i.constraint for i in items])
 
     def _eager_fitting(self, items: list[StepItem]) -> torch.Tensor:
         """Logits [rows, vocab] of `items`, computed eagerly in as few

@@ -49,9 +49,17 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None], vocab_limit: int) -> list[int]:
-    """logits [rows, vocab] -> one token id per row (one host sync)."""
+           generators: list[torch.Generator | None], vocab_limit: int,
+           constraints: list | None = None) -> list[int]:
+    """logits [rows, vocab] -> one token id per row (one host sync). A row
+    with a constraint (constraints.py) chooses among the tokens its grammar
+    allows next."""
     logits = logits[:, :vocab_limit]
+    if constraints and any(c is not None for c in constraints):
+        logits = logits.clone()
+        for row, constraint in enumerate(constraints):
+            if constraint is not None:
+                constraint.mask(logits[row])
     chosen = torch.argmax(logits, dim=-1)
     for row, (param, generator) in enumerate(zip(params, generators)):
         if param.greedy:

@@ -8,6 +8,7 @@ from lmx.v1 import worker_pb2 as pb
 from lmx.v1 import worker_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.worker import limits
+from services.worker.constraints import GrammarSpec
 from services.worker.core import WorkerCore
 from services.worker.engine import (
     FINISH_CONTEXT,
@@ -34,6 +35,16 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
         max_tokens=sampling.max_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p if sampling.top_p else 1.0, top_k=sampling.top_k,
         seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(sampling.stop))
+
+
+def grammar_from_pb(request: pb.GenerateRequest) -> GrammarSpec | None:
+    if not request.HasField("sampling") or not request.sampling.HasField("grammar"):
+        return None
+    grammar = request.sampling.grammar
+    kind = grammar.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("sampling.grammar", "give json_schema or lark")
+    return GrammarSpec(kind, getattr(grammar, kind))
 
 
 def conversation_from_pb(conversation: pb.Conversation) -> dict:
@@ -83,8 +94,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             "conversation": lambda: conversation_from_pb(request.conversation),
             "whole_prompt": lambda: {"whole_prompt": request.whole_prompt},
         }[which]()
+        grammar = grammar_from_pb(request)
         async for event in self._core().generate(request.session_id, request.token, params,
-                                              **inputs):
+                                              grammar=grammar, **inputs):
             if isinstance(event, Delta):
                 yield pb.GenerateResponse(delta=pb.TokenDelta(text=event.text,
                                                               token_ids=event.token_ids))

@@ -78,20 +78,41 @@ def render(source: str, messages: list[dict[str, Any]], special: dict[str, str],
     """The conversation rendered for the assistant's reply, at most max_chars
     (ValueError past it). Used by the child, and in a thread for the model's
     own template. `tools`: OpenAI's tool definitions, given to the template
-    as apply_chat_template gives them (None: no tools)."""
+    as apply_chat_template gives them (None: no tools). A conversation that
+    ends with an assistant turn is a prefill: rendered without a generation
+    prompt and cut after that turn's content, so that the reply continues it
+    (apply_chat_template's continue_final_message)."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     template = _compile_jinja_template(source)
     pieces: list[str] = []
     size = 0
     extra = {} if tools is None else {"tools": tools}
-    for piece in template.generate(messages=messages, add_generation_prompt=True, **special,
-                                   **extra):
+    prefill = bool(messages) and messages[-1].get("role") == "assistant"
+    if prefill:     # marked, to cut the rendering where the content ends
+        messages = [*messages[:-1], {**messages[-1],
+                                     "content": (messages[-1].get("content") or "") + PREFILL_TAG}]
+    for piece in template.generate(messages=messages, add_generation_prompt=not prefill,
+                                   **special, **extra):
         size += len(piece)
         if size > max_chars:
             raise ValueError(f"renders more than {max_chars} characters")
         pieces.append(piece)
-    return "".join(pieces)
+    text = "".join(pieces)
+    return _cut_at_tag(text) if prefill else text
+
+
+#: transformers' continue_final_message marker, cut off as it cuts it.
+PREFILL_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _cut_at_tag(text: str) -> str:
+    tag = PREFILL_TAG.strip()
+    if tag not in text:
+        raise ValueError("the chat template does not render the final assistant turn's "
+                         "content as given, so the answer cannot continue it")
+    at = text.rindex(tag)
+    return text[:at] if text[at:at + len(PREFILL_TAG)] == PREFILL_TAG else text[:at].rstrip()
 
 
 def _child(conn, parent_pid: int) -> None:

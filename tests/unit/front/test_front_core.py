@@ -20,7 +20,8 @@ def test_a_chat_is_checked_and_its_defaults_are_openais():
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text",
                                                                        "text": "there"}]}]}, 64)
-    assert call.messages == (("system", "Be brief."), ("user", "Hi there"))
+    assert call.messages == (api.Message("system", "Be brief."), api.Message("user", "Hi there"))
+    assert call.tools == "" and call.tool_choice.mode == "none" and call.grammar is None
     assert call.sampling.max_tokens == 64 and call.sampling.temperature == 1.0
     assert not call.stream
 
@@ -28,14 +29,16 @@ def test_a_chat_is_checked_and_its_defaults_are_openais():
 @pytest.mark.parametrize("body, param", [
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "m", "messages": []}, "messages"),
-    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]},
+     "messages[0].tool_call_id"),
+    ({"model": "m", "messages": [{"role": "critic", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "assistant", "content": ""}]}, "messages"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["x"] * 17},
      "stop"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools[0]"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
 ])
@@ -118,9 +121,8 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     ("logprobs", True, "unsupported_value"),
     ("top_logprobs", 2, "unsupported_value"),
     ("logit_bias", {"50256": -100}, "unsupported_value"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "unsupported_value"),
-    ("tool_choice", "required", "unsupported_value"),
-    ("response_format", {"type": "json_object"}, "unsupported_value"),
+    ("functions", [{"name": "f"}], "unsupported_value"),
+    ("function_call", {"name": "f"}, "unsupported_value"),
     ("audio", {"voice": "alloy"}, "unsupported_parameter"),
     ("reasoning_effort", "high", "unsupported_parameter"),
     ("top_k", 40, "unknown_parameter"),
@@ -167,7 +169,7 @@ def test_a_history_resent_from_an_sdk_message_dump_is_accepted():
     call = api.parse_chat({"model": "m", "messages": [
         {"role": "user", "content": "Hi", "name": "ann"}, dumped,
         {"role": "user", "content": "More"}]}, 16)
-    assert [role for role, _ in call.messages] == ["user", "assistant", "user"]
+    assert [m.role for m in call.messages] == ["user", "assistant", "user"]
     with pytest.raises(api.ApiError) as error:
         api.parse_chat({"model": "m", "messages": [
             {"role": "user", "content": "Hi", "cache_control": {"type": "ephemeral"}}]}, 16)

@@ -99,7 +99,8 @@ def test_the_chatml_tools_template_renders_calls_the_parser_reads_back():
                                                            "arguments": "{}"}}]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     text = render(source, [{"role": "user", "content": "Weather?"},
-                           {"role": "assistant", "content": "Checking.", "tool_calls": calls}],
+                           {"role": "assistant", "content": "Checking.", "tool_calls": calls},
+                           {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}],
                   {}, 10**6, tools=tools)
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
     answer = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
