@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -47,12 +48,14 @@ class Constraint:
         self._matcher = matcher
         self._vocab_size = vocab_size
         self.num_masks = 0
+        self.mask_seconds = 0.0       # spent computing masks (bench/constraints.py)
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar does not allow next to -inf
         (a row [vocab], in place)."""
         import llguidance.torch as lt
 
+        started = time.perf_counter()
         bitmask = lt.allocate_token_bitmask(1, self._vocab_size)
         lt.fill_next_token_bitmask(self._matcher, bitmask, 0)
         allowed = _unpack(bitmask[0], self._vocab_size).to(logits.device)
@@ -61,6 +64,7 @@ class Constraint:
         if logits.shape[-1] > width:
             logits[width:] = float("-inf")
         self.num_masks += 1
+        self.mask_seconds += time.perf_counter() - started
 
     def consume(self, token: int) -> None:
         """The generation took `token`; a token the grammar refuses (it

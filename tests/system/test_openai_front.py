@@ -17,7 +17,9 @@ device), a kvstore, a smollm2-135m worker and the front.
   routes without /v1, `context_length_exceeded` for a prompt past the
   window, parameters lmx does not honour refused naming them, 16 stop
   strings, `system_fingerprint` and `x-request-id` (passed on to the worker),
-  and several requests, whole and streamed, over one kept-alive connection.
+  and several requests, whole and streamed, over one kept-alive connection;
+  tools for a model whose template renders none are a 400 naming `tools`
+  (tool calling itself: test_openai_tools.py).
 """
 
 from __future__ import annotations
@@ -375,6 +377,19 @@ def test_a_model_is_retrieved_and_the_routes_answer_without_v1(stack):
     assert reply.choices[0].message.content
     assert bare.completions.create(model=SMOLLM2, prompt="The sea is", max_tokens=4,
                                    temperature=0).choices[0].text
+
+
+def test_tools_for_a_template_that_renders_none_are_400_naming_tools(stack):
+    """This stack's worker keeps SmolLM2's own template, which renders no
+    tools (tests/system/test_openai_tools.py runs one with
+    deploy/templates/chatml-tools.jinja)."""
+    _, client, _ = stack
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, [{"role": "user", "content": "Weather?"}], tools=[tool])
+    assert refused.value.param == "tools", refused.value.body
+    assert "chat-template" in refused.value.message
 
 
 def test_a_prompt_past_the_window_is_context_length_exceeded(stack):
