@@ -1,8 +1,8 @@
-"""Tool calling through `lmx front`, with the official `openai` package and an
-agent framework from PyPI (`openai-agents`), over real processes on
-loopback: admission (a simulated device), a kvstore, a smollm2-135m worker
-started with deploy/templates/chatml-tools.jinja (SmolLM2's own template
-renders no tools), and the front. Greedy throughout.
+"""Tool calling through lmx's OpenAI front, with the official `openai` package
+and an agent framework from PyPI (`openai-agents`), on a stack started by
+`lmx up`: admission (a simulated device), a kvstore, a smollm2-135m worker
+with `chat-template = deploy/templates/chatml-tools.jinja` (SmolLM2's own
+template renders no tools), and the front. Greedy throughout.
 
 SmolLM2-135M is too small to choose to call a tool by itself: where a test
 needs a call, tool_choice forces it ("required" or a named function), and
@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,18 +39,11 @@ openai = pytest.importorskip("openai", reason="install the dev extras (pip insta
 pytest.importorskip("llguidance")
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
-for path in (TESTS_DIR, TESTS_DIR / "system"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
 
-from service.kvstore.support import kvstore_servers  # noqa: E402
-from service.support import admission_servers  # noqa: E402
-from service.worker.worker_support import (  # noqa: E402
-    GENERATE_TIMEOUT_S,
-    SMOLLM2,
-    WorkerProcess,
-)
-from test_openai_front import Front  # noqa: E402
+from service.worker.worker_support import GENERATE_TIMEOUT_S, SMOLLM2  # noqa: E402
+from services.common.launch import free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600, func_only=True)
 
@@ -63,25 +62,76 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
+class Stack:
+    """`lmx up` with a stack file of admission (a simulated device), a
+    kvstore, the smollm2 worker with the tools template, and the front."""
+
+    def __init__(self, tmp: Path):
+        ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "worker",
+                                                              "front")}
+        self.path = tmp / "lmx.toml"
+        self.path.write_text(f"""
+[admission]
+listen = "127.0.0.1:{ports['admission']}"
+device = ["cpu:0=4GiB"]
+
+[kvstore]
+listen = "127.0.0.1:{ports['kvstore']}"
+keep-on-stop = false
+store-id = "tools{secrets.token_hex(4)}"
+state-dir = "{tmp / 'kvstate'}"
+
+[[worker]]
+model = "{SMOLLM2}"
+listen = "127.0.0.1:{ports['worker']}"
+device = "cpu"
+max-context = 2048
+chat-template = "{TEMPLATE}"
+
+[front]
+listen = "127.0.0.1:{ports['front']}"
+""")
+        self.base = f"http://127.0.0.1:{ports['front']}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LMX_")}
+        self.env["LMX_STACK_DIR"] = str(tmp / "run")
+        self.env["LMX_CACHE"] = os.environ.get("LMX_CACHE") or str(REPO_ROOT / ".cache" / "lmx")
+        self.log = open(tmp / "up.log", "wb")
+        self.up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--stack",
+                                    str(self.path)], cwd=REPO_ROOT, env=self.env,
+                                   stdout=self.log, stderr=subprocess.STDOUT)
+        state = tmp / "run" / "stack.json"
+        deadline = time.monotonic() + 300
+        while not (state.exists() and self.get("/v1/models")[1].count(SMOLLM2)):
+            assert self.up.poll() is None, (tmp / "up.log").read_text()
+            assert time.monotonic() < deadline, "lmx up was not ready in 300 s"
+            time.sleep(0.2)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            return getattr(exc, "code", 0), ""
+
+    def down(self) -> int:
+        result = subprocess.run([sys.executable, "-m", "services.cli", "down"], cwd=REPO_ROOT,
+                                env=self.env, capture_output=True, text=True, timeout=120)
+        try:
+            self.up.wait(60)
+        finally:
+            self.log.close()
+        return result.returncode
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tools")
-    with admission_servers(tmp) as start_admission, kvstore_servers(tmp) as start_kv:
-        kvstore = start_kv()
-        admission = start_admission("--device", "cpu:0=4GiB")
-        worker = WorkerProcess(SMOLLM2, admission.address,
-                               ("--max-context", "2048", "--kvstore", kvstore.address,
-                                "--chat-template", str(TEMPLATE)), tmp / "worker.log")
-        worker.launch().wait_ready()
-        front = Front(admission.address, kvstore.address, tmp / "front.log")
-        client = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0,
-                               timeout=GENERATE_TIMEOUT_S)
-        try:
-            yield front, client
-        finally:
-            code = front.stop()
-            worker.kill()
-            assert code == 0, f"the front exited {code} on SIGTERM"
+    front = Stack(tmp_path_factory.mktemp("tools"))
+    client = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0,
+                           timeout=GENERATE_TIMEOUT_S)
+    try:
+        yield front, client
+    finally:
+        assert front.down() == 0, "lmx down failed"
 
 
 def create(client, messages, **kwargs):
