@@ -12,6 +12,7 @@
 #   bench/gpu_suite.sh speed     # decode speed, graphs on and off, and a profile
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
+#   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
 # Results go to bench/results as usual; one tarball of the new results and
@@ -85,14 +86,21 @@ seed() {
     done
 }
 
+tools() {
+    for m in synthetic:llama-1b synthetic:qwen2.5-1.5b; do
+        step "constraints-${m#synthetic:}-$stamp" 120 $PY bench/constraints.py --device cuda \
+            --model "$m" --tokens 128
+    done
+}
+
 stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|speed|speed8b|stream ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|speed|speed8b|stream|tools ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|speed|speed8b|stream) "$stage" ;;
+        tests|plan|stress|workers|seed|speed|speed8b|stream|tools) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -44,21 +44,32 @@ class GrammarSpec:
 class Constraint:
     """One generation's grammar state."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher, vocab_size: int, eos: list[int]):
+        import llguidance.torch as lt
+
         self._matcher = matcher
         self._vocab_size = vocab_size
+        self._eos = eos
+        self._bitmask = lt.allocate_token_bitmask(1, vocab_size)
         self.num_masks = 0
         self.mask_seconds = 0.0       # spent computing masks (bench/constraints.py)
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar does not allow next to -inf
-        (a row [vocab], in place)."""
+        (a row [vocab], in place). A grammar that failed (llguidance's
+        limits on the work of one token: a hostile grammar) allows only the
+        end of the answer."""
         import llguidance.torch as lt
 
         started = time.perf_counter()
-        bitmask = lt.allocate_token_bitmask(1, self._vocab_size)
-        lt.fill_next_token_bitmask(self._matcher, bitmask, 0)
-        allowed = _unpack(bitmask[0], self._vocab_size).to(logits.device)
+        lt.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        if self._matcher.is_error():
+            log.warning("constraint_failed", error=self._matcher.get_error())
+            allowed = torch.zeros(self._vocab_size, dtype=torch.bool)
+            allowed[[t for t in self._eos if t < self._vocab_size]] = True
+        else:
+            allowed = _unpack(self._bitmask[0], self._vocab_size)
+        allowed = allowed.to(logits.device)
         width = min(logits.shape[-1], self._vocab_size)
         logits[:width].masked_fill_(~allowed[:width], float("-inf"))
         if logits.shape[-1] > width:
@@ -90,9 +101,12 @@ def _unpack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class Grammars:
     """Compiles grammars for one model's tokenizer."""
 
-    def __init__(self, hf_tokenizer, eos_token_ids: set[int] | frozenset[int]):
+    def __init__(self, hf_tokenizer, eos_token_ids: set[int] | frozenset[int], limits=None):
         self._hf_tokenizer = hf_tokenizer
         self._eos = sorted(eos_token_ids)
+        #: llguidance's bounds on a grammar's size and on the work of one
+        #: token (an LLParserLimits; None: its defaults).
+        self._limits = limits
         self._tokenizer = None
         self._lock = threading.Lock()
 
@@ -100,6 +114,7 @@ class Grammars:
         with self._lock:
             if self._tokenizer is None:
                 import llguidance.hf
+                import llguidance.torch  # noqa: F401 - its import scripts functions (seconds): here, not in a step
 
                 self._tokenizer = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer, eos_token=self._eos[0] if self._eos else None)
@@ -124,8 +139,9 @@ class Grammars:
         except ValueError as exc:
             raise InvalidArgument(field, f"is not a valid {spec.kind}: {exc}") from None
         tokenizer = self._llg_tokenizer()
-        matcher = llguidance.LLMatcher(tokenizer, grammar)
+        matcher = (llguidance.LLMatcher(tokenizer, grammar) if self._limits is None
+                   else llguidance.LLMatcher(tokenizer, grammar, limits=self._limits))
         error = matcher.get_error()
         if error:
             raise InvalidArgument(field, f"the grammar does not compile: {error}")
-        return Constraint(matcher, tokenizer.vocab_size)
+        return Constraint(matcher, tokenizer.vocab_size, self._eos)

@@ -90,3 +90,24 @@ def test_the_mask_leaves_only_allowed_tokens(tiny):
     constraint.mask(logits)
     allowed = torch.isfinite(logits).nonzero().flatten().tolist()
     assert allowed and all("yes".startswith(tiny.tokenizer.decode([t])) for t in allowed)
+
+
+def test_a_grammar_past_llguidances_limits_is_refused_or_ends_the_answer(tiny):
+    """A grammar too big for the limits is INVALID_ARGUMENT at compile; one
+    whose work for a token runs past them (a hostile grammar) ends the
+    answer there, instead of holding up the step of every session."""
+    import llguidance
+
+    too_big = Grammars(tiny.tokenizer, tiny.eos_token_ids,
+                       llguidance.LLParserLimits(initial_lexer_fuel=10))
+    with pytest.raises(InvalidArgument):
+        too_big.compile(GrammarSpec("json_schema", json.dumps(PERSON)))
+    pattern = {"type": "object", "properties": {
+        "name": {"type": "string", "pattern": "[a-z]+(x|y)*z"}}}
+    constraint = Grammars(tiny.tokenizer, tiny.eos_token_ids,
+                          llguidance.LLParserLimits(step_max_items=2)).compile(
+        GrammarSpec("json_schema", json.dumps(pattern)))
+    logits = torch.zeros(tiny.vocab_limit)
+    constraint.mask(logits)
+    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    assert allowed and set(allowed) <= set(tiny.eos_token_ids), allowed
