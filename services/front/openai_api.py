@@ -65,6 +65,8 @@ class Sampling:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,9 @@ def _sampling(body: dict, default_max_tokens: int) -> Sampling:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise bad("seed must be a non-negative integer", "seed")
     return Sampling(int(max_tokens), _number(body, "temperature", 1.0, 0.0, 2.0),
-                    _number(body, "top_p", 1.0, 0.0, 1.0), seed, _stop(body.get("stop")))
+                    _number(body, "top_p", 1.0, 0.0, 1.0), seed, _stop(body.get("stop")),
+                    _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                    _number(body, "presence_penalty", 0.0, -2.0, 2.0))
 
 
 def _stop(stop: object) -> tuple[str, ...]:

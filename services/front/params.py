@@ -6,20 +6,18 @@ openai_api.py turns it into a 400.
 Honoured (parsed by openai_api.py): `model`, `messages` (chat) or `prompt`
 (completions), `max_tokens`, `max_completion_tokens`, `temperature`,
 `top_p`, `seed`, `stop` (up to 16 strings), `stream`, `stream_options`
-(`include_usage`; its other keys are ignored), `tools`, `tool_choice` and
-`response_format` (chat).
+(`include_usage`; its other keys are ignored), `frequency_penalty` and
+`presence_penalty`; `tools`, `tool_choice` and `response_format` (chat).
 
 Accepted and ignored, as they ask nothing of the answer (IGNORED): `user`,
 `metadata`, `store`, `service_tier`, `prompt_cache_key` (lmx reuses
 prefixes anyway), `safety_identifier`, `parallel_tool_calls` (an answer
 may hold several calls either way).
 
-Accepted at their neutral value only, refused otherwise (NEUTRAL):
-`frequency_penalty` and `presence_penalty` 0, `n` and `best_of` 1,
-`logprobs` false (chat), `top_logprobs` 0, `logit_bias` {}, `echo` false,
-`suffix` "", the legacy `functions` [] and `function_call` "none" or
-"auto",
-`modalities` ["text"]; and `audio`, `prediction`, `web_search_options`,
+Accepted at their neutral value only, refused otherwise (NEUTRAL): `n` and
+`best_of` 1, `logprobs` false (chat), `top_logprobs` 0, `logit_bias` {},
+`echo` false, `suffix` "", the legacy `functions` [] and `function_call`
+"none" or "auto", `modalities` ["text"]; and `audio`, `prediction`, `web_search_options`,
 `reasoning_effort`, `verbosity` and a completion's `logprobs` only null.
 
 A null value is the field's default, so it is always accepted. Anything
@@ -38,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 HONOURED_COMMON = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature",
-                             "top_p", "seed", "stop", "stream", "stream_options"})
+                             "top_p", "seed", "stop", "stream", "stream_options",
+                             "frequency_penalty", "presence_penalty"})
 HONOURED = {"chat": HONOURED_COMMON | {"messages", "tools", "tool_choice", "response_format"},
             "completion": HONOURED_COMMON | {"prompt"}}
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
@@ -76,11 +75,8 @@ def _never(value: object) -> bool:
     return False
 
 
-PENALTIES = "penalties are not implemented"
 LEGACY = "the legacy function calling API: use tools and tool_choice"
 NEUTRAL_COMMON = {
-    "frequency_penalty": Neutral(_is(0), "0", PENALTIES),
-    "presence_penalty": Neutral(_is(0), "0", PENALTIES),
     "n": Neutral(_is(1), "1", "one choice per request"),
     "logit_bias": Neutral(lambda v: v == {}, "{}", "logit_bias is not implemented"),
 }

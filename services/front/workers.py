@@ -174,7 +174,9 @@ class Workers:
                  request_id: str) -> AsyncIterator[wpb.GenerateResponse]:
         s = call.sampling
         sampling = wpb.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
-                                      top_p=s.top_p, stop=list(s.stop))
+                                      top_p=s.top_p, stop=list(s.stop),
+                                      frequency_penalty=s.frequency_penalty,
+                                      presence_penalty=s.presence_penalty)
         if s.seed is not None:
             sampling.seed = s.seed
         if call.grammar is not None:        # constrained decoding (a forced call, a schema)

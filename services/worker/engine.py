@@ -740,7 +740,8 @@ class Engine:
     def _item(self, request: Request, feed: list[int]) -> StepItem:
         slots = self._slots[request.session.session_id]
         return StepItem(feed, slots[len(slots) - len(feed):], list(slots), request.params,
-                        request.generator, request.constraint)
+                        request.generator, request.constraint,
+                        request.generated if request.params.penalised else None)
 
     def _advance(self, request: Request, token: int) -> None:
         if request.done:

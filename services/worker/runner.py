@@ -48,6 +48,8 @@ class StepItem:
     generator: torch.Generator | None
     #: The generation's grammar (constraints.py), or None.
     constraint: object = None
+    #: The tokens its answer generated so far (for penalties), or None.
+    generated: list[int] | None = None
 
     def split(self, count: int) -> tuple[StepItem, StepItem]:
         """The first `count` tokens (KV only: their logits are not used) and
@@ -56,7 +58,7 @@ class StepItem:
         return (StepItem(self.tokens[:count], self.new_slots[:count],
                          self.all_slots[:head_len], self.params, self.generator),
                 StepItem(self.tokens[count:], self.new_slots[count:], self.all_slots,
-                         self.params, self.generator, self.constraint))
+                         self.params, self.generator, self.constraint, self.generated))
 
 
 def step_shape(items: list[StepItem], graphed: bool = False, checked: bool = True) -> StepShape:
@@ -186,7 +188,8 @@ class ModelRunner:
         if logits is None:
             logits = self._eager_fitting(items)
         return sample(logits, [i.params for i in items], [i.generator for i in items],
-                      self.loaded.vocab_limit, [i.constraint for i in items])
+                      self.loaded.vocab_limit, [i.constraint for i in items],
+                      [i.generated for i in items])
 
     def _eager_fitting(self, items: list[StepItem]) -> torch.Tensor:
         """Logits [rows, vocab] of `items`, computed eagerly in as few

@@ -20,6 +20,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -31,6 +33,14 @@ class SamplingParams:
         if self.top_k < 0:
             raise InvalidArgument("sampling.top_k", f"must not be negative, got {self.top_k}")
         limits.check_stop(self.stop)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:      # NaN fails too
+                raise InvalidArgument(f"sampling.{name}", f"must be in [-2, 2], got {value}")
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -48,15 +58,35 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+def penalise(logits: torch.Tensor, param: SamplingParams, generated: list[int]) -> None:
+    """OpenAI's penalties on one row [vocab], in place: minus
+    frequency_penalty x each token's count in the answer so far, minus
+    presence_penalty for each token in it."""
+    if not generated:
+        return
+    ids = torch.tensor(generated, device=logits.device)
+    counts = torch.bincount(ids[ids < logits.shape[-1]], minlength=logits.shape[-1])
+    counts = counts[:logits.shape[-1]].to(logits.dtype)
+    logits -= param.frequency_penalty * counts + param.presence_penalty * (counts > 0)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None], vocab_limit: int,
-           constraints: list | None = None) -> list[int]:
+           constraints: list | None = None,
+           generated: list[list[int] | None] | None = None) -> list[int]:
     """logits [rows, vocab] -> one token id per row (one host sync). A row
-    with a constraint (constraints.py) chooses among the tokens its grammar
-    allows next."""
+    with penalties is penalised by what its answer generated so far
+    (`generated`); a row with a constraint (constraints.py) chooses among
+    the tokens its grammar allows next."""
     logits = logits[:, :vocab_limit]
-    if constraints and any(c is not None for c in constraints):
+    penalised = generated is not None and any(p.penalised for p in params)
+    if penalised or (constraints and any(c is not None for c in constraints)):
         logits = logits.clone()
+    if penalised:
+        for row, (param, history) in enumerate(zip(params, generated)):
+            if param.penalised and history:
+                penalise(logits[row], param, history)
+    if constraints:
         for row, constraint in enumerate(constraints):
             if constraint is not None:
                 constraint.mask(logits[row])

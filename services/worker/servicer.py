@@ -34,7 +34,8 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
     return SamplingParams(
         max_tokens=sampling.max_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p if sampling.top_p else 1.0, top_k=sampling.top_k,
-        seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(sampling.stop))
+        seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(sampling.stop),
+        frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty)
 
 
 def grammar_from_pb(request: pb.GenerateRequest) -> GrammarSpec | None:

@@ -416,12 +416,11 @@ def test_a_prompt_past_the_window_is_context_length_exceeded(stack):
     assert chat(client, [{"role": "user", "content": "Hi"}]).choices[0].message.content
 
 
-def test_parameters_lmx_does_not_honour_are_refused_naming_them(stack):
+def test_parameters_are_honoured_or_refused_naming_them(stack):
     _, client, _ = stack
     hi = [{"role": "user", "content": "Hi"}]
     for kwargs, param, code in [
-            ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_value"),
-            ({"presence_penalty": 1}, "presence_penalty", "unsupported_value"),
+            ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
             ({"n": 2}, "n", "unsupported_value"),
             ({"logit_bias": {"1": 5}}, "logit_bias", "unsupported_value"),
             ({"extra_body": {"top_k": 5}}, "top_k", "unknown_parameter")]:
@@ -432,6 +431,16 @@ def test_parameters_lmx_does_not_honour_are_refused_naming_them(stack):
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model=SMOLLM2, prompt="x", max_tokens=2, best_of=2)
     assert refused.value.param == "best_of"
+    # Penalties are honoured: the answer repeats itself less.
+    def complete(**kwargs):
+        return client.completions.create(model=SMOLLM2, prompt="go go go go go go go go",
+                                         max_tokens=MAX_TOKENS, temperature=0,
+                                         **kwargs).choices[0].text
+
+    # Greedy, SmolLM2 answers ".\n\nThe original code is:\n\n```"; penalised,
+    # the second "\n\n" (a token it already wrote) loses to another.
+    plain, penalised = complete(), complete(frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalised.count("\n\n") < plain.count("\n\n"), (plain, penalised)
     # Their neutral values and the harmless fields are accepted.
     reply = chat(client, hi, frequency_penalty=0, presence_penalty=0, n=1, user="agent-1",
                  metadata={"run": "test"}, store=False, stream_options=None)

@@ -36,6 +36,10 @@ def test_a_chat_is_checked_and_its_defaults_are_openais():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": -3},
+     "presence_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": "1"},
+     "frequency_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["x"] * 17},
      "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools[0]"),
@@ -115,8 +119,6 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 
 
 @pytest.mark.parametrize("field, value, code", [
-    ("frequency_penalty", 0.5, "unsupported_value"),
-    ("presence_penalty", -1, "unsupported_value"),
     ("n", 3, "unsupported_value"),
     ("logprobs", True, "unsupported_value"),
     ("top_logprobs", 2, "unsupported_value"),
@@ -138,7 +140,7 @@ def test_a_chat_parameter_lmx_does_not_honour_is_refused_naming_it(field, value,
 
 @pytest.mark.parametrize("field, value", [
     ("best_of", 2), ("echo", True), ("suffix", "end"), ("logprobs", 0), ("n", 2),
-    ("frequency_penalty", 1.0), ("messages", []),
+    ("frequency_penalty", 2.5), ("messages", []),
 ])
 def test_a_completion_parameter_lmx_does_not_honour_is_refused_naming_it(field, value):
     with pytest.raises(api.ApiError) as error:

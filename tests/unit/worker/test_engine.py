@@ -860,3 +860,30 @@ def test_sessions_decode_between_the_chunks_of_a_long_prompt(tiny):
         f"the decoding session got {arrivals[:during].count('first')} tokens while a prompt of "
         f"{chunks} chunks was computed: {arrivals}")
     assert [tokens_of(a), tokens_of(b)] == alone, "a generation changed beside a chunked prompt"
+
+
+def test_penalties_apply_to_what_the_answer_generated(tiny):
+    """The answer's own counts reach each step: a negative frequency penalty
+    makes llama-tiny repeat its first token, a positive one makes it repeat
+    less than it does unpenalised (random weights repeat a little); a batch
+    mixing penalised and plain rows gives each what it gives alone."""
+    prompts = [list(range(200, 220)), list(range(300, 320))]
+    plain = SamplingParams(max_tokens=40)
+    fewer = SamplingParams(max_tokens=40, frequency_penalty=2.0)
+    more = SamplingParams(max_tokens=40, frequency_penalty=-2.0)
+    alone = {params: run(tiny, each_alone(prompts, params)) for params in (plain, fewer, more)}
+
+    async def together(engine):
+        sessions = SessionTable()
+        tasks = [asyncio.create_task(collect(engine, engine.submit_tokens(
+            sessions.open(), params, prompt)))
+            for params, prompt in ((plain, prompts[0]), (fewer, prompts[1]))]
+        return [tokens_of((await task)[0]) for task in tasks]
+
+    mixed = run(tiny, together)
+    distinct = {params: [len(set(out)) for out in outs] for params, outs in alone.items()}
+    assert all(out == [out[0]] * len(out) for out in alone[more]), alone[more]
+    assert all(f >= p for f, p in zip(distinct[fewer], distinct[plain])), distinct
+    assert sum(distinct[fewer]) > sum(distinct[plain]), (
+        f"the positive penalty changed nothing: {distinct}")
+    assert mixed == [alone[plain][0], alone[fewer][1]]

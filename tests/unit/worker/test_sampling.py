@@ -28,6 +28,8 @@ CPU = torch.device("cpu")
     (dict(stop=("",)), "sampling.stop"),
     (dict(stop=("x" * (MAX_STOP_CHARS + 1),)), "sampling.stop"),
     (dict(stop=tuple("abcdefghijklmnopq"[: MAX_STOP_STRINGS + 1])), "sampling.stop"),
+    (dict(frequency_penalty=2.5), "sampling.frequency_penalty"),
+    (dict(presence_penalty=float("nan")), "sampling.presence_penalty"),
 ])
 def test_invalid_params_name_the_field(fields, field_name):
     with pytest.raises(InvalidArgument) as caught:
@@ -116,3 +118,23 @@ def test_greedy_and_sampled_rows_mix_in_one_batch():
     generators = [make_generator(p, CPU) for p in params]
     chosen = sample(logits, params, generators, 300)
     assert chosen == logits.argmax(dim=-1).tolist(), f"mixed batch picked {chosen}"
+
+
+def test_penalties_lower_the_tokens_an_answer_already_holds():
+    """OpenAI's: minus frequency_penalty x count, minus presence_penalty
+    once; rows without penalties, and tokens not generated, are untouched."""
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0], [0.0, 5.0, 4.0, 3.0]])
+    plain = SamplingParams(max_tokens=4)
+    frequency = SamplingParams(max_tokens=4, frequency_penalty=0.6)
+    presence = SamplingParams(max_tokens=4, presence_penalty=1.5)
+    history = [1, 1]                      # token 1 twice
+    assert sample(logits, [plain, frequency], [None, None], 4, None,
+                  [history, history]) == [1, 2], "5 - 2 x 0.6 = 3.8 < 4"
+    assert sample(logits, [presence, plain], [None, None], 4, None,
+                  [history, history]) == [2, 1], "5 - 1.5 = 3.5 < 4, whatever the count"
+    assert sample(logits, [frequency, presence], [None, None], 4, None,
+                  [[], [3]]) == [1, 1], "nothing generated yet, or other tokens"
+    assert torch.equal(logits, torch.tensor([[0.0, 5.0, 4.0, 3.0]] * 2)), "the logits are kept"
+    negative = SamplingParams(max_tokens=4, presence_penalty=-2.0)
+    assert sample(logits[:1], [negative], [None], 4, None, [[2]]) == [2], (
+        "a negative penalty favours what was said: 4 + 2 = 6 > 5")
