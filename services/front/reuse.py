@@ -4,15 +4,16 @@ has seen, and sends a request to the session whose history (what it was sent
 and what it answered) is the longest prefix of the request's; the worker
 then keeps the tokens they share and computes only the rest. Pure: no I/O.
 
-A history is a tuple of (role, content) pairs for a chat, a string for a
-completion. A session serves one request at a time."""
+A history is, for a chat, a tuple of the tools' JSON ("" for none) and then
+the messages (openai_api.Message); for a completion, a string. A session
+serves one request at a time."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-History = tuple[tuple[str, str], ...] | str
+History = tuple | str
 
 
 def is_prefix(shorter: History, longer: History) -> bool:

@@ -54,7 +54,9 @@ def param_of(field: str) -> str | None:
     for fields the client did not send (a session id)."""
     head, _, rest = field.partition(".")
     if head == "sampling":
-        return rest or None
+        # The grammar is the front's from response_format (a forced call's
+        # is its own).
+        return "response_format" if rest == "grammar" else rest or None
     if head == "conversation":
         if rest.startswith("messages"):
             return rest.replace(".tool_calls_json", ".tool_calls")

@@ -198,6 +198,10 @@ def test_response_format_json_schema(stack):
     free = create(client, [{"role": "user", "content": "Any JSON object."}],
                   response_format={"type": "json_object"}).choices[0]
     assert free.message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(client, [{"role": "user", "content": "x"}], response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such"}}})
+    assert refused.value.param == "response_format", refused.value.body
     if free.finish_reason == "stop":
         assert isinstance(json.loads(free.message.content), dict)
     else:
