@@ -35,7 +35,8 @@ for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protob
 done
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
 rm -rf .devcache && mkdir -p .devcache/lmx/models/smollm2-135m
 find "$CACHE/models/smollm2-135m" -maxdepth 1 -type f ! -name '*.safetensors' \
