@@ -221,11 +221,18 @@ class FrontApp:
         if held is None:
             address = workers[0].address
             opened = await self.workers.open(address, call.model, rid)
-            held = self.cache.add(address, opened.session_id, opened.token)
+            held = self.cache.add(address, opened.session_id, opened.token, opened.tool_format)
             for old in self.cache.evict():
                 self._spawn(self.workers.close_session(old.worker, old.session_id, old.token))
+        # The session's template says how calls are written (hermes when it
+        # renders no tools: the worker refuses the tools then anyway).
+        formats = tool_calls.FORMATS.get(held.tool_format, tool_calls.Hermes)
+        grammar = call.grammar
+        if call.tool_choice.forced:     # constrained decoding writes the call
+            grammar = ("lark", formats.forced_grammar(call.tools, call.tool_choice.name or None))
         self.metrics.running += 1
-        replies = self.workers.generate(held.worker, held.session_id, held.token, call, rid)
+        replies = self.workers.generate(held.worker, held.session_id, held.token, call, rid,
+                                        grammar)
         stream = aiter(replies)
         try:
             first = await anext(stream)
@@ -245,7 +252,7 @@ class FrontApp:
                                type="api_error") from None
         answer = api.Answer(api.new_id(call.kind), int(time.time()),
                             api.fingerprint(call.model, self.version))
-        turn = _Turn(self, call, answer, held, key, started, replies, rid)
+        turn = _Turn(self, call, answer, held, key, started, replies, rid, formats)
         if not call.stream:
             try:        # cancelled when the client leaves: close() cancels the generation
                 return Response.of_json(200, await turn.whole(first, stream))
@@ -289,7 +296,7 @@ class _Turn:
     leave the content and come as `tool_calls`, finish_reason "tool_calls"."""
 
     def __init__(self, app: FrontApp, call: api.Call, answer: api.Answer, held: Held, key,
-                 started: float, rpc, request_id: str):
+                 started: float, rpc, request_id: str, formats=tool_calls.Hermes):
         self.app, self.call, self.held, self.key, self.started = app, call, held, key, started
         self.answer = answer
         self.rpc = rpc                # the Generate call: cancelled if the turn ends early
@@ -298,7 +305,7 @@ class _Turn:
         self.finish: wpb.GenerateFinish | None = None
         self.first_token_at: float | None = None
         self.closed = False
-        self.parser = tool_calls.StreamingParser() if call.parses_tools else None
+        self.parser = formats.streaming() if call.parses_tools else None
         self.content: list[str] = []  # the answer's text outside tool calls
         self.calls: list[tool_calls.ToolCall] = []
 

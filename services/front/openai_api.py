@@ -11,7 +11,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from services.front import params, tool_calls
+from services.front import params
 from services.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 #: lmx's finish reasons (worker.proto) as OpenAI names them.
@@ -104,8 +104,10 @@ class Call:
     prompt: str = ""
     tools: str = ""                             # the tool definitions, canonical JSON
     tool_choice: ToolChoice = ToolChoice()
-    #: Constrained decoding: ("lark" or "json_schema", the grammar's text),
-    #: for a forced tool call or a response_format; None: free text.
+    #: Constrained decoding for a response_format: ("json_schema", the
+    #: schema's text); None: free text. (A forced call's grammar depends on
+    #: the worker's tool format: the front writes it once a session is
+    #: chosen.)
     grammar: tuple[str, str] | None = None
 
     @property
@@ -347,11 +349,9 @@ def parse_chat(body: object, default_max_tokens: int) -> Call:
         raise bad("a final assistant message (a prefill) cannot hold tool calls, nor be "
                   "combined with a tool_choice that forces a call", "messages")
     grammar = _response_format(body.get("response_format"))
-    if choice.forced:
-        if grammar is not None:
-            raise bad("a response_format schema and a tool_choice that forces a call exclude "
-                      "each other", "response_format")
-        grammar = ("lark", tool_calls.forced_grammar(tools, choice.name or None))
+    if choice.forced and grammar is not None:
+        raise bad("a response_format schema and a tool_choice that forces a call exclude "
+                  "each other", "response_format")
     return Call("chat", model, _sampling(body, default_max_tokens), stream, include_usage,
                 messages=parsed, tools=tools, tool_choice=choice, grammar=grammar)
 

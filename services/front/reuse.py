@@ -30,6 +30,8 @@ class Held:
     token: str
     history: History
     busy: bool = False
+    #: How its template writes tool calls (OpenSessionResponse.tool_format).
+    tool_format: str = ""
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -64,8 +66,8 @@ class SessionCache:
         best.last_used = time.monotonic()
         return best
 
-    def add(self, worker: str, session_id: str, token: str) -> Held:
-        held = Held(worker, session_id, token, (), busy=True)
+    def add(self, worker: str, session_id: str, token: str, tool_format: str = "") -> Held:
+        held = Held(worker, session_id, token, (), busy=True, tool_format=tool_format)
         self._held.append(held)
         return held
 

@@ -1,8 +1,12 @@
 """Tool calls in a model's text, as OpenAI's API returns them (pure).
 
-One small parser per output format, as vLLM's tool parsers are: `extract`
-for a whole answer, `StreamingParser.push` for deltas. The format here is
-Hermes' (NousResearch; also Qwen 2.5, and lmx's ChatML template with tools,
+One small parser per output format, as vLLM's tool parsers are, each with
+`extract` for a whole answer, a streaming parser (`push` deltas of text,
+`finish`) and the grammar that forces a call in that format. The worker
+says which format a session's chat template asks for (OpenSessionResponse.
+tool_format); FORMATS maps it to its parser.
+
+"hermes" (NousResearch; also Qwen 2.5, and lmx's ChatML template with tools,
 deploy/templates/chatml-tools.jinja):
 
     <tool_call>
@@ -12,6 +16,15 @@ deploy/templates/chatml-tools.jinja):
 Text outside the tags is the message's content. A block that is not a JSON
 object with a string "name" (and an object "arguments", or none) stays in
 the content as written: nothing a model says is dropped.
+
+"llama3_json" (Llama 3.1-3.3's JSON tool calling, vLLM's llama3_json): an
+answer that is calls and nothing else, JSON objects separated by "; ",
+perhaps after <|python_tag|>:
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+An answer that does not start so is content; one that does but does not
+parse stays content too.
 """
 
 from __future__ import annotations
@@ -177,3 +190,114 @@ def _partial_tag(text: str) -> int:
         if OPEN.startswith(text[-n:]):
             return n
     return 0
+
+
+class Hermes:
+    """<tool_call>{...}</tool_call> blocks among the text."""
+    name = "hermes"
+    extract = staticmethod(extract)
+    streaming = StreamingParser
+    forced_grammar = staticmethod(forced_grammar)
+
+
+PYTHON_TAG = "<|python_tag|>"
+
+
+def _llama3_calls(text: str) -> list[ToolCall] | None:
+    """The calls of an answer that is only calls; None if it is not."""
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG):].strip()
+    if not body.startswith("{"):
+        return None
+    calls: list[ToolCall] = []
+    decoder = json.JSONDecoder()
+    at = 0
+    while at < len(body):
+        try:
+            value, end = decoder.raw_decode(body, at)
+        except ValueError:
+            return None
+        call = parse_block(json.dumps(value)) if isinstance(value, dict) else None
+        if call is None:
+            return None
+        calls.append(call)
+        at = end
+        rest = body[at:].lstrip()
+        if not rest:
+            break
+        if not rest.startswith(";"):
+            return None
+        at = len(body) - len(rest[1:].lstrip())
+    return calls
+
+
+class Llama3JsonStreaming:
+    """Content streams as it comes, unless the answer starts as calls: then
+    it is held to the end and given as calls (or, if it does not parse, as
+    the content it is)."""
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._calls: bool | None = None    # None: not known yet
+        self.num_calls = 0
+
+    def push(self, text: str) -> list[Delta]:
+        if self._calls is False:
+            return [Delta(content=text)] if text else []
+        self._held += text
+        start = self._held.lstrip()
+        if not start:
+            return []
+        if start.startswith("{") or start.startswith(PYTHON_TAG):
+            self._calls = True
+            return []
+        if PYTHON_TAG.startswith(start):
+            return []                      # may yet be the tag
+        self._calls = False
+        held, self._held = self._held, ""
+        return [Delta(content=held)]
+
+    def finish(self) -> list[Delta]:
+        held, self._held = self._held, ""
+        if not held:
+            return []
+        calls = _llama3_calls(held) if self._calls else None
+        if not calls:
+            return [Delta(content=held)]
+        self.num_calls = len(calls)
+        return [Delta(call=call) for call in calls]
+
+
+def _llama3_extract(text: str) -> tuple[str, list[ToolCall]]:
+    calls = _llama3_calls(text)
+    return ("", calls) if calls else (text, [])
+
+
+def _llama3_forced_grammar(tools_json: str, name: str | None) -> str:
+    """One call, {"name": ..., "parameters": ...}, as forced_grammar's."""
+    options = []
+    for tool in json.loads(tools_json):
+        function = tool["function"]
+        if name is not None and function["name"] != name:
+            continue
+        parameters = dict(function.get("parameters") or {"type": "object"})
+        if parameters.get("type") == "object":
+            parameters.setdefault("additionalProperties", False)
+        options.append({"type": "object", "additionalProperties": False,
+                        "required": ["name", "parameters"],
+                        "properties": {"name": {"const": function["name"]},
+                                       "parameters": parameters}})
+    return f"start: %json {json.dumps({'x-guidance': JSON_STYLE, 'anyOf': options})}\n"
+
+
+class Llama3Json:
+    """An answer that is JSON calls, "; "-separated."""
+    name = "llama3_json"
+    extract = staticmethod(_llama3_extract)
+    streaming = Llama3JsonStreaming
+    forced_grammar = staticmethod(_llama3_forced_grammar)
+
+
+#: A worker's OpenSessionResponse.tool_format -> its parser.
+FORMATS = {"hermes": Hermes, "llama3_json": Llama3Json}

@@ -54,8 +54,8 @@ def param_of(field: str) -> str | None:
     for fields the client did not send (a session id)."""
     head, _, rest = field.partition(".")
     if head == "sampling":
-        # The grammar is the front's from response_format (a forced call's
-        # is its own).
+        # A grammar refused is a response_format's (a forced call's is the
+        # front's own).
         return "response_format" if rest == "grammar" else rest or None
     if head == "conversation":
         if rest.startswith("messages"):
@@ -173,7 +173,10 @@ class Workers:
                      code=exc.code().name)
 
     def generate(self, address: str, session_id: str, token: str, call: Call,
-                 request_id: str) -> AsyncIterator[wpb.GenerateResponse]:
+                 request_id: str, grammar: tuple[str, str] | None = None
+                 ) -> AsyncIterator[wpb.GenerateResponse]:
+        """The call's Generate; `grammar`: (kind, text) for constrained
+        decoding (a response_format's schema, a forced call's grammar)."""
         s = call.sampling
         sampling = wpb.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
                                       top_p=s.top_p, stop=list(s.stop),
@@ -181,8 +184,8 @@ class Workers:
                                       presence_penalty=s.presence_penalty)
         if s.seed is not None:
             sampling.seed = s.seed
-        if call.grammar is not None:        # constrained decoding (a forced call, a schema)
-            kind, text = call.grammar
+        if grammar is not None:
+            kind, text = grammar
             sampling.grammar.CopyFrom(wpb.Grammar(**{kind: text}))
         request = wpb.GenerateRequest(session_id=session_id, token=token, sampling=sampling)
         if call.kind == "chat":

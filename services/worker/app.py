@@ -194,6 +194,7 @@ class WorkerApp:
         self.core = WorkerCore(
             self.loaded, self.engine, self.sessions, parking, self.pressure,
             max_prompt_chars=settings.max_prompt_chars, client_templates=client_templates,
+            tool_format_setting=settings.tool_format,
             sandbox=TemplateSandbox(settings.template_timeout_s,
                                     template_chars(settings.max_prompt_chars))
             if client_templates else None)

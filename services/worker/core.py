@@ -17,7 +17,7 @@ from services.worker.models import LoadedModel
 from services.worker.parking import Parked, Parking, Restored
 from services.worker.pressure import PressureRelief
 from services.worker.sampling import SamplingParams
-from services.worker.prompts import PromptBuilder
+from services.worker.prompts import PromptBuilder, tool_format
 from services.worker.limits import MAX_PROMPT_CHARS, MAX_TEMPLATE_CHARS
 from services.worker.sessions import Session, SessionTable
 from services.worker.templates import TemplateSandbox, compile_template
@@ -38,14 +38,17 @@ class OpenedSession:
     model: str
     max_context: int
     chat: bool
+    tool_format: str = ""      # prompts.tool_format of the session's template
 
 
 class WorkerCore:
     def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
                  parking: Parking | None = None, pressure: PressureRelief | None = None,
                  max_prompt_chars: int = MAX_PROMPT_CHARS,
-                 sandbox: TemplateSandbox | None = None, client_templates: bool = True):
+                 sandbox: TemplateSandbox | None = None, client_templates: bool = True,
+                 tool_format_setting: str = "auto"):
         self.loaded = loaded
+        self.tool_format_setting = tool_format_setting
         self.max_prompt_chars = max_prompt_chars
         #: Client templates: rendered in `sandbox` (made on first use when
         #: not given), or refused at OpenSession.
@@ -96,7 +99,9 @@ class WorkerCore:
             raise InvalidArgument("system_prompt", f"{self.loaded.name} has no chat template; "
                                   "give a chat_template to use a system prompt")
         session = self.sessions.open(chat_template, system_prompt)
-        return OpenedSession(session, self.loaded.name, self.loaded.max_context, chat)
+        template = chat_template or getattr(self.loaded.tokenizer, "chat_template", None) or ""
+        return OpenedSession(session, self.loaded.name, self.loaded.max_context, chat,
+                             tool_format(template, self.tool_format_setting))
 
     async def _session(self, session_id: str, token: str) -> Session:
         """The session; one that a previous run of this worker parked (it was

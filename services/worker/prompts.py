@@ -74,6 +74,21 @@ def renders_tools(template: str) -> bool:
     return "tools" in template
 
 
+def tool_format(template: str, setting: str = "auto") -> str:
+    """How a template asks the model to write tool calls (the front parses
+    that format: services/front/tool_calls.py FORMATS): "" when it renders
+    no tools; else `setting` unless "auto", which reads it from the
+    template: "llama3_json" where it speaks of <|python_tag|> (Llama 3.1's),
+    "hermes" otherwise (<tool_call> blocks: Hermes, Qwen 2.5, lmx's
+    chatml-tools)."""
+    if not template or not renders_tools(template):
+        return ""
+    if setting != "auto":
+        return setting
+    return "llama3_json" if "<|python_tag|>" in template and "<tool_call>" not in template \
+        else "hermes"
+
+
 def _check_tools(loaded, template: str, tools) -> None:
     if tools and not renders_tools(template):
         raise InvalidArgument("conversation.tools_json",

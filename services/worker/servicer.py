@@ -80,7 +80,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                         request.system_prompt)
         return pb.OpenSessionResponse(session_id=opened.session.session_id,
                                       token=opened.session.token, model=opened.model,
-                                      max_context=opened.max_context, chat=opened.chat)
+                                      max_context=opened.max_context, chat=opened.chat,
+                                      tool_format=opened.tool_format)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         params = sampling_from_pb(request)

@@ -69,6 +69,10 @@ class WorkerSettings(ServerFields):
         "help": "chat templates sent by clients (OpenSession.chat_template): sandboxed "
                 "(rendered in a child process, bounded by --template-timeout-s) | off "
                 "(refused with INVALID_ARGUMENT)"})
+    tool_format: str = field(default="auto", metadata={
+        "help": "how the chat template asks the model to write tool calls, which the OpenAI "
+                "front parses: auto (from the template: <tool_call> blocks are hermes, "
+                "<|python_tag|> is llama3_json) | hermes | llama3_json"})
     template_timeout_s: float = field(default=2.0, metadata={
         "help": "longest a client's chat template may take to render (past it, "
                 "INVALID_ARGUMENT)"})
@@ -152,6 +156,9 @@ class WorkerSettings(ServerFields):
             except OSError as exc:
                 raise ConfigError("chat_template", f"cannot read {self.chat_template}: "
                                                    f"{exc.strerror}") from None
+        if self.tool_format not in ("auto", "hermes", "llama3_json"):
+            raise ConfigError("tool_format", f"unknown format {self.tool_format!r}",
+                              fix="auto | hermes | llama3_json")
         if self.client_templates not in ("sandboxed", "off"):
             raise ConfigError("client_templates", f"unknown mode {self.client_templates!r}",
                               fix="sandboxed | off")

@@ -47,6 +47,7 @@ def tools_worker(worker_fleet, worker_admission):
 def test_a_worker_with_a_tools_template_answers_after_a_tool_turn(tools_worker):
     with WorkerClient(tools_worker.address) as client:
         session = client.open()
+        assert session.reply.tool_format == "hermes", "the template writes <tool_call> blocks"
         replies = list(client.stub.Generate(request(session), timeout=120))
         finish = replies[-1].finish
         assert finish.completion_tokens > 0
@@ -60,6 +61,7 @@ def test_a_worker_with_a_tools_template_answers_after_a_tool_turn(tools_worker):
 def test_a_worker_whose_template_has_no_tools_refuses_them(smollm2_worker):
     with WorkerClient(smollm2_worker.address) as client:
         session = client.open()
+        assert session.reply.tool_format == "", "SmolLM2's own template renders no tools"
         error, details = rpc_error(client.stub.Generate, request(session))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert details.field == "conversation.tools_json"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from services.front import openai_api as api
-from services.front.tool_calls import forced_grammar
+from services.front.tool_calls import FORMATS
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -35,13 +35,14 @@ def test_tools_are_parsed_and_tool_choice_defaults_to_auto():
     assert none.tools and not none.parses_tools and none.grammar is None
 
 
-def test_a_forced_tool_choice_asks_for_a_grammar():
+def test_a_forced_tool_choice_is_parsed():
+    """Its grammar is written once the session's tool format is known
+    (app.py), so the Call holds none."""
     required = chat(tools=[WEATHER, ADD], tool_choice="required")
     named = chat(tools=[WEATHER, ADD],
                  tool_choice={"type": "function", "function": {"name": "add"}})
     assert required.tool_choice.forced and named.tool_choice == api.ToolChoice("function", "add")
-    assert required.grammar[0] == "lark" and '"get_weather"' in required.grammar[1]
-    assert '"add"' in named.grammar[1] and "get_weather" not in named.grammar[1]
+    assert required.grammar is None and named.grammar is None
 
 
 @pytest.mark.parametrize("body, param", [
@@ -115,15 +116,32 @@ def test_response_format_asks_for_a_json_schema():
     assert kind == "json_schema" and json.loads(text) == schema
 
 
-def test_the_forced_grammar_compiles_and_holds_only_the_named_calls():
+@pytest.mark.parametrize("format_name, key", [("hermes", "arguments"),
+                                               ("llama3_json", "parameters")])
+def test_each_formats_forced_grammar_compiles_and_holds_only_the_named_calls(format_name, key):
     llguidance = pytest.importorskip("llguidance")
+    forced = FORMATS[format_name].forced_grammar
     tools = json.dumps([WEATHER, ADD])
     for name in (None, "add"):
-        grammar = llguidance.LLMatcher.grammar_from_lark(forced_grammar(tools, name))
-        assert grammar
-    text = forced_grammar(tools, "get_weather")
+        assert llguidance.LLMatcher.grammar_from_lark(forced(tools, name))
+    text = forced(tools, "get_weather")
     schema = json.loads(text.split("%json ", 1)[1])
     (option,) = schema["anyOf"]
     assert option["properties"]["name"] == {"const": "get_weather"}
-    assert option["properties"]["arguments"]["additionalProperties"] is False, (
+    assert option["required"] == ["name", key]
+    assert option["properties"][key]["additionalProperties"] is False, (
         "no properties beyond the parameters', as OpenAI's strict mode")
+    # What the grammar lets a model write, the format's parser reads back.
+    written = {"hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+                         '\n</tool_call>',
+               "llama3_json": '{"name": "get_weather", "parameters": {"city": "Oslo"}}'}
+    byte = llguidance.LLTokenizer("byte")
+    matcher = llguidance.LLMatcher(byte, llguidance.LLMatcher.grammar_from_lark(text))
+    assert matcher.consume_tokens(byte.tokenize_str(written[format_name]))
+    assert matcher.is_accepting(), "the grammar should accept the call as written"
+    extra = llguidance.LLMatcher(byte, llguidance.LLMatcher.grammar_from_lark(text))
+    assert not extra.consume_tokens(byte.tokenize_str(
+        written[format_name].replace('"Oslo"', '"Oslo", "x": 1'))), "an extra argument"
+    content, calls = FORMATS[format_name].extract(written[format_name])
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"})]

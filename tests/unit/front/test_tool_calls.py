@@ -111,3 +111,30 @@ def test_the_chatml_tools_template_renders_calls_the_parser_reads_back():
     plain = render(source, [{"role": "user", "content": "hi"}], {}, 10**6)
     assert plain == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                      "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---- llama3_json -------------------------------------------------------------------------
+def test_llama3_json_calls_whole_and_streamed():
+    from services.front.tool_calls import Llama3Json
+
+    text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+            '{"name": "get_time", "parameters": {}}')
+    content, calls = Llama3Json.extract(text)
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    for answer in ("It is sunny.", 'Say {"name": "x"}', '{"name": "x", "parameters": 3}',
+                   '{"broken": '):
+        assert Llama3Json.extract(answer) == (answer, []), answer
+    for pieces in (list(text), [text[:7], text[7:30], text[30:]]):
+        parser = Llama3Json.streaming()
+        out = [d for piece in pieces for d in parser.push(piece)] + parser.finish()
+        assert [d.call.name for d in out if d.call] == ["get_weather", "get_time"]
+        assert not any(d.content for d in out), "calls only: no content"
+    parser = Llama3Json.streaming()
+    out = [d for piece in ["", " It", " is", " sunny"] for d in parser.push(piece)]
+    assert "".join(d.content for d in out) == " It is sunny", "content streams as it comes"
+    assert parser.finish() == []
+    parser = Llama3Json.streaming()
+    assert parser.push("<|py") == [], "a tag's beginning is held"
+    assert "".join(d.content for d in parser.push("thon! no") + parser.finish()) == \
+        "<|python! no"

@@ -71,3 +71,21 @@ def test_tool_json_is_checked(text, problem):
         check_tools_json("conversation.tools_json", text)
     assert problem in err.value.message
     assert check_tools_json("x", "") == [] and check_tools_json("x", "[{}]") == [{}]
+
+
+
+def test_the_tool_format_is_read_from_the_template():
+    from pathlib import Path
+
+    from services.worker.prompts import tool_format
+
+    chatml = (Path(__file__).resolve().parents[3] / "deploy/templates/chatml-tools.jinja"
+              ).read_text()
+    llama = ("{% if tools %}Call a function as JSON: {\"name\": ..., \"parameters\": ...}"
+             "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+             "{% if m is defined and m.role == 'ipython' %}<|python_tag|>{% endif %}")
+    assert tool_format(chatml) == "hermes"
+    assert tool_format(llama) == "llama3_json"
+    assert tool_format("{% for m in messages %}{{ m.content }}{% endfor %}") == ""
+    assert tool_format(chatml, "llama3_json") == "llama3_json", "the worker's --tool-format"
+    assert tool_format("", "hermes") == "", "no template, no tools"
