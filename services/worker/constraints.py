@@ -114,7 +114,8 @@ class Grammars:
         with self._lock:
             if self._tokenizer is None:
                 import llguidance.hf
-                import llguidance.torch  # noqa: F401 - its import scripts functions (seconds): here, not in a step
+                # Its import scripts functions (seconds): here, not in a step.
+                import llguidance.torch  # noqa: F401
 
                 self._tokenizer = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer, eos_token=self._eos[0] if self._eos else None)

@@ -73,8 +73,8 @@ def check_message(message: dict[str, str], max_chars: int) -> None:
 
 def check_conversation(messages: list[dict], max_chars: int, tools: bool = False) -> None:
     """A whole conversation to answer: known roles, a user turn last (or a
-    tool's result, with tools; or an assistant's to continue: a prefill), at most MAX_CONVERSATION_MESSAGES messages
-    and --max-prompt-chars of text."""
+    tool's result, with tools; or an assistant's to continue: a prefill), at
+    most MAX_CONVERSATION_MESSAGES messages and --max-prompt-chars of text."""
     if not messages:
         raise InvalidArgument("conversation", "must hold at least one message")
     if len(messages) > MAX_CONVERSATION_MESSAGES:
