@@ -57,12 +57,12 @@ class ToolCall:
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-def forced_grammar(tools_json: str, name: str | None) -> str:
-    """A Lark grammar (llguidance's syntax: `%json` embeds a JSON schema)
-    for an answer that is one call, in this format, of the function `name`
-    or of any of the tools: its name one of theirs, its arguments what the
-    function's parameters schema accepts (no properties beyond those it
-    names, unless it says otherwise, as OpenAI's strict mode does)."""
+def call_schema(tools_json: str, name: str | None, arguments_key: str) -> dict:
+    """The JSON schema of one call of the function `name` or of any of the
+    tools, written as {"name": ..., arguments_key: ...}: its name one of
+    theirs, its arguments what the function's parameters schema accepts (no
+    properties beyond those it names, unless it says otherwise, as OpenAI's
+    strict mode does); in JSON_STYLE."""
     options = []
     for tool in json.loads(tools_json):
         function = tool["function"]
@@ -72,10 +72,16 @@ def forced_grammar(tools_json: str, name: str | None) -> str:
         if parameters.get("type") == "object":
             parameters.setdefault("additionalProperties", False)
         options.append({"type": "object", "additionalProperties": False,
-                        "required": ["name", "arguments"],
+                        "required": ["name", arguments_key],
                         "properties": {"name": {"const": function["name"]},
-                                       "arguments": parameters}})
-    schema = {"x-guidance": JSON_STYLE, "anyOf": options}
+                                       arguments_key: parameters}})
+    return {"x-guidance": JSON_STYLE, "anyOf": options}
+
+
+def forced_grammar(tools_json: str, name: str | None) -> str:
+    """A Lark grammar (llguidance's syntax: `%json` embeds a JSON schema)
+    for an answer that is one call in this format (call_schema)."""
+    schema = call_schema(tools_json, name, "arguments")
     return (f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\n"
             f"call: %json {json.dumps(schema)}\n")
 
@@ -275,20 +281,8 @@ def _llama3_extract(text: str) -> tuple[str, list[ToolCall]]:
 
 
 def _llama3_forced_grammar(tools_json: str, name: str | None) -> str:
-    """One call, {"name": ..., "parameters": ...}, as forced_grammar's."""
-    options = []
-    for tool in json.loads(tools_json):
-        function = tool["function"]
-        if name is not None and function["name"] != name:
-            continue
-        parameters = dict(function.get("parameters") or {"type": "object"})
-        if parameters.get("type") == "object":
-            parameters.setdefault("additionalProperties", False)
-        options.append({"type": "object", "additionalProperties": False,
-                        "required": ["name", "parameters"],
-                        "properties": {"name": {"const": function["name"]},
-                                       "parameters": parameters}})
-    return f"start: %json {json.dumps({'x-guidance': JSON_STYLE, 'anyOf': options})}\n"
+    """One call, {"name": ..., "parameters": ...} (call_schema)."""
+    return f"start: %json {json.dumps(call_schema(tools_json, name, 'parameters'))}\n"
 
 
 class Llama3Json:
