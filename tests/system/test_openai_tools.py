@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -39,11 +38,12 @@ openai = pytest.importorskip("openai", reason="install the dev extras (pip insta
 pytest.importorskip("llguidance")
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+for path in (TESTS_DIR, TESTS_DIR / "system"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from service.worker.worker_support import GENERATE_TIMEOUT_S, SMOLLM2  # noqa: E402
-from services.common.launch import free_port  # noqa: E402
+from test_stack import cache_dir, stack_file  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600, func_only=True)
 
@@ -63,38 +63,17 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 class Stack:
-    """`lmx up` with a stack file of admission (a simulated device), a
-    kvstore, the smollm2 worker with the tools template, and the front."""
+    """`lmx up` with a stack file (test_stack.py's) of admission (a simulated
+    device), a kvstore, the smollm2 worker with the tools template, and the
+    front."""
 
     def __init__(self, tmp: Path):
-        ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "worker",
-                                                              "front")}
-        self.path = tmp / "lmx.toml"
-        self.path.write_text(f"""
-[admission]
-listen = "127.0.0.1:{ports['admission']}"
-device = ["cpu:0=4GiB"]
-
-[kvstore]
-listen = "127.0.0.1:{ports['kvstore']}"
-keep-on-stop = false
-store-id = "tools{secrets.token_hex(4)}"
-state-dir = "{tmp / 'kvstate'}"
-
-[[worker]]
-model = "{SMOLLM2}"
-listen = "127.0.0.1:{ports['worker']}"
-device = "cpu"
-max-context = 2048
-chat-template = "{TEMPLATE}"
-
-[front]
-listen = "127.0.0.1:{ports['front']}"
-""")
-        self.base = f"http://127.0.0.1:{ports['front']}"
+        self.path, info = stack_file(tmp, SMOLLM2, "cpu:0=4GiB",
+                                     f'max-context = 2048\nchat-template = "{TEMPLATE}"')
+        self.base = f"http://127.0.0.1:{info['ports']['front']}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("LMX_")}
         self.env["LMX_STACK_DIR"] = str(tmp / "run")
-        self.env["LMX_CACHE"] = os.environ.get("LMX_CACHE") or str(REPO_ROOT / ".cache" / "lmx")
+        self.env["LMX_CACHE"] = cache_dir()
         self.log = open(tmp / "up.log", "wb")
         self.up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--stack",
                                     str(self.path)], cwd=REPO_ROOT, env=self.env,

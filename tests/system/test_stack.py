@@ -42,14 +42,19 @@ def cache_dir() -> str:
     return os.environ.get("LMX_CACHE") or str(REPO / ".cache" / "lmx")
 
 
-def stack_file(tmp_path: Path, model: str = "synthetic:llama-tiny") -> tuple[Path, dict]:
+def stack_file(tmp_path: Path, model: str = "synthetic:llama-tiny",
+               device: str = "cpu:0=2GiB",
+               worker: str = 'kv-chunk-bytes = "64KiB"') -> tuple[Path, dict]:
+    """A stack file of admission (a simulated `device`), a kvstore, one CPU
+    worker of `model` (with the `worker` table's other lines) and the front,
+    on free ports."""
     ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "worker", "front")}
     store = "st" + secrets.token_hex(4)
     path = tmp_path / "lmx.toml"
     path.write_text(f"""
 [admission]
 listen = "127.0.0.1:{ports['admission']}"
-device = ["cpu:0=2GiB"]
+device = ["{device}"]
 
 [kvstore]
 listen = "127.0.0.1:{ports['kvstore']}"
@@ -61,7 +66,7 @@ state-dir = "{tmp_path / 'kvstate'}"
 model = "{model}"
 listen = "127.0.0.1:{ports['worker']}"
 device = "cpu"
-kv-chunk-bytes = "64KiB"
+{worker}
 
 [front]
 listen = "127.0.0.1:{ports['front']}"
