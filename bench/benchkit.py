@@ -24,6 +24,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def card_slug(card: str) -> str:
+    """A card's short name for result files: "NVIDIA H100 80GB HBM3" is
+    "h100"."""
+    return card.lower().replace("nvidia ", "").split()[0]
+
+
 def git_commit() -> str:
     """The checkout's commit (+dirty); LMX_BENCH_COMMIT where there is no
     git history (a copy of the tree on a lent GPU machine)."""

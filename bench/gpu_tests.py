@@ -11,8 +11,6 @@ e.g. h100) and exits with pytest's status.
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchkit import card_slug, git_commit  # noqa: E402
 
 
 def card() -> tuple[str, str]:
@@ -34,11 +35,6 @@ def card() -> tuple[str, str]:
     except (IndexError, ValueError):
         return "unknown", "unknown"
     return name, version
-
-
-def short_name(name: str) -> str:
-    match = re.search(r"\b([A-Z]\d{2,4})\b", name)
-    return match.group(1).lower() if match else re.sub(r"\W+", "-", name.lower()).strip("-")
 
 
 def outcomes(junit: Path) -> list[dict]:
@@ -69,13 +65,10 @@ def main() -> int:
     for test in tests:
         counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
     date = time.strftime("%Y-%m-%d", time.gmtime(started))
-    commit = os.environ.get("LMX_BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=ROOT).stdout.strip() or "unknown"
-    report = dict(benchmark="gpu_tests", card=name, torch=torch_version, date=date, commit=commit,
+    report = dict(benchmark="gpu_tests", card=name, torch=torch_version, date=date, commit=git_commit(),
                   pytest_exit=rc, seconds=round(time.time() - started, 1), counts=counts,
                   tests=tests)
-    out = ROOT / "bench" / "results" / f"gpu-tests-{short_name(name)}-{date}.json"
+    out = ROOT / "bench" / "results" / f"gpu-tests-{card_slug(name)}-{date}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{counts}; wrote {out}")
     return rc

@@ -34,7 +34,7 @@ os.environ.setdefault("LMX_CACHE", str(ROOT / ".cache" / "lmx"))
 
 import torch  # noqa: E402
 
-from benchkit import git_commit, write_report  # noqa: E402
+from benchkit import card_slug, git_commit, write_report  # noqa: E402
 
 SHAPES_UP_TO_3B = ["smollm2-135m", "gemma3-270m", "llama-1b", "gemma3-1b", "qwen2.5-1.5b",
                    "smollm2-1.7b", "llama-3b", "qwen2.5-3b"]
@@ -164,7 +164,7 @@ def main() -> int:
     card = torch.cuda.get_device_name(device)
     names = [name.strip() for name in args.models.split(",")]
     models = []
-    slug = card.lower().replace("nvidia ", "").split()[0]
+    slug = card_slug(card)
     path = Path(args.out) / f"step-memory-{slug}-{dt.date.today().isoformat()}.json"
     for name in names:
         models.append(run_model(name, args, device))

@@ -47,7 +47,7 @@ os.environ.setdefault("LMX_CACHE", str(ROOT / ".cache" / "lmx"))
 
 import grpc  # noqa: E402
 
-from benchkit import git_commit, write_report  # noqa: E402
+from benchkit import card_slug, git_commit, write_report  # noqa: E402
 from lmx.v1 import admission_pb2 as apb  # noqa: E402
 from lmx.v1 import admission_pb2_grpc  # noqa: E402
 from lmx.v1 import worker_pb2 as wpb  # noqa: E402
@@ -330,7 +330,7 @@ def main() -> int:
     report = dict(benchmark="stress", card=card, date=dt.date.today().isoformat(),
                   commit=git_commit(), total_bytes=total, sessions=args.sessions,
                   max_prompt=args.max_prompt, max_tokens=args.max_tokens, models=[])
-    slug = card.lower().replace("nvidia ", "").split()[0]
+    slug = card_slug(card)
     suffix = ("" if args.cuda_graphs == "auto" else "-eager") + ("" if args.device == "cuda" else "-cpu")
     models = [model.strip() for model in args.models.split(",")]
     for model in models:
