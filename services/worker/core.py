@@ -21,6 +21,7 @@ from services.worker.prompts import PromptBuilder, tool_format
 from services.worker.limits import MAX_PROMPT_CHARS, MAX_TEMPLATE_CHARS
 from services.worker.sessions import Session, SessionTable
 from services.worker.templates import TemplateSandbox, compile_template
+from services.worker.tokens import window_chars
 
 #: How long a Generate waits for its session to finish moving (park/restore).
 MOVING_WAIT_S = 60.0
@@ -50,6 +51,8 @@ class WorkerCore:
         self.loaded = loaded
         self.tool_format_setting = tool_format_setting
         self.max_prompt_chars = max_prompt_chars
+        #: Past this many characters a text cannot fit the window.
+        self.window_chars = window_chars(loaded.tokenizer, loaded.max_context)
         #: Client templates: rendered in `sandbox` (made on first use when
         #: not given), or refused at OpenSession.
         self.client_templates = client_templates
@@ -158,6 +161,9 @@ class WorkerCore:
             limits.check_conversation(conversation, self.max_prompt_chars, tools=bool(tools))
         if message is not None:
             limits.check_message(message, self.max_prompt_chars)
+        field, chars = limits.input_chars(prompt, message, conversation, whole_prompt)
+        limits.check_fits_window(field, chars, self.window_chars, self.loaded.max_context,
+                                 self.loaded.name)
         constraint = None
         if grammar is not None:       # compiling a large schema takes a while: off the loop
             constraint = await asyncio.to_thread(self.grammars.compile, grammar)

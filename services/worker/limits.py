@@ -13,6 +13,8 @@ the session table and the sampling parameters call these before any work):
     in a bounded sandbox: templates.py);
   - sampling.stop: at most MAX_STOP_STRINGS strings of 1 to MAX_STOP_CHARS
     characters; sampling.max_tokens: 1 to the model's window - 1;
+  - a text longer than any text the model's window can hold
+    (tokens.window_chars): refused before it is tokenized;
   - ids and tokens (session_id, token, entry_id, model): at most
     MAX_ID_CHARS characters;
   - the whole message: --max-message-bytes (gRPC, every service).
@@ -125,6 +127,28 @@ def check_stop(stop: tuple[str, ...]) -> None:
     if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} non-empty strings "
                                                f"of at most {MAX_STOP_CHARS} characters")
+
+
+def input_chars(prompt: str | None, message: dict | None, conversation: list[dict] | None,
+                whole_prompt: str | None) -> tuple[str, int]:
+    """The field of the input given, and its characters of text."""
+    if conversation is not None:
+        return "conversation", sum(len(m.get("content") or "") for m in conversation)
+    if message is not None:
+        return "message.content", len(message.get("content") or "")
+    if prompt is not None:
+        return "prompt", len(prompt)
+    return "whole_prompt", len(whole_prompt or "")
+
+
+def check_fits_window(field: str, chars: int, window_chars: int, max_context: int,
+                      model: str) -> None:
+    """A text too long for the model's window whatever its tokens
+    (tokens.window_chars), refused before it is tokenized."""
+    if chars > window_chars:
+        raise InvalidArgument(field, f"{chars} characters cannot fit {model}'s context of "
+                                     f"{max_context} tokens (at most {window_chars} "
+                                     "characters could)", reason=CONTEXT_LENGTH_EXCEEDED)
 
 
 def check_max_tokens(max_tokens: int, max_context: int, model: str) -> None:

@@ -13,6 +13,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+#: How many times shorter a normalizer may make text before tokens cover it
+#: (NFC composes a decomposed Hangul syllable's three characters into one).
+NORMALIZER_SHRINK = 4
+
+
+def window_chars(tokenizer, max_context: int) -> int:
+    """Characters past which a text cannot fit a window of max_context
+    tokens, whatever it holds: no token covers more characters than its
+    vocabulary string has (a byte-level token's string has a character per
+    byte, a byte-fallback token's more), and a normalizer shrinks text at
+    most NORMALIZER_SHRINK times. Lets a worker refuse a hopeless prompt
+    without tokenizing it: tokenizing a million characters costs a second and
+    leaves hundreds of MB in the allocator's arenas."""
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    longest = max([longest, *(len(str(t)) for t in getattr(tokenizer, "all_special_tokens", ()))])
+    return max_context * longest * NORMALIZER_SHRINK
+
+
 class Detokenizer:
     """Incremental decoding that never splits a character: text is released
     only once the bytes decoded so far form whole characters (the method of

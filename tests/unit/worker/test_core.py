@@ -11,7 +11,11 @@ import pytest
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.worker.core import WorkerCore
-from services.worker.limits import MAX_CONVERSATION_MESSAGES, MAX_PROMPT_CHARS
+from services.worker.limits import (
+    CONTEXT_LENGTH_EXCEEDED,
+    MAX_CONVERSATION_MESSAGES,
+    MAX_PROMPT_CHARS,
+)
 from services.worker.engine import Delta, Engine, Finished
 from services.worker.memory import FixedMemory
 from services.worker.models import LoadedModel
@@ -116,6 +120,50 @@ def test_max_tokens_beyond_the_models_window_is_refused(tiny):
     error, fine = run(tiny, scenario)
     assert error.field == "sampling.max_tokens" and "context" in error.message
     assert fine is not None
+
+
+@pytest.mark.parametrize("make_input", [
+    lambda n: dict(prompt="x" * n),
+    lambda n: dict(whole_prompt="x" * n),
+    lambda n: dict(message={"role": "user", "content": "x" * n}),
+    lambda n: dict(conversation=[{"role": "user", "content": "x" * (n // 2)},
+                                 {"role": "assistant", "content": "y"},
+                                 {"role": "user", "content": "x" * (n // 2)}]),
+])
+def test_a_text_no_window_could_hold_is_refused_untokenized(tiny, make_input):
+    calls = []
+
+    class Counting:
+        """The model's tokenizer, counting the calls that tokenize."""
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args)
+            return self.inner(*args, **kwargs)
+
+        def encode(self, *args, **kwargs):
+            calls.append(args)
+            return self.inner.encode(*args, **kwargs)
+
+    loaded = dataclasses.replace(tiny, tokenizer=Counting(tiny.tokenizer), max_context=64)
+
+    async def scenario(core):
+        session = core.open_session().session
+        with pytest.raises(InvalidArgument) as caught:
+            await first_event(core.generate(session.session_id, session.token,
+                                            SamplingParams(max_tokens=2),
+                                            **make_input(core.window_chars + 2)))
+        return caught.value, core.window_chars, session
+
+    error, bound, session = run(loaded, scenario)
+    assert error.reason == CONTEXT_LENGTH_EXCEEDED and "cannot fit" in error.message, error
+    assert calls == [], f"the text was tokenized before it was refused: {len(calls)} call(s)"
+    assert bound >= 64 * 4, f"the bound {bound} is below any real tokenizer's"
+    assert session.tokens == [] and not session.busy
 
 
 def test_generate_checks_the_session(tiny):
