@@ -39,6 +39,7 @@ class WorkerRecord:
     num_parked: int = 0
     resident_fraction: float = 1.0     # below 1: streaming the other layers
     steps_out_of_memory: int = 0       # the worker's steps that ran out of memory (bugs)
+    weights: str = ""                  # "bfloat16", "int4-g128": how its layers are held
 
 
 class WorkerRegistry:
@@ -51,11 +52,13 @@ class WorkerRegistry:
     def register(self, worker_id: str, model: str, address: str, state: str, *, pid: int = 0,
                  device: str = "", num_sessions: int = 0, ttl_s: float = 10.0,
                  num_parked: int = 0, resident_fraction: float = 1.0,
-                 steps_out_of_memory: int = 0, secret: str = "") -> WorkerRecord:
+                 steps_out_of_memory: int = 0, weights: str = "",
+                 secret: str = "") -> WorkerRecord:
         for name, value in (("worker.worker_id", worker_id), ("worker.model", model),
                             ("worker.address", address)):
             limits.check_name(name, value)
         limits.check_name("worker.device", device, required=False)
+        limits.check_name("worker.weights", weights, required=False)
         try:
             parse_address(address)
         except ValueError as exc:
@@ -84,7 +87,7 @@ class WorkerRegistry:
             self.secrets.remember(worker_id, secret)
         record = WorkerRecord(worker_id, model, address, state, pid, device, num_sessions, ttl_s,
                               self.clock(), num_parked, resident_fraction or 1.0,
-                              steps_out_of_memory)
+                              steps_out_of_memory, weights)
         self._workers[worker_id] = record
         if previous is None or previous.state != state:
             log.info("worker_registered", worker_id=worker_id, model=model, address=address,

@@ -92,7 +92,8 @@ def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
                          device=record.device, num_sessions=record.num_sessions,
                          updated_s_ago=now - record.updated_at, num_parked=record.num_parked,
                          resident_fraction=record.resident_fraction,
-                         steps_out_of_memory=record.steps_out_of_memory)
+                         steps_out_of_memory=record.steps_out_of_memory,
+                         weights=record.weights)
 
 
 ACTIVITY_TO_PB = {
@@ -214,7 +215,8 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             info.worker_id, info.model, info.address, state, pid=info.pid, device=info.device,
             num_sessions=info.num_sessions, ttl_s=(request.ttl_ms or 10_000) / 1000,
             num_parked=info.num_parked, resident_fraction=info.resident_fraction,
-            steps_out_of_memory=info.steps_out_of_memory, secret=request.secret)
+            steps_out_of_memory=info.steps_out_of_memory, weights=info.weights,
+            secret=request.secret)
         return pb.RegisterWorkerResponse()
 
     async def UnregisterWorker(self, request: pb.UnregisterWorkerRequest,

@@ -1,7 +1,8 @@
 """`lmx ps` as text: like `ollama ps`, for the whole GPU. Per device its
 memory book (total, cap, foreign, leased, free); per worker its model, state,
-lease, sessions (active and parked) and when its lease was last renewed. All
-from one admission Status call."""
+how its weights are held (the dtype, int8 or int4), lease, sessions (active
+and parked) and when its lease was last renewed. All from one admission
+Status call."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def render_ps(status: pb.StatusResponse) -> str:
         renewed = (f"{min(lease.since_renewal_s for lease in leases):.1f}s ago"
                    if leases else "-")
         active = worker.num_sessions - worker.num_parked
-        rows.append([worker.model, worker_state(worker), worker.device, format_bytes(leased),
+        rows.append([worker.model, worker_state(worker), worker.weights or "-", worker.device,
+                     format_bytes(leased),
                      str(active), str(worker.num_parked), renewed, worker.address])
-    lines += _table(["MODEL", "STATE", "DEVICE", "LEASE", "ACTIVE", "PARKED", "RENEWED",
-                     "ADDRESS"], rows)
+    lines += _table(["MODEL", "STATE", "WEIGHTS", "DEVICE", "LEASE", "ACTIVE", "PARKED",
+                     "RENEWED", "ADDRESS"], rows)
     return "\n".join(lines)

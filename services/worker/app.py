@@ -36,6 +36,7 @@ from services.worker.engine import Engine
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
 from services.worker.kv_link import KVStoreLink
 from services.worker.models import LoadedModel, default_cache_dir, load_model, weight_plan
+from services.worker.quantize import QuantSpec
 from services.worker.settings import AUTO
 from services.worker.streaming import LayerStreamer, streamed_indices
 from services.worker.parking import Parking
@@ -70,6 +71,7 @@ class WorkerApp:
         self.settings = settings
         self.device = devices.resolve_device(settings.device)
         self.dtype = devices.resolve_dtype(settings.dtype, self.device)
+        self.quant = QuantSpec(settings.quantize, settings.quantize_group_size)
         self.cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
         self.state = "waiting"
         self.address = ""
@@ -134,8 +136,8 @@ class WorkerApp:
                                           on_lost=self._lease_lost)
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         log.info("worker_starting", model=settings.model, device=str(self.device),
-                 dtype=str(self.dtype).removeprefix("torch."), admission=settings.admission,
-                 admission_device=self.admission_device)
+                 dtype=str(self.dtype).removeprefix("torch."), weights=self._weights(),
+                 admission=settings.admission, admission_device=self.admission_device)
 
         plan = await self._weight_plan()
         self.sizing = await asyncio.to_thread(LeaseSizing, settings, self.device, self.dtype,
@@ -369,7 +371,7 @@ class WorkerApp:
         and the lease both need them)."""
         if self._plan is None:
             self._plan = await asyncio.to_thread(weight_plan, self.settings.model, self.cache,
-                                                 self.dtype)
+                                                 self.dtype, self.quant)
         return self._plan
 
     async def _place(self, listed) -> str:
@@ -507,7 +509,7 @@ class WorkerApp:
             state=STATE_TO_PB[self._reported_state()], pid=os.getpid(),
             device=self.admission_device, num_sessions=len(self.sessions),
             num_parked=sum(1 for s in self.sessions.all() if s.parked_entry),
-            resident_fraction=self._resident_fraction(),
+            resident_fraction=self._resident_fraction(), weights=self._weights(),
             steps_out_of_memory=self.engine.runner.out_of_memory if self.engine else 0)
         try:
             await self.admission.register_worker(info, ttl_s=self.settings.lease_ttl_s)
@@ -556,15 +558,18 @@ class WorkerApp:
         settings = self.settings
         if not streamed:
             loaded = load_model(settings.model, cache=self.cache, device=self.device,
-                                dtype=self.dtype, max_context=settings.max_context)
+                                dtype=self.dtype, max_context=settings.max_context,
+                                quant=self.quant)
             if settings.resident_fraction == AUTO:
                 # Everything fits now; a streamer with nothing streamed lets
                 # the model give layers back under pressure instead of sleeping.
                 self.streamer = LayerStreamer(
                     loaded.model, self.device, [], ring_slots=settings.stream_ring)
             return loaded
+        # Quantized: packed for this device's kernels, kept in host memory.
         loaded = load_model(settings.model, cache=self.cache, device=torch.device("cpu"),
-                            dtype=self.dtype, max_context=settings.max_context)
+                            dtype=self.dtype, max_context=settings.max_context,
+                            quant=self.quant, kernel_device=self.device)
         self.streamer = LayerStreamer(
             loaded.model, self.device, streamed, ring_slots=settings.stream_ring,
             share_as=settings.model if settings.share_streamed_weights else None,
@@ -598,6 +603,10 @@ class WorkerApp:
                  resident_layers=chosen, resident_fraction=round(chosen / plan.num_layers, 3))
         return fraction
 
+    def _weights(self) -> str:
+        """How the decoder layers' weights are held: "bfloat16", "int4-g128"."""
+        return str(self.quant) if self.quant.on else str(self.dtype).removeprefix("torch.")
+
     def _resident_fraction(self) -> float:
         return 1.0 if self.streamer is None else self.streamer.info().resident_fraction
 
@@ -622,7 +631,7 @@ class WorkerApp:
                                              num_tokens=len(s.tokens), idle_s=now - s.last_used)
                       for s in self.sessions.all()],
             num_parked=sum(1 for s in self.sessions.all() if s.parked_entry),
-            resident_fraction=self._resident_fraction())
+            resident_fraction=self._resident_fraction(), weights=self._weights())
         if self.streamer is not None:
             reply.streamed_bytes = self.streamer.info().host_bytes
         if self.loaded is not None and self.engine is not None:

@@ -37,6 +37,7 @@ import torch
 
 from services.common.errors import InvalidArgument, NotFound
 from services.worker.kv_storage import KVShape
+from services.worker.quantize import QuantSpec, plan_bytes, quantize_model
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +100,10 @@ class LoadedModel:
     weight_bytes: int
     vocab_limit: int          # ids at or above this are never sampled (tokenizer's size)
     device: torch.device
+    #: How the decoder layers' weights are held: the dtype, or "int4-g128"
+    #: and "int8" (services/worker/quantize.py; embeddings and norms stay
+    #: in the dtype).
+    weights: str = ""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,15 +286,11 @@ def model_config(name: str, cache: Path):
     return AutoConfig.from_pretrained(path), path
 
 
-def estimate_weight_bytes(name: str, cache: Path, dtype: torch.dtype) -> int:
+def estimate_weight_bytes(name: str, cache: Path, dtype: torch.dtype,
+                          quant: QuantSpec = QuantSpec()) -> int:
     """The bytes the weights will take on the device, counted on a model
     built on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    config, _ = model_config(name, cache)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return _tensor_bytes(model)
+    return weight_plan(name, cache, dtype, quant).total_bytes
 
 
 @dataclass(frozen=True)
@@ -308,10 +309,12 @@ class WeightPlan:
             + min(ring_slots, streamed) * self.layer_bytes
 
 
-def weight_plan(name: str, cache: Path, dtype: torch.dtype) -> WeightPlan:
+def weight_plan(name: str, cache: Path, dtype: torch.dtype,
+                quant: QuantSpec = QuantSpec()) -> WeightPlan:
+    """Counted on the meta device, quantized layers at their packed size."""
     from transformers import AutoModelForCausalLM
 
-    from services.worker.streaming import decoder_layers, layer_bytes
+    from services.worker.streaming import decoder_layers
 
     config, _ = model_config(name, cache)
     with torch.device("meta"):
@@ -321,7 +324,8 @@ def weight_plan(name: str, cache: Path, dtype: torch.dtype) -> WeightPlan:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim \
         * torch.empty((), dtype=dtype).element_size()
-    return WeightPlan(_tensor_bytes(model), layer_bytes(layers[0]), len(layers), kv_per_token)
+    total, layer = plan_bytes(model, quant, dtype)
+    return WeightPlan(total, layer, len(layers), kv_per_token)
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
@@ -368,8 +372,13 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int)
 
 
 def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dtype,
-               max_context: int = 0, seed: int = 0) -> LoadedModel:
-    """Load `name` once onto `device` with the paged attention kernel."""
+               max_context: int = 0, seed: int = 0, quant: QuantSpec = QuantSpec(),
+               kernel_device: torch.device | None = None) -> LoadedModel:
+    """Load `name` once onto `device` with the paged attention kernel.
+    Quantized (`quant`): loaded in host memory, then each decoder matrix
+    quantized for `kernel_device`'s kernels (default `device`) and put on
+    `device` one at a time (the device never holds the 16-bit model); a
+    synthetic model's random weights are then drawn on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.worker import attention
@@ -377,12 +386,21 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
     attention.register()
     started = time.monotonic()
     config, path = model_config(name, cache)
+    build_on = torch.device("cpu") if quant.on else device
     if path is None:
-        model = build_synthetic(config, device, dtype, seed)
+        model = build_synthetic(config, build_on, dtype, seed)
         tokenizer = _tokenizer_for_synthetic(cache)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(build_on))
+    weights = str(dtype).removeprefix("torch.")
+    if quant.on:
+        done = quantize_model(model, quant, kernel_device or device, place=device)
+        model.to(device)
+        weights = str(quant)
+        log.info("model_quantized", model=name, quantize=weights, kernels=done.kernels,
+                 kept=done.kept, bytes_before=done.bytes_before, bytes_after=done.bytes_after,
+                 on=str(kernel_device or device))
     model.eval()
     model.requires_grad_(False)
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
@@ -397,8 +415,8 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
         eos_token_ids=_eos_ids(model, tokenizer),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         weight_bytes=weight_bytes, vocab_limit=min(len(tokenizer), config.vocab_size),
-        device=device)
-    log.info("model_loaded", model=name, device=str(device), dtype=str(dtype),
+        device=device, weights=weights)
+    log.info("model_loaded", model=name, device=str(device), dtype=str(dtype), weights=weights,
              weight_bytes=weight_bytes, layers=kv_shape.num_layers,
              kv_bytes_per_token=kv_shape.bytes_per_token, max_context=loaded.max_context,
              seconds=round(time.monotonic() - started, 2))

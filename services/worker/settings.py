@@ -21,6 +21,9 @@ def parse_fraction(text: str) -> float:
         return AUTO
     return float(text)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: --quantize and --quantize-group-size (services/worker/quantize.py).
+QUANTIZE_MODES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,16 @@ class WorkerSettings(ServerFields):
         "help": "admission's id for this device (default: matched by GPU UUID, else cpu:0)"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"})
+    quantize: str = field(default="none", metadata={
+        "help": "weights of the decoder layers: none (the dtype) | int8 (per output channel) | "
+                "int4 (groups of --quantize-group-size); weight-only, with PyTorch's int8 and "
+                "int4 (tinygemm) kernels; embeddings, norms and the output head stay in the "
+                "dtype"})
+    quantize_group_size: int = field(default=32, metadata={
+        "help": "int4: input weights per scale and zero point (32 | 64 | 128 | 256; a layer "
+                "whose width it does not divide takes the largest that does). 32, GGUF's "
+                "block: a Q4_0 or Q4_1 model keeps its exact weights; larger groups save "
+                "up to 0.09 bytes a weight and lose quality (docs/benchmarks.md)"})
     cache_dir: str = field(default="", metadata={
         "help": "converted-model cache (default LMX_CACHE or ~/.cache/lmx)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
@@ -138,6 +151,12 @@ class WorkerSettings(ServerFields):
         if self.cuda_graphs not in ("auto", "off"):
             raise ConfigError("cuda_graphs", f"unknown value {self.cuda_graphs!r}",
                               fix="auto | off")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError("quantize", f"unknown mode {self.quantize!r}",
+                              fix=" | ".join(QUANTIZE_MODES))
+        if self.quantize_group_size not in GROUP_SIZES:
+            raise ConfigError("quantize_group_size", f"got {self.quantize_group_size}",
+                              fix=" | ".join(map(str, GROUP_SIZES)))
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", fix=" | ".join(DTYPES))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-import torch
 
 from services.common.parent import process_alive
 
@@ -28,8 +27,10 @@ log = structlog.get_logger(__name__)
 PREFIX = "lmx-weights-"
 
 
-def weights_key(model: str, dtype: torch.dtype, streamed: list[int], layer_numel: int) -> str:
-    text = f"{model}|{dtype}|{','.join(map(str, streamed))}|{layer_numel}"
+def weights_key(model: str, layout: str, streamed: list[int], layer_bytes: int) -> str:
+    """The file's name for a model's streamed layers: `layout` names each of a
+    layer's tensors' dtype and shape (a quantized model's differ)."""
+    text = f"{model}|{layout}|{','.join(map(str, streamed))}|{layer_bytes}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

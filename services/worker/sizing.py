@@ -27,6 +27,7 @@ from services.worker import device as devices
 from services.worker.engine import Engine, Failed, Finished
 from services.worker.memory import Memory
 from services.worker.sampling import SamplingParams
+from services.worker.quantize import QuantSpec, dequant_bytes
 from services.worker.settings import WorkerSettings
 from services.worker.step_memory import (
     ALLOCATOR_SLACK_BYTES,
@@ -60,8 +61,10 @@ class LeaseSizing:
         self.max_context = min(window, settings.max_context) if settings.max_context else window
         itemsize = torch.empty((), dtype=dtype).element_size()
         # Off CUDA, SDPA's math kernel runs (and nothing caps the memory there).
-        self.plan = StepMemoryPlan(ModelDims.from_config(config, itemsize),
-                                   math_attention=device.type != "cuda")
+        dims = ModelDims.from_config(config, itemsize)
+        quant = QuantSpec(settings.quantize, settings.quantize_group_size)
+        dims = dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, quant, device, dtype))
+        self.plan = StepMemoryPlan(dims, math_attention=device.type != "cuda")
         self.graphs = settings.cuda_graphs == "auto" and device.type == "cuda"
         self.max_prefill_tokens = settings.max_prefill_tokens
 

@@ -65,6 +65,9 @@ class ModelDims:
     rotary_sets: int = 1       # Gemma 3 keeps two (local and global layers)
     softcap: bool = False      # attention logits soft-capped: the math path runs
     logit_softcap: bool = False   # final logits soft-capped: two more copies of them
+    #: Quantized weights de-quantized one matrix at a time inside a layer
+    #: (services/worker/quantize.py dequant_bytes): the largest such transient.
+    dequant_bytes: int = 0
 
     @classmethod
     def from_config(cls, config, itemsize: int) -> ModelDims:
@@ -163,7 +166,7 @@ class StepMemoryPlan:
         if not shape.rows:
             return 0
         return (self.activation_bytes(shape.tokens) + self.attention_bytes(shape)
-                + self.logits_bytes(shape.rows))
+                + self.logits_bytes(shape.rows) + self.dims.dequant_bytes)
 
     def graphed_bytes(self, shape: StepShape) -> int:
         """A replayed decode step allocates nothing in its graph's pool (held
@@ -200,7 +203,8 @@ class StepMemoryPlan:
         logits = (3 if d.logit_softcap else 1) * sum(sizes) * d.vocab * d.itemsize
         partials = top * d.heads * parts * (d.head_dim + 2) * 4
         queries = 4 * top * d.heads * d.head_dim * d.itemsize
-        raw = logits + self.activation_bytes(top) + partials + queries + CUBLAS_WORKSPACE_BYTES
+        raw = logits + self.activation_bytes(top) + partials + queries + \
+            d.dequant_bytes + CUBLAS_WORKSPACE_BYTES
         return int(raw * self.scale * (1 + RELATIVE_MARGIN)) + FIXED_MARGIN_BYTES
 
     def fits(self, shape: StepShape, workspace_bytes: int) -> bool:

@@ -10,7 +10,10 @@ layers compute; before execution n runs, the compute stream waits for its
 copy. So with K >= 2 each copy overlaps the computation of the layers before
 it. A layer's parameters are re-pointed (`param.data`) at its slot's views
 just before it runs: every decoder layer has the same shapes, so one set of
-views per slot serves all of them.
+views per slot serves all of them. A layer's tensors are kept as bytes, each
+at an aligned offset of one flat buffer, so layers of mixed dtypes
+(quantized matrices beside 16-bit norms, services/worker/quantize.py) stream
+the same way.
 
 On the CPU the same code runs with plain copies (the "device" is host
 memory too), so CI tests the mechanics and the exactness.
@@ -76,8 +79,16 @@ def streamed_indices(num_layers: int, resident_fraction: float) -> list[int]:
     return sorted(stream_order(num_layers)[:num_layers - resident])
 
 
+#: Each tensor of a flat layer buffer starts at a multiple of this.
+ALIGN = 256
+
+
 def layer_bytes(layer: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)
@@ -138,19 +149,25 @@ class LayerStreamer:
 
     # ---- set-up ----
     def _plan(self, layers: list[torch.nn.Module]) -> None:
+        """Where each of a layer's tensors lies in its flat buffer (all the
+        streamed layers alike)."""
         first = layers[0]
-        shapes = [p.shape for _, p in first.named_parameters()]
-        dtypes = {p.dtype for layer in layers for p in layer.parameters()}
-        if len(dtypes) != 1:
-            raise ValueError(f"streamed layers mix dtypes {dtypes}")
-        self.dtype = dtypes.pop()
+        signature = [(p.shape, p.dtype) for _, p in first.named_parameters()]
         for layer in layers[1:]:
-            if [p.shape for _, p in layer.named_parameters()] != shapes:
-                raise ValueError("streamed layers differ in shape; cannot share a ring")
-        self.numels = [int(torch.Size(s).numel()) for s in shapes]
-        self.layer_numel = sum(self.numels)
-        self.layer_bytes = self.layer_numel * torch.empty((), dtype=self.dtype).element_size()
-        self.shapes = shapes
+            if [(p.shape, p.dtype) for _, p in layer.named_parameters()] != signature:
+                raise ValueError("streamed layers differ in shape or dtype; cannot share a ring")
+        self.shapes = [shape for shape, _ in signature]
+        self.dtypes = [dtype for _, dtype in signature]
+        self.nbytes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+                       for shape, dtype in signature]
+        self.offsets, offset = [], 0
+        for nbytes in self.nbytes:
+            self.offsets.append(offset)
+            offset = _aligned(offset + nbytes)
+        self.layer_bytes = offset
+        #: The layer's tensors, for the shared file's key.
+        self.layout = ",".join(f"{str(d).removeprefix('torch.')}{list(s)}"
+                               for s, d in signature)
 
     def info(self) -> StreamingInfo:
         return StreamingInfo(self.num_layers, self.count, self.slots,
@@ -172,17 +189,17 @@ class LayerStreamer:
         filled = False
         if self.share_as:
             self.shared = SharedHostWeights(
-                weights_key(self.share_as, self.dtype, self.streamed, self.layer_numel),
+                weights_key(self.share_as, self.layout, self.streamed, self.layer_bytes),
                 self.count * self.layer_bytes, self.shm_dir)
             try:
                 buffer, filled = self.shared.open()
-                whole = torch.frombuffer(buffer, dtype=self.dtype)
+                whole = torch.frombuffer(buffer, dtype=torch.uint8)
             except OSError as exc:
                 log.warning("shared_weights_unavailable", error=str(exc),
                             effect="this worker keeps its own host copy")
                 self.shared = None
         if self.shared is None:
-            whole = torch.empty(self.count * self.layer_numel, dtype=self.dtype, device="cpu",
+            whole = torch.empty(self.count * self.layer_bytes, dtype=torch.uint8, device="cpu",
                                 pin_memory=self.cuda)
         elif self.cuda:
             # cudaHostRegisterPortable: the mapping becomes pinned memory.
@@ -194,7 +211,7 @@ class LayerStreamer:
             else:
                 self._registered = whole
         self.shared_mapped = filled
-        self.host = [whole[i * self.layer_numel:(i + 1) * self.layer_numel]
+        self.host = [whole[i * self.layer_bytes:(i + 1) * self.layer_bytes]
                      for i in range(self.count)]
         if not filled:
             for layer, flat in zip(self.layers, self.host):
@@ -288,12 +305,12 @@ class LayerStreamer:
         added = []
         for index in indices:
             layer = layers[index]
-            flat = torch.empty(self.layer_numel, dtype=self.dtype, device="cpu",
+            flat = torch.empty(self.layer_bytes, dtype=torch.uint8, device="cpu",
                                pin_memory=self.cuda)
             self._to_flat(layer, flat)
             if starting:                  # no ring yet: its device copy goes now
                 for param in layer.parameters():
-                    param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+                    param.data = torch.empty(0, dtype=param.dtype, device=self.device)
             else:
                 self._bind(layer, 0)      # its own device copy goes
             added.append((index, layer, flat))
@@ -325,7 +342,7 @@ class LayerStreamer:
             return
         self._sync()
         for param in self.streamed_parameters():
-            param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
         weights_moved(self.model)
         self.ring, self.views = [], []
         if self.cuda:
@@ -368,24 +385,26 @@ class LayerStreamer:
             self.shared.close()
 
     def _to_flat(self, layer: torch.nn.Module, flat: torch.Tensor) -> None:
-        """A layer's parameters, in order, into one flat host buffer."""
-        offset = 0
-        for param, numel in zip(layer.parameters(), self.numels):
-            flat[offset:offset + numel].copy_(param.detach().reshape(-1))
-            offset += numel
+        """A layer's parameters, in order, into one flat host buffer (bytes)."""
+        for param, offset, nbytes in zip(layer.parameters(), self.offsets, self.nbytes):
+            flat[offset:offset + nbytes].copy_(param.detach().reshape(-1).view(torch.uint8))
+
+    def _typed(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat buffer as the layer's tensors."""
+        return [flat[offset:offset + nbytes].view(dtype).view(shape)
+                for offset, nbytes, dtype, shape
+                in zip(self.offsets, self.nbytes, self.dtypes, self.shapes)]
 
     def _from_flat(self, layer: torch.nn.Module, flat: torch.Tensor) -> None:
         """A layer's parameters back on the device, each its own tensor."""
-        offset = 0
-        for param, numel, shape in zip(layer.parameters(), self.numels, self.shapes):
-            param.data = flat[offset:offset + numel].view(shape).to(self.device, copy=True)
-            offset += numel
+        for param, view in zip(layer.parameters(), self._typed(flat)):
+            param.data = view.to(self.device, copy=True)
 
     def _make_ring(self) -> None:
         """The ring's device buffers, their views and events; every streamed
         layer pointed at slot 0's views (so that nothing else holds its
         weights on the device)."""
-        self.ring = [torch.empty(self.layer_numel, dtype=self.dtype, device=self.device)
+        self.ring = [torch.empty(self.layer_bytes, dtype=torch.uint8, device=self.device)
                      for _ in range(self.slots)]
         self.views = [self._views(slot) for slot in self.ring]
         for layer in self.layers:
@@ -395,11 +414,7 @@ class LayerStreamer:
             self._used = [torch.cuda.Event() for _ in range(self.slots)]
 
     def _views(self, slot: torch.Tensor) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for numel, shape in zip(self.numels, self.shapes):
-            views.append(slot[offset:offset + numel].view(shape))
-            offset += numel
-        return views
+        return self._typed(slot)
 
     def _bind(self, layer: torch.nn.Module, slot: int) -> None:
         for param, view in zip(layer.parameters(), self.views[slot]):

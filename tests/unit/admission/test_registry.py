@@ -87,3 +87,14 @@ def test_bad_registrations_are_refused_with_the_field():
         assert caught.value.field == field, (change, caught.value)
     with pytest.raises(NotFound):
         registry.unregister("never@127.0.0.1:1")
+
+
+def test_how_a_worker_holds_its_weights_is_kept_and_checked():
+    registry = WorkerRegistry(Clock())
+    registry.register("m@127.0.0.1:1", "m", "127.0.0.1:1", "ready", weights="int4-g128")
+    assert registry.workers()[0].weights == "int4-g128"
+    with pytest.raises(InvalidArgument) as caught:
+        registry.register("n@127.0.0.1:2", "n", "127.0.0.1:2", "ready", weights="x" * 300)
+    assert caught.value.field == "worker.weights"
+    with pytest.raises(InvalidArgument):
+        registry.register("n@127.0.0.1:2", "n", "127.0.0.1:2", "ready", weights="int4\n")

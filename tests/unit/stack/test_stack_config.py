@@ -83,9 +83,10 @@ def test_ps_shows_devices_and_each_workers_lease_and_sessions():
                          since_renewal_s=0.5)],
         workers=[pb.WorkerInfo(worker_id="m@a", model="m", address="127.0.0.1:1",
                                state=pb.WORKER_STATE_ASLEEP, pid=42, device="cpu:0",
-                               num_sessions=3, num_parked=2)])
+                               num_sessions=3, num_parked=2, weights="int4-g128")])
     text = render_ps(status)
     row = next(line for line in text.splitlines() if line.startswith("m "))
-    assert row.split()[:8] == ["m", "asleep", "cpu:0", "3.00", "GiB", "1", "2", "0.5s"], row
+    assert row.split()[:9] == ["m", "asleep", "int4-g128", "cpu:0", "3.00", "GiB", "1", "2",
+                               "0.5s"], row
     assert "7.20 GiB (90%)" in text
     assert "no workers" in render_ps(pb.StatusResponse())

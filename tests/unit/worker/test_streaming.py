@@ -207,7 +207,7 @@ def test_a_dead_writers_temporary_file_is_removed(tmp_path):
     streamer = LayerStreamer(model, CPU, [3, 4], ring_slots=2, share_as="synthetic:llama-tiny",
                              shm_dir=tmp_path)
     from services.worker.shared_weights import PREFIX, weights_key
-    key = weights_key("synthetic:llama-tiny", torch.float32, [3, 4], streamer.layer_numel)
+    key = weights_key("synthetic:llama-tiny", streamer.layout, [3, 4], streamer.layer_bytes)
     stale = tmp_path / f"{PREFIX}{key}.{dead}.tmp"
     stale.write_bytes(b"half written")
     streamer.attach()
