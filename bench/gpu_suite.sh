@@ -13,6 +13,7 @@
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
 #   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
+#   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, quality (bench/quality.py)
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
 # Results go to bench/results as usual; one tarball of the new results and
@@ -93,14 +94,26 @@ tools() {
     done
 }
 
+quant() {
+    for q in int4 int8; do
+        step "step-memory-$q-$stamp" 240 $PY bench/step_memory.py --device cuda --quantize $q \
+            --models synthetic:llama-1b,synthetic:qwen2.5-1.5b,synthetic:llama-3b,synthetic:gemma3-1b
+    done
+    step "quality-real-$stamp" 120 $PY bench/quality.py --device cuda \
+        --out bench/results/quality-cuda-real-$stamp.json
+    step "quality-synthetic-$stamp" 180 $PY bench/quality.py --device cuda \
+        --models synthetic:qwen2.5-1.5b,synthetic:llama-3b --specs int8,int4-g32,int4-g128 \
+        --out bench/results/quality-cuda-synthetic-$stamp.json
+}
+
 stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|speed|speed8b|stream|tools ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|speed|speed8b|stream|tools|quant ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|speed|speed8b|stream|tools) "$stage" ;;
+        tests|plan|stress|workers|seed|speed|speed8b|stream|tools|quant) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -52,8 +52,11 @@ def main() -> int:
     text = TEXT.read_text()
     results = []
     for name in args.models.split(","):
-        reference = load_model(name, cache=cache, device=device, dtype=dtype,
+        # Built in host memory, as a quantized model is (a synthetic one's
+        # random weights are drawn on the CPU then), and moved: the same weights.
+        reference = load_model(name, cache=cache, device=torch.device("cpu"), dtype=dtype,
                                quant=QuantSpec())
+        reference.model.to(device)
         ids = reference.tokenizer(text)["input_ids"]
         ref = log_probs(reference.model, ids, device)
         base_bytes, vocab_limit = reference.weight_bytes, reference.vocab_limit

@@ -21,6 +21,7 @@ used more than its plan.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import sys
@@ -65,12 +66,18 @@ def run_model(name: str, args, device: torch.device) -> dict:
     from services.worker import paged_kernels
     from services.worker.runner import ModelRunner, StepItem, step_shape
     from services.worker.sampling import SamplingParams, sample
+    from services.worker.quantize import QuantSpec, dequant_bytes
     from services.worker.step_memory import ModelDims, StepMemoryPlan
 
     torch.cuda.empty_cache()
-    loaded = load_model(name, cache=default_cache_dir(), device=device, dtype=torch.bfloat16)
+    quant = QuantSpec(getattr(args, "quantize", "none"), getattr(args, "group_size", 32))
+    loaded = load_model(name, cache=default_cache_dir(), device=device, dtype=torch.bfloat16,
+                        quant=quant)
     config = loaded.model.config
-    plan = StepMemoryPlan(ModelDims.from_config(config, 2))
+    dims = ModelDims.from_config(config, 2)
+    dims = dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, quant, device,
+                                                                 torch.bfloat16))
+    plan = StepMemoryPlan(dims)
     window = loaded.max_context
     slots_per_chunk = window // 2              # two chunks: the multi-chunk gather
     storage = KVStorage(loaded.kv_shape, slots_per_chunk, device)
@@ -136,7 +143,8 @@ def run_model(name: str, args, device: torch.device) -> dict:
               flush=True)
     workspace = plan.workspace_bytes(max_batch=64, max_prefill_tokens=2048, max_context=window,
                                      graphs=True)
-    report = dict(model=name, window=window, weight_bytes=loaded.weight_bytes,
+    report = dict(model=name, weights=loaded.weights, window=window,
+                  weight_bytes=loaded.weight_bytes,
                   kv_bytes=storage.num_bytes, graph_pool_measured=pool,
                   graph_pool_estimate=pool_estimate, graph_pool_ok=pool <= pool_estimate,
                   graphs=graphs.sizes, graphs_broken=graphs.broken,
@@ -155,6 +163,8 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(f"synthetic:{s}" for s in SHAPES_UP_TO_3B))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--quantize", default="none", help="none | int8 | int4 (the weights)")
+    parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -165,7 +175,8 @@ def main() -> int:
     names = [name.strip() for name in args.models.split(",")]
     models = []
     slug = card_slug(card)
-    path = Path(args.out) / f"step-memory-{slug}-{dt.date.today().isoformat()}.json"
+    suffix = "" if args.quantize == "none" else f"-{args.quantize}"
+    path = Path(args.out) / f"step-memory-{slug}{suffix}-{dt.date.today().isoformat()}.json"
     for name in names:
         models.append(run_model(name, args, device))
         misses = [dict(model=m["model"], **s) for m in models for s in m["steps"]

@@ -12,8 +12,6 @@ smollm2 tokenizer: the synthetic models use it). Skipped without a GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -22,24 +20,12 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _bench():
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("step_memory_bench", BENCH / "step_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("model", ["synthetic:llama-1b", "synthetic:qwen2.5-1.5b",
                                    "synthetic:gemma3-270m"])
-def test_the_plan_is_never_below_a_steps_measured_peak(model):
-    bench = _bench()
-    report = bench.run_model(model, argparse.Namespace(quick=True), torch.device("cuda"))
+def test_the_plan_is_never_below_a_steps_measured_peak(model, step_memory_bench):
+    report = step_memory_bench.run_model(model, argparse.Namespace(quick=True),
+                                         torch.device("cuda"))
     ran = [s for s in report["steps"] if "measured" in s]
     assert len(ran) >= 10, report["steps"]
     below = [s for s in ran if s["measured"] > s["planned"]]

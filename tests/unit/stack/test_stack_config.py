@@ -45,6 +45,7 @@ def test_tables_become_flags():
     ("[admission]\ncap-fraction = 7\n", "cap_fraction"),
     ("[[worker]]\nlisten = \"127.0.0.1:1\"\n", "names no model"),
     ("worker = 3\n", "array of tables"),
+    ("[[worker]]\nmodel = \"m\"\nquantize = \"int3\"\n", "quantize"),
     ("[admission]\nlisten = \"127.0.0.1:5\"\n[kvstore]\nlisten = \"127.0.0.1:5\"\n",
      "two services listen"),
 ])
@@ -52,6 +53,13 @@ def test_mistakes_are_one_clear_error(tmp_path, text, words):
     with pytest.raises(ConfigError) as info:
         load_stack(write(tmp_path, text))
     assert words in str(info.value), str(info.value)
+
+
+def test_a_worker_table_quantizes_its_model(tmp_path):
+    stack = load_stack(write(tmp_path, '[[worker]]\nmodel = "m"\nquantize = "int4"\n'
+                                       'quantize-group-size = 64\n'))
+    settings = stack.workers[0].settings
+    assert (settings.quantize, settings.quantize_group_size) == ("int4", 64)
 
 
 def test_a_missing_stack_file_says_so(tmp_path):
