@@ -135,6 +135,8 @@ class WorkerApp:
                                           priority=settings.priority,
                                           on_lost=self._lease_lost)
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("card_support", **devices.describe_card(self.device, self.dtype,
+                                                         settings.cuda_graphs))
         log.info("worker_starting", model=settings.model, device=str(self.device),
                  dtype=str(self.dtype).removeprefix("torch."), weights=self._weights(),
                  admission=settings.admission, admission_device=self.admission_device)
@@ -173,8 +175,8 @@ class WorkerApp:
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,
                              max_prefill_tokens=settings.max_prefill_tokens,
-                             decode_graphs=(settings.cuda_graphs == "auto"
-                                            and self.device.type == "cuda"),
+                             decode_graphs=devices.decode_graphs(settings.cuda_graphs,
+                                                                 self.device),
                              step_plan=self.sizing.plan)
         if self.device.type == "cuda":
             # Every step within the workspace the lease holds, from the first.

@@ -31,10 +31,61 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: The compute capability from which a card has bfloat16 arithmetic
+#: (Ampere), runs Triton's kernels (Triton's README: NVIDIA 8.0+; the decode
+#: graphs attend with them) and PyTorch's tinygemm int4 kernel.
+MODERN_CAPABILITY = (8, 0)
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """The card's compute capability; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def modern(device: torch.device) -> bool:
+    """Whether `device` is a CUDA card of MODERN_CAPABILITY or newer."""
+    found = capability(device)
+    return found is not None and found >= MODERN_CAPABILITY
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: float32 on the CPU; bfloat16 on a card that computes in it,
+    float16 on an older one. bfloat16 asked for on an older card is a
+    ConfigError."""
+    found = capability(device)
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if found is None:
+            return torch.float32
+        return torch.bfloat16 if found >= MODERN_CAPABILITY else torch.float16
+    if name == "bfloat16" and found is not None and found < MODERN_CAPABILITY:
+        raise ConfigError("dtype", f"bfloat16 needs compute capability "
+                                   f"{MODERN_CAPABILITY[0]}.{MODERN_CAPABILITY[1]} or newer; "
+                                   f"this card is {found[0]}.{found[1]}",
+                          fix="--dtype auto (float16 here) or float16")
     return DTYPES[name]
+
+
+def decode_graphs(setting: str, device: torch.device) -> bool:
+    """Whether decode steps replay CUDA graphs (with the Triton kernels):
+    --cuda-graphs auto on a modern card; eager elsewhere."""
+    return setting == "auto" and modern(device)
+
+
+def describe_card(device: torch.device, dtype: torch.dtype, graphs_setting: str) -> dict:
+    """What this card runs, for one log line (card_support)."""
+    found = capability(device)
+    if found is None:
+        return dict(device=str(device), dtype=str(dtype).removeprefix("torch."),
+                    decode="eager", int4="dequant")
+    old = found < MODERN_CAPABILITY
+    why = f"compute capability {found[0]}.{found[1]} < 8.0" if old else "--cuda-graphs off"
+    graphs = decode_graphs(graphs_setting, device)
+    return dict(device=str(device), capability=f"{found[0]}.{found[1]}",
+                dtype=str(dtype).removeprefix("torch."),
+                decode="CUDA graphs with Triton kernels" if graphs else f"eager ({why})",
+                int4="tinygemm" if not old and dtype == torch.bfloat16 else "dequant")
 
 
 def gpu_uuid(device: torch.device) -> str:

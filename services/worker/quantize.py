@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.worker import device as devices
 from services.worker.settings import GROUP_SIZES
 from services.worker.settings import QUANTIZE_MODES as MODES
 
@@ -77,9 +78,7 @@ def _group_for(in_features: int, wanted: int) -> int | None:
 def tinygemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether _weight_int4pack_mm runs here: bfloat16 on a card of compute
     capability 8.0 or newer."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return dtype == torch.bfloat16 and devices.modern(device)
 
 
 def _int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int,

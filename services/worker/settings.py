@@ -44,7 +44,8 @@ class WorkerSettings(ServerFields):
     admission_device: str = field(default="", metadata={
         "help": "admission's id for this device (default: matched by GPU UUID, else cpu:0)"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"})
+        "help": "auto (float32 on CPU; bfloat16 on a card of compute capability 8.0 or newer, "
+                "float16 on an older one) | float32 | bfloat16 | float16"})
     quantize: str = field(default="none", metadata={
         "help": "weights of the decoder layers: none (the dtype) | int8 (per output channel) | "
                 "int4 (groups of --quantize-group-size); weight-only, with PyTorch's int8 and "
@@ -119,9 +120,10 @@ class WorkerSettings(ServerFields):
     weights_shm_dir: str = field(default="/dev/shm", metadata={
         "help": "where that file lives"})
     cuda_graphs: str = field(default="auto", metadata={
-        "help": "auto: decode steps replay CUDA graphs on a CUDA device (Triton kernels attend "
-                "over the paged KV in place; the first graphed step is checked against the eager "
-                "one) | off: eager decode steps"})
+        "help": "auto: decode steps replay CUDA graphs on a CUDA card of compute capability "
+                "8.0 or newer (Triton kernels attend over the paged KV in place; the first "
+                "graphed step is checked against the eager one), eager on older cards | off: "
+                "eager decode steps"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})

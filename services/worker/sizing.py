@@ -65,7 +65,7 @@ class LeaseSizing:
         quant = QuantSpec(settings.quantize, settings.quantize_group_size)
         dims = dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, quant, device, dtype))
         self.plan = StepMemoryPlan(dims, math_attention=device.type != "cuda")
-        self.graphs = settings.cuda_graphs == "auto" and device.type == "cuda"
+        self.graphs = devices.decode_graphs(settings.cuda_graphs, device)
         self.max_prefill_tokens = settings.max_prefill_tokens
 
     def workspace(self) -> int:
