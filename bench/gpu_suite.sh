@@ -14,7 +14,8 @@
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
 #   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
-#   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, quality (bench/quality.py)
+#   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, real models' quality
+#   bench/gpu_suite.sh quant2    # int4/int8 decode speed (bench/worker.py), synthetic quality
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
 # Results go to bench/results as usual; one tarball of the new results and
@@ -103,13 +104,21 @@ tools() {
     done
 }
 
-quant() {
+quant() {     # about 520 s
     for q in int4 int8; do
-        step "step-memory-$q-$stamp" 240 $PY bench/step_memory.py --device cuda --quantize $q \
+        step "step-memory-$q-$stamp" 200 $PY bench/step_memory.py --device cuda --quantize $q \
             --models synthetic:llama-1b,synthetic:qwen2.5-1.5b,synthetic:llama-3b,synthetic:gemma3-1b
     done
     step "quality-real-$stamp" 120 $PY bench/quality.py --device cuda \
         --out bench/results/quality-cuda-real-$stamp.json
+}
+
+quant2() {    # about 420 s
+    for q in int4 int8; do
+        step "worker-llama-1b-$q-$stamp" 120 $PY bench/worker.py --device cuda \
+            --model synthetic:llama-1b --sessions 1,8,32,64 --tokens 64 --repeats 1 \
+            --quiet-wait-s 0 --skip-hf --quantize $q
+    done
     step "quality-synthetic-$stamp" 180 $PY bench/quality.py --device cuda \
         --models synthetic:qwen2.5-1.5b,synthetic:llama-3b --specs int8,int4-g32,int4-g128 \
         --out bench/results/quality-cuda-synthetic-$stamp.json
@@ -119,10 +128,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant|quant2 ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant|quant2) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -91,6 +91,19 @@ def _int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int,
     return "dequant", 0
 
 
+#: Quantizing works through a matrix this many elements at a time (rows
+#: whole), so that its float32 transients stay near 64 MiB on the device.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(weight: torch.Tensor, device: torch.device):
+    """The matrix's rows in blocks, each a float32 copy on `device`."""
+    rows = max(1, BLOCK_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        yield weight[start:start + rows].detach().to(device=device, dtype=torch.float32,
+                                                     copy=True)
+
+
 class Int8Linear(torch.nn.Module):
     """y = x W^T * scale (+ bias), W int8 per output channel."""
 
@@ -103,14 +116,16 @@ class Int8Linear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, device: torch.device) -> Int8Linear:
-        w = linear.weight.detach().to(device=device, dtype=torch.float32)
         dtype = linear.weight.dtype
-        # The scale as it is kept (the dtype), so that each weight lands
-        # within half a step of its value.
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(dtype).float()
-        q = torch.round(w / scale[:, None]).clamp_(-128, 127).to(torch.int8)
+        qs, scales = [], []
+        for w in _row_blocks(linear.weight, device):
+            # The scale as it is kept (the dtype), so that each weight lands
+            # within half a step of its value.
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(dtype).float()
+            qs.append(torch.round(w.div_(scale[:, None])).clamp_(-128, 127).to(torch.int8))
+            scales.append(scale.to(dtype))
         bias = None if linear.bias is None else linear.bias.detach().to(device)
-        return cls(q, scale.to(dtype), bias)
+        return cls(torch.cat(qs), torch.cat(scales), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale
@@ -144,18 +159,21 @@ class Int4Linear(torch.nn.Module):
             return None
         dtype = linear.weight.dtype
         kernel, tiles = _int4_kernel(device, dtype, out_features, in_features)
-        w = linear.weight.detach().to(device=device, dtype=torch.float32)
-        grouped = w.reshape(-1, group)
-        low, high = grouped.amin(dim=1, keepdim=True), grouped.amax(dim=1, keepdim=True)
-        # Scales and zeros as they are kept (the dtype): w = (q - 8) * scale + zero.
-        scales = ((high - low) / 15.0).clamp(min=1e-6).to(dtype).float()
-        zeros = (low + scales * 8.0).to(dtype).float()
-        q = torch.round((grouped - zeros) / scales + 8.0).clamp_(0, 15).to(torch.int32) \
-            .reshape(out_features, in_features)
-        scales_and_zeros = torch.stack(
-            [scales.reshape(out_features, -1), zeros.reshape(out_features, -1)], dim=2) \
-            .transpose(0, 1).contiguous().to(dtype)
-        nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)     # [out, in / 2]
+        nibbles, pairs = [], []
+        for w in _row_blocks(linear.weight, device):
+            rows = w.shape[0]
+            grouped = w.view(-1, group)
+            low, high = grouped.amin(dim=1, keepdim=True), grouped.amax(dim=1, keepdim=True)
+            # Scales and zeros as kept (the dtype): w = (q - 8) * scale + zero.
+            scales = ((high - low) / 15.0).clamp(min=1e-6).to(dtype).float()
+            zeros = (low + scales * 8.0).to(dtype).float()
+            q = grouped.sub_(zeros).div_(scales).add_(8.0).round_().clamp_(0, 15) \
+                .to(torch.uint8).view(rows, in_features)
+            nibbles.append(q[:, ::2] << 4 | q[:, 1::2])                 # [rows, in / 2]
+            pairs.append(torch.stack([scales.view(rows, -1), zeros.view(rows, -1)], dim=2)
+                         .to(dtype))
+        nibbles = torch.cat(nibbles)
+        scales_and_zeros = torch.cat(pairs).transpose(0, 1).contiguous()  # [groups, out, 2]
         if kernel == "tinygemm":
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
         else:

@@ -72,8 +72,8 @@ def test_a_quantized_model_loads_within_its_packed_bytes(mode):
     peak = torch.cuda.max_memory_allocated(CUDA) - before
     assert loaded.weight_bytes == plan.total_bytes
     assert held <= plan.total_bytes + (16 << 20), f"{held} bytes held, planned {plan.total_bytes}"
-    largest = 8960 * 1536 * 2
-    assert peak <= plan.total_bytes + 4 * largest + (64 << 20), (
+    largest = 8960 * 1536 * 2          # one 16-bit matrix; quantized in 64 MiB blocks
+    assert peak <= plan.total_bytes + largest + (160 << 20), (
         f"loading peaked at {peak} bytes: the 16-bit model ({full.total_bytes}) should never "
         "be on the device whole")
     assert plan.total_bytes < full.total_bytes * (0.45 if mode == "int4" else 0.65)

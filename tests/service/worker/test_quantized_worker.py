@@ -41,10 +41,12 @@ def test_an_int4_worker_leases_its_packed_bytes_and_answers_as_float32(
             f"{status.weight_bytes} bytes of weights: int4 should be about 35% of float32's")
         session = client.open()
         quantized = client.generate(session, prompt=PROMPT, max_tokens=24)
-    with WorkerClient(smollm2_worker.address) as client:
+        client.close_session(session)
+    with WorkerClient(smollm2_worker.address) as client:   # shared: left as it was found
         assert client.status().weights == "float32"
         session = client.open()
         full = client.generate(session, prompt=PROMPT, max_tokens=24)
+        client.close_session(session)
     assert quantized.token_ids == full.token_ids, (
         f"int4-g32 holds SmolLM2's Q4_1 weights exactly: {quantized.text!r} vs {full.text!r}")
 

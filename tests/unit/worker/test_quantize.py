@@ -153,3 +153,16 @@ def test_settings_refuse_an_unknown_mode_or_group():
     with pytest.raises(ConfigError) as caught:
         load_settings(["--model", "m", "--quantize", "int4", "--quantize-group-size", "48"], {})
     assert caught.value.setting == "quantize_group_size"
+
+
+@pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin, CPU),
+                                  lambda lin: Int4Linear.from_linear(lin, CPU, 32)])
+def test_quantizing_in_row_blocks_changes_nothing_and_leaves_the_source(make, monkeypatch):
+    lin = linear(out_features=100, in_features=64)
+    source = lin.weight.detach().clone()
+    whole = make(lin)
+    monkeypatch.setattr(quantize, "BLOCK_ELEMENTS", 64 * 7)     # blocks of 7 rows, one short
+    blocked = make(lin)
+    assert torch.equal(lin.weight, source), "quantizing changed the 16-bit weights"
+    for a, b in zip(whole.parameters(), blocked.parameters()):
+        assert torch.equal(a, b)
