@@ -46,7 +46,7 @@ pytestmark = pytest.mark.timeout(900, func_only=True)
 ADMISSION = "lmx.v1.AdmissionService"
 KVSTORE = "lmx.v1.KVStoreService"
 WORKER = "lmx.v1.WorkerService"
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 RPC_TIMEOUT_S = 300
 
 
