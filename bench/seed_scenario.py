@@ -485,7 +485,8 @@ def run_alone(args, model: str, agents: list[Agent], log_dir: Path) -> dict:
     procs = {}
     try:
         procs["admission"] = start_service(
-            "services.admission", ADMISSION, [*adm_args, "--log-format", "json"],
+            "services.admission", ADMISSION,
+            [*adm_args, "--log-format", "json", "--state-file", "none"],
             log_path=log_dir / f"alone-{tag}-admission.log", timeout_s=60)
         procs["worker"] = start_service(
             "services.worker", WORKER,
@@ -551,7 +552,7 @@ def main(argv=None) -> int:
         result["cap_fraction"] = round(cap_fraction, 6)
     else:
         adm_args = ["--device", f"cpu:0={args.device_size}"]
-    adm_args += ["--reclaim-deadline-s", str(args.reclaim_deadline_s),
+    adm_args += ["--state-file", "none", "--reclaim-deadline-s", str(args.reclaim_deadline_s),
                  "--min-resident-s", str(args.min_resident_s), "--log-format", "json"]
 
     shm = Path(tempfile.mkdtemp(prefix="lmx-bench-seed-", dir="/dev/shm"))

@@ -112,7 +112,8 @@ def stack(tmp_path):
     try:
         procs["admission"] = start_service(
             "services.admission", ADMISSION,
-            ["--device", "cpu:0=1400MiB", "--reclaim-deadline-s", "2", "--log-format", "json"],
+            ["--device", "cpu:0=1400MiB", "--reclaim-deadline-s", "2", "--log-format", "json",
+             "--state-file", "none"],
             log_path=tmp_path / "admission.log")
         procs["kvstore"] = start_service(
             "services.kvstore", KVSTORE,
@@ -203,7 +204,8 @@ def test_three_models_four_agents_one_small_device(stack):
     # the same simulated device): each process reserves its whole KV up front.
     # At most one fits; the others die out of memory.
     device = start_service("services.admission", ADMISSION,
-                           ["--device", "cpu:0=1400MiB", "--log-format", "json"],
+                           ["--device", "cpu:0=1400MiB", "--log-format", "json",
+                            "--state-file", "none"],
                            log_path=tmp / "naive-admission.log")
     try:
         runs = run_naive(device.address, AGENTS, MAX_TOKENS, timeout_s=300)

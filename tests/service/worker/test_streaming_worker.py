@@ -75,7 +75,8 @@ def test_auto_streams_what_does_not_fit(tmp_path):
     from .worker_support import WorkerFleet
 
     admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=400MiB", "--log-format", "json"],
+                              ["--device", "cpu:0=400MiB", "--log-format", "json",
+                               "--state-file", "none"],
                               log_path=tmp_path / "admission.log")
     fleet = WorkerFleet(tmp_path)
     try:
@@ -132,7 +133,8 @@ def test_a_streamed_worker_takes_its_layers_back_when_memory_frees(tmp_path):
     from .worker_support import Reference, WorkerClient, WorkerFleet
 
     admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=800MiB", "--log-format", "json"],
+                              ["--device", "cpu:0=800MiB", "--log-format", "json",
+                               "--state-file", "none"],
                               log_path=tmp_path / "admission.log")
     fleet = WorkerFleet(tmp_path)
     try:
@@ -193,7 +195,7 @@ def test_a_streamed_worker_streams_more_to_make_room_and_goes_on(tmp_path):
 
     admission = start_service("services.admission", "lmx.v1.AdmissionService",
                               ["--device", "cpu:0=800MiB", "--log-format", "json",
-                               "--reclaim-deadline-s", "2"],
+                               "--reclaim-deadline-s", "2", "--state-file", "none"],
                               log_path=tmp_path / "admission.log")
     fleet = WorkerFleet(tmp_path)
     try:
@@ -254,7 +256,7 @@ def test_a_resident_auto_worker_starts_streaming_to_make_room(tmp_path):
 
     admission = start_service("services.admission", "lmx.v1.AdmissionService",
                               ["--device", "cpu:0=1200MiB", "--log-format", "json",
-                               "--reclaim-deadline-s", "2"],
+                               "--reclaim-deadline-s", "2", "--state-file", "none"],
                               log_path=tmp_path / "admission.log")
     fleet = WorkerFleet(tmp_path)
     try:
