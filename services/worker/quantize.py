@@ -16,9 +16,10 @@ Int8WeightOnlyConfig and gpt-fast call:
         float16, a shape tinygemm does not take): the nibbles are unpacked
         and de-quantized into the activations' dtype for each product
         ("dequant"), the same bytes at rest. PyTorch's CPU kernels
-        (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) measured 15 to
-        75 times slower than that on the CI's CPU (float32, no AMX), so the
-        CPU de-quantizes too.
+        (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) measured 35 to
+        70 times slower than that for a prefill of 800 rows and 2 to 17
+        times slower for one row on the CI's CPU (float32, no AMX; a
+        1536 x 576 matrix), so the CPU de-quantizes too.
 
 Every nn.Linear inside the decoder layers is replaced (attention
 projections, MLP); embeddings, norms and the output head stay in the
