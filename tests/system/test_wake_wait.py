@@ -60,6 +60,10 @@ def test_a_request_to_a_sleeping_model_is_refused_after_wake_wait_s(tmp_path):
                     bytes=free + 256 * MIB, purpose=apb.PURPOSE_OTHER,
                     wait_ms=60_000, ttl_ms=120_000), timeout=70).lease
                 try:
+                    # The worker gives its lease back, then logs that it sleeps.
+                    deadline = time.monotonic() + 10
+                    while '"state": "asleep"' not in worker.log() and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     assert '"state": "asleep"' in worker.log(), "the worker should have slept"
                     started = time.monotonic()
                     _, details = rpc_error(client.stub.Generate, generate_request(
