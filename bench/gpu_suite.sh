@@ -91,9 +91,9 @@ seed() {
 
 seed3() {
     step "seed-three-int4-$stamp" 290 $PY bench/seed_scenario.py --device cuda --cap-gib 8 \
-        --models three --quantize int4 --shared-agent --alone --log-dir "$LOGS/seed3-int4"
+        --models three --quantize int4 --shared-agent --alone --naive --log-dir "$LOGS/seed3-int4"
     step "seed-three-bf16-$stamp" 290 $PY bench/seed_scenario.py --device cuda --cap-gib 8 \
-        --models three --resident-fraction auto --shared-agent --alone \
+        --models three --resident-fraction auto --shared-agent --alone --naive \
         --log-dir "$LOGS/seed3-bf16"
 }
 

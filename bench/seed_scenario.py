@@ -36,6 +36,10 @@ Three models (--models three, or A,B,C), the user's own scenario (issue 20):
   --alone then runs each model with the whole device to itself and reports
   each agent's tokens/s shared over alone, and their sum: the sharing
   efficiency (1.0: as good as one after another at full speed).
+  --naive first launches the same agents the naive way (services/naive.py:
+  each its own engine reserving its weights and whole window up front), on
+  the same device size: on a GPU for real, the card shrunk to --cap-gib by a
+  ballast process; its engines' outcomes (ran / out of memory) are reported.
 
 Agents with two models (as tests/system/test_seed_scenario.py): a code
 generator and a security reviewer on the first model (one worker, shared
@@ -56,7 +60,7 @@ Phases (after an untimed warm-up: one turn of --max-tokens on each worker):
     .venv/bin/python bench/seed_scenario.py               # make bench-seed
     python3 bench/seed_scenario.py --device cuda          # on a GPU host
     python3 bench/seed_scenario.py --device cuda --models three --quantize int4 \
-        --shared-agent --alone                            # issue 20 on a GPU host
+        --shared-agent --alone --naive                    # issue 20 on a GPU host
 
 Writes bench/results/seed-scenario-<device>[-resident-auto][-three][-int4]-<date>.json
 and its -latest.json, prints a table.
@@ -94,6 +98,7 @@ from lmx.v1 import admission_pb2_grpc  # noqa: E402
 from lmx.v1 import worker_pb2 as wpb  # noqa: E402
 from lmx.v1 import worker_pb2_grpc  # noqa: E402
 from services.common.launch import start_service  # noqa: E402
+from services.naive import emulated_card, run_naive  # noqa: E402
 
 ADMISSION = "lmx.v1.AdmissionService"
 KVSTORE = "lmx.v1.KVStoreService"
@@ -411,6 +416,11 @@ def parse_args(argv):
                    help="then each model alone with the whole card (no cap, no other worker): "
                         "its agents' tokens/s there, and the sharing efficiency (the sum over "
                         "agents of tokens/s shared / alone)")
+    p.add_argument("--naive", action="store_true",
+                   help="first the naive launch of the same agents (services/naive.py): each "
+                        "its own engine, reserving its weights and a KV cache of its whole "
+                        "window up front; on the CPU on a simulated device of --device-size, on "
+                        "a GPU on the card made --cap-gib small by a ballast process")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=None,
                    help="per turn (default 16 on the CPU, 64 on a GPU)")
@@ -512,6 +522,29 @@ def run_alone(args, model: str, agents: list[Agent], log_dir: Path) -> dict:
                 procs[name].stop(60)
 
 
+def run_naive_launch(args, agents: list[Agent]) -> dict:
+    """The naive launch of the same agents (services/naive.py), on a device
+    of the same size: the simulated one on the CPU, the card shrunk to
+    --cap-gib by a ballast on a GPU. Each engine's outcome."""
+    t0 = time.perf_counter()
+    if args.device == "cuda":
+        with emulated_card(int(args.cap_gib * GIB)) as card:
+            runs = run_naive(agents, args.max_tokens, device="cuda", quantize=args.quantize)
+        where = {"card": card, "weights": args.quantize if args.quantize != "none" else "16-bit"}
+    else:
+        adm = start_service("services.admission", ADMISSION,
+                            ["--device", f"cpu:0={args.device_size}", "--log-format", "json",
+                             "--state-file", "none"], timeout_s=60)
+        try:
+            runs = run_naive(agents, args.max_tokens, admission=adm.address)
+        finally:
+            adm.stop(60)
+        where = {"device_size": args.device_size, "weights": "float32"}
+    return {**where, "wall_s": round(time.perf_counter() - t0, 2),
+            "engines": [run.record() for run in runs],
+            "crashed_out_of_memory": sum(run.outcome == "out of memory" for run in runs)}
+
+
 def sharing_efficiency(concurrent: dict, alone: dict) -> dict:
     """Each agent's tokens/s while sharing (its tokens over the time its
     turns took) as a fraction of its tokens/s alone; their sum is the
@@ -545,6 +578,12 @@ def main(argv=None) -> int:
                     "agents": [{"name": a.name, "model": a.model, "chat_wanted": a.chat,
                                 "turns": list(a.turns)} for a in agents],
                     "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+
+    if args.naive:
+        print("naive launch ...", file=sys.stderr, flush=True)
+        result["naive"] = run_naive_launch(args, agents)
+        print("naive: " + ", ".join(f"{r['agent']} {r['outcome']}" for r in result["naive"]
+                                    ["engines"]), file=sys.stderr, flush=True)
 
     if args.device == "cuda":
         cap_fraction = min(1.0, args.cap_gib * GIB / gpu["total_memory"])
@@ -765,6 +804,11 @@ def print_table(r: dict) -> None:
                           for name, f in r["sharing"]["agents"].items())
         print(f"\nsharing efficiency {_fmt(r['sharing']['efficiency'], '.2f')}: shared/alone "
               f"per agent: {parts}")
+    if r.get("naive"):
+        engines = ", ".join(f"{e['agent']} ({e['model']}) {e['outcome']}"
+                            for e in r["naive"]["engines"])
+        print(f"\nnaive launch ({r['naive']['weights']} weights, whole window reserved): "
+              f"{engines}")
     eq = r["outputs_equal"]
     print(f"\noutputs equal (concurrent == sequential): {eq}")
     if not all(eq.values()):

@@ -107,7 +107,7 @@ def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
                            log_path=out / "naive-admission.log")
     try:
         results = []
-        for run in run_naive(device.address, AGENTS, max_tokens):
+        for run in run_naive(AGENTS, max_tokens, admission=device.address):
             reply = run.reply
             if run.outcome == "out of memory":
                 say(f"   {run.agent:<16} {run.model:<22} CRASHED: out of memory (it reserves "

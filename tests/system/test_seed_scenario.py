@@ -208,7 +208,7 @@ def test_three_models_four_agents_one_small_device(stack):
                             "--state-file", "none"],
                            log_path=tmp / "naive-admission.log")
     try:
-        runs = run_naive(device.address, AGENTS, MAX_TOKENS, timeout_s=300)
+        runs = run_naive(AGENTS, MAX_TOKENS, admission=device.address, timeout_s=300)
     finally:
         assert device.stop() == 0
     for run in runs:
