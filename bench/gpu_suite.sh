@@ -18,6 +18,9 @@
 #   bench/gpu_suite.sh quant2    # int4/int8 decode speed (bench/worker.py), synthetic quality
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
+# Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
+# and WORKER_GRAPHS="auto" (workers'); TESTS_LIMIT, PLAN_LIMIT, STRESS_LIMIT.
+#
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
 # machine sends back only a few. Each step has its own time limit, so a step
@@ -57,8 +60,8 @@ stress() {
 }
 
 workers() {
-    for m in synthetic:llama-1b synthetic:smollm2-135m synthetic:qwen2.5-1.5b; do
-        for g in auto off; do
+    for m in ${WORKER_MODELS:-synthetic:llama-1b synthetic:smollm2-135m synthetic:qwen2.5-1.5b}; do
+        for g in ${WORKER_GRAPHS:-auto off}; do
             step "worker-${m#synthetic:}-graphs-$g-$stamp" 120 $PY bench/worker.py --device cuda \
                 --model "$m" --sessions 1,8,32,64 --tokens 64 --repeats 1 --quiet-wait-s 0 \
                 --cuda-graphs $g --skip-hf
@@ -83,7 +86,7 @@ speed8b() {
 }
 
 seed() {
-    for mode in 1.0 auto; do
+    for mode in ${SEED_MODES:-1.0 auto}; do
         step "seed-scenario-$mode-$stamp" 270 $PY bench/seed_scenario.py --device cuda \
             --cap-gib 8 --resident-fraction $mode --log-dir "$LOGS/seed-$mode"
     done
