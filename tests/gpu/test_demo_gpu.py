@@ -1,0 +1,53 @@
+"""`lmx demo` on a GPU host runs on the GPU: the naive engines really
+allocate on the card (shrunk to --cap-gib by a ballast) and the ones that do
+not fit die of the card's own out-of-memory error; the stack's admission
+reads NVML with its cap at --cap-gib, its workers run on CUDA, and every
+agent finishes every turn with the leases under the cap.
+
+Writes bench/results/demo-<card>-<date>.json (the demo's summary and what it
+printed). Run on a CUDA host with `pytest -m gpu tests/gpu`. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from benchkit import card_slug, git_commit  # noqa: E402
+
+
+def test_lmx_demo_runs_on_the_gpu(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path),
+                             "--max-tokens", "8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    print(result.stdout[-6000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["device"] == torch.cuda.get_device_name(0)
+    naive = [r["outcome"] for r in summary["naive"]]
+    assert naive[0] == "ran" and "out of memory" in naive, summary["naive"]
+    assert all(o in ("ran", "out of memory") for o in naive), summary["naive"]
+    lmx = summary["lmx"]
+    assert lmx["errors"] == []
+    assert [len(a["turns"]) for a in lmx["agents"]] == [3, 3, 3, 3]
+    assert all(t["tokens"] > 0 for a in lmx["agents"] for t in a["turns"])
+    assert 0 < lmx["peak_leased_bytes"] <= summary["cap_bytes"]
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("worker*"))
+    assert '"device": "cuda' in logs or "cuda:0" in logs, "the workers ran on the CPU"
+    # Kept as a result (bench/gpu_suite.sh packs what is new in bench/results).
+    slug = card_slug(summary["device"])
+    (REPO / "bench" / "results" / f"demo-{slug}-{time.strftime('%Y-%m-%d')}.json").write_text(
+        json.dumps({"commit": git_commit(), "stdout": result.stdout, **summary}, indent=1))
