@@ -37,7 +37,7 @@ import torch
 
 from services.common.errors import InvalidArgument, NotFound
 from services.worker.kv_storage import KVShape
-from services.worker.quantize import QuantSpec, plan_bytes, quantize_model
+from services.worker.quantize import QuantSpec, model_bytes, plan_bytes, quantize_model
 
 log = structlog.get_logger(__name__)
 
@@ -328,11 +328,6 @@ def weight_plan(name: str, cache: Path, dtype: torch.dtype,
     return WeightPlan(total, layer, len(layers), kv_per_token)
 
 
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in unique.values())
-
-
 def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int):
     """A model of `config` with random weights (seeded), built on `device`
     with no more memory than its weights: the parameters are made on the meta
@@ -408,7 +403,7 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype)
     window = int(getattr(config, "max_position_embeddings", 0) or 2048)
-    weight_bytes = _tensor_bytes(model)
+    weight_bytes = model_bytes(model)
     loaded = LoadedModel(
         name=name, model=model, tokenizer=tokenizer, kv_shape=kv_shape,
         max_context=min(window, max_context) if max_context else window,

@@ -238,7 +238,7 @@ def quantize_model(model: torch.nn.Module, spec: QuantSpec, device: torch.device
     kept = before = after = 0
     with torch.no_grad():
         for parent, name, linear in list(_decoder_linears(model)):
-            before += _module_bytes(linear)
+            before += module_bytes(linear)
             if spec.mode == "int8":
                 new = Int8Linear.from_linear(linear, device)
                 kernel = "int8"
@@ -247,17 +247,25 @@ def quantize_model(model: torch.nn.Module, spec: QuantSpec, device: torch.device
                 kernel = f"int4-{new.kernel}" if new is not None else "kept"
             if new is None:
                 kept += 1
-                after += _module_bytes(linear)
+                after += module_bytes(linear)
                 continue
             new.to(place)
             setattr(parent, name, new)
             kernels[kernel] = kernels.get(kernel, 0) + 1
-            after += _module_bytes(new)
+            after += module_bytes(new)
     return Quantized(kernels, kept, before, after)
 
 
-def _module_bytes(module: torch.nn.Module) -> int:
+def module_bytes(module: torch.nn.Module) -> int:
+    """The bytes of a module's parameters (a layer, a linear)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's parameters and buffers, each tensor once
+    (tied embeddings are one tensor)."""
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def linear_bytes(out_features: int, in_features: int, bias: bool, spec: QuantSpec,
@@ -280,17 +288,16 @@ def plan_bytes(model: torch.nn.Module, spec: QuantSpec, dtype: torch.dtype) -> t
     counted on a model built on the meta device."""
     from services.worker.streaming import decoder_layers
 
-    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    total = sum(t.numel() * t.element_size() for t in unique.values())
+    total = model_bytes(model)
     first = decoder_layers(model)[0]
-    layer = _module_bytes(first)
+    layer = module_bytes(first)
     if not spec.on:
         return total, layer
     in_first = {id(m) for m in first.modules()}
     saved_first = 0
     for parent, name, linear in _decoder_linears(model):
         out_features, in_features = linear.weight.shape
-        saved = _module_bytes(linear) - linear_bytes(out_features, in_features,
+        saved = module_bytes(linear) - linear_bytes(out_features, in_features,
                                                      linear.bias is not None, spec, dtype)
         total -= saved
         if id(linear) in in_first:

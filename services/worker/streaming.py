@@ -83,10 +83,6 @@ def streamed_indices(num_layers: int, resident_fraction: float) -> list[int]:
 ALIGN = 256
 
 
-def layer_bytes(layer: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in layer.parameters())
-
-
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 

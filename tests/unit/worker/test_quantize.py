@@ -13,10 +13,10 @@ import torch
 
 from services.worker import quantize
 from services.worker.models import build_synthetic, load_model, model_config, weight_plan
-from services.worker.quantize import Int4Linear, Int8Linear, QuantSpec, quantize_model
+from services.worker.quantize import Int4Linear, Int8Linear, QuantSpec, module_bytes, quantize_model
 from services.worker.settings import load_settings
 from services.worker.step_memory import ModelDims
-from services.worker.streaming import LayerStreamer, decoder_layers, layer_bytes
+from services.worker.streaming import LayerStreamer, decoder_layers
 
 CPU = torch.device("cpu")
 
@@ -77,7 +77,7 @@ def test_the_plan_counts_the_bytes_that_load(shape, spec, model_cache):
                         dtype=torch.float32, quant=spec)
     plan = weight_plan(f"synthetic:{shape}", model_cache, torch.float32, spec)
     assert plan.total_bytes == loaded.weight_bytes
-    assert plan.layer_bytes == layer_bytes(decoder_layers(loaded.model)[0])
+    assert plan.layer_bytes == module_bytes(decoder_layers(loaded.model)[0])
     full = weight_plan(f"synthetic:{shape}", model_cache, torch.float32)
     assert plan.layer_bytes < full.layer_bytes / (3 if spec.mode == "int8" else 5), (
         "the decoder layers' matrices should shrink 4x (int8) or about 7x (int4) from float32")
