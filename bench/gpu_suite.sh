@@ -20,6 +20,7 @@
 #
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
 # and WORKER_GRAPHS="auto" (workers'); TESTS_LIMIT, PLAN_LIMIT, STRESS_LIMIT.
+# TESTS_ARGS="-k naive" goes to pytest.
 #
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
@@ -48,7 +49,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
 }
 
 tests() {
-    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY bench/gpu_tests.py
+    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY bench/gpu_tests.py ${TESTS_ARGS:-}
 }
 
 plan() {
