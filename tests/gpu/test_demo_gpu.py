@@ -1,4 +1,6 @@
-"""`lmx demo` on a GPU host runs on the GPU: the naive engines really
+"""`lmx demo --at-scale` on a GPU host runs on the GPU (the lent machines have
+no model packages: synthetic Qwen2.5-1.5B, SmolLM2-1.7B and Llama-3B
+shapes at the default 8 GiB cap, bfloat16): the naive engines really
 allocate on the card (shrunk to --cap-gib by a ballast) and the ones that do
 not fit die of the card's own out-of-memory error; the stack's admission
 reads NVML with its cap at --cap-gib, its workers run on CUDA, and every
@@ -31,7 +33,7 @@ from benchkit import card_slug, git_commit  # noqa: E402
 
 def test_lmx_demo_runs_on_the_gpu(tmp_path: Path):
     result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path),
-                             "--max-tokens", "8"],
+                             "--at-scale", "--max-tokens", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     print(result.stdout[-6000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
