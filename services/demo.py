@@ -23,7 +23,9 @@ On a GPU host (`--device auto`, the default, or `--device cuda`) both halves
 run on the card: the naive engines really allocate there (a ballast process
 shrinks the card to `--cap-gib`, so that they meet a small card's limit),
 and the stack's admission reads NVML with its cap at `--cap-gib` while the
-workers run on CUDA in bfloat16. `--device cpu` keeps the simulated device.
+workers run on CUDA in bfloat16 with `--resident-fraction auto` (a model
+streams layers from host memory rather than sleep whole: a 3B model does not
+fit 8 GiB beside the others' CUDA contexts). `--device cpu` keeps the simulated device.
 
 `--at-scale` puts synthetic shapes of published 1.5-3B models (random
 weights) in the models' places, the user's 8 GB case itself (the default cap
@@ -154,8 +156,8 @@ class Place:
     @property
     def worker_toml(self) -> str:
         common = f'max-context = 1024\nkv-wait-s = 300\nquantize = "{self.quantize}"\n'
-        if self.cuda:
-            return 'device = "cuda"\n' + common
+        if self.cuda:   # a model that does not fit beside the others' contexts streams
+            return 'device = "cuda"\nresident-fraction = "auto"\n' + common
         return 'device = "cpu"\nkv-chunk-bytes = "4MiB"\n' + common
 
 

@@ -33,6 +33,14 @@ def test_the_stack_file_for_a_gpu_caps_nvml_at_the_small_card(tmp_path):
     toml = place.admission_toml(80 << 30) + place.worker_toml
     assert 'device-backend = "nvml"' in toml and "cap-fraction = 0.100000" in toml
     assert 'device = "cuda"' in toml and 'quantize = "int4"' in toml
+    gpu = tmp_path / "gpu.toml"
+    gpu.write_text(f'[admission]\nlisten = "127.0.0.1:1"\n{place.admission_toml(80 << 30)}'
+                   f'[[worker]]\nmodel = "{place.models[0]}"\nlisten = "127.0.0.1:2"\n'
+                   f'{place.worker_toml}')
+    loaded = load_stack(gpu)      # the services' own loaders accept it (no GPU needed to check)
+    assert loaded.admission.settings.device_backend == "nvml"
+    worker = loaded.workers[0].settings
+    assert (worker.device, worker.quantize, worker.resident_fraction) == ("cuda", "int4", 0.0)
     cpu = Place(False, 1400 << 20)
     path = stack_file(tmp_path, cpu)
     stack = load_stack(path)      # the service loaders accept it whole
