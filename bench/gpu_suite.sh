@@ -36,6 +36,12 @@ LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 export LMX_BENCH_COMMIT=${LMX_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 marker=$(mktemp)
+suite=$(echo "$@" | tr " " "-")
+pack() {  # the tarball of what is done so far: a call cut at its limit still sends it
+    find bench/results -maxdepth 1 -name '*.json' -newer "$marker" > "$LOGS/new-results.txt"
+    tar -czf "$OUT/gpu-suite-$suite-$stamp.tgz.part" -T "$LOGS/new-results.txt" -C "$LOGS" . \
+        && mv "$OUT/gpu-suite-$suite-$stamp.tgz.part" "$OUT/gpu-suite-$suite-$stamp.tgz"
+}
 
 step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.log
     local name=$1 limit=$2
@@ -46,6 +52,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     tail -n 15 "$LOGS/$name.log"
+    pack
 }
 
 tests() {
@@ -147,10 +154,8 @@ for stage in "$@"; do
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
-name=$(echo "$@" | tr ' ' '-')
-find bench/results -maxdepth 1 -name '*.json' -newer "$marker" > "$LOGS/new-results.txt"
-tar -czf "$OUT/gpu-suite-$name-$stamp.tgz" -T "$LOGS/new-results.txt" -C "$LOGS" .
+pack
 rm -rf "$marker" "$LOGS"
-echo "results and logs: $OUT/gpu-suite-$name-$stamp.tgz"
-tar -tzf "$OUT/gpu-suite-$name-$stamp.tgz" | tr '\n' ' '
+echo "results and logs: $OUT/gpu-suite-$suite-$stamp.tgz"
+tar -tzf "$OUT/gpu-suite-$suite-$stamp.tgz" | tr '\n' ' '
 echo
