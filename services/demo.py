@@ -140,6 +140,7 @@ class Place:
     agents: tuple[Agent, ...] = AGENTS
     models: tuple[str, ...] = MODELS
     quantize: str = "none"
+    total: int = 0         # the card's whole size (GPU)
 
     @property
     def described(self) -> str:
@@ -148,9 +149,11 @@ class Place:
         return (f"one simulated GPU of {format_bytes(self.size)} (leases may use 90%: "
                 f"{format_bytes(int(self.size * 0.9))})")
 
-    def admission_toml(self, total: int) -> str:
+    @property
+    def admission_toml(self) -> str:
         if self.cuda:
-            return f'device-backend = "nvml"\ncap-fraction = {min(1.0, self.size / total):.6f}\n'
+            return (f'device-backend = "nvml"\n'
+                    f'cap-fraction = {min(1.0, self.size / self.total):.6f}\n')
         return f'device = ["cpu:0={self.size}B"]\n'
 
     @property
@@ -159,6 +162,20 @@ class Place:
         if self.cuda:   # a model that does not fit beside the others' contexts streams
             return 'device = "cuda"\nresident-fraction = "auto"\n' + common
         return 'device = "cpu"\nkv-chunk-bytes = "4MiB"\n' + common
+
+
+def card() -> tuple[str, int]:
+    """GPU 0's name and size, from NVML as admission reads them: this
+    process makes no CUDA context (admission would count it against the cap
+    as foreign memory)."""
+    from services.admission.devices import NvmlDevices
+
+    devices = NvmlDevices()
+    try:
+        first = devices.read({})[0]
+    finally:
+        devices.close()
+    return first.name, first.total_bytes
 
 
 def place_for(args) -> Place:
@@ -171,8 +188,8 @@ def place_for(args) -> Place:
         if not torch.cuda.is_available():
             raise SystemExit("lmx demo: --device cuda, but torch sees no CUDA GPU")
         cap_gib = args.cap_gib or (8.0 if args.at_scale else 4.0)
-        return Place(True, int(cap_gib * GIB), torch.cuda.get_device_name(0), agents, models,
-                     args.quantize)
+        name, total = card()
+        return Place(True, int(cap_gib * GIB), name, agents, models, args.quantize, total)
     return Place(False, parse_bytes(args.device_size), "", agents, models, args.quantize)
 
 
@@ -229,11 +246,6 @@ def naive(place: Place, max_tokens: int, out: Path) -> list[dict]:
 def stack_file(out: Path, place: Place, front: bool = False) -> Path:
     ports = {name: free_port("127.0.0.1")
              for name in ("admission", "kvstore", *place.models, "front")}
-    total = 0
-    if place.cuda:
-        import torch
-
-        total = torch.cuda.get_device_properties(0).total_memory
     workers = "".join(f"""
 [[worker]]
 model = "{model}"
@@ -243,7 +255,7 @@ listen = "127.0.0.1:{ports[model]}"
     path.write_text(f"""# Written by lmx demo: the stack it starts.
 [admission]
 listen = "127.0.0.1:{ports['admission']}"
-{place.admission_toml(total)}reclaim-deadline-s = 2
+{place.admission_toml}reclaim-deadline-s = 2
 state-file = "none"
 
 [kvstore]

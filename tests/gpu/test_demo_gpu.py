@@ -32,13 +32,15 @@ from benchkit import card_slug, git_commit  # noqa: E402
 
 
 def test_lmx_demo_runs_on_the_gpu(tmp_path: Path):
+    if torch.cuda.is_initialized():   # what earlier tests of this process cached: foreign
+        torch.cuda.empty_cache()      # memory to the demo's admission, against its cap
     result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path),
                              "--at-scale", "--max-tokens", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     print(result.stdout[-6000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["device"] == torch.cuda.get_device_name(0)
+    assert "NVIDIA" in summary["device"], summary["device"]
     naive = [r["outcome"] for r in summary["naive"]]
     assert naive[0] == "ran" and "out of memory" in naive, summary["naive"]
     assert all(o in ("ran", "out of memory") for o in naive), summary["naive"]

@@ -29,12 +29,12 @@ def test_without_a_gpu_auto_is_the_simulated_device():
 def test_the_stack_file_for_a_gpu_caps_nvml_at_the_small_card(tmp_path):
     from services.demo import stack_file
 
-    place = Place(True, 8 << 30, "NVIDIA H100 80GB HBM3", *cast(True), "int4")
-    toml = place.admission_toml(80 << 30) + place.worker_toml
+    place = Place(True, 8 << 30, "NVIDIA H100 80GB HBM3", *cast(True), "int4", 80 << 30)
+    toml = place.admission_toml + place.worker_toml
     assert 'device-backend = "nvml"' in toml and "cap-fraction = 0.100000" in toml
     assert 'device = "cuda"' in toml and 'quantize = "int4"' in toml
     gpu = tmp_path / "gpu.toml"
-    gpu.write_text(f'[admission]\nlisten = "127.0.0.1:1"\n{place.admission_toml(80 << 30)}'
+    gpu.write_text(f'[admission]\nlisten = "127.0.0.1:1"\n{place.admission_toml}'
                    f'[[worker]]\nmodel = "{place.models[0]}"\nlisten = "127.0.0.1:2"\n'
                    f'{place.worker_toml}')
     loaded = load_stack(gpu)      # the services' own loaders accept it (no GPU needed to check)
