@@ -20,7 +20,8 @@
 #
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
 # and WORKER_GRAPHS="auto" (workers'); TESTS_LIMIT, PLAN_LIMIT, STRESS_LIMIT.
-# TESTS_ARGS="-k naive" goes to pytest.
+# TESTS_ARGS="-k naive" goes to pytest. SEED3_WEIGHTS="int4" (or bf16): one of
+# seed3's two runs, SEED3_LIMIT its limit.
 #
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
@@ -100,12 +101,18 @@ seed() {
     done
 }
 
-seed3() {
-    step "seed-three-int4-$stamp" 290 $PY bench/seed_scenario.py --device cuda --cap-gib 8 \
-        --models three --quantize int4 --shared-agent --alone --naive --log-dir "$LOGS/seed3-int4"
-    step "seed-three-bf16-$stamp" 290 $PY bench/seed_scenario.py --device cuda --cap-gib 8 \
-        --models three --resident-fraction auto --shared-agent --alone --naive \
-        --log-dir "$LOGS/seed3-bf16"
+seed3() {     # each about 5-6 min with --naive and --alone: one per call
+    for w in ${SEED3_WEIGHTS:-int4 bf16}; do
+        if [ "$w" = int4 ]; then
+            step "seed-three-int4-$stamp" ${SEED3_LIMIT:-420} $PY bench/seed_scenario.py \
+                --device cuda --cap-gib 8 --models three --quantize int4 --shared-agent \
+                --alone --naive --log-dir "$LOGS/seed3-int4"
+        else
+            step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-420} $PY bench/seed_scenario.py \
+                --device cuda --cap-gib 8 --models three --resident-fraction auto \
+                --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16"
+        fi
+    done
 }
 
 tools() {
