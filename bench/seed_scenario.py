@@ -98,7 +98,8 @@ from lmx.v1 import admission_pb2_grpc  # noqa: E402
 from lmx.v1 import worker_pb2 as wpb  # noqa: E402
 from lmx.v1 import worker_pb2_grpc  # noqa: E402
 from services.common.launch import start_service  # noqa: E402
-from services.naive import emulated_card, run_naive  # noqa: E402
+from services.common.units import parse_bytes  # noqa: E402
+from services.naive import launch  # noqa: E402
 
 ADMISSION = "lmx.v1.AdmissionService"
 KVSTORE = "lmx.v1.KVStoreService"
@@ -527,19 +528,12 @@ def run_naive_launch(args, agents: list[Agent]) -> dict:
     of the same size: the simulated one on the CPU, the card shrunk to
     --cap-gib by a ballast on a GPU. Each engine's outcome."""
     t0 = time.perf_counter()
-    if args.device == "cuda":
-        with emulated_card(int(args.cap_gib * GIB)) as card:
-            runs = run_naive(agents, args.max_tokens, device="cuda", quantize=args.quantize)
-        where = {"card": card, "weights": args.quantize if args.quantize != "none" else "16-bit"}
-    else:
-        adm = start_service("services.admission", ADMISSION,
-                            ["--device", f"cpu:0={args.device_size}", "--log-format", "json",
-                             "--state-file", "none"], timeout_s=60)
-        try:
-            runs = run_naive(agents, args.max_tokens, admission=adm.address)
-        finally:
-            adm.stop(60)
-        where = {"device_size": args.device_size, "weights": "float32"}
+    cuda = args.device == "cuda"
+    done = launch(agents, args.max_tokens, cuda=cuda, quantize=args.quantize,
+                  size_bytes=int(args.cap_gib * GIB) if cuda else parse_bytes(args.device_size))
+    runs = done.runs
+    where = {"card": done.card, "weights": args.quantize if args.quantize != "none" else
+             "16-bit"} if cuda else {"device_size": args.device_size, "weights": "float32"}
     return {**where, "wall_s": round(time.perf_counter() - t0, 2),
             "engines": [run.record() for run in runs],
             "crashed_out_of_memory": sum(run.outcome == "out of memory" for run in runs)}

@@ -56,9 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmx.client import Client, ClientError
-from services.common.launch import free_port, start_service
+from services.common.launch import free_port
 from services.common.units import format_bytes, parse_bytes
-from services.naive import emulated_card, run_naive
+from services.naive import launch
 from services.stack.config import load_stack
 from services.stack.supervisor import StackError, Supervisor
 from services.timeline import Recorder, plot
@@ -207,24 +207,11 @@ def weight_sizes(place: Place) -> dict[str, int]:
 
 
 # ---- 1. the naive way -------------------------------------------------------
-def _naive_runs(place: Place, max_tokens: int, out: Path):
-    if place.cuda:
-        with emulated_card(place.size):
-            return run_naive(place.agents, max_tokens, device="cuda", quantize=place.quantize)
-    device = start_service("services.admission", "lmx.v1.AdmissionService",
-                           ["--device", f"cpu:0={place.size}B", "--log-format", "json",
-                            "--state-file", "none"],
-                           log_path=out / "naive-admission.log")
-    try:
-        return run_naive(place.agents, max_tokens, admission=device.address)
-    finally:
-        device.stop()
-
-
 def naive(place: Place, max_tokens: int, out: Path) -> list[dict]:
     """A plain process per agent on an empty device of the same size."""
     results = []
-    for run in _naive_runs(place, max_tokens, out):
+    for run in launch(place.agents, max_tokens, cuda=place.cuda, size_bytes=place.size,
+                      quantize=place.quantize, log_path=out / "naive-admission.log").runs:
         reply = run.reply
         if run.outcome == "out of memory":
             say(f"   {run.agent:<16} {run.model:<22} CRASHED: out of memory (it reserves "

@@ -22,9 +22,9 @@ Two devices:
     python -m services.naive --card-bytes N         # the ballast
 
 It reserves when told `reserve` on stdin and answers when told `go`, so that
-a driver (`run_naive`: `lmx demo`, bench/seed_scenario.py --naive and
-tests/system/test_seed_scenario.py) starts them together and gets the same
-outcome on every run: each engine reserves in the agents' order while the
+a driver (`run_naive`, or `launch` on an empty device: `lmx demo`,
+bench/seed_scenario.py --naive, tests/system/test_seed_scenario.py) starts
+them together and gets the same outcome on every run: each engine reserves in the agents' order while the
 ones before it hold theirs, as engines launched side by side end up doing.
 
 Exit 0 with the token ids on stdout; exit 3 when out of memory.
@@ -49,26 +49,18 @@ RENEW_EVERY_S = 20.0
 TTL_MS = 60_000
 
 
-def _window_kv_bytes(model: str, dtype_bytes: int) -> int:
-    """A KV cache of the model's whole context window."""
-    from services.worker.models import default_cache_dir, model_config
+def _reservation(model: str, dtype, quant=None) -> tuple[int, int]:
+    """(weights, a KV cache of the model's whole context window) in bytes:
+    what the engine asks for up front, counted by the worker's own weight
+    plan (on the meta device)."""
+    from services.worker.models import default_cache_dir, model_config, weight_plan
+    from services.worker.quantize import QuantSpec
 
-    config, _ = model_config(model, default_cache_dir())
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype_bytes * \
-        text.max_position_embeddings
-
-
-def _reservation(model: str) -> int:
-    """Weights and a float32 KV cache of the whole window: what the engine
-    asks for up front on the simulated device."""
-    import torch
-
-    from services.worker.models import default_cache_dir, estimate_weight_bytes
-
-    return estimate_weight_bytes(model, default_cache_dir(), torch.float32) + \
-        _window_kv_bytes(model, 4)
+    cache = default_cache_dir()
+    plan = weight_plan(model, cache, dtype, quant or QuantSpec())
+    config, _ = model_config(model, cache)
+    return plan.total_bytes, plan.kv_bytes_per_token * \
+        config.get_text_config().max_position_embeddings
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -110,7 +102,7 @@ def _on_simulated_device(address: str, model: str, max_tokens: int, turns: list[
     from lmx.v1 import admission_pb2_grpc
     from services.worker.models import default_cache_dir, load_model
 
-    needed = _reservation(model)
+    needed = sum(_reservation(model, torch.float32))   # float32 on the simulated device
     if sys.stdin.readline().strip() != "reserve":
         return 2
     with grpc.insecure_channel(address) as channel:
@@ -150,7 +142,7 @@ def _on_cuda(model: str, max_tokens: int, turns: list[str], quantize: str) -> in
     import torch
 
     from services.worker.device import resolve_dtype
-    from services.worker.models import default_cache_dir, estimate_weight_bytes, load_model
+    from services.worker.models import default_cache_dir, load_model
     from services.worker.quantize import QuantSpec
 
     if sys.stdin.readline().strip() != "reserve":
@@ -158,8 +150,7 @@ def _on_cuda(model: str, max_tokens: int, turns: list[str], quantize: str) -> in
     device = torch.device("cuda:0")
     dtype = resolve_dtype("auto", device)
     quant = QuantSpec(quantize)
-    kv_bytes = _window_kv_bytes(model, dtype.itemsize)
-    weight_bytes = estimate_weight_bytes(model, default_cache_dir(), dtype, quant)
+    weight_bytes, kv_bytes = _reservation(model, dtype, quant)
     needed = weight_bytes + kv_bytes
     try:
         torch.cuda.init()
@@ -295,6 +286,33 @@ def run_naive(agents: Sequence, max_tokens: int, *, admission: str | None = None
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+@dataclass
+class Launch:
+    runs: list[NaiveRun]
+    card: dict            # what the ballast said (GPU), else empty
+
+
+def launch(agents: Sequence, max_tokens: int, *, cuda: bool, size_bytes: int,
+           quantize: str = "none", log_path=None, timeout_s: float = 600) -> Launch:
+    """The naive launch on an empty device of `size_bytes`: GPU 0 shrunk to
+    it by a ballast, or a fresh simulated device of that size (its
+    admission logging to `log_path`)."""
+    if cuda:
+        with emulated_card(size_bytes) as card:
+            return Launch(run_naive(agents, max_tokens, device="cuda", quantize=quantize,
+                                    timeout_s=timeout_s), card)
+    from services.common.launch import start_service
+
+    device = start_service("services.admission", "lmx.v1.AdmissionService",
+                           ["--device", f"cpu:0={size_bytes}B", "--log-format", "json",
+                            "--state-file", "none"], log_path=log_path, timeout_s=60)
+    try:
+        return Launch(run_naive(agents, max_tokens, admission=device.address,
+                                timeout_s=timeout_s), {})
+    finally:
+        device.stop(60)
 
 
 @contextlib.contextmanager
