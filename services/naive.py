@@ -24,8 +24,9 @@ Two devices:
 It reserves when told `reserve` on stdin and answers when told `go`, so that
 a driver (`run_naive`, or `launch` on an empty device: `lmx demo`,
 bench/seed_scenario.py --naive, tests/system/test_seed_scenario.py) starts
-them together and gets the same outcome on every run: each engine reserves in the agents' order while the
-ones before it hold theirs, as engines launched side by side end up doing.
+them together and gets the same outcome on every run: each engine reserves
+in the agents' order while the ones before it hold theirs, as engines
+launched side by side end up doing.
 
 Exit 0 with the token ids on stdout; exit 3 when out of memory.
 """

@@ -43,7 +43,8 @@ def test_demo_through_the_openai_front(tmp_path: Path):
     resending its whole history; all finish under the same memory pressure,
     later turns reuse their context, and /metrics shows the book moving."""
     result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path),
-                             "--device", "cpu", "--via", "openai", "--skip-naive", "--max-tokens", "8"],
+                             "--device", "cpu", "--via", "openai", "--skip-naive",
+                             "--max-tokens", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lmx = json.loads((tmp_path / "summary.json").read_text())["lmx"]
