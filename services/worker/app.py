@@ -96,6 +96,9 @@ class WorkerApp:
         self._answering: set[str] = set()   # reclaim ids being answered
         self._background: set[asyncio.Task] = set()
         self._registering: set[asyncio.Future] = set()  # state changes on their way
+        # One registration at a time, each with the state as it is when it is
+        # sent: an earlier state can never land after a later one.
+        self._register_lock = asyncio.Lock()
         self._registration_held = False   # an earlier process's entry holds this id
         self.worker_id = ""
 
@@ -211,6 +214,10 @@ class WorkerApp:
         if self.kvstore is not None:
             await self._find_orphans(parking)
         self._set_state("ready")
+        # Admission lists the worker ready before its health check says
+        # SERVING: a client that waited for the health check and then asks
+        # admission for the model's worker must not hear "loading".
+        await asyncio.gather(*self._registering, return_exceptions=True)
         if self.admission is not None:
             self._reclaim_task = asyncio.create_task(self._reclaim_loop(), name="reclaims")
             # Only a share chosen automatically grows; a share that was set stays.
@@ -506,6 +513,11 @@ class WorkerApp:
     async def _register(self) -> None:
         if self.admission is None:
             return
+        async with self._register_lock:
+            await self._send_registration()
+
+    async def _send_registration(self) -> None:
+        assert self.admission is not None
         info = admission_pb2.WorkerInfo(
             worker_id=self.worker_id, model=self.settings.model, address=self.address,
             state=STATE_TO_PB[self._reported_state()], pid=os.getpid(),
