@@ -167,15 +167,23 @@ class WorkerCore:
         constraint = None
         if grammar is not None:       # compiling a large schema takes a while: off the loop
             constraint = await asyncio.to_thread(self.grammars.compile, grammar)
-        # Being parked (memory pressure, or a ParkSession): wait, then restore.
-        await self._still(session)
         async with self._awake():
-            if session.parked_entry:
-                await self.parking.unpark(session)
-            prepared = await self.prompts.prepare(session, prompt=prompt, message=message,
-                                                  conversation=conversation,
-                                                  whole_prompt=whole_prompt, tools=tools)
-            request = self.engine.submit_prepared(session, params, prepared, constraint)
+            # Past the gate the session is claimed: no park takes it while its
+            # turn is prepared (the tokenizer runs in a thread), which would
+            # free the KV under the request about to run on it.
+            session.entering += 1
+            try:
+                # Being parked (memory pressure, or a ParkSession): wait, then
+                # restore.
+                await self._still(session)
+                if session.parked_entry:
+                    await self.parking.unpark(session)
+                prepared = await self.prompts.prepare(session, prompt=prompt, message=message,
+                                                      conversation=conversation,
+                                                      whole_prompt=whole_prompt, tools=tools)
+                request = self.engine.submit_prepared(session, params, prepared, constraint)
+            finally:
+                session.entering -= 1
         finished = False
         try:
             while True:

@@ -102,7 +102,7 @@ class Parking:
         if session.parked_entry:
             raise FailedPrecondition(f"session {session.session_id} is already parked "
                                      f"(entry {session.parked_entry})", "ALREADY_PARKED")
-        if session.busy or session.moving:
+        if session.busy or session.moving or session.entering:
             raise FailedPrecondition(f"session {session.session_id} is generating or moving; "
                                      "wait for it to finish", "SESSION_BUSY")
         slots = self.engine.kv_slots(session)

@@ -148,7 +148,8 @@ class PressureRelief:
     def idle_sessions(self) -> list:
         """Sessions whose KV could be parked now, least recently used first."""
         candidates = [s for s in self.sessions.all()
-                      if not s.busy and not s.moving and not s.parked_entry
+                      if not s.busy and not s.moving and not s.entering
+                      and not s.parked_entry
                       and self.engine.pool.length(s.session_id) > 0]
         return sorted(candidates, key=lambda s: s.last_used)
 

@@ -26,6 +26,9 @@ class Session:
     parked_entry: str | None = None
     #: Being parked or restored (its KV is being copied).
     moving: bool = False
+    #: Requests past the wake gate, not yet in the engine (their turn is
+    #: being prepared): the session is not idle, nothing parks it.
+    entering: int = 0
     created_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
 

@@ -13,6 +13,7 @@ import secrets
 import pytest
 import torch
 
+from services.common.errors import FailedPrecondition
 from services.kvstore.arena import Arena
 from services.worker.core import WorkerCore
 from services.worker.engine import Engine
@@ -374,5 +375,37 @@ def test_a_lost_lease_aborts_generations_and_gives_all_the_memory_up(tiny, arena
         got = await ids_of(core, running, " and on", max_tokens=3)    # wakes, re-acquires
         assert got and pressure.state == "ready" and memory.granted()["weights"] == BASE
         assert running.tokens[:len(kept)] == kept
+
+    run_pressure(tiny, scenario, FakeLink(arena))
+
+
+def test_a_session_whose_turn_is_being_prepared_is_not_parked(tiny, arena):
+    """The race a CI run of the demo hit (INTERNAL on a turn): memory
+    pressure parked a session while its next turn was being tokenized, then
+    freed the KV the turn was about to run on."""
+    async def scenario(core, pressure, memory, activity):
+        control, session = core.open_session().session, core.open_session().session
+        for each in (control, session):
+            await ids_of(core, each, "one two three")
+        expected = await ids_of(core, control, " four five")
+        preparing, go_on = asyncio.Event(), asyncio.Event()
+        prepare = core.prompts.prepare
+
+        async def slow_prepare(*args, **kwargs):
+            preparing.set()
+            await go_on.wait()
+            return await prepare(*args, **kwargs)
+
+        core.prompts.prepare = slow_prepare
+        turn = asyncio.create_task(ids_of(core, session, " four five"))
+        await preparing.wait()
+        await pressure.park_idle(1 << 40, "reclaim while preparing")
+        assert control.parked_entry, "the idle session was not parked"
+        assert not session.parked_entry, "a session whose turn is being prepared was parked"
+        with pytest.raises(FailedPrecondition) as caught:
+            await core.park_session(session.session_id, session.token)
+        assert caught.value.reason == "SESSION_BUSY", caught.value.reason
+        go_on.set()
+        assert await turn == expected, "the turn prepared beside the parks differs"
 
     run_pressure(tiny, scenario, FakeLink(arena))
