@@ -507,55 +507,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-#: A token the float32 reference would not have chosen is a near tie when
-#: the reference's logit for it is within this share of its top logit's
-#: magnitude (bfloat16 keeps 8 bits of mantissa: 0.4% per rounding).
-NEAR_TIE = 0.01
-
-
 def reference_agreement(args, lmx_ids: dict[int, list[list[int]]]) -> dict:
     """The worker's greedy tokens against a float32 reference of the same
     weights (the HF model in the worker's dtype, then upcast), teacher-forced
-    on the worker's own output: at each position, does the reference's argmax
-    equal the worker's token, and where not, was it a near tie."""
+    on the worker's own output (services/worker/quality.py `choices`): at
+    each position, is the worker's token the reference's argmax, and where
+    not, a near tie."""
     import torch
+
+    from services.worker.quality import Choices, choices
 
     model, tokenizer, _, _ = load_hf(args.model, args.device, args.dtype)
     model = model.float()
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    positions = agree = near_ties = 0
-    worst_gap = 0.0
+    # The worker never samples an id its tokenizer cannot decode (a synthetic
+    # model's vocabulary is the published model's, its tokenizer SmolLM2's):
+    # the reference chooses among the same ids.
+    limit = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    total = Choices(0, 0, 0)
     with torch.inference_mode():
         for outputs in lmx_ids.values():
             for i, tokens in enumerate(outputs):
-                if not tokens:
-                    continue
-                prompt = prompts[i % len(prompts)]
-                ids = torch.tensor([prompt + tokens[:-1]], device=args.device)
-                logits = model(input_ids=ids).logits[0, len(prompt) - 1:].float()
-                chosen = torch.tensor(tokens, device=args.device)
-                top = logits.max(dim=-1).values
-                mine = logits.gather(1, chosen[:, None])[:, 0]
-                gap = (top - mine) / top.abs().clamp_min(1e-6)
-                same = logits.argmax(dim=-1) == chosen
-                positions += len(tokens)
-                agree += int(same.sum())
-                near_ties += int(((~same) & (gap <= NEAR_TIE)).sum())
-                if (~same).any():
-                    worst_gap = max(worst_gap, float(gap[~same].max()))
+                total += choices(model, prompts[i % len(prompts)], tokens,
+                                 torch.device(args.device), limit)
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return {"positions": positions, "same_as_float32": agree, "near_ties": near_ties,
-            "other_differences": positions - agree - near_ties,
-            "agreement_rate": round(agree / positions, 4) if positions else None,
-            "agreement_rate_counting_near_ties": round((agree + near_ties) / positions, 4)
-            if positions else None,
-            "largest_relative_gap_where_different": round(worst_gap, 4),
-            "near_tie": f"the reference's logit for the worker's token within {NEAR_TIE:.0%} "
-                        "of its top logit's magnitude",
-            "method": "float32 copy of the same weights (HF, upcast), teacher-forced on each "
-                      "session's prompt and the worker's tokens, every level's sessions"}
+    return {**total.as_dict(), "other_differences": total.positions - total.same
+            - total.near_ties, "vocab_limit": limit,
+            "method": "float32 copy of the same weights (HF, upcast, sdpa), teacher-forced on "
+                      "each session's prompt and the worker's tokens, every level's sessions; "
+                      "argmax over the ids the worker samples from (below vocab_limit, the "
+                      "tokenizer's size)"}
 
 
 def agreement(lmx: list[list[int]], hf: list[list[int]] | None) -> dict | None:
@@ -623,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = None if args.skip_reference or args.quantize != "none" else \
         reference_agreement(args, lmx_ids)
     if reference:
-        print(f"float32 reference: {reference['agreement_rate']:.2%} of {reference['positions']} "
+        print(f"float32 reference: {reference['agreement']:.2%} of {reference['positions']} "
               f"tokens the same, {reference['near_ties']} near ties, "
               f"{reference['other_differences']} other differences", file=sys.stderr, flush=True)
     load_end = load_average()

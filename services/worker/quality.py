@@ -1,7 +1,9 @@
 """What quantization costs a model, measured: over a fixed text, teacher
 forced (every position sees the true text before it), the share of
 positions whose most likely next token is the reference model's, the
-share within a near tie of it, and both models' perplexity.
+share within a near tie of it, and both models' perplexity. And whether
+the worker's own greedy tokens are a float32 reference's choices (`choices`:
+the decode path, its kernels and graphs, checked against the same weights).
 
 Pure torch: bench/quality.py and the tests call it on loaded models.
 """
@@ -68,3 +70,48 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, ids: list[int],
     ref_nll = -reference.gather(1, targets[:, None])[:, 0].mean().item()
     return Quality(int(targets.numel()), same.float().mean().item(),
                    near.float().mean().item(), math.exp(nll), math.exp(ref_nll))
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Tokens a model chose (greedily), against a reference's log-probabilities
+    at the same positions: how many are the reference's own choice, and how
+    many of the others it rates within a near tie of its choice."""
+    positions: int
+    same: int
+    near_ties: int
+
+    @property
+    def agreement(self) -> float:
+        return self.same / self.positions if self.positions else 0.0
+
+    @property
+    def agreement_near_ties(self) -> float:
+        return (self.same + self.near_ties) / self.positions if self.positions else 0.0
+
+    def __add__(self, other: Choices) -> Choices:
+        return Choices(self.positions + other.positions, self.same + other.same,
+                       self.near_ties + other.near_ties)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "agreement": round(self.agreement, 4),
+                "agreement_near_ties": round(self.agreement_near_ties, 4),
+                "near_tie": f"the reference rates the token within {NEAR_TIE_NATS} nats of "
+                            "its own choice"}
+
+
+def choices(reference: torch.nn.Module, prompt: list[int], chosen: list[int],
+            device: torch.device, vocab_limit: int) -> Choices:
+    """Teacher forced on `prompt` and the tokens a model chose after it: at
+    each chosen token, whether `reference` (a float32 copy of the same
+    weights, say) picks it too among the ids below `vocab_limit` (those the
+    worker samples from)."""
+    if not chosen:
+        return Choices(0, 0, 0)
+    rows = log_probs(reference, prompt + chosen, device)[len(prompt) - 1:, :vocab_limit]
+    picked = torch.tensor(chosen)
+    best = rows.argmax(dim=-1)
+    same = best == picked
+    gap = rows.gather(1, best[:, None])[:, 0] - rows.gather(1, picked[:, None])[:, 0]
+    near = ~same & (gap <= NEAR_TIE_NATS)
+    return Choices(len(chosen), int(same.sum()), int(near.sum()))
