@@ -10,8 +10,9 @@
 #   bench/gpu_suite.sh workers   # bench/worker.py --sessions 1,8,32,64, 3 shapes, graphs on and off
 #   bench/gpu_suite.sh seed      # the seed scenario at an 8 GiB cap, both modes
 #   bench/gpu_suite.sh seed3     # three agents on three 1.5-3B shapes at 8 GiB: int4, and bfloat16
-#   bench/gpu_suite.sh speed     # decode speed, graphs on and off, and a profile
+#   bench/gpu_suite.sh speed     # decode speed of 3 shapes beside both HF baselines, float32 check
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
+#   bench/gpu_suite.sh profile   # llama-1b with graphs off, and a profile of its steps
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
 #   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
 #   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, real models' quality
@@ -78,11 +79,14 @@ workers() {
     done
 }
 
-speed() {
-    for m in synthetic:llama-1b synthetic:smollm2-135m synthetic:gemma3-270m; do
-        step "worker-${m#synthetic:}-$stamp" 150 $PY bench/worker.py --device cuda --model "$m" \
-            --sessions 1,8,32,64 --tokens 128 --repeats 3 --quiet-wait-s 0
+speed() {     # issue 21's table: beside HF generate, plain and static-cache compiled
+    for m in synthetic:llama-1b synthetic:qwen2.5-1.5b synthetic:smollm2-135m; do
+        step "worker-${m#synthetic:}-$stamp" 180 $PY bench/worker.py --device cuda --model "$m" \
+            --sessions 1,8,64 --tokens 128 --repeats 3 --quiet-wait-s 0 --hf-static-batches 1
     done
+}
+
+profile() {
     step "worker-llama-1b-eager-$stamp" 90 $PY bench/worker.py --device cuda --model synthetic:llama-1b \
         --sessions 1,8 --cuda-graphs off --skip-hf --quiet-wait-s 0
     step "profile-llama-1b-$stamp" 60 $PY bench/engine_inprocess.py --model synthetic:llama-1b \
@@ -154,10 +158,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant|quant2 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|profile|stream|tools|quant|quant2 ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|stream|tools|quant|quant2) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|profile|stream|tools|quant|quant2) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

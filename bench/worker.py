@@ -7,8 +7,12 @@ concurrent grpc.aio clients Generate the same number of tokens, greedily, from
 raw prompts that do not reach end-of-sequence early. After the worker has
 stopped, the same model (same weights, dtype and prompts) is loaded in this
 process with AutoModelForCausalLM (attention "sdpa") and `generate` runs
-greedily at batch 1 and at batch N (left padding). Each configuration is warmed
-up with a short generation first.
+greedily at batch 1 and at batch N (left padding), and again with a static
+KV cache (transformers' fast path, which compiles the decode step by itself on
+a GPU) at --hf-static-batches (1 by default; compiling takes a while per batch
+size). Each configuration is warmed up first, untimed. Then a float32 copy of
+the same weights checks the worker's tokens (teacher-forced, near ties
+counted: services/worker/quality.py).
 
     .venv/bin/python bench/worker.py                          # make bench-worker
     .venv/bin/python bench/worker.py --sessions 1,4,16 --tokens 32
@@ -388,9 +392,11 @@ def load_hf(model_name: str, device: str, dtype_name: str):
 
 
 def hf_generate(model, tokenizer, eos_ids: list[int], batch: int, max_new_tokens: int,
-                device: str) -> tuple[float, list[list[int]]]:
+                device: str, static: bool = False) -> tuple[float, list[list[int]]]:
     """One batched greedy generate; (wall seconds, new token ids per row, each
-    cut after its first end-of-sequence token)."""
+    cut after its first end-of-sequence token). `static`: transformers' fast
+    path, a static KV cache, with which `generate` compiles the decode step
+    on a GPU by itself (torch.compile, CUDA graphs)."""
     import torch
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -401,7 +407,8 @@ def hf_generate(model, tokenizer, eos_ids: list[int], batch: int, max_new_tokens
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None,
-                             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                             **({"cache_implementation": "static"} if static else {}))
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -412,7 +419,49 @@ def hf_generate(model, tokenizer, eos_ids: list[int], batch: int, max_new_tokens
     return wall, rows
 
 
-def run_hf(args, batches: list[int]) -> tuple[dict, dict[int, list[list[int]]]]:
+def hf_level(args, model, tokenizer, eos_ids: list[int], n: int,
+             static: bool) -> tuple[dict, list[list[int]]]:
+    """HF generate at batch n: TTFT, then --repeats timed runs (median). A
+    static cache's warm-up runs at the timed length twice (its decode step
+    compiled for that cache's shape, then its graphs recorded), untimed."""
+    for _ in range(2 if static else 1):
+        hf_generate(model, tokenizer, eos_ids, n, args.tokens if static else args.warmup_tokens,
+                    args.device, static)
+    busy = wait_quiet(args.quiet_wait_s)
+    load = load_average()
+    ttft = median([hf_generate(model, tokenizer, eos_ids, n, 1, args.device, static)[0]
+                   for _ in range(args.repeats)])
+    timed = []
+    rows: list[list[int]] = []
+    for _ in range(args.repeats):
+        with CpuMeter({"bench": os.getpid()}) as meter:
+            wall, rows = hf_generate(model, tokenizer, eos_ids, n, args.tokens, args.device,
+                                     static)
+        tokens = sum(len(r) for r in rows)
+        per_session = [(len(r) - 1) / (wall - ttft) for r in rows if len(r) > 1 and wall > ttft]
+        timed.append({
+            "tokens": tokens,
+            "wall_s": round(wall, 4),
+            "tokens_per_s": round(tokens / wall, 2),
+            "per_session_tokens_per_s_mean": _r(statistics.fmean(per_session)
+                                                if per_session else None),
+            "cpu_cores": meter.cores,
+        })
+    best = pick_median(timed)
+    result = {**best, "ttft_ms": round(ttft * 1000, 1), "load_average_before": load,
+              "machine_busy_before_cores": busy}
+    if static:
+        # Whether generate compiled its decode step (it does on a GPU only).
+        result["compiled"] = hasattr(model, "_compiled_call")
+    label = "HF static" if static else "HF  "
+    print(f"{label} B={n:<3} {best['tokens_per_s']:>8.1f} tok/s  ttft {result['ttft_ms']} ms  "
+          f"runs {best['runs']}  cpu {best['cpu_cores']}  busy before {busy}"
+          + (f"  compiled {result['compiled']}" if static else ""), file=sys.stderr, flush=True)
+    return result, rows
+
+
+def run_hf(args, batches: list[int],
+           static_batches: list[int]) -> tuple[dict, dict[int, list[list[int]]]]:
     import torch
 
     if args.threads:
@@ -421,36 +470,14 @@ def run_hf(args, batches: list[int]) -> tuple[dict, dict[int, list[list[int]]]]:
     model, tokenizer, eos_ids, source = load_hf(args.model, args.device, args.dtype)
     load_s = time.perf_counter() - started
     results: dict[int, dict] = {}
+    static_results: dict[int, dict] = {}
     token_ids: dict[int, list[list[int]]] = {}
     for n in batches:
-        hf_generate(model, tokenizer, eos_ids, n, args.warmup_tokens, args.device)
-        busy = wait_quiet(args.quiet_wait_s)
-        load = load_average()
-        ttft = median([hf_generate(model, tokenizer, eos_ids, n, 1, args.device)[0]
-                       for _ in range(args.repeats)])
-        timed = []
-        for _ in range(args.repeats):
-            with CpuMeter({"bench": os.getpid()}) as meter:
-                wall, rows = hf_generate(model, tokenizer, eos_ids, n, args.tokens, args.device)
-            tokens = sum(len(r) for r in rows)
-            per_session = [(len(r) - 1) / (wall - ttft) for r in rows if len(r) > 1 and wall > ttft]
-            timed.append({
-                "tokens": tokens,
-                "wall_s": round(wall, 4),
-                "tokens_per_s": round(tokens / wall, 2),
-                "per_session_tokens_per_s_mean": _r(statistics.fmean(per_session)
-                                                    if per_session else None),
-                "cpu_cores": meter.cores,
-            })
-        token_ids[n] = rows
-        best = pick_median(timed)
-        results[n] = {**best, "ttft_ms": round(ttft * 1000, 1), "load_average_before": load,
-                      "machine_busy_before_cores": busy}
-        print(f"HF   B={n:<3} {best['tokens_per_s']:>8.1f} tok/s  ttft {results[n]['ttft_ms']} ms  "
-              f"runs {best['runs']}  cpu {best['cpu_cores']}  busy before {busy}",
-              file=sys.stderr, flush=True)
-    return {"levels": results, "load_s": round(load_s, 1), "model_source": source,
-            "eos_token_ids": eos_ids}, token_ids
+        results[n], token_ids[n] = hf_level(args, model, tokenizer, eos_ids, n, static=False)
+    for n in static_batches:
+        static_results[n], _ = hf_level(args, model, tokenizer, eos_ids, n, static=True)
+    return {"levels": results, "static_levels": static_results, "load_s": round(load_s, 1),
+            "model_source": source, "eos_token_ids": eos_ids}, token_ids
 
 
 # ---- main -------------------------------------------------------------------
@@ -487,6 +514,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the worker's --quantize (the float32 agreement check is then "
                              "skipped: bench/quality.py measures what quantization costs)")
     parser.add_argument("--skip-hf", action="store_true", help="measure only the worker")
+    parser.add_argument("--hf-static-batches", default="1",
+                        help="batch sizes of the second baseline, HF generate with a static "
+                             "cache (compiled by transformers on a GPU); '' for none [1]")
     parser.add_argument("--skip-reference", action="store_true",
                         help="skip the float32 agreement check of the worker's tokens")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
@@ -567,9 +597,11 @@ def print_table(report: dict) -> None:
           f"{p['tokens']} tokens per session, median of {p['repeats']}; "
           f"commit {report['git_commit']}; load average {report['load_average']['start']}")
     print(f"{'N':>4} {'lmx tok/s':>10} {'per-sess':>9} {'TTFT p50':>9} {'HF b=1':>8} "
-          f"{'HF b=N':>8} {'HF TTFT':>8} {'lmx/HF b=N':>10} {'lmx/HF b=1':>10}")
+          f"{'HF b=N':>8} {'HF TTFT':>8} {'lmx/HF b=N':>10} {'lmx/HF b=1':>10} "
+          f"{'static b=N':>10} {'lmx/static':>10}")
     for row in report["results"]:
         hf_n, hf_1 = row["hf_batch_n"], row["hf_batch_1"]
+        static_n = row["hf_static_batch_n"]
         print(f"{row['sessions']:>4} {row['lmx']['tokens_per_s']:>10.1f} "
               f"{row['lmx']['per_session_tokens_per_s_mean'] or 0:>9.1f} "
               f"{row['lmx']['ttft_ms_p50'] or 0:>7.0f}ms "
@@ -577,7 +609,9 @@ def print_table(report: dict) -> None:
               f"{hf_n['tokens_per_s'] if hf_n else float('nan'):>8.1f} "
               f"{hf_n['ttft_ms'] if hf_n else float('nan'):>6.0f}ms "
               f"{row['speedup_vs_hf_batch_n'] or float('nan'):>10.2f} "
-              f"{row['speedup_vs_hf_batch_1'] or float('nan'):>10.2f}")
+              f"{row['speedup_vs_hf_batch_1'] or float('nan'):>10.2f} "
+              f"{static_n['tokens_per_s'] if static_n else float('nan'):>10.1f} "
+              f"{row['speedup_vs_hf_static_batch_n'] or float('nan'):>10.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -601,8 +635,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
     load_between = load_average()
     machine = machine_info(args.device)
-    hf, hf_ids = ({"levels": {}}, {}) if args.skip_hf else run_hf(
-        args, sorted({1, *levels}))
+    static_batches = [int(n) for n in args.hf_static_batches.split(",") if n.strip()]
+    hf, hf_ids = ({"levels": {}, "static_levels": {}}, {}) if args.skip_hf else run_hf(
+        args, sorted({1, *levels}), static_batches)
     reference = None if args.skip_reference or args.quantize != "none" else \
         reference_agreement(args, lmx_ids)
     if reference:
@@ -619,11 +654,18 @@ def main(argv: list[str] | None = None) -> int:
     for n in levels:
         ours = lmx["levels"][n]
         hf_n, hf_1 = hf["levels"].get(n), hf["levels"].get(1)
+        static_n, static_1 = hf["static_levels"].get(n), hf["static_levels"].get(1)
         rows.append({
             "sessions": n,
             "lmx": ours,
             "hf_batch_n": hf_n,
             "hf_batch_1": hf_1,
+            "hf_static_batch_n": static_n,
+            "hf_static_batch_1": static_1,
+            "speedup_vs_hf_static_batch_n": _r(ours["tokens_per_s"] / static_n["tokens_per_s"])
+            if static_n else None,
+            "speedup_vs_hf_static_batch_1": _r(ours["tokens_per_s"] / static_1["tokens_per_s"])
+            if static_1 else None,
             "speedup_vs_hf_batch_n": _r(ours["tokens_per_s"] / hf_n["tokens_per_s"])
             if hf_n else None,
             "speedup_vs_hf_batch_1": _r(ours["tokens_per_s"] / hf_1["tokens_per_s"])
@@ -641,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                 _r(rate / bound["per_session_tokens_per_s"], 3) if rate else None)
     lmx.pop("levels")
     hf.pop("levels")
+    hf.pop("static_levels")
     report = {
         "benchmark": "worker: decode tokens per second, lmx worker vs HF transformers generate",
         "date": started.isoformat(timespec="seconds"),
@@ -672,7 +715,13 @@ def main(argv: list[str] | None = None) -> int:
                           "sessions per run, opened before and closed after the timed window",
             "hf_baseline": "AutoModelForCausalLM, attn_implementation sdpa, generate(do_sample="
                            "False), left padding, in the benchmark process after the worker "
-                           "stopped",
+                           "stopped; HF may pick ids above the tokenizer's size (synthetic "
+                           "models), which the worker never samples",
+            "hf_static_baseline": "the same generate with cache_implementation='static' "
+                                  "(transformers' fast path: it compiles the decode step by "
+                                  "itself on a GPU; 'compiled' says whether it did), two "
+                                  "untimed runs of the timed length first",
+            "hf_static_batches": static_batches,
             "tokens_per_s": "tokens generated / wall time from the first Generate call to the "
                             "last finish (HF: one batched generate), prefill included",
             "per_session": "(tokens - 1) / (finish - first token); HF: (T - 1) / (wall - TTFT)",
