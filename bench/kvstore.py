@@ -239,6 +239,67 @@ async def bandwidth(address: str, device: torch.device, repeats: int, sizes_mib:
     return rows
 
 
+async def control_path(address: str, kept: list[int], tokens: list[int],
+                       rounds: int) -> list[dict]:
+    """The RPCs around the copies, alone: Reserve, Commit, Open and Delete of
+    an entry of `tokens` token ids (1 MiB of llama-1b's layout, never
+    written), median of `rounds`, with `kept` other entries of 4,096 tokens
+    parked meanwhile (1 MiB each: their token ids are what the store's
+    bookkeeping grows with); and a
+    GetStoreStatus, the round trip's floor on this machine."""
+    from lmx.v1 import kvstore_pb2 as kpb
+
+    rows = []
+    link = KVStoreLink(address, owner="bench-control")
+    held: list[tuple[str, str]] = []
+    try:
+        shape = KVShape(*SHAPES["llama-1b"])
+        for count in kept:
+            while len(held) < count:
+                secret = uuid.uuid4().hex
+                # 4,096 token ids in 1 MiB (one layer, one head): the ids are
+                # what the store's bookkeeping grows with, not the bytes.
+                reserved = await link.reserve(layout_of(KVShape(1, 1, 64, torch.bfloat16),
+                                                        "kept", 4096), "kept", secret,
+                                              list(range(4096)), b"{}")
+                await link.commit(reserved.entry_id, secret, 0)
+                held.append((reserved.entry_id, secret))
+            for num_tokens in tokens:
+                layout = layout_of(shape, "control", num_tokens)
+                times: dict[str, list[float]] = {k: [] for k in
+                                                 ("reserve", "commit", "open", "delete", "status")}
+                for _ in range(rounds):
+                    secret = uuid.uuid4().hex
+                    t0 = time.perf_counter()
+                    reserved = await link.reserve(layout, "control", secret,
+                                                  list(range(num_tokens)), b"{}")
+                    t1 = time.perf_counter()
+                    await link.commit(reserved.entry_id, secret, 0)
+                    t2 = time.perf_counter()
+                    await link.open(reserved.entry_id, secret)
+                    t3 = time.perf_counter()
+                    await link.delete(reserved.entry_id, secret)
+                    t4 = time.perf_counter()
+                    await link.stub.GetStoreStatus(kpb.GetStoreStatusRequest(), timeout=30)
+                    t5 = time.perf_counter()
+                    for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                        times[key].append(value)
+                row = {"kept_entries": count, "tokens": num_tokens, "rounds": rounds,
+                       **{f"{k}_ms": round(statistics.median(v) * 1000, 3)
+                          for k, v in times.items()}}
+                row["park_fixed_ms"] = round(row["reserve_ms"] + row["commit_ms"], 3)
+                row["restore_fixed_ms"] = row["open_ms"]
+                rows.append(row)
+                print(f"control: {count:3d} kept, {num_tokens:5d} tokens: "
+                      + ", ".join(f"{k} {row[k + '_ms']:.2f} ms" for k in times),
+                      file=sys.stderr, flush=True)
+    finally:
+        for entry_id, secret in held:
+            await link.delete(entry_id, secret)
+        await link.close()
+    return rows
+
+
 async def recompute(address: str, kvstore_pid: int, model_name: str, device: torch.device,
                     contexts: list[int], repeats: int, quiet_wait_s: float) -> tuple[list[dict], dict]:
     from services.worker.engine import Engine
@@ -326,6 +387,14 @@ def machine_info() -> dict:
 def print_tables(result: dict) -> None:
     gpu = result["device"] == "cuda"
     raw = ("raw H2D | raw D2H" if gpu else "raw memcpy | raw sum64")
+    print("\nThe control path alone (median ms; park = Reserve + Commit, restore = Open)")
+    print("| entries kept | tokens | Reserve | Commit | Open | Delete | park | restore | "
+          "GetStoreStatus |")
+    print("| ---: |" + " ---: |" * 8)
+    for r in result.get("control_path", []):
+        print(f"| {r['kept_entries']} | {r['tokens']:,} | {r['reserve_ms']:.2f} | "
+              f"{r['commit_ms']:.2f} | {r['open_ms']:.2f} | {r['delete_ms']:.2f} | "
+              f"{r['park_fixed_ms']:.2f} | {r['restore_fixed_ms']:.2f} | {r['status_ms']:.2f} |")
     print("\nPark and restore through the kvstore (median round; ms and GB/s)")
     print("| shape | tokens | MiB | park ms | park GB/s | restore ms | restore GB/s | "
           f"Reserve+Commit | park copy | Open | restore copy | first park | {raw} |")
@@ -357,6 +426,11 @@ def parse_args(argv):
     p.add_argument("--segment-bytes", default="256MiB", help="the kvstore's --segment-bytes")
     p.add_argument("--quiet-wait-s", type=float, default=10.0)
     p.add_argument("--skip-recompute", action="store_true")
+    p.add_argument("--control-kept", default="0,64",
+                   help="other entries parked while the control path is timed")
+    p.add_argument("--control-tokens", default="32,4096",
+                   help="token ids of the entry the control path parks")
+    p.add_argument("--control-rounds", type=int, default=200)
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     return p.parse_args(argv)
 
@@ -385,6 +459,9 @@ def main(argv=None) -> int:
     try:
         kvstore = start_service("services.kvstore", KVSTORE_SERVICE, kv_args,
                                 log_path=log_path, timeout_s=60)
+        result["control_path"] = asyncio.run(control_path(
+            kvstore.address, [int(x) for x in args.control_kept.split(",") if x],
+            [int(x) for x in args.control_tokens.split(",") if x], args.control_rounds))
         result["bandwidth"] = asyncio.run(bandwidth(kvstore.address, device, args.repeats, sizes,
                                                     args.quiet_wait_s))
         if args.skip_recompute:

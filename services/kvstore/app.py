@@ -35,6 +35,8 @@ class KVStoreApp:
         self.settings = settings
         self.store = Store(store_config(settings))
         self._sweeper: asyncio.Task | None = None
+        self._writer: asyncio.Task | None = None
+        self._manifest_stale = asyncio.Event()
         # Before serving: a store already running under this id is a clear error.
         self.store.start()
 
@@ -45,6 +47,20 @@ class KVStoreApp:
     async def start(self, address: str) -> None:
         if self.settings.reservation_ttl_s > 0:
             self._sweeper = asyncio.create_task(self._sweep(), name="kvstore-reservations")
+        if self.settings.manifest_delay_s > 0:
+            self.store.save_later = self._manifest_stale.set
+            self._writer = asyncio.create_task(self._write_behind(), name="kvstore-manifest")
+
+    async def _write_behind(self) -> None:
+        """The manifest, off the commits' and deletes' path: written once per
+        --manifest-delay-s at most, whatever came in meanwhile. A crash loses
+        at most that much of it: those entries' sessions recompute their
+        context, as for any entry lost."""
+        while True:
+            await self._manifest_stale.wait()
+            await asyncio.sleep(self.settings.manifest_delay_s)
+            self._manifest_stale.clear()
+            self.store.flush()
 
     async def _sweep(self) -> None:
         """Uncommitted reservations are dropped past their TTL even when no
@@ -58,6 +74,8 @@ class KVStoreApp:
         pass
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._writer):
+            if task is not None:
+                task.cancel()
+        self.store.flush()
         self.store.close()

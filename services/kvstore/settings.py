@@ -64,6 +64,10 @@ class KVStoreSettings(ServerFields):
     reservation_ttl_s: float = field(default=60.0, metadata={
         "help": "a reservation not committed within this many seconds is dropped and its "
                 "memory freed (0: never)"})
+    manifest_delay_s: float = field(default=0.1, metadata={
+        "help": "the manifest (what a restart re-adopts) is written this long after a commit "
+                "or delete, once for all that came meanwhile; a crash loses at most that much "
+                "of it (0: written on every commit and delete)"})
     export_chunk_bytes: int = field(default=4 << 20, metadata={
         "help": "default chunk size of Export", "parse": parse_bytes})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
@@ -80,7 +84,8 @@ class KVStoreSettings(ServerFields):
         if self.when_full not in ("spill", "refuse"):
             raise ConfigError("when_full", f"unknown policy {self.when_full!r}",
                               fix="use spill or refuse")
-        for name in ("capacity_bytes", "max_entry_bytes", "reservation_ttl_s"):
+        for name in ("capacity_bytes", "max_entry_bytes", "reservation_ttl_s",
+                     "manifest_delay_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must not be negative")
         if not 0 < self.export_chunk_bytes <= 32 << 20:

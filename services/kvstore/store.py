@@ -85,6 +85,12 @@ class Store:
         self._entries: dict[str, Entry] = {}
         self._expired: OrderedDict[str, float] = OrderedDict()
         self._closed = False
+        #: Called when a commit or delete changed what the manifest says
+        #: (None: the manifest is written at once). The app writes it behind,
+        #: coalesced (`flush`): rewriting every entry's token ids on each
+        #: commit and delete cost milliseconds, growing with the entries.
+        self.save_later: Callable[[], None] | None = None
+        self._stale = False
 
     @property
     def max_entry_bytes(self) -> int:
@@ -173,7 +179,7 @@ class Store:
         entry.state = State.READY
         entry.checksum = crc
         entry.last_used_at = self.clock()
-        self._save()
+        self._changed()
         log.info("entry_committed", entry_id=entry_id, bytes=entry.num_bytes, checksum=crc)
         return entry
 
@@ -193,7 +199,7 @@ class Store:
         if entry.pins:
             raise FailedPrecondition(f"entry {entry_id!r} is being exported", "ENTRY_BUSY")
         self._forget(entry)
-        self._save()
+        self._changed()
         log.info("entry_deleted", entry_id=entry_id, bytes=entry.num_bytes)
         return entry.num_bytes
 
@@ -342,7 +348,20 @@ class Store:
             entry.region = None
         self.spill.remove(entry.entry_id)
 
+    def _changed(self) -> None:
+        if self.save_later is None:
+            self._save()
+            return
+        self._stale = True
+        self.save_later()
+
+    def flush(self) -> None:
+        """Write the manifest if a commit or delete changed it since."""
+        if self._stale and not self._closed:
+            self._save()
+
     def _save(self) -> None:
+        self._stale = False
         segments = [{"name": s.name, "size": s.size, "dedicated": s.dedicated}
                     for s in self.arena.segments()]
         entries = [e.to_json() for e in self._entries.values()

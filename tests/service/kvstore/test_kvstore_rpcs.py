@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -218,3 +219,18 @@ def test_a_second_server_with_the_same_store_id_is_refused(start_kvstore, tmp_pa
          "--state-dir", str(tmp_path / "other")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
     assert done.returncode == 2 and "already running" in done.stderr
+
+
+def test_a_commit_survives_kill_9_once_the_manifest_delay_passed(start_kvstore):
+    """The manifest is written behind the commits (--manifest-delay-s): a
+    commit is in it that long after, and a SIGKILL then keeps the entry."""
+    server = start_kvstore("--manifest-delay-s", "0.05", store_id="behind")
+    with grpc.insecure_channel(server.address) as channel:
+        entry, data = park(stub(channel))
+    time.sleep(0.5)
+    server.kill()
+    server.restart()
+    with grpc.insecure_channel(server.address) as channel:
+        opened = stub(channel).Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET),
+                                    timeout=RPC_TIMEOUT_S)
+        assert read_region(opened.region) == data

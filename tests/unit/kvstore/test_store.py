@@ -335,3 +335,28 @@ def test_metadata_is_kept_through_spill_restart_and_readoption(make_store, dirs)
     again.close()
     with pytest.raises(InvalidArgument, match="metadata"):
         make_store().reserve("w1", "s", SECRET, lay, range(lay.num_tokens), b"x" * (2 << 20))
+
+
+def test_with_save_later_commits_and_deletes_reach_the_manifest_at_flush(make_store, dirs):
+    """The app writes the manifest behind the commits and deletes (once per
+    --manifest-delay-s): each only asks for it; flush writes what changed."""
+    store = make_store()
+    asked = []
+    store.save_later = lambda: asked.append(1)
+    path = dirs["state_dir"] / "manifest.json"
+
+    def listed() -> list[str]:
+        return [e["entry_id"] for e in json.loads(path.read_text())["entries"]]
+
+    before = listed()
+    entry, _ = park(store)
+    assert listed() == before and asked, "a commit wrote the manifest (or asked nothing)"
+    store.flush()
+    assert listed() == before + [entry.entry_id]
+    written = path.stat().st_mtime_ns
+    store.flush()   # nothing changed since: not written again
+    assert path.stat().st_mtime_ns == written
+    store.delete(entry.entry_id, SECRET)
+    assert listed() == before + [entry.entry_id]
+    store.flush()
+    assert listed() == before
