@@ -53,9 +53,11 @@ class KVStoreApp:
 
     async def _write_behind(self) -> None:
         """The manifest, off the commits' and deletes' path: written once per
-        --manifest-delay-s at most, whatever came in meanwhile. A crash loses
-        at most that much of it: those entries' sessions recompute their
-        context, as for any entry lost."""
+        --manifest-delay-s at most, for all that came meanwhile. A kill -9
+        within it loses those commits from the manifest: after the restart
+        their entries are gone (a worker's parked session that was in one
+        answers NOT_FOUND), and entries deleted meanwhile come back until
+        deleted again."""
         while True:
             await self._manifest_stale.wait()
             await asyncio.sleep(self.settings.manifest_delay_s)
