@@ -35,12 +35,13 @@ def layout_to_pb(layout: Layout) -> pb.KVLayout:
                        num_tokens=layout.num_tokens, block_size=layout.block_size)
 
 
-def entry_to_pb(entry: Entry, now: float) -> pb.EntryInfo:
+def entry_to_pb(entry: Entry, now: float, contents: bool = True) -> pb.EntryInfo:
+    """`contents`: with the token ids and the metadata (the session's chat)."""
     return pb.EntryInfo(
         entry_id=entry.entry_id, owner=entry.owner, session_id=entry.session_id,
-        layout=layout_to_pb(entry.layout), token_ids=entry.token_ids,
+        layout=layout_to_pb(entry.layout), token_ids=entry.token_ids if contents else (),
         num_bytes=entry.num_bytes, checksum=entry.checksum or 0, state=entry.state,
-        metadata=entry.metadata,
+        metadata=entry.metadata if contents else b"",
         age_s=max(0.0, now - entry.created_at), idle_s=max(0.0, now - entry.last_used_at))
 
 
@@ -65,11 +66,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
 
     async def Commit(self, request, context):
         entry = self.store.commit(request.entry_id, request.secret, request.checksum)
-        return pb.CommitResponse(entry=entry_to_pb(entry, self.store.clock()))
+        return pb.CommitResponse(entry=entry_to_pb(entry, self.store.clock(), contents=False))
 
     async def Open(self, request, context):
         entry, region = self.store.open(request.entry_id, request.secret)
-        return pb.OpenResponse(entry=entry_to_pb(entry, self.store.clock()),
+        return pb.OpenResponse(entry=entry_to_pb(entry, self.store.clock(),
+                                                 contents=not request.omit_contents),
                                region=self._region_to_pb(region))
 
     async def Delete(self, request, context):
@@ -82,10 +84,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         now = self.store.clock()
         entries = []
         for entry in self.store.list(request.owner):
-            info = entry_to_pb(entry, now)
-            info.ClearField("token_ids")
-            info.ClearField("metadata")
-            entries.append(info)
+            entries.append(entry_to_pb(entry, now, contents=False))
         return pb.ListEntriesResponse(entries=entries)
 
     async def GetStoreStatus(self, request, context):

@@ -99,10 +99,13 @@ class KVStoreLink:
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, entry_id) from None
 
-    async def open(self, entry_id: str, secret: str) -> OpenedEntry:
-        """The entry's region and checksum (the reader checks the bytes)."""
+    async def open(self, entry_id: str, secret: str, contents: bool = True) -> OpenedEntry:
+        """The entry's region and checksum (the reader checks the bytes);
+        without `contents`, no token ids and no metadata (the caller has
+        them: its own parked session)."""
         try:
-            opened = await self.stub.Open(pb.OpenRequest(entry_id=entry_id, secret=secret),
+            opened = await self.stub.Open(pb.OpenRequest(entry_id=entry_id, secret=secret,
+                                                         omit_contents=not contents),
                                           timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, entry_id) from None

@@ -215,7 +215,8 @@ class Parking:
         session.moving = True
         try:
             try:
-                fetched = await link.open(entry_id, session.token)
+                # Its tokens and chat are the session's own: not fetched again.
+                fetched = await link.open(entry_id, session.token, contents=False)
                 self._check_layout(fetched.layout, len(session.tokens))
                 await self._fill(session, fetched)
             except NotFound:

@@ -61,6 +61,12 @@ def test_reserve_write_commit_open_read_back(kv, shared_kvstore):
     assert oct(os.stat(opened.region.segment).st_mode & 0o777) == "0o600"
     assert read_region(opened.region) == data
     assert list(opened.entry.token_ids) == list(range(10))
+    assert not entry.token_ids and not entry.metadata, (
+        "Commit's reply carries the token ids and metadata the writer just sent")
+    bare = kv.Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET, omit_contents=True),
+                   timeout=RPC_TIMEOUT_S)
+    assert not bare.entry.token_ids and not bare.entry.metadata and bare.region == opened.region
+    assert bare.entry.checksum == entry.checksum and bare.entry.layout == opened.entry.layout
     listed = kv.ListEntries(pb.ListEntriesRequest(owner="worker-1"), timeout=RPC_TIMEOUT_S)
     assert entry.entry_id in [e.entry_id for e in listed.entries]
     mine = next(e for e in listed.entries if e.entry_id == entry.entry_id)

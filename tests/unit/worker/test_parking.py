@@ -174,12 +174,14 @@ class FakeLink:
         entry = self.entries[entry_id][1]
         self.entries[entry_id] = (secret, dataclasses.replace(entry, checksum=crc))
 
-    async def open(self, entry_id, secret) -> OpenedEntry:
+    async def open(self, entry_id, secret, contents: bool = True) -> OpenedEntry:
         if entry_id not in self.entries:
             raise NotFound("entry", entry_id)
         if self.entries[entry_id][0] != secret:
             raise PermissionDenied("token", "wrong")
-        return self.entries[entry_id][1]
+        entry = self.entries[entry_id][1]
+        # As the kvstore answers Open(omit_contents): no token ids, no metadata.
+        return entry if contents else dataclasses.replace(entry, token_ids=[], metadata=b"")
 
     async def delete(self, entry_id, secret) -> None:
         entry = self.entries.pop(entry_id, None)
