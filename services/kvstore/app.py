@@ -52,12 +52,10 @@ class KVStoreApp:
             self._writer = asyncio.create_task(self._write_behind(), name="kvstore-manifest")
 
     async def _write_behind(self) -> None:
-        """The manifest, off the commits' and deletes' path: written once per
-        --manifest-delay-s at most, for all that came meanwhile. A kill -9
-        within it loses those commits from the manifest: after the restart
-        their entries are gone (a worker's parked session that was in one
-        answers NOT_FOUND), and entries deleted meanwhile come back until
-        deleted again."""
+        """The whole manifest, off the commits' and deletes' path: each of
+        them went on its journal (a line, services/kvstore/manifest.py); the
+        manifest is rewritten once per --manifest-delay-s at most, for all
+        that came meanwhile, and the journal starts afresh."""
         while True:
             await self._manifest_stale.wait()
             await asyncio.sleep(self.settings.manifest_delay_s)

@@ -64,10 +64,10 @@ class KVStoreSettings(ServerFields):
     reservation_ttl_s: float = field(default=60.0, metadata={
         "help": "a reservation not committed within this many seconds is dropped and its "
                 "memory freed (0: never)"})
-    manifest_delay_s: float = field(default=0.1, metadata={
-        "help": "the manifest (what a restart re-adopts) is written this long after a commit "
-                "or delete, once for all that came meanwhile; a crash loses at most that much "
-                "of it (0: written on every commit and delete)"})
+    manifest_delay_s: float = field(default=1.0, metadata={
+        "help": "commits and deletes go on the manifest's journal at once (one line each); "
+                "the whole manifest is rewritten this long after, once for all that came "
+                "meanwhile (0: no journal, the whole manifest on every commit and delete)"})
     export_chunk_bytes: int = field(default=4 << 20, metadata={
         "help": "default chunk size of Export", "parse": parse_bytes})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})

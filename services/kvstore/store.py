@@ -85,10 +85,11 @@ class Store:
         self._entries: dict[str, Entry] = {}
         self._expired: OrderedDict[str, float] = OrderedDict()
         self._closed = False
-        #: Called when a commit or delete changed what the manifest says
-        #: (None: the manifest is written at once). The app writes it behind,
-        #: coalesced (`flush`): rewriting every entry's token ids on each
-        #: commit and delete cost milliseconds, growing with the entries.
+        #: Called when a commit or delete went on the manifest's journal
+        #: (None: no journal, the whole manifest is written at once). The app
+        #: then writes the whole manifest behind them (`flush`): rewriting
+        #: every entry's token ids on each commit and delete cost
+        #: milliseconds, growing with the entries.
         self.save_later: Callable[[], None] | None = None
         self._stale = False
 
@@ -179,7 +180,10 @@ class Store:
         entry.state = State.READY
         entry.checksum = crc
         entry.last_used_at = self.clock()
-        self._changed()
+        segment = self.arena.segment(entry.region.segment)
+        self._changed({"op": "commit", "entry": entry.to_json(),
+                       "segment": {"name": segment.name, "size": segment.size,
+                                   "dedicated": segment.dedicated}})
         log.info("entry_committed", entry_id=entry_id, bytes=entry.num_bytes, checksum=crc)
         return entry
 
@@ -199,7 +203,7 @@ class Store:
         if entry.pins:
             raise FailedPrecondition(f"entry {entry_id!r} is being exported", "ENTRY_BUSY")
         self._forget(entry)
-        self._changed()
+        self._changed({"op": "delete", "entry_id": entry_id})
         log.info("entry_deleted", entry_id=entry_id, bytes=entry.num_bytes)
         return entry.num_bytes
 
@@ -348,15 +352,17 @@ class Store:
             entry.region = None
         self.spill.remove(entry.entry_id)
 
-    def _changed(self) -> None:
+    def _changed(self, record: dict) -> None:
         if self.save_later is None:
             self._save()
             return
+        self.manifest.append(record)
         self._stale = True
         self.save_later()
 
     def flush(self) -> None:
-        """Write the manifest if a commit or delete changed it since."""
+        """Write the whole manifest (and start the journal afresh) if a commit
+        or delete went on the journal since."""
         if self._stale and not self._closed:
             self._save()
 
@@ -370,6 +376,19 @@ class Store:
 
     def _recover(self) -> None:
         data = self.manifest.read() or {}
+        segments = {str(raw.get("name")): raw for raw in data.get("segments", [])
+                    if isinstance(raw, dict)}
+        entries = {str(raw.get("entry_id")): raw for raw in data.get("entries", [])
+                   if isinstance(raw, dict)}
+        # The commits and deletes since that snapshot, in order.
+        for record in self.manifest.read_journal():
+            if record.get("op") == "commit" and isinstance(record.get("entry"), dict):
+                entries[str(record["entry"].get("entry_id"))] = record["entry"]
+                if isinstance(record.get("segment"), dict):
+                    segments.setdefault(str(record["segment"].get("name")), record["segment"])
+            elif record.get("op") == "delete":
+                entries.pop(str(record.get("entry_id")), None)
+        data = {"segments": list(segments.values()), "entries": list(entries.values())}
         for raw in data.get("segments", []):
             try:
                 self.arena.adopt(str(raw["name"]), int(raw["size"]), bool(raw["dedicated"]))

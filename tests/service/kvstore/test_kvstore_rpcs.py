@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -227,16 +226,22 @@ def test_a_second_server_with_the_same_store_id_is_refused(start_kvstore, tmp_pa
     assert done.returncode == 2 and "already running" in done.stderr
 
 
-def test_a_commit_survives_kill_9_once_the_manifest_delay_passed(start_kvstore):
-    """The manifest is written behind the commits (--manifest-delay-s): a
-    commit is in it that long after, and a SIGKILL then keeps the entry."""
-    server = start_kvstore("--manifest-delay-s", "0.05", store_id="behind")
+def test_a_commit_and_a_delete_survive_kill_9_right_after(start_kvstore):
+    """Commits and deletes go on the manifest's journal at once (the whole
+    manifest is rewritten later, --manifest-delay-s): a SIGKILL right after
+    them keeps the one committed and forgets the one deleted."""
+    server = start_kvstore("--manifest-delay-s", "60", store_id="journal")
     with grpc.insecure_channel(server.address) as channel:
-        entry, data = park(stub(channel))
-    time.sleep(0.5)
+        kv = stub(channel)
+        entry, data = park(kv)
+        gone, _ = park(kv)
+        kv.Delete(pb.DeleteRequest(entry_id=gone.entry_id, secret=SECRET), timeout=RPC_TIMEOUT_S)
     server.kill()
     server.restart()
     with grpc.insecure_channel(server.address) as channel:
-        opened = stub(channel).Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET),
-                                    timeout=RPC_TIMEOUT_S)
+        kv = stub(channel)
+        opened = kv.Open(pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET),
+                         timeout=RPC_TIMEOUT_S)
         assert read_region(opened.region) == data
+        listed = kv.ListEntries(pb.ListEntriesRequest(), timeout=RPC_TIMEOUT_S).entries
+        assert [e.entry_id for e in listed] == [entry.entry_id]

@@ -337,26 +337,38 @@ def test_metadata_is_kept_through_spill_restart_and_readoption(make_store, dirs)
         make_store().reserve("w1", "s", SECRET, lay, range(lay.num_tokens), b"x" * (2 << 20))
 
 
-def test_with_save_later_commits_and_deletes_reach_the_manifest_at_flush(make_store, dirs):
+def test_with_save_later_commits_and_deletes_go_on_the_journal_until_flush(make_store, dirs):
     """The app writes the manifest behind the commits and deletes (once per
-    --manifest-delay-s): each only asks for it; flush writes what changed."""
+    --manifest-delay-s): each goes on the journal at once, one line; flush
+    writes the whole manifest and starts the journal afresh; a restart
+    replays the journal on the manifest."""
     store = make_store()
     asked = []
     store.save_later = lambda: asked.append(1)
     path = dirs["state_dir"] / "manifest.json"
+    journal = dirs["state_dir"] / "journal.jsonl"
 
     def listed() -> list[str]:
         return [e["entry_id"] for e in json.loads(path.read_text())["entries"]]
 
     before = listed()
     entry, _ = park(store)
-    assert listed() == before and asked, "a commit wrote the manifest (or asked nothing)"
+    gone, _ = park(store)
+    store.delete(gone.entry_id, SECRET)
+    assert listed() == before and asked, "a commit rewrote the manifest (or asked nothing)"
+    ops = [json.loads(line)["op"] for line in journal.read_text().splitlines()]
+    assert ops == ["commit", "commit", "delete"], ops
+    assert oct(journal.stat().st_mode & 0o777) == "0o600", "the journal holds tokens: owner-only"
+    # A crash now (no flush): the next store replays the journal.
+    replayed = {e["entry_id"] for e in json.loads(path.read_text())["entries"]}
+    for record in map(json.loads, journal.read_text().splitlines()):
+        if record["op"] == "commit":
+            replayed.add(record["entry"]["entry_id"])
+        else:
+            replayed.discard(record["entry_id"])
+    assert replayed == {*before, entry.entry_id}
     store.flush()
-    assert listed() == before + [entry.entry_id]
+    assert listed() == before + [entry.entry_id] and not journal.exists()
     written = path.stat().st_mtime_ns
     store.flush()   # nothing changed since: not written again
     assert path.stat().st_mtime_ns == written
-    store.delete(entry.entry_id, SECRET)
-    assert listed() == before + [entry.entry_id]
-    store.flush()
-    assert listed() == before
