@@ -376,6 +376,9 @@ class Store:
 
     def _recover(self) -> None:
         data = self.manifest.read() or {}
+        for raw in (*data.get("segments", []), *data.get("entries", [])):
+            if not isinstance(raw, dict):
+                log.warning("manifest_record_malformed", record=str(raw)[:200])
         segments = {str(raw.get("name")): raw for raw in data.get("segments", [])
                     if isinstance(raw, dict)}
         entries = {str(raw.get("entry_id")): raw for raw in data.get("entries", [])
