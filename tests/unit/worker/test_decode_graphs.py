@@ -3,7 +3,9 @@ forward pass and its Triton kernels (run by Triton's interpreter), without
 the CUDA capture itself. Generations through them equal the eager engine's
 token for token (float32), with sessions joining and leaving (bucket
 changes, padding rows), contexts spread over several KV chunks, a sliding
-window model, and weights that move in between (the graphs follow)."""
+window model, and weights that move in between (the graphs follow). And
+every token is a float32 reference's choice (the plain model, PyTorch's own
+attention: services/worker/quality.py `choices`), which sees a wrong one."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from services.worker import paged_kernels
 from services.worker.decode_graphs import DecodeGraphs, buckets
 from services.worker.engine import Finished
 from services.worker.models import weights_moved
+from services.worker.quality import Choices, choices
 from services.worker.sampling import SamplingParams
 from services.worker.sessions import SessionTable
 
@@ -117,3 +120,36 @@ def test_models_that_graphs_cannot_serve_are_refused_clearly(tiny):
     storage = KVStorage(tiny.kv_shape, 64, tiny.device)
     graphs = DecodeGraphs(tiny, storage, block_size=12, max_batch=4, capture=False)
     assert graphs.broken is not None and "powers of 2" in graphs.broken
+
+
+def reference_choices(loaded, outputs: list[list[int]]) -> Choices:
+    """The tokens of PROMPTS' generations teacher-forced through the same
+    model with PyTorch's own attention (services/worker/quality.py)."""
+    total = Choices(0, 0, 0)
+    for prompt, tokens in zip(PROMPTS, outputs):
+        total += choices(loaded.model, loaded.tokenizer(prompt)["input_ids"], tokens,
+                         loaded.device, loaded.vocab_limit)
+    return total
+
+
+@pytest.mark.parametrize("fixture", ["tiny", pytest.param("gemma_tiny", marks=pytest.mark.slow)])
+def test_graphed_tokens_are_a_float32_references_choices(fixture, request):
+    """Issue 21's check of the decode path on the CPU: every token of the
+    graphed generations is the plain model's own choice."""
+    loaded = request.getfixturevalue(fixture)
+    outputs, runner = generate_all(loaded, graphs=True, max_tokens=8, stagger=False)
+    assert runner.graphed_steps > 0, "no decode step went through the graphs' path"
+    lengths = [8, *(8 - 2 * i for i in range(len(PROMPTS) - 1))]
+    assert [len(o) for o in outputs] == lengths, f"sessions ended early: {outputs}"
+    total = reference_choices(loaded, outputs)
+    assert total.same == total.positions == sum(lengths), (
+        f"{fixture}: the engine's float32 tokens are the reference's choice at {total.same} of "
+        f"{total.positions} positions: {total.as_dict()}")
+
+
+def test_the_reference_check_sees_tokens_it_would_not_choose(tiny):
+    right, _ = generate_all(tiny, graphs=False, max_tokens=8, stagger=False)
+    wrong = [[(t + 1) % tiny.vocab_limit for t in tokens] for tokens in right]
+    assert reference_choices(tiny, right).agreement == 1.0
+    checked = reference_choices(tiny, wrong)
+    assert checked.same == 0 and checked.agreement_near_ties < 0.5, checked.as_dict()
