@@ -138,7 +138,8 @@ def test_graphed_tokens_are_a_float32_references_choices(fixture, request):
     graphed generations is the plain model's own choice."""
     loaded = request.getfixturevalue(fixture)
     outputs, runner = generate_all(loaded, graphs=True, max_tokens=8, stagger=False)
-    assert runner.graphed_steps > 0, "no decode step went through the graphs' path"
+    assert runner.graphed_steps >= 8 - 1, (
+        f"{runner.graphed_steps} decode steps through the graphs' path")
     lengths = [8, *(8 - 2 * i for i in range(len(PROMPTS) - 1))]
     assert [len(o) for o in outputs] == lengths, f"sessions ended early: {outputs}"
     total = reference_choices(loaded, outputs)
