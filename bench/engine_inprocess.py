@@ -26,9 +26,10 @@ from services.worker.sampling import SamplingParams  # noqa: E402
 from services.worker.sessions import SessionTable  # noqa: E402
 
 
-async def engine_rate(loaded, sessions: int, tokens: int,
-                      graphs: bool = False) -> tuple[float, float, int]:
-    engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60, decode_graphs=graphs)
+async def engine_rate(loaded, sessions: int, tokens: int, graphs: bool = False,
+                      compile: bool = False) -> tuple[float, float, int]:
+    engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60, decode_graphs=graphs,
+                    compile_decode=compile)
     engine.start()
     table = SessionTable()
 
@@ -56,14 +57,14 @@ async def engine_rate(loaded, sessions: int, tokens: int,
 
 
 def profile_steps(loaded, sessions: int, context: int = 64, steps: int = 20,
-                  graphs: bool = False) -> None:
+                  graphs: bool = False, compile: bool = False) -> dict:
     """torch.profiler over decode steps of the runner alone (this thread),
-    replaying CUDA graphs if `graphs`."""
+    replaying CUDA graphs if `graphs`; returns the kernels per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from services.worker.runner import StepItem
 
-    engine = Engine(loaded, FixedMemory(1 << 40), decode_graphs=graphs)
+    engine = Engine(loaded, FixedMemory(1 << 40), decode_graphs=graphs, compile_decode=compile)
     engine.pool.add_chunk()
     engine.storage.add_chunk()
     items = []
@@ -81,13 +82,24 @@ def profile_steps(loaded, sessions: int, context: int = 64, steps: int = 20,
     print(f"profiled N={sessions}: {(time.perf_counter() - started) / steps * 1000:.2f} ms/step "
           "(with the profiler's own cost)", flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    kernels = 0.0
     if loaded.device.type == "cuda":
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+        on_device = [e for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = len(on_device) / steps
+        device_ms = sum(e.device_time for e in on_device) / steps / 1000
+        print(f"N={sessions}: {kernels:.0f} kernels and copies per step, {device_ms:.3f} ms of "
+              "device time per step", flush=True)
     plain = time.perf_counter()
     for _ in range(steps):
         engine.runner.step(items)
-    print(f"unprofiled runner.step N={sessions}: "
-          f"{(time.perf_counter() - plain) / steps * 1000:.2f} ms/step", flush=True)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - plain) / steps * 1000
+    print(f"unprofiled runner.step N={sessions}: {step_ms:.2f} ms/step", flush=True)
+    return {"sessions": sessions, "kernels_per_step": round(kernels, 1),
+            "step_ms": round(step_ms, 3), "graphed_steps": engine.runner.graphed_steps}
 
 
 def hf_rate(loaded, tokens: int) -> float:
@@ -121,6 +133,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                         help="decode steps replay CUDA graphs (auto, on CUDA) or run eagerly")
+    parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
+                        help="the graphed decode step compiled by torch.compile (auto) or not")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's table of the timed run (slows it down)")
     args = parser.parse_args()
@@ -129,11 +143,12 @@ def main() -> int:
     loaded = load_model(args.model, cache=default_cache_dir(), device=device, dtype=dtype)
     rows = []
     for n in [int(x) for x in args.sessions.split(",")]:
-        if args.profile:
-            profile_steps(loaded, n, graphs=args.cuda_graphs == "auto" and device.type == "cuda")
-            continue
         graphs = args.cuda_graphs == "auto" and device.type == "cuda"
-        rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs))
+        compile = graphs and args.compile_decode == "auto"
+        if args.profile:
+            rows.append(profile_steps(loaded, n, graphs=graphs, compile=compile))
+            continue
+        rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile))
         rows.append({"sessions": n, "engine_tokens_per_s": round(rate, 1),
                      "step_ms": round(step_ms, 2), "graphed_steps": graphed})
         print(f"engine N={n:<3} {rate:8.1f} tok/s  {step_ms:6.2f} ms/step  "
@@ -141,7 +156,8 @@ def main() -> int:
     hf = 0.0 if args.profile else hf_rate(loaded, args.tokens)
     print(f"HF generate batch 1 {hf:8.1f} tok/s", flush=True)
     report = {"model": args.model, "device": str(device), "dtype": str(dtype), "rows": rows,
-              "cuda_graphs": args.cuda_graphs,
+              "cuda_graphs": args.cuda_graphs, "compile_decode": args.compile_decode,
+              "profiled": args.profile,
               "hf_batch_1_tokens_per_s": round(hf, 1), "tokens": args.tokens,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__}

@@ -12,6 +12,7 @@
 #   bench/gpu_suite.sh seed3     # three agents on three 1.5-3B shapes at 8 GiB: int4, and bfloat16
 #   bench/gpu_suite.sh speed     # decode speed of 3 shapes beside both HF baselines, float32 check
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
+#   bench/gpu_suite.sh compile   # llama-1b's decode step compiled and not (no HF), 1-64 sessions
 #   bench/gpu_suite.sh profile   # llama-1b with graphs off, and a profile of its steps
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
 #   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
@@ -86,11 +87,22 @@ speed() {     # issue 21's table: beside HF generate, plain and static-cache com
     done
 }
 
-profile() {
+compile() {   # the compiled decode step against the one captured as the model runs
+    for c in off auto; do
+        step "worker-llama-1b-compile-$c-$stamp" 170 $PY bench/worker.py --device cuda \
+            --model synthetic:llama-1b --sessions 1,8,64 --tokens 128 --repeats 2 \
+            --quiet-wait-s 0 --skip-hf --compile-decode $c
+    done
+}
+
+profile() {   # kernels per decode step, compiled and not
     step "worker-llama-1b-eager-$stamp" 90 $PY bench/worker.py --device cuda --model synthetic:llama-1b \
         --sessions 1,8 --cuda-graphs off --skip-hf --quiet-wait-s 0
-    step "profile-llama-1b-$stamp" 60 $PY bench/engine_inprocess.py --model synthetic:llama-1b \
-        --device cuda --sessions 1 --profile
+    for c in off auto; do
+        step "profile-llama-1b-compile-$c-$stamp" 120 $PY bench/engine_inprocess.py \
+            --model synthetic:llama-1b --device cuda --sessions 1,64 --profile --compile-decode $c \
+            --out bench/results/profile-cuda-llama-1b-compile-$c-$stamp.json
+    done
 }
 
 speed8b() {
@@ -158,10 +170,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|profile|stream|tools|quant|quant2 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|profile|stream|tools|quant|quant2 ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|profile|stream|tools|quant|quant2) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|profile|stream|tools|quant|quant2) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

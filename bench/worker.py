@@ -322,8 +322,8 @@ def run_lmx(args, levels: list[int], logs: Path) -> tuple[dict, dict[int, list[l
         admission_args = ["--device", "cpu:0=64GiB"]
     admission_args += ["--log-format", "json", "--log-level", "warning"]
     worker_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
-                   "--cuda-graphs", args.cuda_graphs, "--quantize", args.quantize,
-                   "--log-format", "json",
+                   "--cuda-graphs", args.cuda_graphs, "--compile-decode", args.compile_decode,
+                   "--quantize", args.quantize, "--log-format", "json",
                    "--log-level", "warning"]
     started = time.perf_counter()
     admission = start_service("services.admission", ADMISSION_SERVICE, admission_args,
@@ -511,6 +511,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                         help="the worker's --cuda-graphs: auto replays CUDA graphs of decode "
                              "steps on a GPU, off runs them eagerly [auto]")
+    parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
+                        help="the worker's --compile-decode: auto compiles the graphed decode "
+                             "step with torch.compile, off captures it as the model runs [auto]")
     parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                         help="the worker's --quantize (the float32 agreement check is then "
                              "skipped: bench/quality.py measures what quantization costs)")
@@ -703,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "threads": args.threads or "torch default",
             "cuda_graphs": args.cuda_graphs,
+            "compile_decode": args.compile_decode,
             "kv_bytes_per_token": kv_per_token,
             "floor": "weights + N x mean context x KV bytes per token, read once per decode "
                      "step, over the measured copy bandwidth; the per-session rate at that "
@@ -738,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = (f"worker-{args.device}-{sanitise(args.model)}"
             + (f"-t{args.threads}" if args.threads else "")
             + ("-eager" if args.device == "cuda" and args.cuda_graphs == "off" else "")
+            + ("-uncompiled" if args.device == "cuda" and args.cuda_graphs == "auto"
+               and args.compile_decode == "off" else "")
             + ("" if args.dtype == ("bfloat16" if args.device == "cuda" else "float32")
                else f"-{args.dtype}")
             + ("" if args.quantize == "none" else f"-{args.quantize}"))

@@ -30,7 +30,7 @@ import torch
 from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
 from services.admission.client import WORKER_SECRET_ENV, AdmissionClient
 from services.common.errors import FailedPrecondition, LmxError
-from services.worker import device as devices
+from services.worker import compiled_decode, device as devices
 from services.worker.core import WorkerCore, template_chars
 from services.worker.engine import Engine
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
@@ -174,12 +174,14 @@ class WorkerApp:
         self.loaded = await asyncio.to_thread(self._load, streamed)
         if settings.chat_template:
             self.loaded = with_chat_template(self.loaded, settings.chat_template)
+        graphs = devices.decode_graphs(settings.cuda_graphs, self.device)
         self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,
                              max_prefill_tokens=settings.max_prefill_tokens,
-                             decode_graphs=devices.decode_graphs(settings.cuda_graphs,
-                                                                 self.device),
+                             decode_graphs=graphs,
+                             compile_decode=compiled_decode.enabled(settings.compile_decode,
+                                                                    graphs),
                              step_plan=self.sizing.plan)
         if self.device.type == "cuda":
             # Every step within the workspace the lease holds, from the first.

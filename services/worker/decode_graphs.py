@@ -39,6 +39,7 @@ import structlog
 import torch
 
 from services.worker import paged_kernels, step_memory
+from services.worker.compiled_decode import CompiledForward
 from services.worker.kv_storage import KVStorage
 from services.worker.models import LoadedModel, weights_version
 
@@ -83,27 +84,25 @@ class GraphPlan:
                scaling: float | None, sliding_window: int | None) -> torch.Tensor:
         """query [1, heads, rows, dim], key/value [1, kv_heads, rows, dim] ->
         [1, rows, heads, dim]."""
-        q = query[0].transpose(0, 1).contiguous()
-        paged_kernels.write_kv(key[0].transpose(0, 1).contiguous(),
-                               value[0].transpose(0, 1).contiguous(), self.new_slots,
-                               self.k_ptrs, self.v_ptrs, layer, self.slots_per_chunk)
-        out = paged_kernels.decode_attention(
-            q, self.k_ptrs, self.v_ptrs, self.block_table, self.ctx_lens, layer=layer,
-            slots_per_chunk=self.slots_per_chunk, block_size=self.block_size,
-            kv_heads=self.kv_heads, scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
-            window=sliding_window or 0, parts=paged_kernels.PARTS)
+        out = paged_kernels.paged_decode(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+            self.new_slots, self.k_ptrs, self.v_ptrs, self.block_table, self.ctx_lens, layer,
+            self.slots_per_chunk, self.block_size,
+            scaling if scaling is not None else query.shape[-1] ** -0.5, sliding_window or 0)
         return out.unsqueeze(0)
 
 
 class DecodeGraphs:
     def __init__(self, loaded: LoadedModel, storage: KVStorage, *, block_size: int,
-                 max_batch: int, capture: bool | None = None):
+                 max_batch: int, capture: bool | None = None, compile: bool = False):
         self.loaded = loaded
         self.storage = storage
         self.block_size = block_size
         self.device = loaded.device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.sizes = buckets(max_batch)
+        #: The forward pass each bucket captures: compiled (compiled_decode.py).
+        self.forward = CompiledForward(compile)
         top = self.sizes[-1]
         self.max_blocks = -(-loaded.max_context // block_size)
         device = self.device
@@ -283,10 +282,8 @@ class DecodeGraphs:
                 self._capture(size)
 
     def _forward(self, size: int) -> torch.Tensor:
-        out = self.loaded.model(input_ids=self.input_ids[:, :size],
-                                position_ids=self.position_ids[:, :size], use_cache=False,
-                                lmx_plan=GraphPlan(self, size), logits_to_keep=0)
-        return out.logits[0]
+        return self.forward(self.loaded.model, self.input_ids[:, :size],
+                            self.position_ids[:, :size], GraphPlan(self, size))
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         """Capture the forward pass for `size` rows. Its warm-up passes run

@@ -151,14 +151,16 @@ class Engine:
     def __init__(self, loaded: LoadedModel, memory: Memory, *, block_size: int = 16,
                  chunk_bytes: int = 32 << 20, kv_wait_s: float = 10.0,
                  max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1,
-                 decode_graphs: bool = False, step_plan: StepMemoryPlan | None = None):
+                 decode_graphs: bool = False, compile_decode: bool = False,
+                 step_plan: StepMemoryPlan | None = None):
         self.loaded = loaded
         self.memory = memory
         per_block = block_size * loaded.kv_shape.bytes_per_token
         blocks_per_chunk = max(1, chunk_bytes // per_block)
         self.pool = BlockPool(block_size, blocks_per_chunk)
         self.storage = KVStorage(loaded.kv_shape, blocks_per_chunk * block_size, loaded.device)
-        graphs = (DecodeGraphs(loaded, self.storage, block_size=block_size, max_batch=max_batch)
+        graphs = (DecodeGraphs(loaded, self.storage, block_size=block_size, max_batch=max_batch,
+                               compile=compile_decode)
                   if decode_graphs else None)
         self.runner = ModelRunner(loaded, self.storage, graphs, step_plan)
         self._decode_cursor = 0     # where the next decode step starts when not all rows fit

@@ -182,6 +182,30 @@ def decode_attention(q: torch.Tensor, k_ptrs: torch.Tensor, v_ptrs: torch.Tensor
     return out
 
 
+@torch.library.custom_op("lmx::paged_decode", mutates_args=())
+def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, new_slots: torch.Tensor,
+                 k_ptrs: torch.Tensor, v_ptrs: torch.Tensor, block_table: torch.Tensor,
+                 ctx_lens: torch.Tensor, layer: int, slots_per_chunk: int, block_size: int,
+                 scale: float, window: int) -> torch.Tensor:
+    """One layer of a decode step as one operator: the new K and V
+    [rows, kv_heads, head_dim] written into their slots, then q [rows,
+    heads, head_dim] attended over each row's context -> [rows, heads,
+    head_dim]. An operator of its own so that torch.compile keeps it whole
+    (its writes go through the address table, which no compiler sees): the
+    compiled decode step (decode_graphs.py) fuses everything around it."""
+    write_kv(k_new.contiguous(), v_new.contiguous(), new_slots, k_ptrs, v_ptrs, layer,
+             slots_per_chunk)
+    return decode_attention(q.contiguous(), k_ptrs, v_ptrs, block_table, ctx_lens, layer=layer,
+                            slots_per_chunk=slots_per_chunk, block_size=block_size,
+                            kv_heads=k_new.shape[1], scale=scale, window=window, parts=PARTS)
+
+
+@paged_decode.register_fake
+def _paged_decode_shape(q, k_new, v_new, new_slots, k_ptrs, v_ptrs, block_table, ctx_lens, layer,
+                        slots_per_chunk, block_size, scale, window):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def supported(head_dim: int, block_size: int) -> str | None:
     """Why these kernels cannot serve a model (None: they can)."""
     if not AVAILABLE:

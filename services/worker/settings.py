@@ -21,6 +21,8 @@ def parse_fraction(text: str) -> float:
         return AUTO
     return float(text)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: --compile-decode (services/worker/compiled_decode.py).
+COMPILE_MODES = ("auto", "off")
 #: --quantize and --quantize-group-size (services/worker/quantize.py).
 QUANTIZE_MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -124,6 +126,11 @@ class WorkerSettings(ServerFields):
                 "8.0 or newer (Triton kernels attend over the paged KV in place; the first "
                 "graphed step is checked against the eager one), eager on older cards | off: "
                 "eager decode steps"})
+    compile_decode: str = field(default="auto", metadata={
+        "help": "auto: the graphed decode step's forward pass is compiled by torch.compile "
+                "(Inductor fuses the norms, rotary embedding, activations and residual adds "
+                "around the matrix products; two compiles at the warm-up, cached under /tmp for "
+                "the next start) | off: captured as the model runs it"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
@@ -153,6 +160,9 @@ class WorkerSettings(ServerFields):
         if self.cuda_graphs not in ("auto", "off"):
             raise ConfigError("cuda_graphs", f"unknown value {self.cuda_graphs!r}",
                               fix="auto | off")
+        if self.compile_decode not in COMPILE_MODES:
+            raise ConfigError("compile_decode", f"unknown value {self.compile_decode!r}",
+                              fix=" | ".join(COMPILE_MODES))
         if self.quantize not in QUANTIZE_MODES:
             raise ConfigError("quantize", f"unknown mode {self.quantize!r}",
                               fix=" | ".join(QUANTIZE_MODES))

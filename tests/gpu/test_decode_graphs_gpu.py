@@ -1,6 +1,8 @@
 """Graphed decode steps on a real GPU: the CUDA graphs are captured and
-replayed, and the Triton kernels compiled. The same generations with and
-without them, in float32 (exact) and in bfloat16 (agreement rate).
+replayed, and the Triton kernels compiled; the step's forward pass compiled
+by torch.compile as the worker runs it (--compile-decode auto), and not.
+The same generations with and without them, in float32 (exact) and in
+bfloat16 (agreement rate, and a float32 reference's choices).
 
 Run on a CUDA host with `pytest -m gpu tests/gpu`. Skipped without a GPU.
 """
@@ -20,7 +22,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, th
            "def fibonacci(n):", "1, 2, 3, 4,", "The history of the Roman Empire begins with"]
 
 
-def generate(loaded, graphs: bool, max_tokens: int = 32):
+def generate(loaded, graphs: bool, max_tokens: int = 32, compile: bool = True):
     from services.worker.engine import Delta, Engine, Finished
     from services.worker.memory import FixedMemory
     from services.worker.sampling import SamplingParams
@@ -28,7 +30,7 @@ def generate(loaded, graphs: bool, max_tokens: int = 32):
 
     async def main():
         engine = Engine(loaded, FixedMemory(8 << 30), decode_graphs=graphs, max_batch=8,
-                        chunk_bytes=1 << 20)
+                        chunk_bytes=1 << 20, compile_decode=graphs and compile)
         engine.start()
         try:
             sessions = SessionTable()
@@ -61,16 +63,18 @@ def cache():
     return cache
 
 
-@pytest.mark.parametrize("shape", ["llama-tiny", "gemma3-tiny", "smollm2-135m"])
-def test_graphed_decode_equals_eager_in_float32(cache, shape):
+@pytest.mark.parametrize("shape,compile", [("llama-tiny", True), ("llama-tiny", False),
+                                           ("gemma3-tiny", True), ("smollm2-135m", True)])
+def test_graphed_decode_equals_eager_in_float32(cache, shape, compile):
     from services.worker.models import load_model
 
     loaded = load_model(f"synthetic:{shape}", cache=cache, device=torch.device("cuda"),
                         dtype=torch.float32)
     eager, _ = generate(loaded, graphs=False)
-    graphed, runner = generate(loaded, graphs=True)
+    graphed, runner = generate(loaded, graphs=True, compile=compile)
     assert runner.graphs.broken is None and runner.graphs.checked
     assert runner.graphs.num_graphs > 0 and runner.graphed_steps > 10
+    assert runner.graphs.forward.on is compile, runner.graphs.forward.broken
     assert graphed == eager
 
 
@@ -109,6 +113,7 @@ def test_graphed_bfloat16_decode_chooses_the_float32_references_tokens(cache, sh
     loaded = load_model(f"synthetic:{shape}", cache=cache, device=device, dtype=torch.bfloat16)
     graphed, runner = generate(loaded, graphs=True)
     assert runner.graphs.broken is None and runner.graphed_steps > 10, runner.graphs.broken
+    assert runner.graphs.forward.on, runner.graphs.forward.broken
     vocab_limit = loaded.vocab_limit
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     del loaded, runner

@@ -34,7 +34,7 @@ def few_parts(monkeypatch):
 
 
 def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = True,
-                 move_weights_after: int | None = None):
+                 move_weights_after: int | None = None, compile: bool = False):
     """PROMPTS generated together (the later ones joining once the first
     has decoded a few tokens), with or without graphed decode steps."""
     params = SamplingParams(max_tokens=max_tokens)
@@ -63,7 +63,8 @@ def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = 
         assert all(isinstance(r[1], Finished) for r in results), [r[1] for r in results]
         return [tokens_of(o) for o in outs], engine.runner
 
-    return run(loaded, scenario, decode_graphs=graphs, max_batch=8, timeout=120)
+    return run(loaded, scenario, decode_graphs=graphs, compile_decode=compile, max_batch=8,
+               timeout=300)
 
 
 def test_buckets():
@@ -112,6 +113,39 @@ def test_a_disagreeing_first_step_turns_graphs_off(tiny):
         paged_kernels.decode_attention = real
     assert runner.graphs.broken is not None and "disagreed" in runner.graphs.broken
     assert graphed == eager
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_equal_eager_ones(tiny):
+    """torch.compile of the graphed step (compiled_decode.py; Inductor's C++
+    code on the CPU): token for token the eager engine's, with buckets
+    changing (one compile for one row, one for every larger batch) and the
+    weights moving in between (no new compile)."""
+    eager, _ = generate_all(tiny, graphs=False)
+    compiled, runner = generate_all(tiny, graphs=True, compile=True, move_weights_after=4)
+    forward = runner.graphs.forward
+    assert forward.on, forward.broken
+    assert compiled == eager
+    assert runner.graphed_steps > 0
+    assert 1 <= len(forward.compiled_at) <= 2, forward.compiled_at
+
+
+def test_a_compile_that_fails_leaves_the_graphed_step_as_it_was(tiny, monkeypatch):
+    """No compiler (or an operator Inductor cannot lower): logged once,
+    the step runs the model as it is, tokens unchanged."""
+    import torch
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager, _ = generate_all(tiny, graphs=False)
+    graphed, runner = generate_all(tiny, graphs=True, compile=True)
+    assert graphed == eager
+    assert runner.graphs.forward.broken == "RuntimeError: no C++ compiler found"
+    assert runner.graphed_steps > 0
 
 
 def test_models_that_graphs_cannot_serve_are_refused_clearly(tiny):

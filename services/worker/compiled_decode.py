@@ -1,0 +1,93 @@
+"""The decode step's forward pass compiled by torch.compile (Inductor).
+
+A graphed decode step (decode_graphs.py) removes the cost of launching its
+kernels, not the kernels: run eagerly, a Llama decoder layer is dozens of
+small elementwise, concatenation and reduction kernels around its matrix
+products (RMSNorm alone is six), each too short to use the memory system.
+Compiled, Inductor fuses each run of them into one Triton kernel
+(normalisation, rotary embedding, the gated MLP's activation, the residual
+adds), and the CUDA graph is captured on the compiled code, as gpt-fast
+does with `mode="reduce-overhead"`.
+
+What the compiler does not see: the paged attention is one opaque operator
+(paged_kernels.paged_decode), since its writes go through the KV chunks'
+address table.
+
+Shapes: the batch is the only dimension that changes. Dynamo specialises
+one row, then marks the batch dynamic at the next size, so a worker
+compiles twice whatever its buckets (Inductor's caches under /tmp keep the
+result for the next start of the same model). Weights are inputs of the
+compiled code, not constants: a sleep, a wake or a move of the weights
+needs a new capture (decode_graphs.py), not a new compile.
+
+A compile that fails (no C++ compiler for the CPU's Inductor, an operator
+it cannot lower) turns compiling off for this worker, logged once
+(`decode_compile_off`); decode steps then run the model as it is, still
+graphed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+import torch
+
+log = structlog.get_logger(__name__)
+
+def enabled(setting: str, graphs: bool) -> bool:
+    """Whether decode steps run compiled: `auto` wherever they are graphed
+    (the compile is paid once, at the warm-up's capture)."""
+    return setting == "auto" and graphs
+
+
+def _logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+            plan) -> torch.Tensor:
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, lmx_plan=plan,
+                logits_to_keep=0)
+    return out.logits[0]
+
+
+class CompiledForward:
+    """`__call__(model, input_ids, position_ids, plan)` -> logits [rows,
+    vocab]: compiled while that works, the plain forward pass after."""
+
+    def __init__(self, enabled: bool = True):
+        self.broken: str | None = None if enabled else "off"
+        self.compiled_at: list[int] = []     # the batch sizes that compiled (or recompiled)
+        self.seconds = 0.0                   # spent in calls that compiled
+        self._fn: Callable | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.broken is None
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                 position_ids: torch.Tensor, plan) -> torch.Tensor:
+        if self.broken is not None:
+            return _logits(model, input_ids, position_ids, plan)
+        if self._fn is None:
+            self._fn = torch.compile(_logits)
+        frames = _frames()
+        started = time.perf_counter()
+        try:
+            logits = self._fn(model, input_ids, position_ids, plan)
+        except Exception as exc:  # noqa: BLE001 - run as it is rather than not at all
+            self.broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("decode_compile_off", reason=self.broken)
+            return _logits(model, input_ids, position_ids, plan)
+        if _frames() != frames:
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
+            self.compiled_at.append(int(input_ids.shape[1]))
+            log.info("decode_step_compiled", rows=int(input_ids.shape[1]),
+                     seconds=round(seconds, 2))
+        return logits
+
+
+def _frames() -> int:
+    """Frames Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["stats"].get(key, 0) for key in ("unique_graphs",))
