@@ -88,6 +88,7 @@ speed() {     # issue 21's table: beside HF generate, plain and static-cache com
 }
 
 compile() {   # the compiled decode step against the one captured as the model runs
+    step "merged-projections-$stamp" 90 $PY bench/merged_projections.py
     for c in off auto; do
         step "worker-llama-1b-compile-$c-$stamp" 170 $PY bench/worker.py --device cuda \
             --model synthetic:llama-1b --sessions 1,8,64 --tokens 128 --repeats 2 \
