@@ -106,20 +106,26 @@ class DecodeGraphs:
         top = self.sizes[-1]
         self.max_blocks = -(-loaded.max_context // block_size)
         device = self.device
-        self.input_ids = torch.zeros((1, top), dtype=torch.long, device=device)
-        self.position_ids = torch.zeros((1, top), dtype=torch.long, device=device)
-        self.new_slots = torch.full((top,), -1, dtype=torch.long, device=device)
+        # Token ids, positions, new slots and context lengths: rows of one
+        # tensor, filled by one copy a step (each copy is a host-side op of
+        # 15-30 us on the lent machines' CPUs).
+        self._rows = torch.zeros((4, top), dtype=torch.long, device=device)
+        self.input_ids = self._rows[0:1]
+        self.position_ids = self._rows[1:2]
+        self.new_slots = self._rows[2]
+        self.ctx_lens = self._rows[3]
         self.block_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, device=device)
-        self.ctx_lens = torch.zeros((top,), dtype=torch.int32, device=device)
         self.k_ptrs = torch.zeros((MAX_CHUNKS,), dtype=torch.long, device=device)
         self.v_ptrs = torch.zeros((MAX_CHUNKS,), dtype=torch.long, device=device)
         pin = device.type == "cuda"
-        self._host_longs = torch.zeros((3, top), dtype=torch.long, pin_memory=pin)
-        self._host_ctx = torch.zeros((top,), dtype=torch.int32, pin_memory=pin)
+        self._host_rows = torch.zeros((4, top), dtype=torch.long, pin_memory=pin)
         self._host_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, pin_memory=pin)
         self._chunks_version = -1
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        #: Each bucket's greedy choices, computed in its graph after the logits.
+        self._greedy: dict[int, torch.Tensor] = {}
+        self._last: tuple[int, int] = (0, 0)     # (bucket, rows) of the last run
         self._pool = None
         self._stream: torch.cuda.Stream | None = None   # every capture's (see _capture)
         self._version = -1
@@ -177,6 +183,7 @@ class DecodeGraphs:
     def invalidate(self) -> None:
         self._graphs.clear()
         self._logits.clear()
+        self._greedy.clear()
         self._pool = None
 
     def release(self) -> None:
@@ -245,13 +252,26 @@ class DecodeGraphs:
             # buckets would share less of it). On padding rows.
             self._capture_sizes(self.sizes)
         self._fill(items, size)
+        self._last = (size, rows)
         if not self.capture:
-            return self._forward(size)[:rows]
+            logits = self._forward(size)
+            self._greedy[size] = self._choose(logits)
+            return logits[:rows]
         graph = self._graphs.get(size)
         if graph is None:
             graph = self._capture(size)
         graph.replay()
         return self._logits[size][:rows]
+
+    def greedy_tokens(self) -> torch.Tensor:
+        """The last run's greedy choice of each row (argmax of its logits
+        within the tokenizer's vocabulary), computed on the device with the
+        step: a greedy step then needs no sampling op of its own."""
+        size, rows = self._last
+        return self._greedy[size][:rows]
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(logits[:, :self.loaded.vocab_limit], dim=-1)
 
     @torch.inference_mode()
     def capture_all(self) -> float:
@@ -312,8 +332,10 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool, stream=stream,
                               capture_error_mode="thread_local"):
             logits = self._forward(size)
+            greedy = self._choose(logits)
         self._graphs[size] = graph
         self._logits[size] = logits
+        self._greedy[size] = greedy
         log.debug("decode_graph_captured", rows=size,
                   seconds=round(time.perf_counter() - started, 4))
         return graph
@@ -333,28 +355,23 @@ class DecodeGraphs:
         self._chunks_version = self.storage.version
 
     def _fill(self, items, size: int) -> None:
-        """This step's rows into the static buffers (five small host-to-device
+        """This step's rows into the static buffers (two small host-to-device
         copies from pinned memory), padding rows after them."""
         self._update_chunk_table()
         rows = len(items)
         block = self.block_size
-        longs = self._host_longs.numpy()
-        ctx = self._host_ctx.numpy()
+        host = self._host_rows.numpy()
         table = self._host_table.numpy()
-        longs[0, :size] = 0
-        longs[1, :size] = 0
-        longs[2, :size] = -1
-        ctx[:size] = 0
+        host[:2, :size] = 0
+        host[2, :size] = -1
+        host[3, :size] = 0
         for row, item in enumerate(items):
             length = len(item.all_slots)
-            longs[0, row] = item.tokens[0]
-            longs[1, row] = length - 1
-            longs[2, row] = item.new_slots[0]
-            ctx[row] = length
+            host[0, row] = item.tokens[0]
+            host[1, row] = length - 1
+            host[2, row] = item.new_slots[0]
+            host[3, row] = length
             blocks = np.asarray(item.all_slots[::block], dtype=np.int64) // block
             table[row, :len(blocks)] = blocks
-        self.input_ids[0, :size].copy_(self._host_longs[0, :size], non_blocking=True)
-        self.position_ids[0, :size].copy_(self._host_longs[1, :size], non_blocking=True)
-        self.new_slots[:size].copy_(self._host_longs[2, :size], non_blocking=True)
-        self.ctx_lens[:size].copy_(self._host_ctx[:size], non_blocking=True)
+        self._rows[:, :size].copy_(self._host_rows[:, :size], non_blocking=True)
         self.block_table[:rows].copy_(self._host_table[:rows], non_blocking=True)

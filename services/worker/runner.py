@@ -61,6 +61,12 @@ class StepItem:
                          self.params, self.generator, self.constraint, self.generated))
 
 
+def _plain_greedy(item: StepItem) -> bool:
+    """A row whose token is its logits' argmax: greedy, no penalty, no
+    constraint (sampling.sample would do nothing more)."""
+    return item.params.greedy and not item.params.penalised and item.constraint is None
+
+
 def step_shape(items: list[StepItem], graphed: bool = False, checked: bool = True) -> StepShape:
     return StepShape.of([(len(i.tokens), len(i.all_slots)) for i in items], graphed, checked)
 
@@ -77,6 +83,7 @@ class ModelRunner:
         #: without a plan). Set by the worker once its base lease holds it.
         self.workspace_bytes: int | None = None
         self.graphed_steps = 0
+        self.argmax_steps = 0          # graphed steps whose tokens were the graph's own argmax
         self.split_steps = 0           # steps run as several sub-steps to fit the workspace
         self.out_of_memory = 0         # steps that raised out of memory (each a bug)
         self.plan_misses = 0           # steps that used more than their plan (each a bug)
@@ -185,6 +192,9 @@ class ModelRunner:
                         logits = None
                 if graphs.broken is None:
                     self.graphed_steps += 1
+                    if logits is not None and all(_plain_greedy(i) for i in items):
+                        self.argmax_steps += 1
+                        return graphs.greedy_tokens().tolist()
         if logits is None:
             logits = self._eager_fitting(items)
         return sample(logits, [i.params for i in items], [i.generator for i in items],

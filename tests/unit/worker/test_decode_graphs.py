@@ -34,10 +34,11 @@ def few_parts(monkeypatch):
 
 
 def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = True,
-                 move_weights_after: int | None = None, compile: bool = False):
+                 move_weights_after: int | None = None, compile: bool = False,
+                 penalty: float = 0.0):
     """PROMPTS generated together (the later ones joining once the first
     has decoded a few tokens), with or without graphed decode steps."""
-    params = SamplingParams(max_tokens=max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, frequency_penalty=penalty)
 
     async def scenario(engine):
         sessions = SessionTable()
@@ -47,7 +48,8 @@ def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = 
             while len(head) < 3:
                 head.append(await first.out.get())
                 engine.delivered(first, 1)
-        others = [engine.submit(sessions.open(), SamplingParams(max_tokens=max_tokens - 2 * i),
+        others = [engine.submit(sessions.open(), SamplingParams(max_tokens=max_tokens - 2 * i,
+                                                                frequency_penalty=penalty),
                                 prompt=p) for i, p in enumerate(PROMPTS[1:])]
         if move_weights_after is not None:
             async def mover():
@@ -112,6 +114,17 @@ def test_a_disagreeing_first_step_turns_graphs_off(tiny):
     finally:
         paged_kernels.decode_attention = real
     assert runner.graphs.broken is not None and "disagreed" in runner.graphs.broken
+    assert graphed == eager
+
+
+def test_penalised_rows_are_sampled_not_the_graphs_argmax(tiny):
+    """A greedy step takes the argmax the graph computed with its logits; a
+    row with a penalty is still chosen by sampling.sample, as eagerly."""
+    _, runner = generate_all(tiny, graphs=True, max_tokens=10, stagger=False)
+    assert runner.graphed_steps > 0 and runner.argmax_steps == runner.graphed_steps
+    eager, _ = generate_all(tiny, graphs=False, max_tokens=10, stagger=False, penalty=2.0)
+    graphed, runner = generate_all(tiny, graphs=True, max_tokens=10, stagger=False, penalty=2.0)
+    assert runner.graphed_steps > 0 and runner.argmax_steps == 0
     assert graphed == eager
 
 
