@@ -42,7 +42,7 @@ def test_constrained_and_free_sessions_share_graphed_steps():
         None, None] * 2
 
     async def main():
-        engine = Engine(loaded, FixedMemory(16 << 30), max_batch=16)
+        engine = Engine(loaded, FixedMemory(16 << 30), max_batch=16, decode_graphs=True)
         engine.start()
         try:
             sessions = SessionTable()

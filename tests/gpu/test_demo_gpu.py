@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from benchkit import card_slug, git_commit  # noqa: E402
 
 
+@pytest.mark.timeout(660)     # three workers loading and taking turns: not the suite's 120 s
 def test_lmx_demo_runs_on_the_gpu(tmp_path: Path):
     if torch.cuda.is_initialized():   # what earlier tests of this process cached: foreign
         torch.cuda.empty_cache()      # memory to the demo's admission, against its cap
