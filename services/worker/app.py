@@ -631,9 +631,9 @@ class WorkerApp:
         the ring when streaming."""
         assert self.loaded is not None
         if self.streamer is None:
-            return self.loaded.weight_bytes
+            return self.loaded.device_bytes
         info = self.streamer.info()
-        return self.loaded.weight_bytes - info.host_bytes + info.ring_bytes
+        return self.loaded.device_bytes - info.host_bytes + info.ring_bytes
 
     def status_pb(self) -> worker_pb2.GetStatusResponse:
         granted = self.memory.granted() if self.memory is not None else {}

@@ -211,10 +211,14 @@ def _decoder_linears(model: torch.nn.Module):
     from services.worker.streaming import decoder_layers
 
     for layer in decoder_layers(model):
-        for parent in layer.modules():
-            for name, child in parent.named_children():
-                if type(child) is torch.nn.Linear:
-                    yield parent, name, child
+        yield from _linears(layer)
+
+
+def _linears(layer: torch.nn.Module):
+    for parent in layer.modules():
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Linear:
+                yield parent, name, child
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,13 @@ class Quantized:
     bytes_before: int
     bytes_after: int
 
+    def __add__(self, other: Quantized) -> Quantized:
+        kernels = dict(self.kernels)
+        for kernel, count in other.kernels.items():
+            kernels[kernel] = kernels.get(kernel, 0) + count
+        return Quantized(kernels, self.kept + other.kept, self.bytes_before + other.bytes_before,
+                         self.bytes_after + other.bytes_after)
+
 
 def quantize_model(model: torch.nn.Module, spec: QuantSpec, device: torch.device,
                    place: torch.device | None = None) -> Quantized:
@@ -233,11 +244,22 @@ def quantize_model(model: torch.nn.Module, spec: QuantSpec, device: torch.device
     a device holds at most one 16-bit matrix beyond the quantized ones): each
     is quantized and packed for `device`'s kernel, and its tensors are left
     on `place` (default `device`; host memory for layers that will stream)."""
+    from services.worker.streaming import decoder_layers
+
+    done = Quantized({}, 0, 0, 0)
+    for layer in decoder_layers(model):
+        done += quantize_layer(layer, spec, device, place)
+    return done
+
+
+def quantize_layer(layer: torch.nn.Module, spec: QuantSpec, device: torch.device,
+                   place: torch.device | None = None) -> Quantized:
+    """quantize_model for one decoder layer."""
     place = device if place is None else place
     kernels: dict[str, int] = {}
     kept = before = after = 0
     with torch.no_grad():
-        for parent, name, linear in list(_decoder_linears(model)):
+        for parent, name, linear in list(_linears(layer)):
             before += module_bytes(linear)
             if spec.mode == "int8":
                 new = Int8Linear.from_linear(linear, device)

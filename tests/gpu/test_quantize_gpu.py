@@ -71,7 +71,15 @@ def test_a_quantized_model_loads_within_its_packed_bytes(mode):
     held = torch.cuda.memory_allocated(CUDA) - before
     peak = torch.cuda.max_memory_allocated(CUDA) - before
     assert loaded.weight_bytes == plan.total_bytes
-    assert held <= plan.total_bytes + (16 << 20), f"{held} bytes held, planned {plan.total_bytes}"
+    # What the allocator handed out is the packed bytes plus its block
+    # rounding: a block is not split when less than 1 MiB would remain, so
+    # at most 1 MiB more per tensor of 1 MiB or more (measured on an H100:
+    # 17.8 MB for int4, 36.8 MB for int8). The worker counts that measured
+    # figure in its lease (LoadedModel.allocated_bytes).
+    assert loaded.allocated_bytes == held
+    large = sum(1 for p in loaded.model.parameters() if p.numel() * p.element_size() >= 1 << 20)
+    assert held <= plan.total_bytes + large * (1 << 20), (
+        f"{held} bytes held, planned {plan.total_bytes} and {large} tensors of 1 MiB or more")
     largest = 8960 * 1536 * 2          # one 16-bit matrix; quantized in 64 MiB blocks
     assert peak <= plan.total_bytes + largest + (160 << 20), (
         f"loading peaked at {peak} bytes: the 16-bit model ({full.total_bytes}) should never "

@@ -61,3 +61,29 @@ def test_initialised_like_from_config():
                 assert torch.allclose(got, ref), f"{name} {key} differs from from_config's"
         norm = model.model.layers[0].input_layernorm.weight
         assert torch.all(norm == norm_value), f"{name}: norm weights {norm[:4]}"
+
+
+def test_layers_are_made_one_at_a_time_with_the_same_weights(monkeypatch):
+    """`each_layer` sees each decoder layer whole while the next ones are
+    still on the meta device (a quantized build holds one 16-bit layer at a
+    time), and the weights are the plain build's, layer by layer (each has
+    a seed of its own)."""
+    from services.worker import streaming
+
+    config = small("synthetic:llama-tiny", layers=3)
+    plain = build_synthetic(config, CPU, torch.float32, seed=5).state_dict()
+    layers, seen = [], []
+    real = streaming.decoder_layers
+    monkeypatch.setattr(streaming, "decoder_layers", lambda model: layers or layers.extend(
+        real(model)) or layers)
+
+    def each(layer):
+        index = len(seen)
+        seen.append({k: v.clone() for k, v in layer.state_dict().items()})
+        assert all(p.is_meta for later in layers[index + 1:] for p in later.parameters())
+
+    build_synthetic(config, CPU, torch.float32, seed=5, each_layer=each)
+    assert len(seen) == 3
+    for index, state in enumerate(seen):
+        for key, value in state.items():
+            assert torch.equal(value, plain[f"model.layers.{index}.{key}"]), (index, key)
