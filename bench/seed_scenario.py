@@ -447,6 +447,11 @@ def parse_args(argv):
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="the workers' prompt tokens per step (their workspace, and the "
                         "warm-up prefill that measures it, scale with it)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="the workers' decode rows per step: each serves one or two agents "
+                        "here, and its workspace and decode graphs are sized for this many "
+                        "rows (the worker's default of 64 asks 1.1 GB more for three 1.5-3B "
+                        "workers, by the step memory plan)")
     p.add_argument("--worker-start-timeout-s", type=float, default=600.0)
     p.add_argument("--quiet-wait-s", type=float, default=5.0)
     p.add_argument("--no-warmup", action="store_true")
@@ -503,8 +508,8 @@ def run_alone(args, model: str, agents: list[Agent], log_dir: Path) -> dict:
             "services.worker", WORKER,
             ["--model", model, "--admission", procs["admission"].address, "--kvstore", "none",
              "--max-context", str(args.max_context), "--max-prefill-tokens",
-             str(args.max_prefill_tokens), "--quantize", args.quantize, "--device", args.device,
-             "--log-format", "json"],
+             str(args.max_prefill_tokens), "--max-batch", str(args.max_batch),
+             "--quantize", args.quantize, "--device", args.device, "--log-format", "json"],
             log_path=log_dir / f"alone-{tag}.log", timeout_s=args.worker_start_timeout_s)
         address = procs["worker"].address
         converse(address, Agent("warmup", model, False, ("Hello",)), args.max_tokens)
@@ -612,6 +617,7 @@ def main(argv=None) -> int:
         common = ["--admission", procs["admission"].address, "--kvstore",
                   procs["kvstore"].address, "--kv-chunk-bytes", args.kv_chunk_bytes,
                   "--max-prefill-tokens", str(args.max_prefill_tokens),
+                  "--max-batch", str(args.max_batch),
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
                   "--min-awake-s", str(args.min_awake_s),
                   "--resident-fraction", args.resident_fraction, "--quantize", args.quantize,
