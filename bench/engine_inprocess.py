@@ -107,7 +107,10 @@ def hf_rate(loaded, tokens: int) -> float:
 
     from transformers import GenerationConfig
 
+    from services.worker import merged_projections
+
     model = copy.deepcopy(loaded.model)
+    merged_projections.split(model)       # transformers' own modules
     model.set_attn_implementation("sdpa")
     ids = torch.tensor([loaded.tokenizer("Agent 0 writes a long story about the sea:")["input_ids"]],
                        device=loaded.device)

@@ -364,6 +364,7 @@ def load_hf(model_name: str, device: str, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from services.worker import merged_projections
     from services.worker.models import build_synthetic, default_cache_dir, model_config
 
     cache = default_cache_dir()
@@ -371,6 +372,9 @@ def load_hf(model_name: str, device: str, dtype_name: str):
     config, path = model_config(model_name, cache)
     if path is None:  # synthetic: the worker's construction, same seed, same weights
         model = build_synthetic(config, torch.device(device), dtype, SEED)
+        # Transformers' own modules (q, k, v and gate, up apart, views of
+        # the merged matrices), so that the baselines run HF as it comes.
+        merged_projections.split(model)
         model.set_attn_implementation("sdpa")
         tokenizer = AutoTokenizer.from_pretrained(cache / "models" / "smollm2-135m")
         source = f"build_synthetic (seed {SEED}), tokenizer {cache / 'models' / 'smollm2-135m'}"

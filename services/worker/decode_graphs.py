@@ -80,6 +80,10 @@ class GraphPlan:
         self.block_size = graphs.block_size
         self.kv_heads = graphs.storage.shape.num_kv_heads
 
+    def row_tensors(self) -> list[torch.Tensor]:
+        """The plan's tensors with one entry per row (dimension 0)."""
+        return [self.new_slots, self.block_table, self.ctx_lens]
+
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None, sliding_window: int | None) -> torch.Tensor:
         """query [1, heads, rows, dim], key/value [1, kv_heads, rows, dim] ->
@@ -110,8 +114,8 @@ class DecodeGraphs:
         # tensor, filled by one copy a step (each copy is a host-side op of
         # 15-30 us on the lent machines' CPUs).
         self._rows = torch.zeros((4, top), dtype=torch.long, device=device)
-        self.input_ids = self._rows[0:1]
-        self.position_ids = self._rows[1:2]
+        self.input_ids = self._rows[0]
+        self.position_ids = self._rows[1]
         self.new_slots = self._rows[2]
         self.ctx_lens = self._rows[3]
         self.block_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, device=device)
@@ -302,8 +306,11 @@ class DecodeGraphs:
                 self._capture(size)
 
     def _forward(self, size: int) -> torch.Tensor:
-        return self.forward(self.loaded.model, self.input_ids[:, :size],
-                            self.position_ids[:, :size], GraphPlan(self, size))
+        # [1, size] views whose stride follows their size (unsqueezed, not
+        # sliced from [1, top]), so that a compiled step does not specialise
+        # on the largest bucket's.
+        return self.forward(self.loaded.model, self.input_ids[:size].unsqueeze(0),
+                            self.position_ids[:size].unsqueeze(0), GraphPlan(self, size))
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         """Capture the forward pass for `size` rows. Its warm-up passes run

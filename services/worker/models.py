@@ -36,6 +36,7 @@ import structlog
 import torch
 
 from services.common.errors import InvalidArgument, NotFound
+from services.worker import merged_projections
 from services.worker.kv_storage import KVShape
 from services.worker.quantize import (QuantSpec, model_bytes, plan_bytes, quantize_layer,
                                       quantize_model)
@@ -364,6 +365,7 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
 
     with torch.device(device), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    merged_projections.merge(model)      # on meta: the merged matrices are drawn as they are
     # Tie on meta, so there is one tensor to allocate, not two (some
     # transformers versions tie only later, once weights are real).
     text_config = config.get_text_config()
@@ -441,6 +443,7 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
         tokenizer = AutoTokenizer.from_pretrained(path)
         build_on = torch.device("cpu") if quant.on else device
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(build_on))
+        merged_projections.merge(model)
         if quant.on:
             done = quantize_model(model, quant, kernels_on, place=device)
     if quant.on:

@@ -333,11 +333,12 @@ def dequant_bytes(dims, spec: QuantSpec, device: torch.device, dtype: torch.dtyp
     in the activations' dtype, and for int4 its unpacked nibbles and
     expanded scales and zeros besides. 0 where every matrix runs on a kernel
     that reads the packed form. `dims`: step_memory.ModelDims."""
-    shapes = [(dims.heads * dims.head_dim, dims.hidden),           # q_proj
-              (dims.kv_heads * dims.head_dim, dims.hidden),        # k_proj, v_proj
-              (dims.hidden, dims.heads * dims.head_dim),           # o_proj
-              (dims.intermediate, dims.hidden),                    # gate_proj, up_proj
-              (dims.hidden, dims.intermediate)]                    # down_proj
+    # The projections as merged_projections.py merges them (where it does
+    # not, the parts are smaller: these bound them).
+    shapes = [((dims.heads + 2 * dims.kv_heads) * dims.head_dim, dims.hidden),   # qkv_proj
+              (dims.hidden, dims.heads * dims.head_dim),                        # o_proj
+              (2 * dims.intermediate, dims.hidden),                             # gate_up_proj
+              (dims.hidden, dims.intermediate)]                                 # down_proj
     item = torch.empty((), dtype=dtype).element_size()
     if spec.mode == "int8":
         return max(n * k for n, k in shapes) * item

@@ -140,7 +140,7 @@ def test_compiled_decode_steps_equal_eager_ones(tiny):
     assert forward.on, forward.broken
     assert compiled == eager
     assert runner.graphed_steps > 0
-    assert 1 <= len(forward.compiled_at) <= 2, forward.compiled_at
+    assert len(forward.compiled_at) == 2, forward.compiled_at     # one row, and all the others
 
 
 def test_a_compile_that_fails_leaves_the_graphed_step_as_it_was(tiny, monkeypatch):

@@ -138,8 +138,9 @@ def test_a_card_without_tinygemm_dequantizes_and_the_step_plan_says_so(monkeypat
     assert quantize._int4_kernel(cuda, torch.bfloat16, 8192, 2048) == ("tinygemm", 8)
     assert quantize._int4_kernel(cuda, torch.float16, 8192, 2048)[0] == "dequant"
     assert quantize.dequant_bytes(dims(), QuantSpec("int4"), cuda, torch.bfloat16) == 0
+    # the largest matrix in bfloat16: gate and up merged (merged_projections.py)
     assert quantize.dequant_bytes(dims(), QuantSpec("int8"), cuda, torch.bfloat16) == \
-        8192 * 2048 * 2
+        2 * 8192 * 2048 * 2
     assert quantize.dequant_bytes(dims(), QuantSpec(), cuda, torch.bfloat16) == 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from services.worker import merged_projections
 from services.worker.models import build_synthetic, model_config
 
 CPU = torch.device("cpu")
@@ -46,6 +47,7 @@ def test_initialised_like_from_config():
     for name, norm_value in (("synthetic:llama-1b", 1.0), ("synthetic:gemma3-1b", 0.0)):
         config = small(name, layers=1)
         model = build_synthetic(config, CPU, torch.float32, seed=0)
+        merged_projections.split(model)      # the stock modules, to compare name by name
         torch.manual_seed(0)
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         ours, theirs = model.state_dict(), reference.state_dict()
