@@ -36,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchkit import card_slug, git_commit, write_report  # noqa: E402
 
 STAGES = ("bare", "cublas", "sdpa", "triton", "model", "graphs")
 
@@ -156,19 +159,15 @@ def main() -> int:
             else:
                 runs.append(json.loads(lines[-1]))
             print(json.dumps(runs[-1]), flush=True)
-    commit = os.environ.get("LMX_BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=ROOT).stdout.strip()
     report = {"benchmark": "context_memory", "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "commit": commit, "model": args.model,
+              "torch": torch.__version__, "commit": git_commit(), "model": args.model,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "method": "a fresh process per configuration, the worker's stages in order; "
                         "context = NVML's figure for the process - torch's reserved bytes",
               "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"context-memory-cuda-{time.strftime('%Y-%m-%d')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    card = card_slug(torch.cuda.get_device_name())
+    date = time.strftime("%Y-%m-%d")
+    write_report(report, args.out / f"context-memory-cuda-{card}-{date}.json")
     return 0
 
 

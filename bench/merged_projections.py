@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from benchkit import card_slug, git_commit, write_report  # noqa: E402
 from services.worker.models import SYNTHETIC_SHAPES  # noqa: E402
 
 
@@ -77,7 +77,9 @@ def bandwidth_gbs() -> float:
 def measure(shape: str, batch: int, dtype: torch.dtype) -> dict:
     hidden, q, kv, inter = dims(shape)
     layers = 8         # distinct weights, so that no layer's product reads from cache
-    make = lambda rows, cols: torch.randn(rows, cols, device="cuda", dtype=dtype) * 0.02  # noqa: E731
+    def make(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, device="cuda", dtype=dtype) * 0.02
+
     sep = [[make(q, hidden), make(kv, hidden), make(kv, hidden), make(inter, hidden),
             make(inter, hidden)] for _ in range(layers)]
     merged = [[torch.cat(w[:3]), torch.cat(w[3:])] for w in sep]
@@ -121,21 +123,17 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
-    commit = os.environ.get("LMX_BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=ROOT).stdout.strip()
     report = {"benchmark": "merged_projections", "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "commit": commit,
+              "torch": torch.__version__, "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "copy_bandwidth_gbs": round(gbs, 1), "dtype": "bfloat16",
               "method": "q,k,v,gate,up as five F.linear calls against qkv and gate_up as two, "
                         "8 layers of distinct weights, 20 repeats in one CUDA graph, best of 5 "
                         "replays; floor: the layer's five matrices read once at the copy "
                         "bandwidth", "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"merged-projections-cuda-{time.strftime('%Y-%m-%d')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    card = card_slug(torch.cuda.get_device_name())
+    date = time.strftime("%Y-%m-%d")
+    write_report(report, args.out / f"merged-projections-cuda-{card}-{date}.json")
     return 0
 
 

@@ -77,8 +77,8 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                    self.lmx_eager_attention)
     out, weights = attend(self, query, key, value, attention_mask, dropout=0.0,
-                          scaling=self.scaling, sliding_window=getattr(self, "sliding_window", None),
-                          **kwargs)
+                          scaling=self.scaling,
+                          sliding_window=getattr(self, "sliding_window", None), **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
 
