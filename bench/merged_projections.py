@@ -77,6 +77,7 @@ def bandwidth_gbs() -> float:
 def measure(shape: str, batch: int, dtype: torch.dtype) -> dict:
     hidden, q, kv, inter = dims(shape)
     layers = 8         # distinct weights, so that no layer's product reads from cache
+
     def make(rows: int, cols: int) -> torch.Tensor:
         return torch.randn(rows, cols, device="cuda", dtype=dtype) * 0.02
 
