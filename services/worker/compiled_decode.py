@@ -96,6 +96,20 @@ class CompiledForward:
         return logits
 
 
+    def release_workers(self) -> None:
+        """Stop Inductor's compile worker processes (one per core, each a
+        Python with torch loaded) once the warm-up's compiles are done: they
+        would otherwise stay a minute. A later compile starts them again."""
+        if self._fn is None:
+            return
+        try:
+            from torch._inductor.async_compile import shutdown_compile_workers
+
+            shutdown_compile_workers()
+        except Exception as exc:  # noqa: BLE001 - only memory is at stake
+            log.warning("compile_workers_not_released", error=str(exc))
+
+
 def _frames() -> int:
     """Frames Dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters

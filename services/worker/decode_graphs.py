@@ -294,9 +294,10 @@ class DecodeGraphs:
         except Exception as exc:  # noqa: BLE001 - decode eagerly rather than not at all
             self.fail(exc)
             return 0.0
+        self.forward.release_workers()
         seconds = time.perf_counter() - started
         log.info("decode_graphs_captured", graphs=len(self._graphs), sizes=self.sizes,
-                 seconds=round(seconds, 3))
+                 seconds=round(seconds, 3), compiled=self.forward.on)
         return seconds
 
     def _capture_sizes(self, sizes: list[int]) -> None:
