@@ -19,9 +19,9 @@ worker compiles twice whatever its buckets (Inductor's caches under /tmp
 keep the result for the next start of the same model). Left to Dynamo's
 automatic dynamic shapes, the first bucket captured (the largest) compiled
 static and the next one again: three compiles, 52 s for Llama-1B on an
-H100. Weights are inputs of the
-compiled code, not constants: a sleep, a wake or a move of the weights
-needs a new capture (decode_graphs.py), not a new compile.
+H100. Weights are inputs of the compiled code, not constants: a sleep, a
+wake or a move of the weights needs a new capture (decode_graphs.py), not a
+new compile.
 
 A compile that fails (no C++ compiler for the CPU's Inductor, an operator
 it cannot lower) turns compiling off for this worker, logged once
@@ -38,6 +38,7 @@ import structlog
 import torch
 
 log = structlog.get_logger(__name__)
+
 
 def enabled(setting: str, graphs: bool) -> bool:
     """Whether decode steps run compiled: `auto` wherever they are graphed
@@ -95,7 +96,6 @@ class CompiledForward:
                      seconds=round(seconds, 2))
         return logits
 
-
     def release_workers(self) -> None:
         """Stop Inductor's compile worker processes (one per core, each a
         Python with torch loaded) once the warm-up's compiles are done: they
@@ -114,4 +114,4 @@ def _frames() -> int:
     """Frames Dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters
 
-    return sum(counters["stats"].get(key, 0) for key in ("unique_graphs",))
+    return counters["stats"].get("unique_graphs", 0)
