@@ -83,7 +83,10 @@ def run_model(name: str, args, device: torch.device) -> dict:
     storage = KVStorage(loaded.kv_shape, slots_per_chunk, device)
     for _ in range(2):
         storage.add_chunk()
-    graphs = DecodeGraphs(loaded, storage, block_size=16, max_batch=max(ROWS))
+    # Compiled as the worker compiles it (--compile-decode auto): Inductor's
+    # code is what the graphs' pool holds.
+    compile = getattr(args, "compile_decode", "auto") == "auto"
+    graphs = DecodeGraphs(loaded, storage, block_size=16, max_batch=max(ROWS), compile=compile)
     runner = ModelRunner(loaded, storage, graphs, plan)
     greedy = SamplingParams(max_tokens=1)
     sampled = SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9, seed=1)
@@ -148,6 +151,7 @@ def run_model(name: str, args, device: torch.device) -> dict:
                   kv_bytes=storage.num_bytes, graph_pool_measured=pool,
                   graph_pool_estimate=pool_estimate, graph_pool_ok=pool <= pool_estimate,
                   graphs=graphs.sizes, graphs_broken=graphs.broken,
+                  compiled=graphs.forward.on, compile_broken=graphs.forward.broken,
                   workspace_default=workspace, steps=results)
     print(f"{name}: graph pool measured {pool / 2**20:.1f} MiB, estimated "
           f"{pool_estimate / 2**20:.1f} MiB; default workspace {workspace / 2**20:.1f} MiB",
@@ -165,6 +169,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--quantize", default="none", help="none | int8 | int4 (the weights)")
     parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
+    parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
+                        help="the decode graphs capture the compiled step (auto, the "
+                             "worker's default) or the model as it runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -30,6 +30,9 @@ def test_the_plan_is_never_below_a_steps_measured_peak(model, step_memory_bench)
     assert len(ran) >= 10, report["steps"]
     below = [s for s in ran if s["measured"] > s["planned"]]
     assert not below, f"{model}: the plan is below the measured peak for {below}"
+    # The graphs hold the compiled step, as in the worker (--compile-decode auto).
+    assert report["compiled"] and not report["graphs_broken"], (
+        report["compile_broken"], report["graphs_broken"])
     assert report["graph_pool_measured"] <= report["graph_pool_estimate"], (
         f"{model}: the graph pool measured {report['graph_pool_measured']} bytes, estimated "
         f"{report['graph_pool_estimate']}")
