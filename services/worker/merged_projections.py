@@ -61,6 +61,8 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
     with the three projections as one product."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if cache is None:     # its name before transformers 5 (the stock forward renames it)
+        cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query, key, value = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
