@@ -75,3 +75,16 @@ def test_a_synthetic_model_is_built_merged_and_unknown_classes_are_left_alone():
     model.model.layers[0].self_attn = Other()
     assert merged_projections.merge(model) == 0
     assert hasattr(model.model.layers[0].self_attn, "q_proj")
+
+
+def test_generate_with_a_kv_cache_is_the_stock_models():
+    """Through transformers' own KV cache (generate), as the quality check
+    and the benchmarks' references use the merged model."""
+    model = stock("synthetic:gemma3-tiny")
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        merged_projections.merge(model)
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
