@@ -123,14 +123,14 @@ seed() {
     done
 }
 
-seed3() {     # each about 5-6 min with --naive and --alone: one per call
+seed3() {     # each 6-9 min with --naive and --alone (workers compile their step): one per call
     for w in ${SEED3_WEIGHTS:-int4 bf16}; do
         if [ "$w" = int4 ]; then
-            step "seed-three-int4-$stamp" ${SEED3_LIMIT:-420} $PY bench/seed_scenario.py \
+            step "seed-three-int4-$stamp" ${SEED3_LIMIT:-570} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --quantize int4 --shared-agent \
                 --alone --naive --log-dir "$LOGS/seed3-int4"
         else
-            step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-420} $PY bench/seed_scenario.py \
+            step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-570} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --resident-fraction auto \
                 --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16"
         fi
