@@ -662,19 +662,27 @@ class Engine:
             rows = rows[:top]         # graphs only up to `top` rows fit the lease: a graphed step
         # (The first graphed step's eager check is split to the workspace by
         # the runner: it does not limit the rows here.)
-        shape = StepShape(0, 0, 0, 0, graphed=runner.will_graph(len(rows)))
+        graphed = runner.will_graph(len(rows))
+        feeds = []
         for request in rows:
-            session = request.session
-            length = self.pool.length(session.session_id)
-            feed = session.tokens[length:]
-            grown = shape.plus(len(feed), length + len(feed))
-            if batch and not runner.fits(grown):
-                break
+            length = self.pool.length(request.session.session_id)
+            feeds.append((request.session.tokens[length:], length))
+        # One plan for all the rows; row by row only when they do not all
+        # fit (a plan per row cost 64 of them a step).
+        every = StepShape.of([(len(f), n + len(f)) for f, n in feeds], graphed)
+        all_fit = runner.fits(every)
+        shape = StepShape(0, 0, 0, 0, graphed=graphed)
+        for request, (feed, length) in zip(rows, feeds):
+            if not all_fit:
+                grown = shape.plus(len(feed), length + len(feed))
+                if batch and not runner.fits(grown):
+                    break
             if not self._reserve(request, len(feed)):
                 continue
             items.append(self._item(request, feed))
             batch.append(request)
-            shape = grown
+            if not all_fit:
+                shape = grown
         self._decode_cursor += len(batch) if len(batch) < len(decoding) else 0
         return items, batch, [True] * len(batch)
 

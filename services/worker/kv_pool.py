@@ -78,14 +78,20 @@ class BlockPool:
         token slots: block * block_size + offset) where their KV goes."""
         if num_new_tokens < 0:
             raise ValueError("num_new_tokens must not be negative")
+        start = self._lengths.get(session_id, 0)
+        table = self._tables.get(session_id)
+        size = self.block_size
+        if num_new_tokens == 1 and table and start < len(table) * size:
+            # A decode step's token in the session's last block: the common
+            # case, once per row per step.
+            self._lengths[session_id] = start + 1
+            return [table[start // size] * size + start % size]
         needed = self.blocks_needed(session_id, num_new_tokens)
         if needed > len(self._free):
             raise MemoryError(f"need {needed} blocks, {len(self._free)} free")
         table = self._tables.setdefault(session_id, [])
         table.extend(heapq.heappop(self._free) for _ in range(needed))
-        start = self._lengths.get(session_id, 0)
         self._lengths[session_id] = start + num_new_tokens
-        size = self.block_size
         return [table[t // size] * size + t % size for t in range(start, start + num_new_tokens)]
 
     def truncate(self, session_id: str, num_tokens: int) -> None:

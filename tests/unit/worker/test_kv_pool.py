@@ -43,6 +43,17 @@ def test_append_maps_tokens_to_block_slots():
         pool.append("a", -1)
 
 
+def test_one_token_at_a_time_takes_the_same_slots_as_many_at_once():
+    """A decode step appends one token (a shortcut within the last block):
+    the same slots and blocks as appending them together."""
+    one, many = pool_with(3), pool_with(3)
+    one.append("x", 1)
+    many.append("x", 1)
+    slots = [one.append("a", 1)[0] for _ in range(9)]
+    assert slots == many.append("a", 9)
+    assert one.table("a") == many.table("a") and one.length("a") == many.length("a") == 9
+
+
 def test_blocks_needed_and_can_append():
     pool = pool_with(1)  # 2 blocks of 4 tokens
     assert pool.blocks_needed("a", 0) == 0, "no tokens should need no blocks"

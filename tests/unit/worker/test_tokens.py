@@ -27,26 +27,31 @@ TEXTS = [
 ]
 
 
-def stream(tokenizer, ids: list[int], eos: frozenset[int] = frozenset()) -> list[str]:
+def stream(tokenizer, ids: list[int], eos: frozenset[int] = frozenset(),
+           fallback: bool = False) -> list[str]:
     detok = Detokenizer(tokenizer, eos)
+    if fallback:
+        detok._stream = None     # transformers' decode, as without a fast tokenizer
     return [detok.push(token) for token in ids]
 
 
+@pytest.mark.parametrize("fallback", [False, True], ids=["decode-stream", "decode-calls"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_streamed_pieces_concatenate_to_the_decoded_text(tokenizer, text):
+def test_streamed_pieces_concatenate_to_the_decoded_text(tokenizer, text, fallback):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pieces = stream(tokenizer, ids)
+    pieces = stream(tokenizer, ids, fallback=fallback)
     expected = tokenizer.decode(ids, skip_special_tokens=True)
     assert "".join(pieces) == expected, f"streamed {pieces!r} does not join to {expected!r}"
     assert not any("\ufffd" in piece for piece in pieces), (
         f"a piece holds a broken character (U+FFFD): {pieces!r}")
 
 
+@pytest.mark.parametrize("fallback", [False, True], ids=["decode-stream", "decode-calls"])
 @pytest.mark.parametrize("text", ["👋🏽🦄", "你好世界", "日本語"])
-def test_multibyte_characters_wait_for_all_their_tokens(tokenizer, text):
+def test_multibyte_characters_wait_for_all_their_tokens(tokenizer, text, fallback):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text), f"{text!r} should take more tokens than characters: {ids}"
-    pieces = stream(tokenizer, ids)
+    pieces = stream(tokenizer, ids, fallback=fallback)
     assert "" in pieces, f"some token of {text!r} should give no text yet: {pieces!r}"
     assert "".join(pieces) == text, f"streamed {pieces!r} should join to {text!r}"
 
@@ -62,10 +67,11 @@ def test_eos_gives_no_text_and_does_not_disturb_the_stream(tokenizer):
     assert eos not in detok.ids, "EOS should not be kept among the decoded ids"
 
 
-def test_other_special_tokens_give_no_text(tokenizer):
+@pytest.mark.parametrize("fallback", [False, True], ids=["decode-stream", "decode-calls"])
+def test_other_special_tokens_give_no_text(tokenizer, fallback):
     special = tokenizer.convert_tokens_to_ids("<|im_start|>")
     ids = tokenizer("hi", add_special_tokens=False)["input_ids"]
-    pieces = stream(tokenizer, [special, *ids, special])
+    pieces = stream(tokenizer, [special, *ids, special], fallback=fallback)
     assert "".join(pieces) == "hi", f"special tokens should be skipped: {pieces!r}"
 
 
