@@ -185,9 +185,13 @@ class WorkerCore:
             finally:
                 session.entering -= 1
         finished = False
+        later = None          # an ending taken from the queue behind deltas
         try:
             while True:
-                event = await request.out.get()
+                event, later = (later, None) if later is not None else (
+                    await request.out.get(), None)
+                if isinstance(event, Delta):
+                    event, later = _coalesce(event, request.out)
                 if isinstance(event, Failed):
                     finished = True
                     raise event.error
@@ -203,3 +207,18 @@ class WorkerCore:
         finally:
             if not finished:
                 self.engine.cancel(request)
+
+
+def _coalesce(delta: Delta, queue: asyncio.Queue) -> tuple[Delta, object | None]:
+    """The deltas that queued up while this stream was behind, as one (their
+    text and tokens in order), and the event that ended the run, if one did:
+    a stream that cannot keep up with the steps sends fewer, larger messages
+    instead of falling further behind (64 sessions make 64 deltas a step)."""
+    texts, ids = [delta.text], list(delta.token_ids)
+    while not queue.empty():
+        event = queue.get_nowait()
+        if not isinstance(event, Delta):
+            return (Delta("".join(texts), ids) if len(texts) > 1 else delta), event
+        texts.append(event.text)
+        ids.extend(event.token_ids)
+    return (Delta("".join(texts), ids) if len(texts) > 1 else delta), None

@@ -273,3 +273,22 @@ def test_the_prompt_limit_is_a_setting(tiny):
         WorkerSettings(model="smollm2-135m", max_prompt_chars=0)
     with pytest.raises(ConfigError):
         WorkerSettings(model="smollm2-135m", max_message_bytes=100)
+
+
+def test_deltas_that_queued_behind_a_slow_stream_go_as_one():
+    """A stream behind the steps sends what queued up as one delta, in
+    order, and the ending after it; a stream that keeps up, each as it is."""
+    import asyncio
+
+    from services.worker.core import _coalesce
+    from services.worker.engine import Delta, Finished
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for text, token in (("b", 2), ("c", 3)):
+        queue.put_nowait(Delta(text, [token]))
+    end = Finished("stop", 1, 3, 4, 0)
+    queue.put_nowait(end)
+    merged, later = _coalesce(Delta("a", [1]), queue)
+    assert merged == Delta("abc", [1, 2, 3]) and later is end and queue.empty()
+    alone = Delta("x", [9])
+    assert _coalesce(alone, queue) == (alone, None)
