@@ -60,14 +60,16 @@ def child(stage_limit: str, stack: int, model_name: str, compile: bool) -> dict:
                                    "context_bytes": None if used is None else used - reserved}
 
     torch.zeros(1, device=cuda)
-    if stack:
-        runtime = ctypes.CDLL("libcudart.so") if _has("libcudart.so") else None
-        if runtime is None:
-            report["stack_error"] = "libcudart.so not found"
-        else:
-            limit = ctypes.c_size_t(stack)
-            code = runtime.cudaDeviceSetLimit(0, limit)           # cudaLimitStackSize = 0
-            report["stack_set"] = code == 0
+    # The driver API on the context torch made current (libcuda comes with
+    # the driver; torch may link the runtime statically).
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        code = driver.cuCtxSetLimit(0, ctypes.c_size_t(stack)) if stack else 0  # STACK_SIZE
+        got = ctypes.c_size_t(0)
+        driver.cuCtxGetLimit(ctypes.byref(got), 0)
+        report["stack_limit"] = {"set_code": code, "bytes_per_thread": got.value}
+    except OSError as exc:
+        report["stack_limit"] = {"error": str(exc)}
     note("bare")
     if stage_limit == "bare":
         return report
@@ -117,14 +119,6 @@ def child(stage_limit: str, stack: int, model_name: str, compile: bool) -> dict:
     report["graphed_steps"] = engine.runner.graphed_steps
     note("graphs")
     return report
-
-
-def _has(name: str) -> bool:
-    try:
-        ctypes.CDLL(name)
-        return True
-    except OSError:
-        return False
 
 
 def main() -> int:
