@@ -26,7 +26,6 @@ reservation costs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -60,16 +59,8 @@ def child(stage_limit: str, stack: int, model_name: str, compile: bool) -> dict:
                                    "context_bytes": None if used is None else used - reserved}
 
     torch.zeros(1, device=cuda)
-    # The driver API on the context torch made current (libcuda comes with
-    # the driver; torch may link the runtime statically).
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        code = driver.cuCtxSetLimit(0, ctypes.c_size_t(stack)) if stack else 0  # STACK_SIZE
-        got = ctypes.c_size_t(0)
-        driver.cuCtxGetLimit(ctypes.byref(got), 0)
-        report["stack_limit"] = {"set_code": code, "bytes_per_thread": got.value}
-    except OSError as exc:
-        report["stack_limit"] = {"error": str(exc)}
+    now = devices.set_stack_limit(stack) if stack else None
+    report["stack_limit"] = {"asked_bytes": stack, "bytes_per_thread": now}
     note("bare")
     if stage_limit == "bare":
         return report

@@ -24,7 +24,8 @@
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
 # and WORKER_GRAPHS="auto" (workers'); TESTS_LIMIT, PLAN_LIMIT, STRESS_LIMIT.
 # TESTS_ARGS="-k naive" goes to pytest. SEED3_WEIGHTS="int4" (or bf16): one of
-# seed3's two runs, SEED3_LIMIT its limit.
+# seed3's two runs, SEED3_LIMIT its limit, SEED3_ARGS more arguments for it
+# (e.g. "--cuda-stack-bytes 256").
 #
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
@@ -128,11 +129,11 @@ seed3() {     # each 6-9 min with --naive and --alone (workers compile their ste
         if [ "$w" = int4 ]; then
             step "seed-three-int4-$stamp" ${SEED3_LIMIT:-570} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --quantize int4 --shared-agent \
-                --alone --naive --log-dir "$LOGS/seed3-int4"
+                --alone --naive --log-dir "$LOGS/seed3-int4" ${SEED3_ARGS:-}
         else
             step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-570} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --resident-fraction auto \
-                --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16"
+                --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16" ${SEED3_ARGS:-}
         fi
     done
 }

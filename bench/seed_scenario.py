@@ -452,6 +452,9 @@ def parse_args(argv):
                         "here, and its workspace and decode graphs are sized for this many "
                         "rows (the worker's default of 64 asks 1.1 GB more for three 1.5-3B "
                         "workers, by the step memory plan)")
+    p.add_argument("--cuda-stack-bytes", type=int, default=0,
+                   help="the workers' --cuda-stack-bytes: the per-thread GPU stack their CUDA "
+                        "contexts reserve (0: CUDA's default)")
     p.add_argument("--worker-start-timeout-s", type=float, default=600.0)
     p.add_argument("--quiet-wait-s", type=float, default=5.0)
     p.add_argument("--no-warmup", action="store_true")
@@ -509,6 +512,7 @@ def run_alone(args, model: str, agents: list[Agent], log_dir: Path) -> dict:
             ["--model", model, "--admission", procs["admission"].address, "--kvstore", "none",
              "--max-context", str(args.max_context), "--max-prefill-tokens",
              str(args.max_prefill_tokens), "--max-batch", str(args.max_batch),
+             "--cuda-stack-bytes", str(args.cuda_stack_bytes),
              "--quantize", args.quantize, "--device", args.device, "--log-format", "json"],
             log_path=log_dir / f"alone-{tag}.log", timeout_s=args.worker_start_timeout_s)
         address = procs["worker"].address
@@ -618,6 +622,7 @@ def main(argv=None) -> int:
                   procs["kvstore"].address, "--kv-chunk-bytes", args.kv_chunk_bytes,
                   "--max-prefill-tokens", str(args.max_prefill_tokens),
                   "--max-batch", str(args.max_batch),
+                  "--cuda-stack-bytes", str(args.cuda_stack_bytes),
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
                   "--min-awake-s", str(args.min_awake_s),
                   "--resident-fraction", args.resident_fraction, "--quantize", args.quantize,

@@ -148,7 +148,8 @@ class WorkerApp:
         self.sizing = await asyncio.to_thread(LeaseSizing, settings, self.device, self.dtype,
                                               self.cache)
         if self.device.type == "cuda":
-            self.overhead_bytes = await asyncio.to_thread(devices.init_cuda_context, self.device)
+            self.overhead_bytes = await asyncio.to_thread(
+                devices.init_cuda_context, self.device, settings.cuda_stack_bytes)
             self.memory.on_change = self._cap_allocator
         # The load itself needs no more than the weights: synthetic models are
         # built without a transient output matrix (models.build_synthetic),

@@ -3,6 +3,7 @@ book, and what it costs before any weights (the CUDA context)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import structlog
@@ -108,14 +109,40 @@ def admission_device_id(device: torch.device, devices: list) -> str:
     raise ConfigError("admission_device", "admission reports no device")
 
 
-def init_cuda_context(device: torch.device) -> int:
+def init_cuda_context(device: torch.device, stack_bytes: int = 0) -> int:
     """Create this process's CUDA context on `device` and return the bytes it
-    takes (NVML's figure for this process; a typical size if unknown)."""
+    takes (NVML's figure for this process; a typical size if unknown).
+    `stack_bytes`: the per-thread stack the context reserves (0: CUDA's own
+    default; see set_stack_limit)."""
     torch.cuda.set_device(device)
     torch.zeros(1, device=device)
+    if stack_bytes:
+        set_stack_limit(stack_bytes)
     torch.cuda.synchronize(device)
     context = cuda_context_bytes(device)
     return CUDA_CONTEXT_GUESS if context is None else context
+
+
+def set_stack_limit(stack_bytes: int) -> int | None:
+    """Ask for `stack_bytes` of stack per GPU thread on this thread's current
+    context (CU_LIMIT_STACK_SIZE, through the driver's libcuda: torch may link
+    the runtime statically). The context reserves that much for every thread
+    the card can run at once (1 KiB by default: 264 MiB on an H100's 132
+    SMs); the driver raises it by itself for a kernel that needs more, at its
+    launch. Returns the limit now in force, or None if the driver could not
+    be asked (logged)."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        code = driver.cuCtxSetLimit(0, ctypes.c_size_t(stack_bytes))
+        now = ctypes.c_size_t(0)
+        driver.cuCtxGetLimit(ctypes.byref(now), 0)
+    except (OSError, AttributeError) as exc:
+        log.warning("cuda_stack_limit_unset", error=str(exc))
+        return None
+    if code != 0:
+        log.warning("cuda_stack_limit_refused", asked_bytes=stack_bytes, cuda_error=code)
+    log.info("cuda_stack_limit", asked_bytes=stack_bytes, bytes_per_thread=now.value)
+    return now.value
 
 
 def cuda_context_bytes(device: torch.device) -> int | None:

@@ -126,6 +126,10 @@ class WorkerSettings(ServerFields):
                 "8.0 or newer (Triton kernels attend over the paged KV in place; the first "
                 "graphed step is checked against the eager one), eager on older cards | off: "
                 "eager decode steps"})
+    cuda_stack_bytes: int = field(default=0, metadata={
+        "help": "per-thread GPU stack the worker's CUDA context reserves, for every thread the "
+                "card can run at once (0: CUDA's default, 1 KiB: 264 MiB of an H100); the "
+                "driver grows it for a kernel that needs more"})
     compile_decode: str = field(default="auto", metadata={
         "help": "auto: the graphed decode step's forward pass is compiled by torch.compile "
                 "(Inductor fuses the norms, rotary embedding, activations and residual adds "
@@ -160,6 +164,9 @@ class WorkerSettings(ServerFields):
         if self.cuda_graphs not in ("auto", "off"):
             raise ConfigError("cuda_graphs", f"unknown value {self.cuda_graphs!r}",
                               fix="auto | off")
+        if self.cuda_stack_bytes < 0:
+            raise ConfigError("cuda_stack_bytes", f"must not be negative, got "
+                                                  f"{self.cuda_stack_bytes}")
         if self.compile_decode not in COMPILE_MODES:
             raise ConfigError("compile_decode", f"unknown value {self.compile_decode!r}",
                               fix=" | ".join(COMPILE_MODES))
