@@ -63,8 +63,11 @@ def cache():
     return cache
 
 
+# Compiled where a compile is quick (two layers) and in the reference check
+# below (the worker's path, three 16-28 layer shapes); smollm2-135m's 30
+# layers as captured uncompiled (its architecture is llama-tiny's).
 @pytest.mark.parametrize("shape,compile", [("llama-tiny", True), ("llama-tiny", False),
-                                           ("gemma3-tiny", True), ("smollm2-135m", True)])
+                                           ("gemma3-tiny", True), ("smollm2-135m", False)])
 def test_graphed_decode_equals_eager_in_float32(cache, shape, compile):
     from services.worker.models import load_model
 
