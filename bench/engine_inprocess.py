@@ -8,6 +8,8 @@ the engine's steps from the cost of serving them over gRPC.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import asyncio
 import json
 import sys
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchkit import git_commit  # noqa: E402
 
 from services.worker.engine import Delta, Engine  # noqa: E402
 from services.worker.memory import FixedMemory  # noqa: E402
@@ -126,6 +130,16 @@ def hf_rate(loaded, tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
+def loop_ms_per_step(profiler: cProfile.Profile) -> float:
+    """Engine._loop's time per pass, the steps themselves (run on the
+    compute thread, awaited) excluded: what the event loop spends a step."""
+    stats = pstats.Stats(profiler)
+    for (filename, _, name), (_, calls, _, cumulative, _) in stats.stats.items():
+        if name == "_loop" and filename.endswith("engine.py"):
+            return cumulative / max(1, calls) * 1000
+    return float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +154,9 @@ def main() -> int:
                         help="the graphed decode step compiled by torch.compile (auto) or not")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's table of the timed run (slows it down)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="cProfile over the timed run: the event loop's own time per step "
+                             "(scheduling, postprocessing, streaming), apart from the steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,9 +168,20 @@ def main() -> int:
         if args.profile:
             rows.append(profile_steps(loaded, n, graphs=graphs, compile=compile))
             continue
+        host = None
+        if args.host_profile:
+            asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile))  # warm
+            profiler = cProfile.Profile()
+            profiler.enable()
         rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile))
+        if args.host_profile:
+            profiler.disable()
+            host = loop_ms_per_step(profiler)
+            print(f"event loop N={n}: {host:.2f} ms of its own a step (cProfile's cost included)",
+                  flush=True)
         rows.append({"sessions": n, "engine_tokens_per_s": round(rate, 1),
-                     "step_ms": round(step_ms, 2), "graphed_steps": graphed})
+                     "step_ms": round(step_ms, 2), "graphed_steps": graphed,
+                     **({"event_loop_ms_per_step": round(host, 3)} if host is not None else {})})
         print(f"engine N={n:<3} {rate:8.1f} tok/s  {step_ms:6.2f} ms/step  "
               f"graphed steps {graphed}", flush=True)
     hf = 0.0 if args.profile else hf_rate(loaded, args.tokens)
@@ -163,7 +191,8 @@ def main() -> int:
               "profiled": args.profile,
               "hf_batch_1_tokens_per_s": round(hf, 1), "tokens": args.tokens,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "torch": torch.__version__}
+              "torch": torch.__version__, "commit": git_commit(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
