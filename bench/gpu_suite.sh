@@ -23,7 +23,8 @@
 #
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
 # and WORKER_GRAPHS="auto" (workers'); TESTS_LIMIT, PLAN_LIMIT, STRESS_LIMIT.
-# TESTS_ARGS="-k naive" goes to pytest. SEED3_WEIGHTS="int4" (or bf16): one of
+# TESTS_ARGS="--ignore=tests/gpu/test_demo_gpu.py" goes to pytest (split on
+# spaces); TESTS_K="not test_demo_gpu and not test_worker_gpu" is pytest's -k, whole. SEED3_WEIGHTS="int4" (or bf16): one of
 # seed3's two runs, SEED3_LIMIT its limit, SEED3_ARGS more arguments for it
 # (e.g. "--cuda-stack-bytes 256").
 #
@@ -61,7 +62,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
 }
 
 tests() {
-    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY bench/gpu_tests.py ${TESTS_ARGS:-}
+    step gpu-tests-$stamp ${TESTS_LIMIT:-420} $PY bench/gpu_tests.py ${TESTS_ARGS:-} \
+        ${TESTS_K:+-k "$TESTS_K"}
 }
 
 plan() {
