@@ -24,9 +24,9 @@
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
 # and WORKER_GRAPHS="auto" (workers'); TESTS_LIMIT, PLAN_LIMIT, STRESS_LIMIT.
 # TESTS_ARGS="--ignore=tests/gpu/test_demo_gpu.py" goes to pytest (split on
-# spaces); TESTS_K="not test_demo_gpu and not test_worker_gpu" is pytest's -k, whole. SEED3_WEIGHTS="int4" (or bf16): one of
-# seed3's two runs, SEED3_LIMIT its limit, SEED3_ARGS more arguments for it
-# (e.g. "--cuda-stack-bytes 256").
+# spaces); TESTS_K="not test_demo_gpu and not test_worker_gpu" is pytest's -k,
+# whole. SEED3_WEIGHTS="int4" (or bf16): one of seed3's two runs, SEED3_LIMIT
+# its limit, SEED3_ARGS more arguments for it (e.g. "--cuda-stack-bytes 256").
 #
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
