@@ -82,8 +82,9 @@ def test_a_quantized_model_loads_within_its_packed_bytes(mode):
         f"{held} bytes held, planned {plan.total_bytes} and {large} tensors of 1 MiB or more")
     # A synthetic model's layers are drawn on the device one at a time and
     # quantized before the next (models.build_synthetic): at most one 16-bit
-    # layer beside the quantized ones, a 64 MiB float32 block of the matrix
-    # being quantized, and the allocator's rounding.
+    # layer beside the quantized ones, the float32 transients of the matrix
+    # being quantized (near 64 MiB at most: quantize.BLOCK_ELEMENTS), and the
+    # allocator's rounding.
     assert peak <= plan.total_bytes + full.layer_bytes + large * (1 << 20) + (64 << 20), (
         f"loading peaked at {peak} bytes: more than one 16-bit layer "
         f"({full.layer_bytes} bytes) beside the quantized model ({plan.total_bytes})")
