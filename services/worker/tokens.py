@@ -74,12 +74,3 @@ class Detokenizer:
             self.read_offset = len(self.ids)
             return text[len(prefix):]
         return ""
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return text[len(prefix):]
-        return ""
