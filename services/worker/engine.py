@@ -673,16 +673,14 @@ class Engine:
         all_fit = runner.fits(every)
         shape = StepShape(0, 0, 0, 0, graphed=graphed)
         for request, (feed, length) in zip(rows, feeds):
-            if not all_fit:
-                grown = shape.plus(len(feed), length + len(feed))
-                if batch and not runner.fits(grown):
-                    break
+            grown = shape.plus(len(feed), length + len(feed))
+            if batch and not all_fit and not runner.fits(grown):
+                break
             if not self._reserve(request, len(feed)):
                 continue
             items.append(self._item(request, feed))
             batch.append(request)
-            if not all_fit:
-                shape = grown
+            shape = grown
         self._decode_cursor += len(batch) if len(batch) < len(decoding) else 0
         return items, batch, [True] * len(batch)
 
