@@ -71,7 +71,7 @@ class WorkerApp:
         self.settings = settings
         self.device = devices.resolve_device(settings.device)
         self.dtype = devices.resolve_dtype(settings.dtype, self.device)
-        self.quant = QuantSpec(settings.quantize, settings.quantize_group_size)
+        self.quant = QuantSpec.of(settings)
         self.cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
         self.state = "waiting"
         self.address = ""

@@ -38,8 +38,8 @@ import torch
 from services.common.errors import InvalidArgument, NotFound
 from services.worker import merged_projections
 from services.worker.kv_storage import KVShape
-from services.worker.quantize import (QuantSpec, model_bytes, plan_bytes, quantize_layer,
-                                      quantize_model)
+from services.worker.quantize import (QuantSpec, Quantized, model_bytes, plan_bytes,
+                                      quantize_embeddings, quantize_layer, quantize_model)
 
 log = structlog.get_logger(__name__)
 
@@ -343,7 +343,8 @@ def weight_plan(name: str, cache: Path, dtype: torch.dtype,
 
 
 def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
-                    each_layer: Callable[[torch.nn.Module], None] | None = None):
+                    each_layer: Callable[[torch.nn.Module], None] | None = None,
+                    before_layers: Callable[[torch.nn.Module], None] | None = None):
     """A model of `config` with random weights (seeded), built on `device`
     with no more memory than its weights: the parameters are made on the meta
     device first, so a model with tied embeddings never holds a separate
@@ -357,7 +358,10 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
     example) runs on each before the next is made: a quantized model never
     holds more than one 16-bit layer on the device, and its random weights
     are the 16-bit model's, drawn on the device (drawing a 3B model's on the
-    CPU took most of a minute)."""
+    CPU took most of a minute). `before_layers` runs on the model once the
+    rest (embeddings, final norm, output head) is made, before the first
+    layer: quantizing the embeddings there keeps their 16-bit form from
+    ever sharing the device with the layers."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -397,6 +401,8 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
     torch.manual_seed(seed)
     with torch.no_grad():
         initialise(rest)
+        if before_layers is not None:
+            before_layers(model)
         for index, layer in enumerate(layers):
             materialise(layer.modules())
             torch.manual_seed(seed * 1_000_003 + index + 1)
@@ -405,6 +411,16 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
                 each_layer(layer)
     model.tie_weights()
     return model
+
+
+def _quantize_embeddings(model: torch.nn.Module, quant: QuantSpec, kernels_on: torch.device,
+                         device: torch.device) -> Quantized:
+    """The embeddings and output head in int8 if `quant` says so, as a
+    Quantized record (kernel "int8-embeddings")."""
+    if not quant.embeddings_on:
+        return Quantized({}, 0, 0, 0)
+    before, after = quantize_embeddings(model, kernels_on, place=device)
+    return Quantized({"int8-embeddings": 1} if after else {}, 0, before, after)
 
 
 def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dtype,
@@ -436,8 +452,13 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
             part = quantize_layer(layer, quant, kernels_on, place=device)
             done = part if done is None else done + part
 
+        def embeddings(whole: torch.nn.Module) -> None:
+            nonlocal done
+            done = _quantize_embeddings(whole, quant, kernels_on, device)
+
         model = build_synthetic(config, kernels_on if quant.on else device, dtype, seed,
-                                each_layer=quantize if quant.on else None)
+                                each_layer=quantize if quant.on else None,
+                                before_layers=embeddings if quant.on else None)
         tokenizer = _tokenizer_for_synthetic(cache)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -445,7 +466,8 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(build_on))
         merged_projections.merge(model)
         if quant.on:
-            done = quantize_model(model, quant, kernels_on, place=device)
+            done = _quantize_embeddings(model, quant, kernels_on, device) + \
+                quantize_model(model, quant, kernels_on, place=device)
     if quant.on:
         model.to(device)
         weights = str(quant)

@@ -22,8 +22,16 @@ Int8WeightOnlyConfig and gpt-fast call:
         1536 x 576 matrix), so the CPU de-quantizes too.
 
 Every nn.Linear inside the decoder layers is replaced (attention
-projections, MLP); embeddings, norms and the output head stay in the
-model's dtype. The quantized tensors are Parameters (requires_grad off), so
+projections, MLP). The input embeddings and the output head (one tensor
+where they are tied, as in every small model lmx ships) are held in int8,
+groups of 32 with a scale each (`embeddings="int8"`, the default; "none"
+keeps them in the dtype): GGUF's Q8_0, the form both shipped GGUF models'
+embeddings come in, so those are kept exactly. A lookup converts only the
+rows it takes; the head converts its matrix `HEAD_CHUNK_BYTES` at a time
+(Ollama's Q4_K_M keeps its output matrix in 6 or 8 bits; gpt-fast's int8
+handler quantizes it too). For a Llama-3.2-3B shape: 0.42 GB of its 0.79
+GB of embeddings. Norms stay
+in the dtype. The quantized tensors are Parameters (requires_grad off), so
 whatever walks a model's parameters (layer streaming, sleep, the weight
 count) sees their real bytes. A layer's packed layout belongs to the kernel
 of the device it was packed for: it may rest in host memory (streaming,
@@ -41,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker import device as devices
-from services.worker.settings import GROUP_SIZES
+from services.worker.settings import EMBEDDING_MODES, GROUP_SIZES
 from services.worker.settings import QUANTIZE_MODES as MODES
 
 #: tinygemm's inner K tiles, largest first (K must be a multiple of 16 x it).
@@ -52,6 +60,8 @@ INNER_K_TILES = (8, 4, 2)
 class QuantSpec:
     mode: str = "none"
     group_size: int = 32
+    #: The input embeddings and output head when `mode` is on: int8 | none.
+    embeddings: str = "int8"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,13 +69,28 @@ class QuantSpec:
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"the int4 group size must be one of "
                              f"{', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
+        if self.embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"quantize_embeddings must be one of "
+                             f"{', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
+
+    @classmethod
+    def of(cls, settings) -> QuantSpec:
+        """The spec of a worker's settings (WorkerSettings)."""
+        return cls(settings.quantize, settings.quantize_group_size,
+                   settings.quantize_embeddings)
 
     @property
     def on(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def embeddings_on(self) -> bool:
+        """Whether the embeddings and the output head are held in int8."""
+        return self.on and self.embeddings == "int8"
+
     def __str__(self) -> str:
-        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+        name = f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+        return name if self.embeddings_on or not self.on else f"{name}-emb-none"
 
 
 def _group_for(in_features: int, wanted: int) -> int | None:
@@ -105,6 +130,20 @@ def _row_blocks(weight: torch.Tensor, device: torch.device):
                                                      copy=True)
 
 
+def int8_rows(weight: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 matrix, one scale per row in the weight's dtype) on `device`:
+    symmetric, each row's largest magnitude maps to 127."""
+    dtype = weight.dtype
+    qs, scales = [], []
+    for w in _row_blocks(weight, device):
+        # The scale as it is kept (the dtype), so that each weight lands
+        # within half a step of its value.
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(dtype).float()
+        qs.append(torch.round(w.div_(scale[:, None])).clamp_(-128, 127).to(torch.int8))
+        scales.append(scale.to(dtype))
+    return torch.cat(qs), torch.cat(scales)
+
+
 class Int8Linear(torch.nn.Module):
     """y = x W^T * scale (+ bias), W int8 per output channel."""
 
@@ -117,16 +156,8 @@ class Int8Linear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, device: torch.device) -> Int8Linear:
-        dtype = linear.weight.dtype
-        qs, scales = [], []
-        for w in _row_blocks(linear.weight, device):
-            # The scale as it is kept (the dtype), so that each weight lands
-            # within half a step of its value.
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(dtype).float()
-            qs.append(torch.round(w.div_(scale[:, None])).clamp_(-128, 127).to(torch.int8))
-            scales.append(scale.to(dtype))
         bias = None if linear.bias is None else linear.bias.detach().to(device)
-        return cls(torch.cat(qs), torch.cat(scales), bias)
+        return cls(*int8_rows(linear.weight, device), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale
@@ -204,6 +235,125 @@ class Int4Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, int4, "
                 f"group={self.group_size}, kernel={self.kernel}")
+
+
+#: Embeddings are int8 in groups of this many values with one scale each:
+#: GGUF's Q8_0 block, the form both shipped models' embeddings come in, so a
+#: GGUF model's embeddings are kept exactly (a width it does not divide
+#: takes the largest GROUP_SIZES entry that does, else one scale a row).
+EMBEDDING_GROUP = 32
+
+#: The output head converts its int8 rows to the activations' dtype this many
+#: bytes at a time (the step plan's transient for it, `head_bytes`).
+HEAD_CHUNK_BYTES = 32 << 20
+
+
+def head_chunk_rows(hidden: int, itemsize: int) -> int:
+    """Rows of the output head converted at a time: HEAD_CHUNK_BYTES' worth,
+    a multiple of 128."""
+    return max(128, HEAD_CHUNK_BYTES // (hidden * itemsize) // 128 * 128)
+
+
+def int8_groups(weight: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 matrix [rows, width], scales [rows, width / group] in the
+    weight's dtype) on `device`, symmetric per group of EMBEDDING_GROUP."""
+    rows, width = weight.shape
+    group = _group_for(width, EMBEDDING_GROUP) or width
+    q, scale = int8_rows(weight.reshape(-1, group), device)
+    return q.view(rows, width), scale.view(rows, width // group)
+
+
+def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    groups = scale.shape[-1]
+    grouped = q.view(*q.shape[:-1], groups, q.shape[-1] // groups).to(dtype)
+    return (grouped * scale.unsqueeze(-1)).flatten(-2)
+
+
+class Int8Embedding(torch.nn.Module):
+    """Input embeddings as int8 in groups with a scale each (int8_groups): a
+    lookup converts the rows it takes (and multiplies by a Gemma embedding's
+    `embed_scale`, as Gemma3TextScaledWordEmbedding does)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
+                 embed_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.scale = torch.nn.Parameter(scale, requires_grad=False)
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = _dequantize_groups(F.embedding(ids, self.weight), F.embedding(ids, self.scale),
+                                  self.scale.dtype)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int8, "
+                f"group={self.embedding_dim // self.scale.shape[1]}")
+
+
+class Int8Head(torch.nn.Module):
+    """The output head on int8 groups (the embeddings' own tensors where
+    they are tied): its matrix is converted `head_chunk_rows` rows at a time,
+    so the transient is one chunk, not the vocabulary's 16-bit matrix."""
+
+    def __init__(self, weight: torch.nn.Parameter, scale: torch.nn.Parameter,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.scale = scale
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        step = head_chunk_rows(self.in_features, x.element_size())
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            out[..., start:end] = F.linear(x, _dequantize_groups(
+                self.weight[start:end], self.scale[start:end], x.dtype))
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8"
+
+
+def quantize_embeddings(model: torch.nn.Module, device: torch.device,
+                        place: torch.device | None = None) -> tuple[int, int]:
+    """Replace the input embeddings, and the output head if it is a plain
+    linear layer, by their int8 forms (one tensor where they are tied),
+    quantized on `device` and left on `place` (default `device`). Returns
+    (bytes before, bytes after)."""
+    place = device if place is None else place
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if isinstance(embeddings, Int8Embedding):
+        return 0, 0
+    tied = head is not None and head.weight is embeddings.weight
+    before = embeddings.weight.numel() * embeddings.weight.element_size()
+    with torch.no_grad():
+        weight, scale = int8_groups(embeddings.weight, device)
+        new = Int8Embedding(weight.to(place), scale.to(place),
+                            getattr(embeddings, "embed_scale", None))
+        del weight, scale
+        model.set_input_embeddings(new)
+        after = module_bytes(new)
+        if head is None or type(head) is not torch.nn.Linear:
+            return before, after
+        bias = None if head.bias is None else head.bias.detach().to(place)
+        if tied:
+            new_head = Int8Head(new.weight, new.scale, bias)
+        else:
+            before += module_bytes(head)
+            weight, scale = int8_groups(head.weight, device)
+            new_head = Int8Head(torch.nn.Parameter(weight.to(place), requires_grad=False),
+                                torch.nn.Parameter(scale.to(place), requires_grad=False), bias)
+            after += module_bytes(new_head)
+        model.set_output_embeddings(new_head)
+    return before, after
 
 
 def _decoder_linears(model: torch.nn.Module):
@@ -315,6 +465,8 @@ def plan_bytes(model: torch.nn.Module, spec: QuantSpec, dtype: torch.dtype) -> t
     layer = module_bytes(first)
     if not spec.on:
         return total, layer
+    if spec.embeddings_on:
+        total -= _embedding_savings(model)
     in_first = {id(m) for m in first.modules()}
     saved_first = 0
     for parent, name, linear in _decoder_linears(model):
@@ -327,7 +479,40 @@ def plan_bytes(model: torch.nn.Module, spec: QuantSpec, dtype: torch.dtype) -> t
     return total, layer - saved_first
 
 
+def _embedding_savings(model: torch.nn.Module) -> int:
+    """The bytes quantize_embeddings saves (counted on the meta device)."""
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    matrices = [embeddings.weight]
+    if head is not None and type(head) is torch.nn.Linear and head.weight is not embeddings.weight:
+        matrices.append(head.weight)
+    # Each element drops to one byte; each group gains a scale in the dtype.
+    saved = 0
+    for w in matrices:
+        groups = w.shape[1] // (_group_for(w.shape[1], EMBEDDING_GROUP) or w.shape[1])
+        saved += w.numel() * (w.element_size() - 1) - w.shape[0] * groups * w.element_size()
+    return saved
+
+
+def head_bytes(dims, spec: QuantSpec) -> int:
+    """An int8 output head's transient: one chunk of its rows converted to
+    the activations' dtype (twice: converted, then scaled), and the chunk's
+    product for up to 256 rows (the logits it fills are the step plan's own
+    term). 0 where the head is not quantized. `dims`: ModelDims."""
+    if not spec.embeddings_on:
+        return 0
+    rows = min(head_chunk_rows(dims.hidden, dims.itemsize), dims.vocab)
+    return rows * (2 * dims.hidden + 256) * dims.itemsize
+
+
 def dequant_bytes(dims, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> int:
+    """The largest transient of a quantized step's conversions: a decoder
+    matrix (`layer_dequant_bytes`) or a chunk of the int8 head (`head_bytes`);
+    they run one after another."""
+    return max(layer_dequant_bytes(dims, spec, device, dtype), head_bytes(dims, spec))
+
+
+def layer_dequant_bytes(dims, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> int:
     """The transient a step needs to de-quantize one matrix at a time (int8,
     and int4 where tinygemm does not run): the largest decoder matrix
     in the activations' dtype, and for int4 its unpacked nibbles and

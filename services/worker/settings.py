@@ -26,6 +26,8 @@ COMPILE_MODES = ("auto", "off")
 #: --quantize and --quantize-group-size (services/worker/quantize.py).
 QUANTIZE_MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
+#: --quantize-embeddings: the input embeddings and output head when quantized.
+EMBEDDING_MODES = ("int8", "none")
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,17 @@ class WorkerSettings(ServerFields):
     quantize: str = field(default="none", metadata={
         "help": "weights of the decoder layers: none (the dtype) | int8 (per output channel) | "
                 "int4 (groups of --quantize-group-size); weight-only, with PyTorch's int8 and "
-                "int4 (tinygemm) kernels; embeddings, norms and the output head stay in the "
-                "dtype"})
+                "int4 (tinygemm) kernels; norms stay in the dtype, embeddings and the output "
+                "head as --quantize-embeddings says"})
     quantize_group_size: int = field(default=32, metadata={
         "help": "int4: input weights per scale and zero point (32 | 64 | 128 | 256; a layer "
                 "whose width it does not divide takes the largest that does). 32, GGUF's "
                 "block: a Q4_0 or Q4_1 model keeps its exact weights; larger groups save "
                 "up to 0.09 bytes a weight and lose quality (docs/benchmarks.md)"})
+    quantize_embeddings: str = field(default="int8", metadata={
+        "help": "with --quantize int8 or int4, the input embeddings and output head (one "
+                "tensor where tied): int8 (rows of int8 with a scale each: half their "
+                "16-bit bytes, 0.39 GB of a Llama-3.2-3B's 0.79) | none (kept in the dtype)"})
     cache_dir: str = field(default="", metadata={
         "help": "converted-model cache (default LMX_CACHE or ~/.cache/lmx)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
@@ -176,6 +182,9 @@ class WorkerSettings(ServerFields):
         if self.quantize_group_size not in GROUP_SIZES:
             raise ConfigError("quantize_group_size", f"got {self.quantize_group_size}",
                               fix=" | ".join(map(str, GROUP_SIZES)))
+        if self.quantize_embeddings not in EMBEDDING_MODES:
+            raise ConfigError("quantize_embeddings", f"unknown mode {self.quantize_embeddings!r}",
+                              fix=" | ".join(EMBEDDING_MODES))
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", fix=" | ".join(DTYPES))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -62,7 +62,7 @@ class LeaseSizing:
         itemsize = torch.empty((), dtype=dtype).element_size()
         # Off CUDA, SDPA's math kernel runs (and nothing caps the memory there).
         dims = ModelDims.from_config(config, itemsize)
-        quant = QuantSpec(settings.quantize, settings.quantize_group_size)
+        quant = QuantSpec.of(settings)
         dims = dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, quant, device, dtype))
         self.plan = StepMemoryPlan(dims, math_attention=device.type != "cuda")
         self.graphs = devices.decode_graphs(settings.cuda_graphs, device)

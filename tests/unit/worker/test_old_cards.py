@@ -67,4 +67,9 @@ def test_the_lease_plans_no_graph_pool_on_an_older_card(card, model_cache):
     assert old.plan.dims.dequant_bytes > 0, "int4 is de-quantized there: its transient is planned"
     card(9, 0)
     new = LeaseSizing(settings, CUDA, torch.bfloat16, model_cache)
-    assert new.graphs and new.plan.dims.dequant_bytes == 0
+    # tinygemm reads the packed layers: only the int8 head's chunk is converted
+    assert new.graphs and new.plan.dims.dequant_bytes == \
+        quantize.head_bytes(new.plan.dims, quantize.QuantSpec.of(settings))
+    kept = load_settings(["--model", "synthetic:llama-tiny", "--device", "cpu",
+                          "--quantize", "int4", "--quantize-embeddings", "none"], {})
+    assert LeaseSizing(kept, CUDA, torch.bfloat16, model_cache).plan.dims.dequant_bytes == 0

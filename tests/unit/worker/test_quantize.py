@@ -13,7 +13,8 @@ import torch
 
 from services.worker import quantize
 from services.worker.models import build_synthetic, load_model, model_config, weight_plan
-from services.worker.quantize import Int4Linear, Int8Linear, QuantSpec, module_bytes, quantize_model
+from services.worker.quantize import (Int4Linear, Int8Embedding, Int8Head, Int8Linear, QuantSpec,
+                                      module_bytes, quantize_model)
 from services.worker.settings import load_settings
 from services.worker.step_memory import ModelDims
 from services.worker.streaming import LayerStreamer, decoder_layers
@@ -71,7 +72,7 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("shape", ["llama-tiny", "gemma3-tiny"])
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32),
-                                  QuantSpec("int4", 128)])
+                                  QuantSpec("int4", 128), QuantSpec("int4", embeddings="none")])
 def test_the_plan_counts_the_bytes_that_load(shape, spec, model_cache):
     loaded = load_model(f"synthetic:{shape}", cache=model_cache, device=CPU,
                         dtype=torch.float32, quant=spec)
@@ -85,8 +86,55 @@ def test_the_plan_counts_the_bytes_that_load(shape, spec, model_cache):
     layer = decoder_layers(loaded.model)[0]
     kinds = {type(m) for m in layer.modules()}
     assert torch.nn.Linear not in kinds, "every decoder matrix should be quantized"
-    embed = loaded.model.get_input_embeddings().weight
-    assert embed.dtype == torch.float32, "embeddings stay in the dtype"
+    embed = loaded.model.get_input_embeddings()
+    head = loaded.model.get_output_embeddings()
+    if spec.embeddings_on:
+        assert isinstance(embed, Int8Embedding) and embed.weight.dtype == torch.int8
+        assert head.weight is embed.weight and head.scale is embed.scale, (
+            "tied embeddings stay one tensor in int8")
+    else:
+        assert embed.weight.dtype == torch.float32, "embeddings stay in the dtype"
+        assert type(head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("shape", ["llama-tiny", "gemma3-tiny"])
+def test_int8_embeddings_and_head_match_the_model_within_a_step(shape, monkeypatch):
+    model = tiny_model(shape, layers=2)
+    ids = list(range(3, 40))
+    want = logits(model, ids)
+    embed = model.get_input_embeddings()
+    rows_want = embed(torch.tensor([ids]))
+    before, after = quantize.quantize_embeddings(model, CPU)
+    new = model.get_input_embeddings()
+    assert isinstance(new, Int8Embedding) and isinstance(model.get_output_embeddings(), Int8Head)
+    assert after < before / 3, "float32 rows become int8 rows and one scale each"
+    assert quantize.model_bytes(model) == sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in
+                                                [*model.parameters(), *model.buffers()]}.values())
+    rows = new(torch.tensor([ids]))
+    # Within half a step of each group's scale (Gemma's embed_scale kept).
+    grouped = rows_want.view(*rows_want.shape[:-1], -1, quantize.EMBEDDING_GROUP)
+    step = (grouped.abs().amax(dim=-1, keepdim=True) / 127).expand_as(grouped).flatten(-2)
+    assert ((rows - rows_want).abs() <= step * 0.51 + 1e-6).all()
+    got = logits(model, ids)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    # The head converts its rows a chunk at a time; chunks change nothing.
+    monkeypatch.setattr(quantize, "HEAD_CHUNK_BYTES", 1)
+    assert quantize.head_chunk_rows(64, 4) == 128 < model.config.vocab_size
+    assert torch.allclose(logits(model, ids), got, atol=1e-5, rtol=1e-5)
+
+
+def test_an_untied_head_gets_its_own_int8_rows():
+    model = tiny_model(layers=1)
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone() * 2, requires_grad=False)
+    x = torch.randn(3, head.in_features)
+    want = head(x)
+    quantize.quantize_embeddings(model, CPU)
+    new = model.get_output_embeddings()
+    assert isinstance(new, Int8Head) and new.weight is not model.get_input_embeddings().weight
+    assert torch.allclose(new(x), want, atol=0.05 * want.abs().max().item())
+    assert quantize.quantize_embeddings(model, CPU) == (0, 0), "done once"
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32)])
@@ -137,11 +185,17 @@ def test_a_card_without_tinygemm_dequantizes_and_the_step_plan_says_so(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert quantize._int4_kernel(cuda, torch.bfloat16, 8192, 2048) == ("tinygemm", 8)
     assert quantize._int4_kernel(cuda, torch.float16, 8192, 2048)[0] == "dequant"
-    assert quantize.dequant_bytes(dims(), QuantSpec("int4"), cuda, torch.bfloat16) == 0
+    assert quantize.layer_dequant_bytes(dims(), QuantSpec("int4"), cuda, torch.bfloat16) == 0
     # the largest matrix in bfloat16: gate and up merged (merged_projections.py)
-    assert quantize.dequant_bytes(dims(), QuantSpec("int8"), cuda, torch.bfloat16) == \
+    assert quantize.layer_dequant_bytes(dims(), QuantSpec("int8"), cuda, torch.bfloat16) == \
         2 * 8192 * 2048 * 2
     assert quantize.dequant_bytes(dims(), QuantSpec(), cuda, torch.bfloat16) == 0
+    # the int8 head's chunk: 32 MiB of its rows in bfloat16 (converted, then
+    # scaled), and their products
+    head = quantize.head_bytes(dims(), QuantSpec("int4"))
+    assert 64 << 20 <= head <= 72 << 20
+    assert quantize.dequant_bytes(dims(), QuantSpec("int4"), cuda, torch.bfloat16) == head
+    assert quantize.head_bytes(dims(), QuantSpec("int4", embeddings="none")) == 0
 
 
 def test_settings_refuse_an_unknown_mode_or_group():
@@ -154,6 +208,11 @@ def test_settings_refuse_an_unknown_mode_or_group():
     with pytest.raises(ConfigError) as caught:
         load_settings(["--model", "m", "--quantize", "int4", "--quantize-group-size", "48"], {})
     assert caught.value.setting == "quantize_group_size"
+    settings = load_settings(["--model", "m", "--quantize", "int4"], {})
+    assert QuantSpec.of(settings) == QuantSpec("int4", 32, "int8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(["--model", "m", "--quantize-embeddings", "int4"], {})
+    assert caught.value.setting == "quantize_embeddings"
 
 
 @pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin, CPU),
