@@ -245,7 +245,7 @@ EMBEDDING_GROUP = 32
 
 #: The output head converts its int8 rows to the activations' dtype this many
 #: bytes at a time (the step plan's transient for it, `head_bytes`).
-HEAD_CHUNK_BYTES = 32 << 20
+HEAD_CHUNK_BYTES = 16 << 20
 
 
 def head_chunk_rows(hidden: int, itemsize: int) -> int:
@@ -264,9 +264,10 @@ def int8_groups(weight: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
 
 
 def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 groups in `dtype`, scaled in place: one buffer of q's size."""
     groups = scale.shape[-1]
-    grouped = q.view(*q.shape[:-1], groups, q.shape[-1] // groups).to(dtype)
-    return (grouped * scale.unsqueeze(-1)).flatten(-2)
+    grouped = q.view(*q.shape[:-1], groups, q.shape[-1] // groups).to(dtype, copy=True)
+    return grouped.mul_(scale.unsqueeze(-1)).flatten(-2)
 
 
 class Int8Embedding(torch.nn.Module):
@@ -496,13 +497,13 @@ def _embedding_savings(model: torch.nn.Module) -> int:
 
 def head_bytes(dims, spec: QuantSpec) -> int:
     """An int8 output head's transient: one chunk of its rows converted to
-    the activations' dtype (twice: converted, then scaled), and the chunk's
-    product for up to 256 rows (the logits it fills are the step plan's own
-    term). 0 where the head is not quantized. `dims`: ModelDims."""
+    the activations' dtype, and the chunk's product for up to 256 rows (the
+    logits it fills are the step plan's own term). 0 where the head is not
+    quantized. `dims`: ModelDims."""
     if not spec.embeddings_on:
         return 0
     rows = min(head_chunk_rows(dims.hidden, dims.itemsize), dims.vocab)
-    return rows * (2 * dims.hidden + 256) * dims.itemsize
+    return rows * (dims.hidden + 256) * dims.itemsize
 
 
 def dequant_bytes(dims, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> int:
