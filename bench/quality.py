@@ -30,13 +30,17 @@ from services.worker.quality import compare, log_probs  # noqa: E402
 from services.worker.quantize import QuantSpec  # noqa: E402
 
 TEXT = ROOT / "bench" / "data" / "quality.txt"
-SPECS = ("int8", "int4-g32", "int4-g64", "int4-g128")
+#: As QuantSpec names them: "-emb-none" keeps the embeddings and head in the
+#: dtype (--quantize-embeddings none), else they are int8.
+SPECS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-emb-none")
 
 
 def spec_of(name: str) -> QuantSpec:
+    embeddings = "none" if name.endswith("-emb-none") else "int8"
+    name = name.removesuffix("-emb-none")
     if name.startswith("int4-g"):
-        return QuantSpec("int4", int(name.removeprefix("int4-g")))
-    return QuantSpec(name)
+        return QuantSpec("int4", int(name.removeprefix("int4-g")), embeddings)
+    return QuantSpec(name, embeddings=embeddings)
 
 
 def main() -> int:
@@ -70,7 +74,7 @@ def main() -> int:
                    "weight_bytes": loaded.weight_bytes, "reference_weight_bytes": base_bytes,
                    **quality.as_dict(), "seconds": round(time.monotonic() - started, 1)}
             results.append(row)
-            print(f"{name:24} {spec_name:10} agreement {quality.agreement:6.1%} "
+            print(f"{name:24} {spec_name:18} agreement {quality.agreement:6.1%} "
                   f"(near ties {quality.agreement_near_ties:6.1%})  perplexity "
                   f"{quality.perplexity:8.2f} vs {quality.reference_perplexity:8.2f} "
                   f"(x{quality.perplexity_ratio:.3f})  weights {loaded.weight_bytes / 2**20:8.1f}"

@@ -57,9 +57,11 @@ def test_mistakes_are_one_clear_error(tmp_path, text, words):
 
 def test_a_worker_table_quantizes_its_model(tmp_path):
     stack = load_stack(write(tmp_path, '[[worker]]\nmodel = "m"\nquantize = "int4"\n'
-                                       'quantize-group-size = 64\n'))
+                                       'quantize-group-size = 64\n'
+                                       'quantize-embeddings = "none"\n'))
     settings = stack.workers[0].settings
-    assert (settings.quantize, settings.quantize_group_size) == ("int4", 64)
+    assert (settings.quantize, settings.quantize_group_size,
+            settings.quantize_embeddings) == ("int4", 64, "none")
 
 
 def test_a_missing_stack_file_says_so(tmp_path):
