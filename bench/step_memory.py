@@ -21,7 +21,6 @@ used more than its plan.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import os
 import sys
@@ -66,7 +65,7 @@ def run_model(name: str, args, device: torch.device) -> dict:
     from services.worker import paged_kernels
     from services.worker.runner import ModelRunner, StepItem, step_shape
     from services.worker.sampling import SamplingParams, sample
-    from services.worker.quantize import QuantSpec, dequant_bytes
+    from services.worker.quantize import QuantSpec, step_dims
     from services.worker.step_memory import ModelDims, StepMemoryPlan
 
     torch.cuda.empty_cache()
@@ -75,8 +74,7 @@ def run_model(name: str, args, device: torch.device) -> dict:
                         quant=quant)
     config = loaded.model.config
     dims = ModelDims.from_config(config, 2)
-    dims = dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, quant, device,
-                                                                 torch.bfloat16))
+    dims = step_dims(dims, quant, device, torch.bfloat16)
     plan = StepMemoryPlan(dims)
     window = loaded.max_context
     slots_per_chunk = window // 2              # two chunks: the multi-chunk gather

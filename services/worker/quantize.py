@@ -43,6 +43,7 @@ meta device for the lease and the weight plan before anything loads.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -310,12 +311,12 @@ class Int8Head(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(*x.shape[:-1], self.out_features)
         step = head_chunk_rows(self.in_features, x.element_size())
-        for start in range(0, self.out_features, step):
-            end = min(start + step, self.out_features)
-            out[..., start:end] = F.linear(x, _dequantize_groups(
-                self.weight[start:end], self.scale[start:end], x.dtype))
+        # Chunks' products joined once (not written into slices: compiled,
+        # each slice write would become a copy of the whole logits).
+        out = torch.cat([F.linear(x, _dequantize_groups(self.weight[start:start + step],
+                                                        self.scale[start:start + step], x.dtype))
+                         for start in range(0, self.out_features, step)], dim=-1)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -497,13 +498,21 @@ def _embedding_savings(model: torch.nn.Module) -> int:
 
 def head_bytes(dims, spec: QuantSpec) -> int:
     """An int8 output head's transient: one chunk of its rows converted to
-    the activations' dtype, and the chunk's product for up to 256 rows (the
-    logits it fills are the step plan's own term). 0 where the head is not
-    quantized. `dims`: ModelDims."""
+    the activations' dtype. Its products, then joined, are the logits twice
+    over: the step plan's own logits term counts three copies. 0 where the
+    head is not quantized. `dims`: ModelDims."""
     if not spec.embeddings_on:
         return 0
-    rows = min(head_chunk_rows(dims.hidden, dims.itemsize), dims.vocab)
-    return rows * (dims.hidden + 256) * dims.itemsize
+    return min(head_chunk_rows(dims.hidden, dims.itemsize), dims.vocab) * dims.hidden * \
+        dims.itemsize
+
+
+def step_dims(dims, spec: QuantSpec, device: torch.device, dtype: torch.dtype):
+    """`dims` (step_memory.ModelDims) with what `spec`'s weights add to a
+    step: the largest conversion's transient and the int8 head's copy of
+    the logits."""
+    return dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, spec, device, dtype),
+                               head_copies=1 if spec.embeddings_on else 0)
 
 
 def dequant_bytes(dims, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> int:

@@ -27,7 +27,7 @@ from services.worker import device as devices
 from services.worker.engine import Engine, Failed, Finished
 from services.worker.memory import Memory
 from services.worker.sampling import SamplingParams
-from services.worker.quantize import QuantSpec, dequant_bytes
+from services.worker.quantize import QuantSpec, step_dims
 from services.worker.settings import WorkerSettings
 from services.worker.step_memory import (
     ALLOCATOR_SLACK_BYTES,
@@ -63,7 +63,7 @@ class LeaseSizing:
         # Off CUDA, SDPA's math kernel runs (and nothing caps the memory there).
         dims = ModelDims.from_config(config, itemsize)
         quant = QuantSpec.of(settings)
-        dims = dataclasses.replace(dims, dequant_bytes=dequant_bytes(dims, quant, device, dtype))
+        dims = step_dims(dims, quant, device, dtype)
         self.plan = StepMemoryPlan(dims, math_attention=device.type != "cuda")
         self.graphs = devices.decode_graphs(settings.cuda_graphs, device)
         self.max_prefill_tokens = settings.max_prefill_tokens

@@ -68,6 +68,9 @@ class ModelDims:
     #: Quantized weights de-quantized one matrix at a time inside a layer
     #: (services/worker/quantize.py dequant_bytes): the largest such transient.
     dequant_bytes: int = 0
+    #: Copies of the logits the output head makes beyond its output: an int8
+    #: head's per-chunk products before they are joined (quantize.Int8Head).
+    head_copies: int = 0
 
     @classmethod
     def from_config(cls, config, itemsize: int) -> ModelDims:
@@ -159,7 +162,8 @@ class StepMemoryPlan:
     def logits_bytes(self, rows: int) -> int:
         """The kept rows' logits (and a soft-capped copy), then sampling."""
         d = self.dims
-        return 3 * rows * d.vocab * d.itemsize + SAMPLING_VOCAB_COPIES * d.vocab * 4 + 16 * rows
+        return (3 + d.head_copies) * rows * d.vocab * d.itemsize \
+            + SAMPLING_VOCAB_COPIES * d.vocab * 4 + 16 * rows
 
     # ---- a step ------------------------------------------------------------
     def eager_bytes(self, shape: StepShape) -> int:
@@ -200,7 +204,8 @@ class StepMemoryPlan:
             return 0
         d = self.dims
         top = max(sizes)
-        logits = (3 if d.logit_softcap else 1) * sum(sizes) * d.vocab * d.itemsize
+        logits = ((3 if d.logit_softcap else 1) * sum(sizes) + d.head_copies * top) \
+            * d.vocab * d.itemsize
         partials = top * d.heads * parts * (d.head_dim + 2) * 4
         queries = 4 * top * d.heads * d.head_dim * d.itemsize
         raw = logits + self.activation_bytes(top) + partials + queries + \
