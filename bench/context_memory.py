@@ -42,7 +42,8 @@ from benchkit import card_slug, git_commit, write_report  # noqa: E402
 STAGES = ("bare", "cublas", "sdpa", "triton", "model", "graphs")
 
 
-def child(stage_limit: str, stack: int, model_name: str, compile: bool) -> dict:
+def child(stage_limit: str, stack: int, model_name: str, compile: bool,
+          quantize: str = "none") -> dict:
     """Run the stages up to `stage_limit` in this process; NVML after each."""
     import torch
 
@@ -91,10 +92,12 @@ def child(stage_limit: str, stack: int, model_name: str, compile: bool) -> dict:
     from services.worker.engine import Engine
     from services.worker.memory import FixedMemory
     from services.worker.models import default_cache_dir, load_model
+    from services.worker.quantize import QuantSpec
     from services.worker.runner import StepItem
     from services.worker.sampling import SamplingParams
 
-    loaded = load_model(model_name, cache=default_cache_dir(), device=cuda, dtype=torch.bfloat16)
+    loaded = load_model(model_name, cache=default_cache_dir(), device=cuda, dtype=torch.bfloat16,
+                        quant=QuantSpec(quantize))
     engine = Engine(loaded, FixedMemory(64 << 30), decode_graphs=stage_limit == "graphs",
                     compile_decode=compile, max_batch=8)
     engine.pool.add_chunk()
@@ -118,12 +121,15 @@ def main() -> int:
     parser.add_argument("--model", default="synthetic:qwen2.5-1.5b")
     parser.add_argument("--stacks", default="0,256",
                         help="cudaLimitStackSize per thread to try (0: CUDA's default)")
+    parser.add_argument("--quantize", default="int4",
+                        help="the model's weights: none | int8 | int4 (the seed scenario's "
+                             "three-model run is int4: tinygemm's kernels load with it)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.child:
         stage, stack, compile = args.child.split(":")
-        print(json.dumps(child(stage, int(stack), args.model, compile == "1")))
+        print(json.dumps(child(stage, int(stack), args.model, compile == "1", args.quantize)))
         return 0
     import torch
 
@@ -135,6 +141,7 @@ def main() -> int:
     for stack in (int(s) for s in args.stacks.split(",")):
         for compile in ("0", "1"):
             out = subprocess.run([sys.executable, __file__, "--model", args.model,
+                                  "--quantize", args.quantize,
                                   "--child", f"graphs:{stack}:{compile}"],
                                  capture_output=True, text=True, env=env, timeout=300)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -146,6 +153,7 @@ def main() -> int:
             print(json.dumps(runs[-1]), flush=True)
     report = {"benchmark": "context_memory", "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "commit": git_commit(), "model": args.model,
+              "quantize": args.quantize,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "method": "a fresh process per configuration, the worker's stages in order; "
                         "context = NVML's figure for the process - torch's reserved bytes",
