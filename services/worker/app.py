@@ -30,7 +30,7 @@ import torch
 from lmx.v1 import admission_pb2, worker_pb2, worker_pb2_grpc
 from services.admission.client import WORKER_SECRET_ENV, AdmissionClient
 from services.common.errors import FailedPrecondition, LmxError
-from services.worker import compiled_decode, device as devices
+from services.worker import compiled_decode, decode_ahead, device as devices
 from services.worker.core import WorkerCore, template_chars
 from services.worker.engine import Engine
 from services.worker.memory import AdmissionMemory, FixedMemory, Memory
@@ -183,6 +183,7 @@ class WorkerApp:
                              decode_graphs=graphs,
                              compile_decode=compiled_decode.enabled(settings.compile_decode,
                                                                     graphs),
+                             decode_ahead=decode_ahead.enabled(settings.decode_ahead, graphs),
                              step_plan=self.sizing.plan)
         if self.device.type == "cuda":
             # Every step within the workspace the lease holds, from the first.

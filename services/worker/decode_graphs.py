@@ -26,6 +26,13 @@ Memory: the graphs share one pool. The worker captures every bucket during
 its warm-up, before it measures what it holds, so that its base lease
 covers them (measured, not guessed).
 
+Decoding ahead (services/worker/decode_ahead.py): a step may take its
+rows' tokens from the last run's greedy choices on the device (`run`'s
+`feed`), so that it is launched before the host has read them; each run's
+choices are copied into one of two pinned host buffers behind an event
+(`greedy_to_host`), and the rows' host buffers alternate too, since the
+copies of one step may still be queued while the next is filled.
+
 Without `capture` (the CPU, tests) the same static-buffer forward runs
 eagerly: everything but the capture itself is exercised.
 """
@@ -96,6 +103,20 @@ class GraphPlan:
         return out.unsqueeze(0)
 
 
+class HostTokens:
+    """A decode step's greedy tokens on their way to a pinned host buffer."""
+
+    def __init__(self, buffer: torch.Tensor, rows: int, event):
+        self.buffer, self.rows, self.event = buffer, rows, event
+
+    def read(self) -> list[int]:
+        """Wait for the step (only it: steps launched after it go on) and
+        return its tokens."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buffer[:self.rows].tolist()
+
+
 class DecodeGraphs:
     def __init__(self, loaded: LoadedModel, storage: KVStorage, *, block_size: int,
                  max_batch: int, capture: bool | None = None, compile: bool = False):
@@ -110,20 +131,29 @@ class DecodeGraphs:
         top = self.sizes[-1]
         self.max_blocks = -(-loaded.max_context // block_size)
         device = self.device
-        # Token ids, positions, new slots and context lengths: rows of one
+        # Token ids, positions, new slots, context lengths and (decoding
+        # ahead) which row of the last run feeds each row: rows of one
         # tensor, filled by one copy a step (each copy is a host-side op of
         # 15-30 us on the lent machines' CPUs).
-        self._rows = torch.zeros((4, top), dtype=torch.long, device=device)
+        self._rows = torch.zeros((5, top), dtype=torch.long, device=device)
         self.input_ids = self._rows[0]
         self.position_ids = self._rows[1]
         self.new_slots = self._rows[2]
         self.ctx_lens = self._rows[3]
+        self.feed_rows = self._rows[4]
         self.block_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, device=device)
         self.k_ptrs = torch.zeros((MAX_CHUNKS,), dtype=torch.long, device=device)
         self.v_ptrs = torch.zeros((MAX_CHUNKS,), dtype=torch.long, device=device)
         pin = device.type == "cuda"
-        self._host_rows = torch.zeros((4, top), dtype=torch.long, pin_memory=pin)
-        self._host_table = torch.zeros((top, self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        # Two of each host buffer, used in turn: a step's copies from one may
+        # still be queued behind the step before while the next is filled.
+        self._host_rows = [torch.zeros((5, top), dtype=torch.long, pin_memory=pin)
+                           for _ in range(2)]
+        self._host_table = [torch.zeros((top, self.max_blocks), dtype=torch.int32,
+                                        pin_memory=pin) for _ in range(2)]
+        self._host_greedy = [torch.zeros((top,), dtype=torch.long, pin_memory=pin)
+                             for _ in range(2)]
+        self._turn = 0
         self._chunks_version = -1
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -245,8 +275,18 @@ class DecodeGraphs:
         return good
 
     # ---- running --------------------------------------------------------------
-    def run(self, items) -> torch.Tensor:
-        """Logits [len(items), vocab] of one decode step (after `applies`)."""
+    def captured(self, rows: int) -> bool:
+        """Whether a step of `rows` rows replays a graph already captured
+        (always, without capture): running it captures nothing."""
+        if rows > self.sizes[-1]:
+            return False
+        return not self.capture or next(s for s in self.sizes if s >= rows) in self._graphs
+
+    def run(self, items, feed: list[int] | None = None) -> torch.Tensor:
+        """Logits [len(items), vocab] of one decode step (after `applies`).
+        `feed`: row i's token is not items[i]'s but the last run's greedy
+        choice for its row feed[i], taken on the device (decoding ahead; the
+        step must replay a captured graph: `captured`)."""
         rows = len(items)
         size = next(s for s in self.sizes if s >= rows)
         if self.capture and not self._graphs:
@@ -255,7 +295,10 @@ class DecodeGraphs:
             # one the base lease was sized for (captured smallest first, the
             # buckets would share less of it). On padding rows.
             self._capture_sizes(self.sizes)
-        self._fill(items, size)
+        previous = self._greedy[self._last[0]] if feed is not None else None
+        self._fill(items, size, feed)
+        if previous is not None:
+            torch.index_select(previous, 0, self.feed_rows[:rows], out=self.input_ids[:rows])
         self._last = (size, rows)
         if not self.capture:
             logits = self._forward(size)
@@ -273,6 +316,20 @@ class DecodeGraphs:
         step: a greedy step then needs no sampling op of its own."""
         size, rows = self._last
         return self._greedy[size][:rows]
+
+    def greedy_to_host(self) -> HostTokens:
+        """The last run's greedy choices copied into a pinned host buffer
+        behind an event, without waiting for the step: read them with
+        `HostTokens.read` (decoding ahead). Two buffers in turn: the one
+        before last must have been read by then."""
+        size, rows = self._last
+        buffer = self._host_greedy[self._turn]
+        buffer[:rows].copy_(self._greedy[size][:rows], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return HostTokens(buffer, rows, event)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.argmax(logits[:, :self.loaded.vocab_limit], dim=-1)
@@ -362,17 +419,21 @@ class DecodeGraphs:
                                                dtype=torch.long))
         self._chunks_version = self.storage.version
 
-    def _fill(self, items, size: int) -> None:
+    def _fill(self, items, size: int, feed: list[int] | None = None) -> None:
         """This step's rows into the static buffers (two small host-to-device
         copies from pinned memory), padding rows after them."""
         self._update_chunk_table()
         rows = len(items)
         block = self.block_size
-        host = self._host_rows.numpy()
-        table = self._host_table.numpy()
+        self._turn ^= 1
+        host_rows, host_table = self._host_rows[self._turn], self._host_table[self._turn]
+        host = host_rows.numpy()
+        table = host_table.numpy()
         host[:2, :size] = 0
         host[2, :size] = -1
         host[3, :size] = 0
+        if feed is not None:
+            host[4, :rows] = feed
         for row, item in enumerate(items):
             length = len(item.all_slots)
             host[0, row] = item.tokens[0]
@@ -381,5 +442,5 @@ class DecodeGraphs:
             host[3, row] = length
             blocks = np.asarray(item.all_slots[::block], dtype=np.int64) // block
             table[row, :len(blocks)] = blocks
-        self._rows[:, :size].copy_(self._host_rows[:, :size], non_blocking=True)
-        self.block_table[:rows].copy_(self._host_table[:rows], non_blocking=True)
+        self._rows[:, :size].copy_(host_rows[:, :size], non_blocking=True)
+        self.block_table[:rows].copy_(host_table[:rows], non_blocking=True)

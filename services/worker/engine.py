@@ -53,6 +53,7 @@ from services.common.errors import (
     NotFound,
     Shortfall,
 )
+from services.worker import decode_ahead
 from services.worker.decode_graphs import DecodeGraphs
 from services.worker.kv_pool import BlockPool
 from services.worker.limits import CONTEXT_LENGTH_EXCEEDED
@@ -152,7 +153,7 @@ class Engine:
                  chunk_bytes: int = 32 << 20, kv_wait_s: float = 10.0,
                  max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1,
                  decode_graphs: bool = False, compile_decode: bool = False,
-                 step_plan: StepMemoryPlan | None = None):
+                 decode_ahead: bool = False, step_plan: StepMemoryPlan | None = None):
         self.loaded = loaded
         self.memory = memory
         per_block = block_size * loaded.kv_shape.bytes_per_token
@@ -163,6 +164,9 @@ class Engine:
                                compile=compile_decode)
                   if decode_graphs else None)
         self.runner = ModelRunner(loaded, self.storage, graphs, step_plan)
+        #: Greedy decode steps launched before the last one's tokens are read
+        #: (decode_ahead.py); only where decode steps are graphed.
+        self.decode_ahead = decode_ahead and graphs is not None
         self._decode_cursor = 0     # where the next decode step starts when not all rows fit
         self.kv_wait_s = kv_wait_s
         self.max_batch = max_batch
@@ -466,6 +470,9 @@ class Engine:
                 self.abort_all(Aborted("this worker's memory lease was lost (it expired, or "
                                        "admission restarted); retry", reason="LEASE_LOST"))
                 continue
+            if self._may_decode_ahead(items, batch, complete):
+                await self._decode_ahead(items, batch)
+                continue
             try:
                 self._step = loop.run_in_executor(self._executor, self.runner.step, items)
                 tokens = await self._step
@@ -480,6 +487,89 @@ class Engine:
                     self._fail(request, token)   # no memory for it even alone: retryable
                 elif ends_feed:
                     self._advance(request, token)
+
+    # ---- decoding ahead (decode_ahead.py) ---------------------------------
+    def _may_decode_ahead(self, items: list[StepItem], batch: list[Request],
+                          complete: list[bool]) -> bool:
+        """Whether this step starts a run of steps each launched before the
+        last one's tokens are read: a decode step of every running
+        generation, all plain greedy, on a captured graph."""
+        return (self.decode_ahead and not self._last_step_prompts and all(complete)
+                and all(len(item.tokens) == 1 for item in items)
+                and all(decode_ahead.plain_greedy(r) for r in batch)
+                and self._all_running_in(batch) and self.runner.can_launch(len(items)))
+
+    def _all_running_in(self, batch: list[Request]) -> bool:
+        rows = {id(r) for r in batch}
+        return all(id(r) in rows for r in self._running)
+
+    async def _decode_ahead(self, items: list[StepItem], batch: list[Request]) -> None:
+        """Launch this decode step, then while nothing else is to be
+        scheduled launch each next one before reading the last one's tokens
+        (decode_ahead.py); every launched step is read before this returns."""
+        loop = asyncio.get_running_loop()
+        runner = self.runner
+        chain = loop.create_future()
+        self._step = chain     # cancels and shrinks see a step in flight until all are read
+        following: list[Request] = []
+        try:
+            launched = await loop.run_in_executor(self._executor, runner.launch, items, None)
+            if launched is None:      # the weights moved meanwhile: an ordinary step next
+                for request in batch:
+                    self._unreserve(request)
+                return
+            while True:
+                following, feed, next_items = self._ahead_of(batch)
+                launched_next, tokens = await loop.run_in_executor(
+                    self._executor, runner.launch_then_read, next_items, feed, launched)
+                self._steps += 1
+                for request, token in zip(batch, tokens):
+                    self._advance(request, token)
+                if launched_next is None:
+                    for request in following:       # reserved for a step not launched
+                        self._unreserve(request)
+                    return
+                batch, launched, following = following, launched_next, []
+        except Exception as exc:  # noqa: BLE001 - fail the steps' generations, keep serving
+            log.error("step_failed", exc_info=exc, batch=len(batch), ahead=True)
+            if runner.graphs is not None:
+                runner.graphs.fail(exc)
+            for request in {id(r): r for r in [*batch, *following]}.values():
+                self._unreserve(request)
+                self._fail(request, LmxError(f"the forward pass failed: {exc}"))
+        finally:
+            chain.set_result(None)
+
+    def _ahead_of(self, batch: list[Request]
+                  ) -> tuple[list[Request], list[int] | None, list[StepItem] | None]:
+        """The step to launch before `batch`'s tokens are read: its
+        generations, for each the row of `batch` whose token it feeds, and
+        its items (slots reserved; the token fed is the device's). Nothing
+        when something else is to be scheduled."""
+        if (self._waiting or self._pause_asked is not None or not self.memory.fresh()
+                or not self._all_running_in(batch)):
+            return [], None, None
+        rows = decode_ahead.continuing(batch, self.loaded.max_context)
+        if not rows or not self.runner.can_launch(len(rows)) or not all(
+                self.pool.can_append(batch[row].session.session_id, 1) for row in rows):
+            return [], None, None
+        following, items = [], []
+        for row in rows:
+            request = batch[row]
+            self._reserve(request, 1)
+            # The token is a stand-in: the step takes its row's choice on the device.
+            items.append(self._item(request, [request.session.tokens[-1]]))
+            following.append(request)
+        return following, rows, items
+
+    def _unreserve(self, request: Request) -> None:
+        """Back to one unfed token: the KV of a step launched ahead that was
+        not read (or not launched) is not trusted."""
+        session = request.session
+        keep = len(session.tokens) - 1
+        if self.pool.length(session.session_id) > keep:
+            self.pool.truncate(session.session_id, keep)
+            del self._slots[session.session_id][keep:]
 
     def _reap(self) -> None:
         """Cancelled requests leave; blocked ones fail past their deadline."""

@@ -23,7 +23,7 @@ import torch
 
 from services.common.errors import CapacityExhausted, Shortfall
 from services.worker.attention import BatchPlan, Segment
-from services.worker.decode_graphs import CHECK_ROWS, DecodeGraphs
+from services.worker.decode_graphs import CHECK_ROWS, DecodeGraphs, HostTokens
 from services.worker.kv_storage import KVStorage
 from services.worker.models import LoadedModel
 from services.worker.sampling import SamplingParams, sample
@@ -84,6 +84,7 @@ class ModelRunner:
         self.workspace_bytes: int | None = None
         self.graphed_steps = 0
         self.argmax_steps = 0          # graphed steps whose tokens were the graph's own argmax
+        self.ahead_steps = 0           # of those, launched before the step before was read
         self.split_steps = 0           # steps run as several sub-steps to fit the workspace
         self.out_of_memory = 0         # steps that raised out of memory (each a bug)
         self.plan_misses = 0           # steps that used more than their plan (each a bug)
@@ -104,6 +105,40 @@ class ModelRunner:
         if self.plan is None or self.workspace_bytes is None:
             return True
         return self.plan.fits(shape, self.workspace_bytes - held_bytes)
+
+    def can_launch(self, rows: int) -> bool:
+        """Whether a decode step of `rows` plain greedy rows can be launched
+        without reading its tokens (decode_ahead.py): it replays a graph
+        already captured and checked, whose own argmax is its tokens."""
+        graphs = self.graphs
+        return (graphs is not None and graphs.checked and graphs.likely(rows)
+                and graphs.captured(rows))
+
+    # ---- decoding ahead ------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, items: list[StepItem], feed: list[int] | None = None) -> HostTokens | None:
+        """Launch a graphed greedy decode step and return its tokens on their
+        way to the host, without waiting for it; None (nothing launched) if
+        its graph is not there to replay now (`can_launch` said so, or the
+        weights moved since). `feed`: its rows' tokens are the previous
+        launch's choices for those rows, taken on the device
+        (DecodeGraphs.run)."""
+        graphs = self.graphs
+        if graphs is None or not graphs.applies(items) or not graphs.captured(len(items)):
+            return None
+        graphs.run(items, feed)
+        self.graphed_steps += 1
+        self.argmax_steps += 1
+        if feed is not None:
+            self.ahead_steps += 1
+        return graphs.greedy_to_host()
+
+    def launch_then_read(self, items: list[StepItem] | None, feed: list[int] | None,
+                         previous: HostTokens) -> tuple[HostTokens | None, list[int]]:
+        """Launch the next step (if `items`), then read the previous one's
+        tokens: the device computes the next while the host works on those."""
+        launched = self.launch(items, feed) if items else None
+        return launched, previous.read()
 
     # ---- a step ------------------------------------------------------------
     @torch.inference_mode()

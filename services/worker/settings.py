@@ -23,6 +23,8 @@ def parse_fraction(text: str) -> float:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: --compile-decode (services/worker/compiled_decode.py).
 COMPILE_MODES = ("auto", "off")
+#: --decode-ahead (services/worker/decode_ahead.py).
+AHEAD_MODES = ("auto", "off")
 #: --quantize and --quantize-group-size (services/worker/quantize.py).
 QUANTIZE_MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -141,6 +143,10 @@ class WorkerSettings(ServerFields):
                 "(Inductor fuses the norms, rotary embedding, activations and residual adds "
                 "around the matrix products; two compiles at the warm-up, cached under /tmp for "
                 "the next start) | off: captured as the model runs it"})
+    decode_ahead: str = field(default="auto", metadata={
+        "help": "auto: where decode steps are graphed, a greedy decode step is launched before "
+                "the last one's tokens are read, so that the device computes while the host "
+                "streams them (services/worker/decode_ahead.py) | off: one step at a time"})
     grace_s: float = field(default=5.0, metadata={"help": "shutdown grace period"})
     log_format: str = field(default="auto", metadata={"help": "auto | json | console"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
@@ -176,6 +182,9 @@ class WorkerSettings(ServerFields):
         if self.compile_decode not in COMPILE_MODES:
             raise ConfigError("compile_decode", f"unknown value {self.compile_decode!r}",
                               fix=" | ".join(COMPILE_MODES))
+        if self.decode_ahead not in AHEAD_MODES:
+            raise ConfigError("decode_ahead", f"unknown value {self.decode_ahead!r}",
+                              fix=" | ".join(AHEAD_MODES))
         if self.quantize not in QUANTIZE_MODES:
             raise ConfigError("quantize", f"unknown mode {self.quantize!r}",
                               fix=" | ".join(QUANTIZE_MODES))

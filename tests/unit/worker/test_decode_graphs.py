@@ -35,7 +35,7 @@ def few_parts(monkeypatch):
 
 def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = True,
                  move_weights_after: int | None = None, compile: bool = False,
-                 penalty: float = 0.0):
+                 penalty: float = 0.0, ahead: bool = False):
     """PROMPTS generated together (the later ones joining once the first
     has decoded a few tokens), with or without graphed decode steps."""
     params = SamplingParams(max_tokens=max_tokens, frequency_penalty=penalty)
@@ -66,7 +66,7 @@ def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = 
         return [tokens_of(o) for o in outs], engine.runner
 
     return run(loaded, scenario, decode_graphs=graphs, compile_decode=compile, max_batch=8,
-               timeout=300)
+               decode_ahead=ahead, timeout=300)
 
 
 def test_buckets():
