@@ -31,9 +31,9 @@ from services.worker.sessions import SessionTable  # noqa: E402
 
 
 async def engine_rate(loaded, sessions: int, tokens: int, graphs: bool = False,
-                      compile: bool = False) -> tuple[float, float, int]:
+                      compile: bool = False, ahead: bool = False) -> tuple[float, float, int]:
     engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60, decode_graphs=graphs,
-                    compile_decode=compile)
+                    compile_decode=compile, decode_ahead=ahead)
     engine.start()
     table = SessionTable()
 
@@ -152,6 +152,9 @@ def main() -> int:
                         help="decode steps replay CUDA graphs (auto, on CUDA) or run eagerly")
     parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
                         help="the graphed decode step compiled by torch.compile (auto) or not")
+    parser.add_argument("--decode-ahead", choices=("auto", "off"), default="auto",
+                        help="greedy decode steps launched before the last one's tokens are "
+                             "read (auto, where graphed) or one at a time")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's table of the timed run (slows it down)")
     parser.add_argument("--host-profile", action="store_true",
@@ -165,15 +168,17 @@ def main() -> int:
     for n in [int(x) for x in args.sessions.split(",")]:
         graphs = args.cuda_graphs == "auto" and device.type == "cuda"
         compile = graphs and args.compile_decode == "auto"
+        ahead = graphs and args.decode_ahead == "auto"
         if args.profile:
             rows.append(profile_steps(loaded, n, graphs=graphs, compile=compile))
             continue
         host = None
         if args.host_profile:
-            asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile))  # warm
+            asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile, ahead))  # warm
             profiler = cProfile.Profile()
             profiler.enable()
-        rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile))
+        rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile,
+                                                         ahead))
         if args.host_profile:
             profiler.disable()
             host = loop_ms_per_step(profiler)
@@ -188,7 +193,7 @@ def main() -> int:
     print(f"HF generate batch 1 {hf:8.1f} tok/s", flush=True)
     report = {"model": args.model, "device": str(device), "dtype": str(dtype), "rows": rows,
               "cuda_graphs": args.cuda_graphs, "compile_decode": args.compile_decode,
-              "profiled": args.profile,
+              "decode_ahead": args.decode_ahead, "profiled": args.profile,
               "hf_batch_1_tokens_per_s": round(hf, 1), "tokens": args.tokens,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "commit": git_commit(),

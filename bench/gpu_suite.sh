@@ -13,6 +13,7 @@
 #   bench/gpu_suite.sh speed     # decode speed of 3 shapes beside both HF baselines, float32 check
 #   bench/gpu_suite.sh speed8b   # the same for the 8B shape
 #   bench/gpu_suite.sh compile   # llama-1b's decode step compiled and not (no HF), 1-64 sessions
+#   bench/gpu_suite.sh ahead     # llama-1b with decode steps launched ahead and not, 1-64 sessions
 #   bench/gpu_suite.sh context   # what a worker's CUDA context holds, stage by stage
 #   bench/gpu_suite.sh profile   # llama-1b with graphs off, and a profile of its steps
 #   bench/gpu_suite.sh stream    # layer streaming against the link bound
@@ -100,6 +101,14 @@ compile() {   # the compiled decode step against the one captured as the model r
     done
 }
 
+ahead() {     # issue 21: decode steps launched before the last one's tokens are read, or not
+    for a in off auto; do
+        step "worker-llama-1b-ahead-$a-$stamp" 150 $PY bench/worker.py --device cuda \
+            --model synthetic:llama-1b --sessions 1,8,64 --tokens 128 --repeats 2 \
+            --quiet-wait-s 0 --skip-hf --decode-ahead $a
+    done
+}
+
 context() {   # issue 20: the per-worker CUDA context, stage by stage, two stack sizes
     step "context-memory-$stamp" 240 $PY bench/context_memory.py
 }
@@ -179,10 +188,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|context|profile|stream|tools|quant|quant2 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2 ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|context|profile|stream|tools|quant|quant2) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

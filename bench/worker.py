@@ -323,6 +323,7 @@ def run_lmx(args, levels: list[int], logs: Path) -> tuple[dict, dict[int, list[l
     admission_args += ["--log-format", "json", "--log-level", "warning"]
     worker_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
                    "--cuda-graphs", args.cuda_graphs, "--compile-decode", args.compile_decode,
+                   "--decode-ahead", args.decode_ahead,
                    "--quantize", args.quantize, "--log-format", "json",
                    "--log-level", "warning"]
     started = time.perf_counter()
@@ -518,6 +519,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
                         help="the worker's --compile-decode: auto compiles the graphed decode "
                              "step with torch.compile, off captures it as the model runs [auto]")
+    parser.add_argument("--decode-ahead", choices=("auto", "off"), default="auto",
+                        help="the worker's --decode-ahead: auto launches a greedy decode step "
+                             "before the last one's tokens are read, off one at a time [auto]")
     parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                         help="the worker's --quantize (the float32 agreement check is then "
                              "skipped: bench/quality.py measures what quantization costs)")
@@ -711,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads or "torch default",
             "cuda_graphs": args.cuda_graphs,
             "compile_decode": args.compile_decode,
+            "decode_ahead": args.decode_ahead,
             "kv_bytes_per_token": kv_per_token,
             "floor": "weights + N x mean context x KV bytes per token, read once per decode "
                      "step, over the measured copy bandwidth; the per-session rate at that "
