@@ -378,17 +378,20 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
     output = model.get_output_embeddings()
     if getattr(text_config, "tie_word_embeddings", False) and output is not None:
         output.weight = model.get_input_embeddings().weight
-    made: dict[int, torch.nn.Parameter] = {}
-
     def materialise(modules, on: torch.device) -> None:
+        # Ties (the embeddings and the head) are within one call. Nothing is
+        # kept past it: a layer's 16-bit weights must go as soon as
+        # `each_layer` has replaced them (a map of every parameter made kept
+        # the whole 16-bit model on the device beside the quantized one).
+        made: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
         for module in modules:
             for name, param in module._parameters.items():
                 if param is None or not param.is_meta:
                     continue
                 if id(param) not in made:
-                    made[id(param)] = torch.nn.Parameter(
-                        torch.empty_like(param, device=on), requires_grad=False)
-                module._parameters[name] = made[id(param)]
+                    made[id(param)] = (param, torch.nn.Parameter(
+                        torch.empty_like(param, device=on), requires_grad=False))
+                module._parameters[name] = made[id(param)][1]
 
     def to_device(modules) -> None:
         moved: dict[int, torch.nn.Parameter] = {}

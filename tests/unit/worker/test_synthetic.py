@@ -89,3 +89,25 @@ def test_layers_are_made_one_at_a_time_with_the_same_weights(monkeypatch):
     for index, state in enumerate(seen):
         for key, value in state.items():
             assert torch.equal(value, plain[f"model.layers.{index}.{key}"]), (index, key)
+
+
+def test_a_layers_replaced_weights_are_freed_at_once():
+    """A layer's 16-bit weights go as soon as `each_layer` replaced them (a
+    quantized load on a GPU kept the whole 16-bit model there until the build
+    returned: 3.8 GB for Qwen2.5-1.5B's shape, measured on an H100)."""
+    import gc
+    import weakref
+
+    from services.worker.quantize import QuantSpec, quantize_layer
+
+    replaced = []
+
+    def quantize(layer):
+        replaced.extend(weakref.ref(p) for p in layer.parameters() if p.dim() == 2)
+        quantize_layer(layer, QuantSpec("int4"), CPU)
+        gc.collect()
+        assert all(ref() is None for ref in replaced), "a replaced 16-bit matrix is still held"
+
+    build_synthetic(small("synthetic:llama-tiny", layers=3), CPU, torch.float32, seed=5,
+                    each_layer=quantize)
+    assert len(replaced) > 3
