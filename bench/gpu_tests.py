@@ -11,6 +11,7 @@ e.g. h100) and exits with pytest's status.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,16 +58,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         started = time.time()
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu",
-                              "-p", "no:cacheprovider", f"--junitxml={junit}", *sys.argv[1:]],
-                             cwd=ROOT)
+        # Each failure's reason is printed as it happens (-rf at the end,
+        # --tb=line: one line each), without the captured log lines (torch's
+        # debug logs buried the message once).
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu",
+                                 "-p", "no:cacheprovider", "--tb=line", "-rf",
+                                 "--show-capture=no", f"--junitxml={junit}", *sys.argv[1:]],
+                                cwd=ROOT)
+        cut = False
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            # The stage's time limit (timeout --signal=INT): pytest stops at
+            # the test in progress and still writes what ran, then so does this.
+            cut = True
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
         tests = outcomes(junit) if junit.exists() else []
     counts: dict[str, int] = {}
     for test in tests:
         counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
     date = time.strftime("%Y-%m-%d", time.gmtime(started))
     report = dict(benchmark="gpu_tests", card=name, torch=torch_version, date=date, commit=git_commit(),
-                  pytest_exit=rc, seconds=round(time.time() - started, 1), counts=counts,
+                  pytest_exit=rc, cut_at_time_limit=cut,
+                  seconds=round(time.time() - started, 1), counts=counts,
                   tests=tests)
     out = ROOT / "bench" / "results" / f"gpu-tests-{card_slug(name)}-{date}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
