@@ -550,13 +550,18 @@ class Engine:
                 or not self._all_running_in(batch)):
             return [], None, None
         rows = decode_ahead.continuing(batch, self.loaded.max_context)
-        if not rows or not self.runner.can_launch(len(rows)) or not all(
-                self.pool.can_append(batch[row].session.session_id, 1) for row in rows):
+        if not rows or not self.runner.can_launch(len(rows)):
+            return [], None, None
+        # The blocks of all the rows together (each alone may fit where all do not).
+        pool = self.pool
+        if sum(pool.blocks_needed(batch[row].session.session_id, 1) for row in rows) > \
+                pool.num_free_blocks:
             return [], None, None
         following, items = [], []
         for row in rows:
             request = batch[row]
-            self._reserve(request, 1)
+            reserved = self._reserve(request, 1)
+            assert reserved, "the free blocks were counted for every row"
             # The token is a stand-in: the step takes its row's choice on the device.
             items.append(self._item(request, [request.session.tokens[-1]]))
             following.append(request)
