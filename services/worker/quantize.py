@@ -30,10 +30,9 @@ embeddings come in, so those are kept exactly. A lookup converts only the
 rows it takes; the head converts its matrix `HEAD_CHUNK_BYTES` at a time
 (Ollama's Q4_K_M keeps its output matrix in 6 or 8 bits; gpt-fast's int8
 handler quantizes it too). For a Llama-3.2-3B shape: 0.42 GB of its 0.79
-GB of embeddings. Norms stay
-in the dtype. The quantized tensors are Parameters (requires_grad off), so
-whatever walks a model's parameters (layer streaming, sleep, the weight
-count) sees their real bytes. A layer's packed layout belongs to the kernel
+GB of embeddings. Norms stay in the dtype. The quantized tensors are
+Parameters (requires_grad off), so whatever walks a model's parameters
+(layer streaming, sleep, the weight count) sees their real bytes. A layer's packed layout belongs to the kernel
 of the device it was packed for: it may rest in host memory (streaming,
 sleep) but runs only there.
 
@@ -499,8 +498,8 @@ def _embedding_savings(model: torch.nn.Module) -> int:
 def head_bytes(dims, spec: QuantSpec) -> int:
     """An int8 output head's transient: one chunk of its rows converted to
     the activations' dtype. Its products, then joined, are the logits twice
-    over: the step plan's own logits term counts three copies. 0 where the
-    head is not quantized. `dims`: ModelDims."""
+    over: the step plan counts that copy apart (ModelDims.head_copies). 0
+    where the head is not quantized. `dims`: ModelDims."""
     if not spec.embeddings_on:
         return 0
     return min(head_chunk_rows(dims.hidden, dims.itemsize), dims.vocab) * dims.hidden * \
