@@ -64,8 +64,8 @@ class WorkerSettings(ServerFields):
                 "up to 0.09 bytes a weight and lose quality (docs/benchmarks.md)"})
     quantize_embeddings: str = field(default="int8", metadata={
         "help": "with --quantize int8 or int4, the input embeddings and output head (one "
-                "tensor where tied): int8 (rows of int8 with a scale each: half their "
-                "16-bit bytes, 0.39 GB of a Llama-3.2-3B's 0.79) | none (kept in the dtype)"})
+                "tensor where tied): int8 (groups of 32 with a scale each, GGUF's Q8_0: "
+                "0.42 GB of a Llama-3.2-3B's 0.79 in 16 bits) | none (kept in the dtype)"})
     cache_dir: str = field(default="", metadata={
         "help": "converted-model cache (default LMX_CACHE or ~/.cache/lmx)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
