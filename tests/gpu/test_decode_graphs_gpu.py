@@ -22,7 +22,8 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, th
            "def fibonacci(n):", "1, 2, 3, 4,", "The history of the Roman Empire begins with"]
 
 
-def generate(loaded, graphs: bool, max_tokens: int = 32, compile: bool = True):
+def generate(loaded, graphs: bool, max_tokens: int = 32, compile: bool = True,
+             ahead: bool = False):
     from services.worker.engine import Delta, Engine, Finished
     from services.worker.memory import FixedMemory
     from services.worker.sampling import SamplingParams
@@ -30,7 +31,8 @@ def generate(loaded, graphs: bool, max_tokens: int = 32, compile: bool = True):
 
     async def main():
         engine = Engine(loaded, FixedMemory(8 << 30), decode_graphs=graphs, max_batch=8,
-                        chunk_bytes=1 << 20, compile_decode=graphs and compile)
+                        chunk_bytes=1 << 20, compile_decode=graphs and compile,
+                        decode_ahead=ahead)
         engine.start()
         try:
             sessions = SessionTable()
@@ -79,6 +81,20 @@ def test_graphed_decode_equals_eager_in_float32(cache, shape, compile):
     assert runner.graphs.num_graphs > 0 and runner.graphed_steps > 10
     assert runner.graphs.forward.on is compile, runner.graphs.forward.broken
     assert graphed == eager
+
+
+def test_decode_steps_launched_ahead_give_the_same_tokens(cache):
+    """Decoding ahead (decode_ahead.py) on real graphs, pinned buffers and
+    events: float32, so every token must be the one-step-at-a-time one."""
+    from services.worker.models import load_model
+
+    loaded = load_model("synthetic:llama-tiny", cache=cache, device=torch.device("cuda"),
+                        dtype=torch.float32)
+    one_at_a_time, _ = generate(loaded, graphs=True, compile=False)
+    ahead, runner = generate(loaded, graphs=True, compile=False, ahead=True)
+    assert runner.graphs.broken is None
+    assert runner.ahead_steps > 10, runner.ahead_steps
+    assert ahead == one_at_a_time
 
 
 @pytest.mark.parametrize("compile", [True, False])
