@@ -182,6 +182,8 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._resize_task: asyncio.Task | None = None
         self._step: asyncio.Future | None = None          # the forward pass in flight
+        self._chain: asyncio.Future | None = None         # steps launched ahead, until all read
+        self._between = 0                                 # between_steps calls waiting
         self._unsafe_step: asyncio.Future | None = None   # it may read blocks freed since
         self._growth_error: CapacityExhausted | None = None
         self._steps = 0
@@ -436,8 +438,15 @@ class Engine:
 
     async def between_steps(self, fn, *args):
         """Run `fn(*args)` on the compute thread, between two steps (it may
-        change the model: no step runs meanwhile)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        change the model: no step runs meanwhile, none launched ahead is
+        still on the device either)."""
+        self._between += 1    # a run of steps launched ahead stops (_ahead_of)
+        try:
+            if self._chain is not None and not self._chain.done():
+                await asyncio.shield(self._chain)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._between -= 1
 
     # ---- the loop --------------------------------------------------------
     async def _loop(self) -> None:
@@ -494,7 +503,8 @@ class Engine:
         """Whether this step starts a run of steps each launched before the
         last one's tokens are read: a decode step of every running
         generation, all plain greedy, on a captured graph."""
-        return (self.decode_ahead and not self._last_step_prompts and all(complete)
+        return (self.decode_ahead and not self._between and not self._last_step_prompts
+                and all(complete)
                 and all(len(item.tokens) == 1 for item in items)
                 and all(decode_ahead.plain_greedy(r) for r in batch)
                 and self._all_running_in(batch) and self.runner.can_launch(len(items)))
@@ -510,7 +520,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         runner = self.runner
         chain = loop.create_future()
-        self._step = chain     # cancels and shrinks see a step in flight until all are read
+        # Cancels, shrinks and between_steps see steps in flight until all are read.
+        self._step = self._chain = chain
         following: list[Request] = []
         try:
             launched = await loop.run_in_executor(self._executor, runner.launch, items, None)
@@ -546,8 +557,8 @@ class Engine:
         generations, for each the row of `batch` whose token it feeds, and
         its items (slots reserved; the token fed is the device's). Nothing
         when something else is to be scheduled."""
-        if (self._waiting or self._pause_asked is not None or not self.memory.fresh()
-                or not self._all_running_in(batch)):
+        if (self._waiting or self._pause_asked is not None or self._between
+                or not self.memory.fresh() or not self._all_running_in(batch)):
             return [], None, None
         rows = decode_ahead.continuing(batch, self.loaded.max_context)
         if not rows or not self.runner.can_launch(len(rows)):

@@ -91,6 +91,29 @@ def test_a_stop_string_or_a_cancel_in_a_run_of_steps_leaves_the_context_right(ti
     assert runner.ahead_steps > 0
 
 
+def test_between_steps_waits_for_the_steps_launched_ahead(tiny):
+    """What runs between steps (weights moving, graphs captured) runs with
+    no step launched ahead still in flight, and the run of steps stops for
+    it rather than making it wait for the generations to end."""
+    async def scenario(engine):
+        request = engine.submit(SessionTable().open(), SamplingParams(max_tokens=40),
+                                prompt=PROMPTS[0])
+        while engine.runner.ahead_steps < 3:
+            event = await request.out.get()
+            engine.delivered(request, len(event.token_ids))
+        seen = []
+        await engine.between_steps(lambda: seen.append(
+            (engine._chain.done(), request.done, engine.runner.ahead_steps)))
+        deltas, end = await collect(engine, request)
+        assert isinstance(end, Finished)
+        return seen[0], engine.runner.ahead_steps
+
+    (chain_done, ended, ahead_then), ahead_after = run(
+        tiny, scenario, decode_graphs=True, decode_ahead=True, max_batch=8, timeout=300)
+    assert chain_done and not ended, "it ran between two runs of steps, mid-generation"
+    assert ahead_after > ahead_then, "steps ran ahead again after it"
+
+
 def request(done=False, greedy=True, penalised=False, constraint=None, generated=0,
             max_tokens=10, tokens=5):
     return SimpleNamespace(done=done, constraint=constraint, generated=[0] * generated,
