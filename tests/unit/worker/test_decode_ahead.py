@@ -19,7 +19,7 @@ from services.worker.sampling import SamplingParams
 from services.worker.sessions import SessionTable
 
 from test_decode_graphs import few_parts, generate_all  # noqa: F401 (fixture)
-from test_engine import PROMPTS, collect, run, tokens_of  # noqa: E402 (same directory)
+from test_engine import PROMPTS, collect, run, take, tokens_of  # noqa: E402 (same directory)
 from test_paged_kernels import needs_triton_interpreter  # noqa: E402
 
 pytestmark = needs_triton_interpreter
@@ -58,13 +58,8 @@ def two_turns(loaded, *, ahead: bool, stop: str | None = None, cancel_after: int
             one, two = await collect(engine, first), await collect(engine, second)
             assert isinstance(one[1], Finished) and isinstance(two[1], Finished)
         else:
-            got = []
-            while len(got) < cancel_after:
-                event = await first.out.get()
-                got.append(event)
-                engine.delivered(first, len(event.token_ids))
+            one = (await take(engine, first, cancel_after), None)
             engine.cancel(first)
-            one = (got, None)
             two = await collect(engine, second)
         # The next turn of the first session: its context must be what it was.
         third = engine.submit(session, SamplingParams(max_tokens=8), prompt=" and then")

@@ -77,6 +77,16 @@ async def collect(engine: Engine, request: Request, on_delta: Callable[[], None]
         engine.delivered(request, len(event.token_ids))
 
 
+async def take(engine: Engine, request: Request, count: int) -> list[Delta]:
+    """The request's first `count` deltas, each told delivered."""
+    got = []
+    while len(got) < count:
+        event = await request.out.get()
+        got.append(event)
+        engine.delivered(request, len(event.token_ids))
+    return got
+
+
 def tokens_of(deltas: list[Delta]) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
@@ -575,11 +585,7 @@ def test_cancel_keeps_exactly_the_delivered_tokens(tiny, k):
     async def scenario(engine):
         session = SessionTable().open()
         request = engine.submit_tokens(session, SamplingParams(max_tokens=200), prompt_ids)
-        got = []
-        while len(got) < k:
-            event = await request.out.get()
-            got.append(event)
-            engine.delivered(request, len(event.token_ids))
+        got = await take(engine, request, k)
         engine.cancel(request)
         await wait_until(lambda: request.done, "the cancelled request ended")
         return session, tokens_of(got), request, engine.pool.length(session.session_id)
