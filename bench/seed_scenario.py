@@ -314,6 +314,29 @@ def log_lines(logs: dict[str, Path], start: dict[str, int], end: dict[str, int])
     return {"model_awake_log": awake, "model_asleep_log": asleep, "log_failures": failures}
 
 
+#: A worker's log events that give its base lease's terms: asked before the
+#: load (worker_lease_needed), then measured (worker_workspace_measured).
+LEASE_EVENTS = ("worker_lease_needed", "worker_workspace_measured")
+
+
+def lease_terms(path: Path) -> dict:
+    """The worker's base lease, term by term, as it logged it: the last of each
+    LEASE_EVENTS line (bytes: weights, CUDA context, workspace, graph pool,
+    staging, slack, total)."""
+    found: dict = {}
+    if not path.exists():
+        return found
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") in LEASE_EVENTS:
+            found[rec["event"]] = {k: v for k, v in rec.items()
+                                   if k.endswith("_bytes") or k == "bytes"}
+    return found
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -637,6 +660,9 @@ def main(argv=None) -> int:
                                         log_path=logs[name],
                                         timeout_s=args.worker_start_timeout_s)
             t_start[name] = round(time.perf_counter() - t0, 2)
+            # Kept as each worker is ready: a run cut later still says where
+            # the memory went.
+            result.setdefault("worker_leases", {})[name] = lease_terms(logs[name])
             print(f"{name} {model} ready in {t_start[name]} s", file=sys.stderr, flush=True)
         result["worker_start_s"] = t_start
         address = {model: procs[name].address for name, model in workers.items()}
