@@ -311,6 +311,7 @@ async def lmx_measure(address: str, pids: dict[str, int], levels: list[int], max
         status = await stub.GetStatus(pb.GetStatusRequest(), timeout=30)
     results_status = {"device": status.device, "dtype": status.dtype,
                       "weight_bytes": status.weight_bytes, "steps": status.steps,
+                      "steps_graphed": status.steps_graphed, "steps_ahead": status.steps_ahead,
                       "tokens_generated": status.tokens_generated}
     return {"levels": results, "worker_status": results_status}, token_ids
 

@@ -666,5 +666,6 @@ class WorkerApp:
                 tokens_generated=stats.tokens_generated, max_context=self.loaded.max_context,
                 workspace_bytes=stats.workspace_bytes, steps_split=stats.steps_split,
                 steps_out_of_memory=stats.steps_out_of_memory,
-                step_plan_misses=self.engine.runner.plan_misses))
+                step_plan_misses=self.engine.runner.plan_misses,
+                steps_graphed=stats.steps_graphed, steps_ahead=stats.steps_ahead))
         return reply

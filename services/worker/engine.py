@@ -146,6 +146,8 @@ class EngineStats:
     steps_split: int = 0        # steps run in parts to fit the workspace (runner.py)
     steps_out_of_memory: int = 0   # steps that ran out of device memory (each a bug)
     workspace_bytes: int = 0    # what the base lease holds for a step (0: unbounded)
+    steps_graphed: int = 0      # decode steps that replayed a CUDA graph
+    steps_ahead: int = 0        # of those, launched before the step before was read
 
 
 class Engine:
@@ -232,7 +234,8 @@ class Engine:
                            usage.num_used_blocks, self.storage.num_bytes, self._steps,
                            self._tokens_generated, self._preemptions, self._prefill_chunks,
                            runner.split_steps, runner.out_of_memory,
-                           runner.workspace_bytes or 0)
+                           runner.workspace_bytes or 0, runner.graphed_steps,
+                           runner.ahead_steps)
 
     # ---- requests --------------------------------------------------------
     def submit(self, session: Session, params: SamplingParams, *, prompt: str | None = None,

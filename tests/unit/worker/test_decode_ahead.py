@@ -101,6 +101,9 @@ def test_between_steps_waits_for_the_steps_launched_ahead(tiny):
             (engine._chain.done(), request.done, engine.runner.ahead_steps)))
         deltas, end = await collect(engine, request)
         assert isinstance(end, Finished)
+        stats = engine.stats()     # what GetStatus reports (steps_graphed, steps_ahead)
+        assert (stats.steps_graphed, stats.steps_ahead) == (engine.runner.graphed_steps,
+                                                           engine.runner.ahead_steps)
         return seen[0], engine.runner.ahead_steps
 
     (chain_done, ended, ahead_then), ahead_after = run(
