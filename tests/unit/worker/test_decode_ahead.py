@@ -36,7 +36,9 @@ def test_steps_launched_ahead_give_the_tokens_of_one_step_at_a_time(tiny):
     assert runner.graphs._version >= 1
 
 
-def test_penalised_or_sampled_rows_are_not_run_ahead(tiny):
+def test_penalised_rows_are_not_run_ahead(tiny):
+    """Their tokens are sampled (sampling.sample), not the graph's argmax: one step
+    at a time (sampled rows likewise: test_which_rows_run_ahead)."""
     eager, _ = generate_all(tiny, graphs=False, max_tokens=10, stagger=False, penalty=2.0)
     graphed, runner = generate_all(tiny, graphs=True, max_tokens=10, stagger=False, penalty=2.0,
                                    ahead=True)
