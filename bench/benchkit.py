@@ -53,6 +53,21 @@ def write_report(report: dict, path: Path) -> Path:
     return path
 
 
+def write_cuda_report(benchmark: str, fields: dict, out_dir: Path) -> Path:
+    """A GPU benchmark's JSON: `fields` after its name, the card, torch, the
+    commit and the time, written as <benchmark with dashes>-cuda-<card>-<date>.json
+    in `out_dir`."""
+    import torch
+
+    card = torch.cuda.get_device_name()
+    report = {"benchmark": benchmark, "gpu": card, "torch": torch.__version__,
+              "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              **fields}
+    name = benchmark.replace("_", "-")
+    return write_report(report, out_dir / f"{name}-cuda-{card_slug(card)}-"
+                                          f"{time.strftime('%Y-%m-%d')}.json")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     try:

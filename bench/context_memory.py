@@ -30,14 +30,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchkit import card_slug, git_commit, write_report  # noqa: E402
+from benchkit import write_cuda_report  # noqa: E402
 
 STAGES = ("bare", "cublas", "sdpa", "triton", "model", "graphs")
 
@@ -151,16 +150,11 @@ def main() -> int:
             else:
                 runs.append(json.loads(lines[-1]))
             print(json.dumps(runs[-1]), flush=True)
-    report = {"benchmark": "context_memory", "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "commit": git_commit(), "model": args.model,
-              "quantize": args.quantize,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "method": "a fresh process per configuration, the worker's stages in order; "
-                        "context = NVML's figure for the process - torch's reserved bytes",
-              "runs": runs}
-    card = card_slug(torch.cuda.get_device_name())
-    date = time.strftime("%Y-%m-%d")
-    write_report(report, args.out / f"context-memory-cuda-{card}-{date}.json")
+    write_cuda_report("context_memory", {
+        "model": args.model, "quantize": args.quantize,
+        "method": "a fresh process per configuration, the worker's stages in order; "
+                  "context = NVML's figure for the process - torch's reserved bytes",
+        "runs": runs}, args.out)
     return 0
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchkit import card_slug, git_commit, write_report  # noqa: E402
+from benchkit import write_cuda_report  # noqa: E402
 from services.worker.models import SYNTHETIC_SHAPES  # noqa: E402
 
 
@@ -124,17 +124,12 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
-    report = {"benchmark": "merged_projections", "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "copy_bandwidth_gbs": round(gbs, 1), "dtype": "bfloat16",
-              "method": "q,k,v,gate,up as five F.linear calls against qkv and gate_up as two, "
-                        "8 layers of distinct weights, 20 repeats in one CUDA graph, best of 5 "
-                        "replays; floor: the layer's five matrices read once at the copy "
-                        "bandwidth", "rows": rows}
-    card = card_slug(torch.cuda.get_device_name())
-    date = time.strftime("%Y-%m-%d")
-    write_report(report, args.out / f"merged-projections-cuda-{card}-{date}.json")
+    write_cuda_report("merged_projections", {
+        "copy_bandwidth_gbs": round(gbs, 1), "dtype": "bfloat16",
+        "method": "q,k,v,gate,up as five F.linear calls against qkv and gate_up as two, "
+                  "8 layers of distinct weights, 20 repeats in one CUDA graph, best of 5 "
+                  "replays; floor: the layer's five matrices read once at the copy bandwidth",
+        "rows": rows}, args.out)
     return 0
 
 
