@@ -38,10 +38,12 @@ def enabled(setting: str, graphs: bool) -> bool:
     return setting == "auto" and graphs
 
 
-def plain_greedy(request) -> bool:
-    """A generation whose tokens are its logits' argmax."""
-    params = request.params
-    return params.greedy and not params.penalised and request.constraint is None
+def plain_greedy(row) -> bool:
+    """A generation (engine Request) or a step's row (runner StepItem) whose
+    token is its logits' argmax: greedy, no penalty, no constraint
+    (sampling.sample would do nothing more)."""
+    params = row.params
+    return params.greedy and not params.penalised and row.constraint is None
 
 
 def continuing(batch: list, max_context: int) -> list[int]:

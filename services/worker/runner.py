@@ -23,6 +23,7 @@ import torch
 
 from services.common.errors import CapacityExhausted, Shortfall
 from services.worker.attention import BatchPlan, Segment
+from services.worker.decode_ahead import plain_greedy
 from services.worker.decode_graphs import CHECK_ROWS, DecodeGraphs, HostTokens
 from services.worker.kv_storage import KVStorage
 from services.worker.models import LoadedModel
@@ -59,12 +60,6 @@ class StepItem:
                          self.all_slots[:head_len], self.params, self.generator),
                 StepItem(self.tokens[count:], self.new_slots[count:], self.all_slots,
                          self.params, self.generator, self.constraint, self.generated))
-
-
-def _plain_greedy(item: StepItem) -> bool:
-    """A row whose token is its logits' argmax: greedy, no penalty, no
-    constraint (sampling.sample would do nothing more)."""
-    return item.params.greedy and not item.params.penalised and item.constraint is None
 
 
 def step_shape(items: list[StepItem], graphed: bool = False, checked: bool = True) -> StepShape:
@@ -227,7 +222,7 @@ class ModelRunner:
                         logits = None
                 if graphs.broken is None:
                     self.graphed_steps += 1
-                    if logits is not None and all(_plain_greedy(i) for i in items):
+                    if logits is not None and all(plain_greedy(i) for i in items):
                         self.argmax_steps += 1
                         return graphs.greedy_tokens().tolist()
         if logits is None:
