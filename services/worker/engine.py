@@ -584,11 +584,7 @@ class Engine:
     def _unreserve(self, request: Request) -> None:
         """Back to one unfed token: the KV of a step launched ahead that was
         not read (or not launched) is not trusted."""
-        session = request.session
-        keep = len(session.tokens) - 1
-        if self.pool.length(session.session_id) > keep:
-            self.pool.truncate(session.session_id, keep)
-            del self._slots[session.session_id][keep:]
+        self._truncate_kv(request.session.session_id, len(request.session.tokens) - 1)
 
     def _reap(self) -> None:
         """Cancelled requests leave; blocked ones fail past their deadline."""
@@ -968,9 +964,13 @@ class Engine:
 
     def _truncate(self, session: Session, num_tokens: int) -> None:
         del session.tokens[num_tokens:]
-        if self.pool.length(session.session_id) > num_tokens:
-            self.pool.truncate(session.session_id, num_tokens)
-            del self._slots[session.session_id][num_tokens:]
+        self._truncate_kv(session.session_id, num_tokens)
+
+    def _truncate_kv(self, session_id: str, num_tokens: int) -> None:
+        """The session's KV cut back to its first num_tokens tokens."""
+        if self.pool.length(session_id) > num_tokens:
+            self.pool.truncate(session_id, num_tokens)
+            del self._slots[session_id][num_tokens:]
 
     # ---- memory ----------------------------------------------------------
     def _grow(self, num_blocks: int) -> None:
