@@ -83,6 +83,34 @@ def test_graphed_decode_equals_eager_in_float32(cache, shape, compile):
     assert graphed == eager
 
 
+def test_graphs_captured_after_another_engines_graphs_were_freed(cache):
+    """Graphs captured in a process where other graphs were captured,
+    destroyed and their memory given back to the driver (as a worker's are
+    at a sleep, a move of its weights or a limit, then captured again). On
+    an H100 (2026-12-07, f831fde, torch 2.11) the second engine's first
+    capture raised an illegal memory access, every time the first engine's
+    graphs had been collected and the allocator's cache emptied before it
+    (bench/diag_graph_fault.py GC=1), never when they were still alive."""
+    import gc
+
+    from services.worker.models import load_model
+
+    first = load_model("synthetic:llama-tiny", cache=cache, device=torch.device("cuda"),
+                       dtype=torch.float32)
+    _, runner = generate(first, graphs=True, compile=False)
+    assert runner.graphs.num_graphs > 0
+    del first, runner
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    loaded = load_model("synthetic:smollm2-135m", cache=cache, device=torch.device("cuda"),
+                        dtype=torch.float32)
+    eager, _ = generate(loaded, graphs=False)
+    graphed, runner = generate(loaded, graphs=True, compile=False)
+    assert runner.graphs.broken is None and runner.graphed_steps > 10
+    assert graphed == eager
+
+
 def test_decode_steps_launched_ahead_give_the_same_tokens(cache):
     """Decoding ahead (decode_ahead.py) on real graphs, pinned buffers and
     events: float32, so every token must be the one-step-at-a-time one."""
