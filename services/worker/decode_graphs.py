@@ -442,5 +442,10 @@ class DecodeGraphs:
             host[3, row] = length
             blocks = np.asarray(item.all_slots[::block], dtype=np.int64) // block
             table[row, :len(blocks)] = blocks
-        self._rows[:, :size].copy_(host_rows[:, :size], non_blocking=True)
+        # All of it (5 x the largest bucket, a few KiB): a copy of [:, :size]
+        # is not contiguous, and torch stages such a copy through a pageable
+        # host tensor, a copy that waits for the stream (decoding ahead
+        # would wait for the step before). Past `size` the rows are stale
+        # and no graph of this size reads them.
+        self._rows.copy_(host_rows, non_blocking=True)
         self.block_table[:rows].copy_(host_table[:rows], non_blocking=True)
