@@ -9,7 +9,8 @@ SEQ: shape:compile(0|1):dtype, in order. GC=1: the garbage collector runs
 before the allocator's cache is emptied after each model (the engines are in
 reference cycles: without it their graphs outlive them). SYNC=1: the device is
 synchronized after every step and before every capture, and the step or
-capture that faulted is named. On an H100 (2026-12-07, f831fde) GC=1 made the
+capture that faulted is named. CLEAR_CUBLAS=1: cuBLAS's workspaces are
+freed before each engine's first capture. On an H100 (2026-12-07, f831fde) GC=1 made the
 second model's first capture raise an illegal memory access every time; run
 it under `compute-sanitizer --tool memcheck` to name the kernel.
 """
@@ -52,6 +53,8 @@ def step(self, items):
 
 
 def capture(self, size):
+    if os.environ.get("CLEAR_CUBLAS") == "1" and not self._graphs:
+        torch._C._cuda_clearCublasWorkspaces()
     if SYNC:
         torch.cuda.synchronize()
         print(f"capturing {size} after step {n[0]} chunks={self.storage.num_chunks}", flush=True)

@@ -20,6 +20,7 @@
 #   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
 #   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, real models' quality
 #   bench/gpu_suite.sh quant2    # int4/int8 decode speed (bench/worker.py), synthetic quality
+#   bench/gpu_suite.sh graphfault  # the illegal address of a capture after other graphs were freed
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
@@ -184,14 +185,25 @@ quant2() {    # about 420 s
         --out bench/results/quality-cuda-synthetic-$stamp.json
 }
 
+graphfault() {   # about 300 s: bench/diag_graph_fault.py as it faulted, then what changes it
+    local seq=llama-tiny:0:float32,smollm2-135m:0:float32
+    step "graphfault-base-$stamp" 60 env SEQ=$seq GC=1 SYNC=1 $PY bench/diag_graph_fault.py
+    step "graphfault-no-cublas-workspace-$stamp" 60 env SEQ=$seq GC=1 SYNC=1 \
+        CUBLAS_WORKSPACE_CONFIG=:0:0 $PY bench/diag_graph_fault.py
+    step "graphfault-clear-cublas-$stamp" 60 env SEQ=$seq GC=1 SYNC=1 CLEAR_CUBLAS=1 \
+        $PY bench/diag_graph_fault.py
+    step "graphfault-memcheck-$stamp" 200 env SEQ=$seq GC=1 compute-sanitizer --tool memcheck \
+        --print-limit 8 $PY bench/diag_graph_fault.py
+}
+
 stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|graphfault ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|graphfault) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
