@@ -78,7 +78,10 @@ class Store:
             raise ValueError(f"when_full must be spill or refuse, got {config.when_full!r}")
         self.config = config
         self.clock = clock
-        self.arena = Arena(config.shm_dir, config.store_id, config.segment_bytes)
+        # Empty dedicated segments (entries larger than a segment) are kept
+        # for the next such entry while the segments map at most the capacity.
+        self.arena = Arena(config.shm_dir, config.store_id, config.segment_bytes,
+                           spare_limit=config.capacity_bytes)
         self.spill = SpillDir(config.spill_dir)
         self.manifest = Manifest(config.state_dir)
         self._lock = StoreLock(config.shm_dir, config.store_id)

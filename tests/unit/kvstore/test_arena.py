@@ -63,6 +63,48 @@ def test_large_entry_gets_a_dedicated_segment(arena, tmp_path):
     assert arena.segment(big.segment) is None and names(tmp_path) == []
 
 
+def test_empty_dedicated_segments_are_reused_for_the_next_large_region(tmp_path):
+    """Kept while everything mapped stays within spare_limit: the next large
+    region reuses the file (a worker's mapping and pinning of it stay
+    good), the smallest that fits."""
+    arena = Arena(tmp_path, "t", SEGMENT, spare_limit=8 * SEGMENT)
+    big = arena.allocate(2 * SEGMENT)
+    arena.free(big)
+    assert names(tmp_path) == [big.segment] and arena.spare_bytes == 2 * SEGMENT
+    again = arena.allocate(SEGMENT + 1)                 # smaller: fits the spare
+    assert again == Region(big.segment, 0, SEGMENT + 1)
+    assert arena.spare_bytes == 0
+    larger = arena.allocate(3 * SEGMENT)                # does not fit: a new one
+    assert larger.segment != big.segment
+    arena.free(again)
+    arena.free(larger)
+    assert arena.allocate(2 * SEGMENT).segment == big.segment   # the smallest that fits
+    arena.close()
+    assert names(tmp_path) == []
+
+
+def test_spare_dedicated_segments_stay_within_the_limit(tmp_path):
+    arena = Arena(tmp_path, "t", SEGMENT, spare_limit=5 * SEGMENT)
+    a, b = arena.allocate(2 * SEGMENT), arena.allocate(2 * SEGMENT)
+    arena.free(a)                          # 4 segments' worth mapped: kept
+    assert arena.segment(a.segment) is not None
+    c = arena.allocate(3 * SEGMENT)        # 2 + 2 + 3 > 5: the spare goes first
+    assert arena.segment(a.segment) is None and names(tmp_path) == sorted([b.segment, c.segment])
+    arena.free(b)                          # 2 + 3 mapped: within 5, kept
+    assert arena.segment(b.segment) is not None
+    arena.free(c)                          # 2 + 3 mapped: kept too
+    assert arena.spare_bytes == 5 * SEGMENT
+    arena.allocate(ALIGN)                  # a regular segment needs room: the largest spare goes
+    assert arena.segment(c.segment) is None and arena.segment(b.segment) is not None
+    arena.close()
+
+
+def test_without_a_limit_a_dedicated_segment_goes_when_freed(arena, tmp_path):
+    big = arena.allocate(SEGMENT + 1)
+    arena.free(big)
+    assert names(tmp_path) == []
+
+
 def test_views_share_the_file(arena, tmp_path):
     region = arena.allocate(10)
     arena.view(region)[:] = b"0123456789"

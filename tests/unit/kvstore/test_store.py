@@ -222,12 +222,20 @@ def test_pinned_entries_are_not_spilled_or_deleted(make_store):
     store.delete(a.entry_id, SECRET)
 
 
-def test_large_entries_get_dedicated_segments(make_store, dirs):
+def test_large_entries_get_dedicated_segments_reused_by_the_next(make_store, dirs):
     store = make_store()
     big, data = park(store, num_tokens=40)       # 80 KiB > 64 KiB segments
-    assert store.arena.segment(big.region.segment).dedicated
+    segment = big.region.segment
+    assert store.arena.segment(segment).dedicated
     assert read(store, big.entry_id) == data
     store.delete(big.entry_id, SECRET)
+    # Kept (within the capacity) for the next large entry: a worker that
+    # mapped and pinned it uses it again as it is.
+    assert shm_files(dirs) == [segment]
+    again, data_again = park(store, num_tokens=40)
+    assert again.region.segment == segment
+    assert read(store, again.entry_id) == data_again
+    store.close()
     assert shm_files(dirs) == []
 
 
