@@ -20,6 +20,7 @@
 #   bench/gpu_suite.sh tools     # constrained decoding's cost (bench/constraints.py), two shapes
 #   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, real models' quality
 #   bench/gpu_suite.sh quant2    # int4/int8 decode speed (bench/worker.py), synthetic quality
+#   bench/gpu_suite.sh kvstore   # park/restore against the link and against prefill, the copy taken apart
 #   bench/gpu_suite.sh graphfault  # the illegal address of a capture after other graphs were freed
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
@@ -185,6 +186,14 @@ quant2() {    # about 420 s
         --out bench/results/quality-cuda-synthetic-$stamp.json
 }
 
+kvstore() {   # issue 22, about 300 s
+    step "kvstore-$stamp" 360 $PY bench/kvstore.py --device cuda --quiet-wait-s 0 \
+        --model synthetic:llama-1b,synthetic:smollm2-135m --contexts 1024,4096
+    for shape in llama-1b smollm2-135m; do
+        step "kv-copy-probe-$shape-$stamp" 60 $PY bench/kv_copy_probe.py --mib 256 --shape $shape
+    done
+}
+
 graphfault() {   # about 300 s: bench/diag_graph_fault.py as it faulted, then what changes it
     local seq=llama-tiny:0:float32,smollm2-135m:0:float32
     step "graphfault-base-$stamp" 60 env SEQ=$seq GC=1 SYNC=1 $PY bench/diag_graph_fault.py
@@ -200,10 +209,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|graphfault ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|graphfault ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|graphfault) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|graphfault) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -2,10 +2,11 @@
 segment (a /dev/shm file, mapped and registered with cudaHostRegister, as
 services/worker/kv_transfer.py does) and the GPU, taken apart step by step.
 Times are CUDA-event medians of --repeats runs after a warm-up; one context of
---mib MiB of Llama-3.2-1B-shaped KV (16 layers, 8 KV heads, head dim 64, bf16)
-in 32 MiB pool chunks, like the engine's.
+--mib MiB of KV of --shape (bench/kvstore.py's: llama-1b, 16 layers, 8 KV
+heads, head dim 64, bf16; smollm2-135m, 30 layers, 3 KV heads, float32) in
+32 MiB pool chunks, like the engine's.
 
-    python bench/kv_copy_probe.py --mib 256          # on a CUDA host
+    python bench/kv_copy_probe.py --mib 256 --shape smollm2-135m   # on a CUDA host
 
 Prints one line per variant; writes nothing.
 """
@@ -28,6 +29,12 @@ from services.worker.kv_storage import KVShape, KVStorage, SlotGroups  # noqa: E
 from services.worker.kv_transfer import HostSegments, KVTransfer, sum64  # noqa: E402
 
 
+SHAPES = {   # name: (layers, KV heads, head dim, dtype), as bench/kvstore.py's
+    "llama-1b": (16, 8, 64, torch.bfloat16),
+    "smollm2-135m": (30, 3, 64, torch.float32),
+}
+
+
 def timed(fn, repeats: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -46,12 +53,14 @@ def main() -> int:
     args = argparse.ArgumentParser()
     args.add_argument("--mib", type=int, default=256)
     args.add_argument("--repeats", type=int, default=10)
+    args.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     args = args.parse_args()
     dev = torch.device("cuda")
-    shape = KVShape(16, 8, 64, torch.bfloat16)
+    shape = KVShape(*SHAPES[args.shape])
     tokens = (args.mib << 20) // shape.bytes_per_token
-    storage = KVStorage(shape, 1024, dev)
-    while storage.num_chunks * 1024 < tokens:
+    per_chunk = max(1, (32 << 20) // (16 * shape.bytes_per_token)) * 16   # the engine's chunks
+    storage = KVStorage(shape, per_chunk, dev)
+    while storage.num_chunks * per_chunk < tokens:
         storage.add_chunk()
     for t in storage._k + storage._v:
         t.normal_()
@@ -67,7 +76,8 @@ def main() -> int:
     gb = num_bytes / 1e9
     rows = []
     with segments.region(region) as host:
-        print(f"{args.mib} MiB, {tokens} tokens; segment pinned: {host.is_pinned()}")
+        print(f"{args.shape}: {args.mib} MiB, {tokens} tokens in {storage.num_chunks} chunks; "
+              f"segment pinned: {host.is_pinned()}")
         piece = 32 << 20
 
         def pieces(dst, src):
@@ -81,11 +91,12 @@ def main() -> int:
         rows.append(("segment D2H, 32 MiB pieces", timed(lambda: pieces(host, gpu), args.repeats)))
         rows.append(("sum64 of the whole on the GPU", timed(lambda: sum64(gpu), args.repeats)))
         slots = list(range(tokens))
-        groups = SlotGroups.build(slots, 1024, dev)
-        rows.append(("gather K of all layers", timed(lambda: storage.gather_layers(0, 0, 16, groups, tokens), args.repeats)))
-        data = storage.gather_layers(0, 0, 16, groups, tokens)
-        rows.append(("write K of all layers", timed(lambda: storage.write_layers(0, 0, 16, groups, data), args.repeats)))
-        rows.append(("SlotGroups.build (host)", timed(lambda: SlotGroups.build(slots, 1024, dev), args.repeats)))
+        layers = shape.num_layers
+        groups = SlotGroups.build(slots, per_chunk, dev)
+        rows.append(("gather K of all layers", timed(lambda: storage.gather_layers(0, 0, layers, groups, tokens), args.repeats)))
+        data = storage.gather_layers(0, 0, layers, groups, tokens)
+        rows.append(("write K of all layers", timed(lambda: storage.write_layers(0, 0, layers, groups, data), args.repeats)))
+        rows.append(("SlotGroups.build (host)", timed(lambda: SlotGroups.build(slots, per_chunk, dev), args.repeats)))
     transfer = KVTransfer(storage)
     crc = transfer.park(slots, region)
     rows.append(("KVTransfer.park (host clock incl.)", timed(lambda: transfer.park(slots, region), args.repeats)))
