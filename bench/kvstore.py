@@ -15,6 +15,9 @@ device, exactly as Parking does. Stages, timed one by one:
              segments) + Commit RPC
   restore  = Open RPC + KVTransfer.restore (copy out of the region, checksum,
              scatter into the pool)
+  own restore = KVTransfer.restore from where the park wrote the entry, beside
+             the Open RPC (a worker unparking its own session:
+             Parking._fill_where_parked)
 
 GB/s = entry bytes / stage time (10^9 bytes). Each size: one warm-up round
 (its park maps the segment and, on a GPU, registers it with cudaHostRegister:
@@ -129,6 +132,14 @@ async def park_restore(link: KVStoreLink, transfer: KVTransfer, slots: list[int]
     target.restore(target_slots, opened.region, opened.checksum)
     t2 = time.perf_counter()
     t.update(restore_open_rpc=t1 - t0, restore_copy=t2 - t1, restore_total=t2 - t0)
+    # A worker's own parked session (Parking._fill_where_parked): the copy from
+    # where the park wrote it runs while Open confirms the entry is there.
+    t0 = time.perf_counter()
+    again, _ = await asyncio.gather(
+        link.open(reserved.entry_id, secret, contents=False),
+        asyncio.to_thread(target.restore, target_slots, reserved.region, crc))
+    t["restore_own_total"] = time.perf_counter() - t0
+    assert again.region == reserved.region and again.checksum == crc
     await link.delete(reserved.entry_id, secret)
     t["bytes"] = layout.num_bytes
     return t
@@ -183,6 +194,7 @@ def summarise(rounds: list[dict]) -> dict:
     out = {k + "_ms": v for k, v in out.items()}
     out["park_gb_s"] = round(n / mid["park_total"] / 1e9, 3)
     out["restore_gb_s"] = round(n / mid["restore_total"] / 1e9, 3)
+    out["restore_own_gb_s"] = round(n / mid["restore_own_total"] / 1e9, 3)
     out["park_total_ms_runs"] = [round(r["park_total"] * 1000, 2) for r in rounds]
     out["restore_total_ms_runs"] = [round(r["restore_total"] * 1000, 2) for r in rounds]
     return out
@@ -224,6 +236,11 @@ async def bandwidth(address: str, device: torch.device, repeats: int, sizes_mib:
                        "segments_pinned": park_with.segments.pin and not park_with.segments.pin_failed}
                 raw = raw_baselines(row["bytes"], device)
                 row.update({f"raw_{k[:-2]}_ms": round(v * 1000, 3) for k, v in raw.items()})
+                if device.type == "cuda":   # end to end against the bare copy of the same bytes
+                    row["park_of_raw"] = round(raw["d2h_s"] * 1000 / row["park_total_ms"], 3)
+                    row["restore_of_raw"] = round(raw["h2d_s"] * 1000 / row["restore_total_ms"], 3)
+                    row["restore_own_of_raw"] = round(raw["h2d_s"] * 1000
+                                                      / row["restore_own_total_ms"], 3)
                 rows.append(row)
                 print(f"{name:13} {tokens:6d} tok {row['bytes'] / 2**20:7.1f} MiB  park "
                       f"{row['park_total_ms']:8.2f} ms {row['park_gb_s']:6.2f} GB/s  restore "
@@ -364,6 +381,8 @@ async def recompute(address: str, kvstore_pid: int, model_name: str, device: tor
                    "restore_ms": s["restore_total_ms"], "park_ms": s["park_total_ms"],
                    "restore_detail": s,
                    "prefill_over_restore": round(pre * 1000 / s["restore_total_ms"], 1),
+                   "restore_own_ms": s["restore_own_total_ms"],
+                   "prefill_over_restore_own": round(pre * 1000 / s["restore_own_total_ms"], 1),
                    "restored_equal": ok, "load_average_before": load,
                    "machine_busy_before_cores": busy,
                    "during_prefill_cores": {"kvstore": kv_cores, "machine": machine_cores}}
@@ -403,24 +422,30 @@ def print_tables(result: dict) -> None:
               f"{r['commit_ms']:.2f} | {r['open_ms']:.2f} | {r['open_contents_ms']:.2f} | "
               f"{r['delete_ms']:.2f} | "
               f"{r['park_fixed_ms']:.2f} | {r['restore_fixed_ms']:.2f} | {r['status_ms']:.2f} |")
-    print("\nPark and restore through the kvstore (median round; ms and GB/s)")
+    print("\nPark and restore through the kvstore (median round; ms and GB/s; own restore: "
+          "the copy from where the park wrote it beside Open, as a worker unparks its session)")
     print("| shape | tokens | MiB | park ms | park GB/s | restore ms | restore GB/s | "
+          "own restore ms | own restore GB/s | "
           f"Reserve+Commit | park copy | Open | restore copy | first park | {raw} |")
-    print("| --- |" + " ---: |" * 13)
+    print("| --- |" + " ---: |" * 15)
     for r in result["bandwidth"]:
         base = ((r["raw_h2d_ms"], r["raw_d2h_ms"]) if gpu else (r["raw_memcpy_ms"], r["raw_sum64_ms"]))
         print(f"| {r['shape']} | {r['tokens']:,} | {r['bytes'] / 2**20:.1f} | "
               f"{r['park_total_ms']:.2f} | {r['park_gb_s']:.1f} | {r['restore_total_ms']:.2f} | "
-              f"{r['restore_gb_s']:.1f} | "
+              f"{r['restore_gb_s']:.1f} | {r['restore_own_total_ms']:.2f} | "
+              f"{r['restore_own_gb_s']:.1f} | "
               f"{r['park_reserve_rpc_ms'] + r['park_commit_rpc_ms']:.2f} | {r['park_copy_ms']:.2f} | "
               f"{r['restore_open_rpc_ms']:.2f} | {r['restore_copy_ms']:.2f} | "
               f"{r['first_park_ms']:.1f} | {base[0]:.2f} | {base[1]:.2f} |")
     print("\nRestore against recomputing (prefill) the same context")
-    print("| model | tokens | MiB | prefill ms | restore ms | prefill / restore | park ms |")
-    print("| --- |" + " ---: |" * 6)
+    print("| model | tokens | MiB | prefill ms | restore ms | prefill / restore | own restore ms | "
+          "prefill / own restore | park ms |")
+    print("| --- |" + " ---: |" * 8)
     for r in result["recompute"]:
         print(f"| {r['model']} | {r['tokens']:,} | {r['bytes'] / 2**20:.1f} | {r['prefill_ms']:.2f} | "
-              f"{r['restore_ms']:.2f} | {r['prefill_over_restore']:.1f} | {r['park_ms']:.2f} |")
+              f"{r['restore_ms']:.2f} | {r['prefill_over_restore']:.1f} | "
+              f"{r['restore_own_ms']:.2f} | {r['prefill_over_restore_own']:.1f} | "
+              f"{r['park_ms']:.2f} |")
 
 
 def parse_args(argv):

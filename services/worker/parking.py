@@ -58,6 +58,23 @@ class Parked:
 
 
 @dataclass(frozen=True, slots=True)
+class ParkedAt:
+    """Where a park wrote a session's KV: the entry's region, the checksum
+    of its bytes and their tokens (Session.parked_at)."""
+    region: object
+    checksum: int
+    num_tokens: int
+
+    def matches(self, entry: OpenedEntry) -> bool:
+        """Whether the kvstore still has the entry where it was written."""
+        region = entry.region
+        return ((region.segment, region.offset, region.length)
+                == (self.region.segment, self.region.offset, self.region.length)
+                and entry.checksum == self.checksum
+                and entry.layout.num_tokens == self.num_tokens)
+
+
+@dataclass(frozen=True, slots=True)
 class Restored:
     session: Session
     num_tokens: int
@@ -129,6 +146,7 @@ class Parking:
                 raise
             freed = self.engine.release_kv(session)
             session.parked_entry = entry_id
+            session.parked_at = ParkedAt(reservation.region, crc, len(slots))
         finally:
             session.moving = False
         log.info("session_parked", session_id=session.session_id, entry_id=entry_id,
@@ -213,12 +231,16 @@ class Parking:
         assert entry_id is not None
         started = time.perf_counter()
         session.moving = True
+        known, session.parked_at = session.parked_at, None
         try:
             try:
-                # Its tokens and chat are the session's own: not fetched again.
-                fetched = await link.open(entry_id, session.token, contents=False)
-                self._check_layout(fetched.layout, len(session.tokens))
-                await self._fill(session, fetched)
+                if known is not None:
+                    fetched = await self._fill_where_parked(session, entry_id, known)
+                else:
+                    # Its tokens and chat are the session's own: not fetched again.
+                    fetched = await link.open(entry_id, session.token, contents=False)
+                    self._check_layout(fetched.layout, len(session.tokens))
+                    await self._fill(session, fetched)
             except NotFound:
                 self.sessions.remove(session.session_id)
                 raise NotFound("session", session.session_id,
@@ -277,6 +299,38 @@ class Parking:
             raise FailedPrecondition(f"the entry's {num_token_ids} tokens do not fit this "
                                      f"worker's context of {self.loaded.max_context}",
                                      "LAYOUT_MISMATCH")
+
+    async def _fill_where_parked(self, session: Session, entry_id: str,
+                                 known: ParkedAt) -> OpenedEntry:
+        """A session this worker parked: its KV is copied from where the park
+        wrote it while Open asks the kvstore whether the entry is still there
+        (the round trip is hidden behind the copy). If it is not (spilled and
+        brought back elsewhere, say), or the copy failed its checksum, the KV
+        is copied again from where Open says, as `_fill` does."""
+        opening = asyncio.ensure_future(self._link().open(entry_id, session.token,
+                                                          contents=False))
+        copying: asyncio.Future | None = None
+        try:
+            slots = await self.engine.allocate_kv(session, known.num_tokens)
+            copying = asyncio.ensure_future(asyncio.to_thread(
+                self.transfer.restore, slots, known.region, known.checksum))
+            fetched = await opening
+            self._check_layout(fetched.layout, len(session.tokens))
+            copied = (await asyncio.gather(copying, return_exceptions=True))[0]
+        except BaseException:
+            if not opening.cancel() and not opening.cancelled():
+                opening.exception()      # retrieved: raised above or superseded
+            if copying is not None and not copying.done():
+                await asyncio.wait([copying])   # it writes into the slots until it ends
+            self.engine.release_kv(session)
+            raise
+        if copied is None and known.matches(fetched):
+            return fetched
+        log.info("restore_copied_again", session_id=session.session_id, entry_id=entry_id,
+                 why="moved" if not known.matches(fetched) else type(copied).__name__)
+        self.engine.release_kv(session)
+        await self._fill(session, fetched)
+        return fetched
 
     async def _fill(self, session: Session, entry: OpenedEntry) -> None:
         """The entry's KV into new blocks of the session, checked; on a

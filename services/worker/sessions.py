@@ -8,6 +8,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
 from services.worker import limits
@@ -24,6 +25,9 @@ class Session:
     busy: bool = False
     #: Parked: the kvstore entry holding its KV (the pool holds none of it).
     parked_entry: str | None = None
+    #: Where this worker wrote that KV (parking.ParkedAt): its unpark copies
+    #: from there while the kvstore confirms the entry is still there.
+    parked_at: Any = None
     #: Being parked or restored (its KV is being copied).
     moving: bool = False
     #: Requests past the wake gate, not yet in the engine (their turn is

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
 from services.kvstore.entry import ITEMSIZE
@@ -183,6 +184,18 @@ class FakeLink:
         # As the kvstore answers Open(omit_contents): no token ids, no metadata.
         return entry if contents else dataclasses.replace(entry, token_ids=[], metadata=b"")
 
+    def move(self, entry_id) -> None:
+        """The entry's bytes to another region (as a spill and a reload
+        may put them), the old region freed."""
+        secret, entry = self.entries[entry_id]
+        old = entry.region
+        new = region_of(self.arena, old.length)
+        view = lambda r: self.arena.view(Region(r.name, r.offset, r.length))  # noqa: E731
+        view(new)[:] = view(old)
+        view(old)[:] = bytes(old.length)
+        self.arena.free(Region(old.name, old.offset, old.length))
+        self.entries[entry_id] = (secret, dataclasses.replace(entry, region=new))
+
     async def delete(self, entry_id, secret) -> None:
         entry = self.entries.pop(entry_id, None)
         if entry is not None:
@@ -233,6 +246,52 @@ def test_park_restore_and_unpark_continue_exactly(tiny, arena):
         assert await ids_of(core, b, " four five") == expected, "transparent restore differs"
         assert link.entries == {}, f"entries not deleted after restore: {list(link.entries)}"
         return parked_b
+
+    run_core(tiny, scenario, FakeLink(arena))
+
+
+def test_unpark_copies_from_where_it_parked_or_again_from_where_the_entry_is(tiny, arena):
+    """A worker's own parked session: its KV is copied from where the park
+    wrote it while Open confirms the entry is still there; an entry since
+    moved is copied again from its new place, and one whose bytes changed
+    in place is corrupted (its context recomputed): the same tokens every
+    way."""
+    async def scenario(core, link):
+        control, kept, moved, spoiled = (core.open_session().session for _ in range(4))
+        for session in (control, kept, moved, spoiled):
+            await ids_of(core, session, "one two three")
+        expected = await ids_of(core, control, " four five")
+        for session in (kept, moved, spoiled):
+            await core.park_session(session.session_id, session.token)
+            assert session.parked_at is not None
+        link.move(moved.parked_entry)
+        region = link.entries[spoiled.parked_entry][1].region
+        view = arena.view(Region(region.name, region.offset, region.length))
+        view[:8] = bytes(b ^ 0xFF for b in view[:8])
+        with capture_logs() as logs:
+            for session in (kept, moved, spoiled):
+                assert await ids_of(core, session, " four five") == expected, session
+                assert session.parked_at is None and not session.parked_entry
+        events = [(e["event"], e.get("session_id")) for e in logs]
+        assert ("restore_copied_again", kept.session_id) not in events
+        assert ("restore_copied_again", moved.session_id) in events
+        assert ("restore_recomputes", spoiled.session_id) in events
+        assert link.entries == {}
+
+    run_core(tiny, scenario, FakeLink(arena))
+
+
+def test_an_unpark_whose_entry_is_gone_frees_what_it_copied(tiny, arena):
+    async def scenario(core, link):
+        session = core.open_session().session
+        await ids_of(core, session, "one two three")
+        await core.park_session(session.session_id, session.token)
+        used = core.engine.pool.usage().num_used_blocks
+        del link.entries[session.parked_entry]      # restored elsewhere meanwhile
+        with pytest.raises(NotFound):
+            await ids_of(core, session, " four")
+        assert core.engine.pool.usage().num_used_blocks == used
+        assert core.engine.pool.length(session.session_id) == 0
 
     run_core(tiny, scenario, FakeLink(arena))
 
