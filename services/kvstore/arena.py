@@ -260,7 +260,7 @@ class Arena:
             self._drop(seg)
 
     def trim(self) -> None:
-        """Drop empty segments beyond one spare (after adoption)."""
+        """Drop empty segments beyond the spares kept (after adoption)."""
         for seg in list(self._segments.values()):
             if seg.empty:
                 self._maybe_drop(seg)
