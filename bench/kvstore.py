@@ -26,6 +26,11 @@ park + restore) is shown. Baselines on the same machine: on the CPU a plain
 memcpy and numpy's sum64 of the same bytes; on a GPU a pinned host<->device
 copy of the same bytes (torch, cudaMemcpyAsync), the ceiling.
 
+Restore stall: --stall-sessions sessions decode through the worker's own
+WorkerCore while a parked session of --stall-context tokens is restored;
+the longest gap between two of their tokens during the restore, in median
+gaps before it (1: no stall).
+
 Recompute: one prefill step of N tokens (the first N tokens of README.md)
 through the worker's Engine/ModelRunner into a KVStorage (one untimed warm-up
 step, then --repeats timed, median), against parking that very KV and
@@ -399,6 +404,88 @@ async def recompute(address: str, kvstore_pid: int, model_name: str, device: tor
     return rows, {"load_s": round(load_s, 1), "torch_threads": torch.get_num_threads()}
 
 
+async def restore_stall(address: str, model_name: str, device: torch.device, context: int,
+                        background: int, tokens: int) -> dict:
+    """Other sessions' decode while one session's KV is restored (issue 22):
+    `background` sessions generate `tokens` tokens each through WorkerCore
+    (decode graphs on a GPU, not compiled), a session of `context` tokens
+    parked in the real kvstore is unparked meanwhile (Parking.unpark, as a
+    Generate on it does first), and each token's arrival is timed. The
+    stall: the longest gap between two tokens of one background session
+    that overlaps the restore, in units of the median gap before it."""
+    from services.worker.core import WorkerCore
+    from services.worker.engine import Engine, Finished
+    from services.worker.memory import FixedMemory
+    from services.worker.models import default_cache_dir, load_model
+    from services.worker.parking import Parking
+    from services.worker.sampling import SamplingParams
+    from services.worker.sessions import SessionTable
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    loaded = load_model(model_name, cache=default_cache_dir(), device=device, dtype=dtype,
+                        max_context=context + 512)
+    ids = loaded.tokenizer((ROOT / "README.md").read_text() * 20)["input_ids"][:context]
+    long_prompt = loaded.tokenizer.decode(ids)
+    engine = Engine(loaded, FixedMemory(1 << 40), decode_graphs=cuda, compile_decode=False,
+                    max_batch=max(8, background + 1), max_prefill_tokens=max(2048, context))
+    engine.start()
+    sessions = SessionTable()
+    link = KVStoreLink(address, owner="bench-stall")
+    parking = Parking(loaded, engine, sessions, link)
+    core = WorkerCore(loaded, engine, sessions, parking)
+
+    async def run(session, prompt, max_tokens, times=None):
+        async for event in core.generate(session.session_id, session.token,
+                                         SamplingParams(max_tokens=max_tokens), prompt=prompt):
+            if times is not None and not isinstance(event, Finished):
+                now = time.perf_counter()
+                times.extend([now] * len(event.token_ids))
+
+    try:
+        parked = core.open_session().session
+        await run(parked, long_prompt, 1)
+        num_tokens = len(engine.kv_slots(parked))
+        await core.park_session(parked.session_id, parked.token)
+        others = [core.open_session().session for _ in range(background)]
+        for session in others:        # their prompts in, graphs captured
+            await run(session, "Once upon a time", 4)
+        arrivals: list[list[float]] = [[] for _ in others]
+        tasks = [asyncio.create_task(run(s, " and then", tokens, times))
+                 for s, times in zip(others, arrivals)]
+        while min(len(t) for t in arrivals) < tokens // 3:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        await parking.unpark(parked)
+        t1 = time.perf_counter()
+        await asyncio.gather(*tasks)
+    finally:
+        parking.close()
+        await engine.close()
+        await link.close()
+    before, during = [], []
+    for times in arrivals:
+        for a, b in zip(times, times[1:]):
+            if b < t0:
+                before.append(b - a)
+            elif a < t1 and b > t0:
+                during.append(b - a)
+    step = statistics.median(before)
+    worst = max(during, default=0.0)
+    row = {"model": model_name, "device": str(device), "dtype": DTYPE_NAMES[dtype],
+           "context_tokens": num_tokens, "bytes": parking.transfer.num_bytes(num_tokens),
+           "background_sessions": background, "restore_ms": round((t1 - t0) * 1000, 2),
+           "median_gap_before_ms": round(step * 1000, 3),
+           "longest_gap_during_ms": round(worst * 1000, 3),
+           "stall_steps": round(worst / step, 2) if step else None,
+           "gaps_during": len(during)}
+    print(f"stall: {model_name} restore of {num_tokens} tokens in {row['restore_ms']} ms beside "
+          f"{background} decoding sessions: median gap {row['median_gap_before_ms']} ms before, "
+          f"longest {row['longest_gap_during_ms']} ms during ({row['stall_steps']} steps)",
+          file=sys.stderr, flush=True)
+    return row
+
+
 def machine_info() -> dict:
     import transformers
     return {"cpu_model": cpu_model(), "cores": os.cpu_count(),
@@ -437,6 +524,17 @@ def print_tables(result: dict) -> None:
               f"{r['park_reserve_rpc_ms'] + r['park_commit_rpc_ms']:.2f} | {r['park_copy_ms']:.2f} | "
               f"{r['restore_open_rpc_ms']:.2f} | {r['restore_copy_ms']:.2f} | "
               f"{r['first_park_ms']:.1f} | {base[0]:.2f} | {base[1]:.2f} |")
+    stall = result.get("restore_stall")
+    if stall:
+        print("\nA restore beside other sessions' decode: the longest gap between two tokens of "
+              "one of them during the restore, in median gaps before it")
+        print("| model | context tokens | MiB | decoding sessions | restore ms | median gap ms | "
+              "longest gap ms | stall (steps) |")
+        print("| --- |" + " ---: |" * 7)
+        print(f"| {stall['model']} | {stall['context_tokens']:,} | {stall['bytes'] / 2**20:.1f} | "
+              f"{stall['background_sessions']} | {stall['restore_ms']:.2f} | "
+              f"{stall['median_gap_before_ms']:.2f} | {stall['longest_gap_during_ms']:.2f} | "
+              f"{stall['stall_steps']} |")
     print("\nRestore against recomputing (prefill) the same context")
     print("| model | tokens | MiB | prefill ms | restore ms | prefill / restore | own restore ms | "
           "prefill / own restore | park ms |")
@@ -464,6 +562,14 @@ def parse_args(argv):
     p.add_argument("--control-tokens", default="32,4096",
                    help="token ids of the entry the control path parks")
     p.add_argument("--control-rounds", type=int, default=200)
+    p.add_argument("--stall-model", default="",
+                   help="model of the restore-stall stage (default: the first of --model; "
+                        "'none': skip it)")
+    p.add_argument("--stall-context", type=int, default=4096,
+                   help="tokens of the session restored while others decode")
+    p.add_argument("--stall-sessions", type=int, default=8,
+                   help="sessions decoding meanwhile")
+    p.add_argument("--stall-tokens", type=int, default=96)
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     return p.parse_args(argv)
 
@@ -497,6 +603,11 @@ def main(argv=None) -> int:
             [int(x) for x in args.control_tokens.split(",") if x], args.control_rounds))
         result["bandwidth"] = asyncio.run(bandwidth(kvstore.address, device, args.repeats, sizes,
                                                     args.quiet_wait_s))
+        stall_model = args.stall_model or args.model.split(",")[0]
+        if stall_model != "none":
+            result["restore_stall"] = asyncio.run(restore_stall(
+                kvstore.address, stall_model, device, args.stall_context, args.stall_sessions,
+                args.stall_tokens))
         if args.skip_recompute:
             result["recompute"] = []
         else:
