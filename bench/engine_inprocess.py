@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from benchkit import git_commit  # noqa: E402
 
+from services.worker import compiled_decode  # noqa: E402
 from services.worker.engine import Delta, Engine  # noqa: E402
 from services.worker.memory import FixedMemory  # noqa: E402
 from services.worker.models import default_cache_dir, load_model  # noqa: E402
@@ -31,9 +32,10 @@ from services.worker.sessions import SessionTable  # noqa: E402
 
 
 async def engine_rate(loaded, sessions: int, tokens: int, graphs: bool = False,
-                      compile: bool = False, ahead: bool = False) -> tuple[float, float, int]:
+                      compile: bool = False, ahead: bool = False,
+                      options: dict | None = None) -> tuple[float, float, int]:
     engine = Engine(loaded, FixedMemory(1 << 40), kv_wait_s=60, decode_graphs=graphs,
-                    compile_decode=compile, decode_ahead=ahead)
+                    compile_decode=compile, compile_options=options, decode_ahead=ahead)
     engine.start()
     table = SessionTable()
 
@@ -61,14 +63,16 @@ async def engine_rate(loaded, sessions: int, tokens: int, graphs: bool = False,
 
 
 def profile_steps(loaded, sessions: int, context: int = 64, steps: int = 20,
-                  graphs: bool = False, compile: bool = False) -> dict:
+                  graphs: bool = False, compile: bool = False,
+                  options: dict | None = None) -> dict:
     """torch.profiler over decode steps of the runner alone (this thread),
     replaying CUDA graphs if `graphs`; returns the kernels per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from services.worker.runner import StepItem
 
-    engine = Engine(loaded, FixedMemory(1 << 40), decode_graphs=graphs, compile_decode=compile)
+    engine = Engine(loaded, FixedMemory(1 << 40), decode_graphs=graphs, compile_decode=compile,
+                    compile_options=options)
     engine.pool.add_chunk()
     engine.storage.add_chunk()
     items = []
@@ -150,8 +154,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                         help="decode steps replay CUDA graphs (auto, on CUDA) or run eagerly")
-    parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
-                        help="the graphed decode step compiled by torch.compile (auto) or not")
+    parser.add_argument("--compile-decode", choices=("auto", "tuned", "off"), default="auto",
+                        help="the graphed decode step compiled by torch.compile (auto; tuned: "
+                             "with Inductor's coordinate descent tuning) or not")
     parser.add_argument("--decode-ahead", choices=("auto", "off"), default="auto",
                         help="greedy decode steps launched before the last one's tokens are "
                              "read (auto, where graphed) or one at a time")
@@ -167,18 +172,21 @@ def main() -> int:
     rows = []
     for n in [int(x) for x in args.sessions.split(",")]:
         graphs = args.cuda_graphs == "auto" and device.type == "cuda"
-        compile = graphs and args.compile_decode == "auto"
+        compile = graphs and compiled_decode.enabled(args.compile_decode, graphs)
+        options = compiled_decode.options(args.compile_decode)
         ahead = graphs and args.decode_ahead == "auto"
         if args.profile:
-            rows.append(profile_steps(loaded, n, graphs=graphs, compile=compile))
+            rows.append(profile_steps(loaded, n, graphs=graphs, compile=compile,
+                                      options=options))
             continue
         host = None
         if args.host_profile:
-            asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile, ahead))  # warm
+            asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile, ahead,
+                                    options))  # warm
             profiler = cProfile.Profile()
             profiler.enable()
         rate, step_ms, graphed = asyncio.run(engine_rate(loaded, n, args.tokens, graphs, compile,
-                                                         ahead))
+                                                         ahead, options))
         if args.host_profile:
             profiler.disable()
             host = loop_ms_per_step(profiler)

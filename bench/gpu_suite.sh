@@ -94,9 +94,8 @@ speed() {     # issue 21's table: beside HF generate, plain and static-cache com
     done
 }
 
-compile() {   # the compiled decode step against the one captured as the model runs
-    step "merged-projections-$stamp" 90 $PY bench/merged_projections.py
-    for c in off auto; do
+compile() {   # the compiled decode step (and tuned) against the one captured as the model runs
+    for c in off auto tuned; do
         step "worker-llama-1b-compile-$c-$stamp" 170 $PY bench/worker.py --device cuda \
             --model synthetic:llama-1b --sessions 1,8,64 --tokens 128 --repeats 2 \
             --quiet-wait-s 0 --skip-hf --compile-decode $c
@@ -118,7 +117,7 @@ context() {   # issue 20: the per-worker CUDA context, stage by stage, two stack
 profile() {   # kernels per decode step, compiled and not
     step "worker-llama-1b-eager-$stamp" 90 $PY bench/worker.py --device cuda --model synthetic:llama-1b \
         --sessions 1,8 --cuda-graphs off --skip-hf --quiet-wait-s 0
-    for c in off auto; do
+    for c in off auto tuned; do
         step "profile-llama-1b-compile-$c-$stamp" 120 $PY bench/engine_inprocess.py \
             --model synthetic:llama-1b --device cuda --sessions 1,64 --profile --compile-decode $c \
             --out bench/results/profile-cuda-llama-1b-compile-$c-$stamp.json

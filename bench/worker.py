@@ -517,9 +517,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                         help="the worker's --cuda-graphs: auto replays CUDA graphs of decode "
                              "steps on a GPU, off runs them eagerly [auto]")
-    parser.add_argument("--compile-decode", choices=("auto", "off"), default="auto",
+    parser.add_argument("--compile-decode", choices=("auto", "tuned", "off"), default="auto",
                         help="the worker's --compile-decode: auto compiles the graphed decode "
-                             "step with torch.compile, off captures it as the model runs [auto]")
+                             "step with torch.compile, tuned with Inductor's coordinate descent "
+                             "tuning too, off captures it as the model runs [auto]")
     parser.add_argument("--decode-ahead", choices=("auto", "off"), default="auto",
                         help="the worker's --decode-ahead: auto launches a greedy decode step "
                              "before the last one's tokens are read, off one at a time [auto]")
@@ -754,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
             + ("-eager" if args.device == "cuda" and args.cuda_graphs == "off" else "")
             + ("-uncompiled" if args.device == "cuda" and args.cuda_graphs == "auto"
                and args.compile_decode == "off" else "")
+            + ("-tuned" if args.device == "cuda" and args.cuda_graphs == "auto"
+               and args.compile_decode == "tuned" else "")
+            + ("-ahead-off" if args.device == "cuda" and args.cuda_graphs == "auto"
+               and args.decode_ahead == "off" else "")
             + ("" if args.dtype == ("bfloat16" if args.device == "cuda" else "float32")
                else f"-{args.dtype}")
             + ("" if args.quantize == "none" else f"-{args.quantize}"))

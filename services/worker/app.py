@@ -183,6 +183,7 @@ class WorkerApp:
                              decode_graphs=graphs,
                              compile_decode=compiled_decode.enabled(settings.compile_decode,
                                                                     graphs),
+                             compile_options=compiled_decode.options(settings.compile_decode),
                              decode_ahead=decode_ahead.enabled(settings.decode_ahead, graphs),
                              step_plan=self.sizing.plan)
         if self.device.type == "cuda":

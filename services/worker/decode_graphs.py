@@ -119,7 +119,8 @@ class HostTokens:
 
 class DecodeGraphs:
     def __init__(self, loaded: LoadedModel, storage: KVStorage, *, block_size: int,
-                 max_batch: int, capture: bool | None = None, compile: bool = False):
+                 max_batch: int, capture: bool | None = None, compile: bool = False,
+                 compile_options: dict | None = None):
         self.loaded = loaded
         self.storage = storage
         self.block_size = block_size
@@ -127,7 +128,7 @@ class DecodeGraphs:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.sizes = buckets(max_batch)
         #: The forward pass each bucket captures: compiled (compiled_decode.py).
-        self.forward = CompiledForward(compile)
+        self.forward = CompiledForward(compile, compile_options)
         top = self.sizes[-1]
         self.max_blocks = -(-loaded.max_context // block_size)
         device = self.device

@@ -155,6 +155,7 @@ class Engine:
                  chunk_bytes: int = 32 << 20, kv_wait_s: float = 10.0,
                  max_batch: int = 64, max_prefill_tokens: int = 2048, spare_chunks: int = 1,
                  decode_graphs: bool = False, compile_decode: bool = False,
+                 compile_options: dict | None = None,
                  decode_ahead: bool = False, step_plan: StepMemoryPlan | None = None):
         self.loaded = loaded
         self.memory = memory
@@ -163,7 +164,7 @@ class Engine:
         self.pool = BlockPool(block_size, blocks_per_chunk)
         self.storage = KVStorage(loaded.kv_shape, blocks_per_chunk * block_size, loaded.device)
         graphs = (DecodeGraphs(loaded, self.storage, block_size=block_size, max_batch=max_batch,
-                               compile=compile_decode)
+                               compile=compile_decode, compile_options=compile_options)
                   if decode_graphs else None)
         self.runner = ModelRunner(loaded, self.storage, graphs, step_plan)
         #: Greedy decode steps launched before the last one's tokens are read

@@ -22,7 +22,7 @@ def parse_fraction(text: str) -> float:
     return float(text)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: --compile-decode (services/worker/compiled_decode.py).
-COMPILE_MODES = ("auto", "off")
+COMPILE_MODES = ("auto", "tuned", "off")
 #: --decode-ahead (services/worker/decode_ahead.py).
 AHEAD_MODES = ("auto", "off")
 #: --quantize and --quantize-group-size (services/worker/quantize.py).
@@ -142,7 +142,9 @@ class WorkerSettings(ServerFields):
         "help": "auto: the graphed decode step's forward pass is compiled by torch.compile "
                 "(Inductor fuses the norms, rotary embedding, activations and residual adds "
                 "around the matrix products; two compiles at the warm-up, cached under /tmp for "
-                "the next start) | off: captured as the model runs it"})
+                "the next start) | tuned: the same with Inductor's coordinate descent tuning "
+                "(batch-1 matrix products as tuned reductions, gpt-fast's setting; a longer "
+                "first compile) | off: captured as the model runs it"})
     decode_ahead: str = field(default="auto", metadata={
         "help": "auto: where decode steps are graphed, a greedy decode step is launched before "
                 "the last one's tokens are read, so that the device computes while the host "

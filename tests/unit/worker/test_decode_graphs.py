@@ -35,7 +35,7 @@ def few_parts(monkeypatch):
 
 def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = True,
                  move_weights_after: int | None = None, compile: bool = False,
-                 penalty: float = 0.0, ahead: bool = False):
+                 penalty: float = 0.0, ahead: bool = False, compile_options: dict | None = None):
     """PROMPTS generated together (the later ones joining once the first
     has decoded a few tokens), with or without graphed decode steps."""
     params = SamplingParams(max_tokens=max_tokens, frequency_penalty=penalty)
@@ -66,7 +66,7 @@ def generate_all(loaded, *, graphs: bool, max_tokens: int = 12, stagger: bool = 
         return [tokens_of(o) for o in outs], engine.runner
 
     return run(loaded, scenario, decode_graphs=graphs, compile_decode=compile, max_batch=8,
-               decode_ahead=ahead, timeout=300)
+               decode_ahead=ahead, compile_options=compile_options, timeout=300)
 
 
 def test_buckets():
@@ -159,6 +159,36 @@ def test_a_compile_that_fails_leaves_the_graphed_step_as_it_was(tiny, monkeypatc
     assert graphed == eager
     assert runner.graphs.forward.broken == "RuntimeError: no C++ compiler found"
     assert runner.graphed_steps > 0
+
+
+def test_tuned_compiles_with_inductors_coordinate_descent_tuning(tiny, monkeypatch):
+    """--compile-decode tuned: the same compile with Inductor's
+    coordinate_descent_tuning among torch.compile's options (recorded here;
+    the compile itself is the plain forward pass)."""
+    import torch
+
+    from services.worker import compiled_decode
+    from services.worker.settings import load_settings
+
+    asked = []
+
+    def recording(fn, **kwargs):
+        asked.append(kwargs.get("options"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording)
+    settings = load_settings(["--model", "m", "--compile-decode", "tuned"], {})
+    assert compiled_decode.enabled(settings.compile_decode, graphs=True)
+    assert not compiled_decode.enabled(settings.compile_decode, graphs=False)
+    options = compiled_decode.options(settings.compile_decode)
+    assert options == {"coordinate_descent_tuning": True}
+    assert compiled_decode.options("auto") == {}
+    eager, _ = generate_all(tiny, graphs=False)
+    tuned, runner = generate_all(tiny, graphs=True, compile=True, compile_options=options)
+    assert tuned == eager and runner.graphs.forward.on
+    assert asked == [options]
+    with pytest.raises(Exception, match="compile_decode"):
+        load_settings(["--model", "m", "--compile-decode", "fast"], {})
 
 
 def test_models_that_graphs_cannot_serve_are_refused_clearly(tiny):
