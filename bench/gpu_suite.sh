@@ -187,7 +187,8 @@ quant2() {    # about 420 s
 
 kvstore() {   # issue 22, about 300 s
     step "kvstore-$stamp" 360 $PY bench/kvstore.py --device cuda --quiet-wait-s 0 \
-        --model synthetic:llama-1b,synthetic:smollm2-135m --contexts 1024,4096
+        --model synthetic:llama-1b,synthetic:smollm2-135m --contexts 1024,4096 \
+        --sizes-mib 1,16,64,256,1024
     for shape in llama-1b smollm2-135m; do
         step "kv-copy-probe-$shape-$stamp" 60 $PY bench/kv_copy_probe.py --mib 256 --shape $shape
     done
