@@ -21,6 +21,7 @@
 #   bench/gpu_suite.sh quant     # int4/int8 weights: the step plan, real models' quality
 #   bench/gpu_suite.sh quant2    # int4/int8 decode speed (bench/worker.py), synthetic quality
 #   bench/gpu_suite.sh kvstore   # park/restore against the link and against prefill, the copy taken apart
+#   bench/gpu_suite.sh kvmove    # a context moved between two llama-1b workers against recomputing it
 #   bench/gpu_suite.sh graphfault  # the illegal address of a capture after other graphs were freed
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
@@ -194,6 +195,11 @@ kvstore() {   # issue 22, about 300 s
     done
 }
 
+kvmove() {    # issue 22, about 240 s (two workers start and compile)
+    step "kv-move-$stamp" 420 $PY bench/kv_move.py --device cuda --model synthetic:llama-1b \
+        --contexts 1024,4096
+}
+
 graphfault() {   # about 300 s: bench/diag_graph_fault.py as it faulted, then what changes it
     local seq=llama-tiny:0:float32,smollm2-135m:0:float32
     step "graphfault-base-$stamp" 60 env SEQ=$seq GC=1 SYNC=1 $PY bench/diag_graph_fault.py
@@ -209,10 +215,10 @@ stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|graphfault ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|kvmove|graphfault ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|graphfault) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|kvmove|graphfault) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
