@@ -8,7 +8,8 @@ worker 1 reads a prompt of about that many tokens, is parked there
 (ParkSession) and restored on worker 2 (RestoreSession), the restored
 session's next tokens checked against a control session that never moved;
 against that, the same prompt read afresh by a new session on worker 2
-(prefill: the time to its first token of a one-token Generate). Timed
+(prefill: the time to its first token of a one-token Generate), each from
+an empty KV pool there. Timed
 through gRPC as a client sees it, median of --repeats rounds after one
 warm-up round.
 
@@ -63,6 +64,12 @@ def generate(stub, session, prompt: str, max_tokens: int) -> tuple[list[int], fl
 
 
 def one_round(w1, w2, prompt: str) -> dict:
+    """Recompute first, then the move: worker 2's KV pool is empty (shrunk
+    at the last CloseSession) before each, so both grow it alike."""
+    fresh = w2.OpenSession(pb.OpenSessionRequest(), timeout=30)
+    _, recompute = generate(w2, fresh, prompt, 1)
+    w2.CloseSession(pb.CloseSessionRequest(session_id=fresh.session_id, token=fresh.token),
+                    timeout=30)
     control = w1.OpenSession(pb.OpenSessionRequest(), timeout=30)
     moved = w1.OpenSession(pb.OpenSessionRequest(), timeout=30)
     generate(w1, control, prompt, 1)
@@ -77,9 +84,7 @@ def one_round(w1, w2, prompt: str) -> dict:
     again = SimpleNamespace(session_id=restored.session_id, token=moved.token)
     expected, _ = generate(w1, control, " and then", 8)
     went_on, _ = generate(w2, again, " and then", 8)
-    fresh = w2.OpenSession(pb.OpenSessionRequest(), timeout=30)
-    _, recompute = generate(w2, fresh, prompt, 1)
-    for stub, session in ((w1, control), (w2, again), (w2, fresh)):
+    for stub, session in ((w1, control), (w2, again)):
         stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id,
                                                  token=session.token), timeout=30)
     return {"tokens": parked.parked_tokens, "park": t1 - t0, "restore": t2 - t1,
@@ -94,10 +99,13 @@ def main(argv=None) -> int:
                         help="about this many tokens of prompt each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--log-dir", default="",
+                        help="keep the services' logs here (default: removed with the run)")
     args = parser.parse_args(argv)
     contexts = [int(x) for x in args.contexts.split(",") if x]
     started = dt.datetime.now(dt.timezone.utc)
-    tmp = Path(tempfile.mkdtemp(prefix="lmx-kv-move-"))
+    tmp = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="lmx-kv-move-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     shm = Path(tempfile.mkdtemp(prefix="lmx-kv-move-", dir="/dev/shm"))
     backend = "nvml" if args.device == "cuda" else "simulated"
     procs = {}
@@ -145,7 +153,8 @@ def main(argv=None) -> int:
         codes = {name: procs[name].stop() for name in ("w2", "w1", "kvstore", "admission")
                  if name in procs}
         shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.log_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
     report = {"benchmark": "kv_move", "date": started.isoformat(timespec="seconds"),
               "commit": git_commit(), "device": args.device, "model": args.model,
               "card": _card(args.device), "exit_codes": codes, "rows": rows}
