@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from services.worker import kv_copy_kernels  # noqa: E402
 from services.worker.kv_storage import KVShape, KVStorage, SlotGroups  # noqa: E402
 from services.worker.kv_transfer import HostSegments, KVTransfer, sum64  # noqa: E402
 
@@ -97,6 +98,14 @@ def main() -> int:
         data = storage.gather_layers(0, 0, layers, groups, tokens)
         rows.append(("write K of all layers", timed(lambda: storage.write_layers(0, 0, layers, groups, data), args.repeats)))
         rows.append(("SlotGroups.build (host)", timed(lambda: SlotGroups.build(slots, per_chunk, dev), args.repeats)))
+        blocks = kv_copy_kernels.blocks_of(slots, 16, dev)
+        ptrs = torch.tensor(storage.chunk_addresses(0), dtype=torch.int64, device=dev)
+
+        def kernel(gather: bool) -> None:
+            kv_copy_kernels.copy_blocks(ptrs, blocks, data, first=0, slots_per_chunk=per_chunk,
+                                        block_size=16, gather=gather)
+        rows.append(("gather K of all layers, one launch", timed(lambda: kernel(True), args.repeats)))
+        rows.append(("write K of all layers, one launch", timed(lambda: kernel(False), args.repeats)))
     transfer = KVTransfer(storage)
     crc = transfer.park(slots, region)
     rows.append(("KVTransfer.park (host clock incl.)", timed(lambda: transfer.park(slots, region), args.repeats)))

@@ -102,6 +102,11 @@ class KVStorage:
         self._v.append(torch.zeros(dims, dtype=self.shape.dtype, device=self.device))
         self.version += 1
 
+    def chunk_addresses(self, kv: int) -> list[int]:
+        """The device addresses of the chunks' K (kv=0) or V (kv=1) tensors,
+        in chunk order (the kernels' address tables)."""
+        return [t.data_ptr() for t in (self._k if kv == 0 else self._v)]
+
     def remove_chunks(self, count: int) -> None:
         for _ in range(count):
             self._k.pop()

@@ -35,6 +35,7 @@ import torch
 
 from services.kvstore.checksum import MASK
 from services.kvstore.checksum import checksum as host_checksum
+from services.worker import kv_copy_kernels
 from services.worker.kv_storage import KVStorage, SlotGroups
 
 log = structlog.get_logger(__name__)
@@ -216,14 +217,21 @@ class KVTransfer:
     On a GPU two staging buffers of piece_bytes alternate between two side
     streams: while the copy stream moves one piece over PCIe, the compute
     stream gathers (or scatters) and sums the other, so the copies run back
-    to back and the GPU memory used is bounded by the two buffers."""
+    to back and the GPU memory used is bounded by the two buffers. There a
+    piece is gathered or scattered in one kernel launch through the chunks'
+    addresses (kv_copy_kernels.py) when the slots are whole blocks of
+    `block_size` in order (a session's always are); else, and on the CPU,
+    with torch's index operations, two a pool chunk."""
 
-    def __init__(self, storage: KVStorage, piece_bytes: int = 32 << 20):
+    def __init__(self, storage: KVStorage, piece_bytes: int = 32 << 20, block_size: int = 16,
+                 kernels: bool | None = None):
         self.storage = storage
         self.device = storage.device
         self.cuda = self.device.type == "cuda"
         self.segments = HostSegments(pin=self.cuda)
         self.piece_bytes = piece_bytes
+        self.block_size = block_size
+        self.kernels = (self.cuda and kv_copy_kernels.AVAILABLE) if kernels is None else kernels
         if self.cuda:
             self._compute = torch.cuda.Stream(self.device)
             self._copy = torch.cuda.Stream(self.device)
@@ -253,7 +261,7 @@ class KVTransfer:
         with self.segments.region(region) as dest:
             self._begin()
             with self._on(self._compute_stream):
-                groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
+                move = self._mover(slots)
                 total = torch.zeros((), dtype=torch.int64, device=self.device)
                 buffers = self._buffers(pieces)
             copied: list = [None, None]   # per buffer: its last copy out, done
@@ -261,8 +269,7 @@ class KVTransfer:
                 buffer = buffers[i % 2][:piece.length]
                 with self._on(self._compute_stream):
                     self._wait_for(copied[i % 2])
-                    self.storage.gather_layers(piece.kv, piece.first, piece.last, groups, n,
-                                               out=self._as_kv(buffer, piece, n))
+                    move(piece, self._as_kv(buffer, piece, n), gather=True)
                     if aligned:
                         total += sum64(buffer, piece.offset // 8)
                     gathered = self._mark()
@@ -289,7 +296,7 @@ class KVTransfer:
                 raise ChecksumMismatch("the region does not have the entry's checksum")
             self._begin()
             with self._on(self._compute_stream):
-                groups = SlotGroups.build(list(slots), self.storage.slots_per_chunk, self.device)
+                move = self._mover(slots)
                 total = torch.zeros((), dtype=torch.int64, device=self.device)
                 buffers = self._buffers(pieces)
             used: list = [None, None]   # per buffer: its last scatter, done
@@ -303,14 +310,42 @@ class KVTransfer:
                     self._wait_for(filled)
                     if aligned:
                         total += sum64(buffer, piece.offset // 8)
-                    self.storage.write_layers(piece.kv, piece.first, piece.last, groups,
-                                              self._as_kv(buffer, piece, n))
+                    move(piece, self._as_kv(buffer, piece, n), gather=False)
                     used[i % 2] = self._mark()
             self._finish()
             if aligned and int(total.item()) & MASK != expected:
                 raise ChecksumMismatch("the bytes read do not have the entry's checksum")
 
     # ---- helpers ----
+    def _mover(self, slots: Sequence[int]):
+        """`move(piece, data, gather)`: the piece's layers of the slots into
+        `data` [layers, tokens, kv_heads, head_dim] (gather) or out of it:
+        one kernel launch (kv_copy_kernels.py) where it serves, else the
+        pool's index operations."""
+        storage = self.storage
+        blocks = (kv_copy_kernels.blocks_of(slots, self.block_size, self.device)
+                  if self.kernels else None)
+        if blocks is None:
+            groups = SlotGroups.build(list(slots), storage.slots_per_chunk, self.device)
+
+            def by_index(piece: _Piece, data: torch.Tensor, gather: bool) -> None:
+                if gather:
+                    storage.gather_layers(piece.kv, piece.first, piece.last, groups,
+                                          data.shape[1], out=data)
+                else:
+                    storage.write_layers(piece.kv, piece.first, piece.last, groups, data)
+            return by_index
+        # The chunks holding these slots are in use: none is removed meanwhile,
+        # so the table of their addresses stays good for this copy.
+        ptrs = [torch.tensor(storage.chunk_addresses(kv), dtype=torch.int64, device=self.device)
+                for kv in (0, 1)]
+
+        def by_kernel(piece: _Piece, data: torch.Tensor, gather: bool) -> None:
+            kv_copy_kernels.copy_blocks(ptrs[piece.kv], blocks, data, first=piece.first,
+                                        slots_per_chunk=storage.slots_per_chunk,
+                                        block_size=self.block_size, gather=gather)
+        return by_kernel
+
     def _pieces(self, num_tokens: int) -> list[_Piece]:
         layers = self.storage.shape.num_layers
         layer_bytes = num_tokens * self._row_bytes

@@ -88,7 +88,7 @@ class Parking:
         self.sessions = sessions
         self.link = link
         self.model_version = model_version(loaded)
-        self.transfer = KVTransfer(engine.storage)
+        self.transfer = KVTransfer(engine.storage, block_size=engine.pool.block_size)
         self._deletes: set[asyncio.Task] = set()
         #: Sessions a previous run of this worker (same worker id, the
         #: kvstore's owner) parked: session id -> entry id. The first request

@@ -53,7 +53,10 @@ def test_sum64_on_the_gpu_equals_the_hosts(num_bytes):
         assert int(sum64(data, offset)) & MASK == checksum(host, offset), (num_bytes, offset)
 
 
-def test_pinned_park_and_restore_on_cuda(arena):
+# Slots from a block's start go through one kernel launch a piece
+# (kv_copy_kernels.py); from the middle of one, through torch's index ops.
+@pytest.mark.parametrize("start,other_start", [(96, 496), (100, 500)], ids=["kernel", "index"])
+def test_pinned_park_and_restore_on_cuda(arena, start, other_start):
     from services.kvstore.arena import Region
     from services.kvstore.checksum import checksum
     from services.worker.kv_storage import KVShape, KVStorage, SlotGroups
@@ -65,7 +68,7 @@ def test_pinned_park_and_restore_on_cuda(arena):
     for storage in (source, target):
         for _ in range(3):
             storage.add_chunk()
-    slots = list(range(100, 2600))              # over three chunks
+    slots = list(range(start, start + 2500))    # over three chunks
     keys = torch.randn(16, len(slots), 8, 64, device=CUDA).to(torch.bfloat16)
     values = torch.randn(16, len(slots), 8, 64, device=CUDA).to(torch.bfloat16)
     groups = SlotGroups.build(slots, 1024, CUDA)
@@ -81,7 +84,11 @@ def test_pinned_park_and_restore_on_cuda(arena):
     mapped = next(iter(parker.segments._maps.values()))
     assert mapped.pinned and mapped.tensor.is_pinned(), "the segment was not registered as pinned"
 
-    other = list(range(3000 - len(slots), 3000))
+    from services.worker import kv_copy_kernels
+
+    aligned = kv_copy_kernels.blocks_of(slots, 16, CUDA) is not None
+    assert aligned == (start % 16 == 0) and parker.kernels
+    other = list(range(other_start, other_start + len(slots)))
     restorer.restore(other, region, crc)
     got_k, got_v = target.read_tokens(torch.tensor(other, device=CUDA))
     assert torch.equal(got_k, keys) and torch.equal(got_v, values), "restored KV differs"

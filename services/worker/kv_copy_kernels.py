@@ -1,0 +1,88 @@
+"""One kernel launch to copy a run of layers of a session's K (or V) between
+the pool's chunks and one contiguous buffer [layers, tokens, kv_heads,
+head_dim]: a park's gather, a restore's scatter (kv_transfer.py).
+
+The pool (kv_storage.py) keeps K and V in chunks [num_layers,
+slots_per_chunk, kv_heads, head_dim], and a session's tokens lie in blocks
+of `block_size` consecutive slots spread over them. Done with torch's
+index_select and index_copy_, a piece of a park takes two launches (and an
+index tensor) per chunk it touches: 2,048 launches for a 1 GiB Llama-1B
+entry (32 one-layer pieces over 32 chunks), whose host cost held its park
+to 15 GB/s on an H200. Here one program copies one block of one layer,
+reading the chunk's address from a table (as paged_kernels.py does), so a
+piece is one launch whatever the number of chunks.
+
+The session's slots must be whole blocks in order, each but the last full
+(what the engine hands out: `blocks_of` checks, and says None otherwise;
+the caller then takes the torch path). On CPU tensors the kernels run
+under Triton's interpreter (the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from services.worker.paged_kernels import AVAILABLE, next_power_of_2
+
+if AVAILABLE:
+    import triton.language as tl
+
+    from services.worker.paged_kernels import _both
+
+
+def blocks_of(slots: Sequence[int], block_size: int,
+              device: torch.device) -> torch.Tensor | None:
+    """The blocks holding `slots` in token order (int64, on `device`) if the
+    slots are whole blocks in order, each but the last full; else None."""
+    flat = np.asarray(slots, dtype=np.int64)
+    if flat.size == 0:
+        return None
+    blocks = flat[::block_size] // block_size
+    expected = (np.repeat(blocks, block_size)[:flat.size] * block_size
+                + np.arange(flat.size, dtype=np.int64) % block_size)
+    if not np.array_equal(flat, expected):
+        return None
+    return torch.from_numpy(blocks).to(device)
+
+
+if AVAILABLE:
+    def _copy_kernel(ptrs, blocks, buffer, first, slots_per_chunk, num_tokens,
+                     ROW: tl.constexpr, ROW_P2: tl.constexpr, BLOCK: tl.constexpr,
+                     GATHER: tl.constexpr):
+        """Layer `first + program_id(0)`, the session's block program_id(1):
+        its BLOCK rows between the chunk (through the address table) and the
+        buffer [layers, num_tokens, ROW]."""
+        layer = tl.program_id(0)
+        j = tl.program_id(1)
+        slot0 = tl.load(blocks + j).to(tl.int64) * BLOCK
+        chunk = slot0 // slots_per_chunk
+        local = slot0 % slots_per_chunk
+        t = tl.arange(0, BLOCK)
+        e = tl.arange(0, ROW_P2)
+        token = j * BLOCK + t
+        mask = (token < num_tokens)[:, None] & (e < ROW)[None, :]
+        base = tl.load(ptrs + chunk).to(tl.pointer_type(buffer.dtype.element_ty))
+        pool = ((first + layer) * slots_per_chunk + local + t)[:, None] * ROW + e[None, :]
+        flat = (layer * num_tokens + token.to(tl.int64))[:, None] * ROW + e[None, :]
+        if GATHER:
+            tl.store(buffer + flat, tl.load(base + pool, mask=mask), mask=mask)
+        else:
+            tl.store(base + pool, tl.load(buffer + flat, mask=mask), mask=mask)
+
+    _COPY = _both(_copy_kernel)
+
+
+def copy_blocks(ptrs: torch.Tensor, blocks: torch.Tensor, buffer: torch.Tensor, *, first: int,
+                slots_per_chunk: int, block_size: int, gather: bool) -> None:
+    """Layers [first, first + buffer.shape[0]) of the session whose slots are
+    `blocks` (blocks_of) between the chunks at `ptrs` (int64 addresses, one
+    per chunk, of K's or of V's) and `buffer` [layers, tokens, kv_heads,
+    head_dim] (contiguous): into the buffer if `gather`, else out of it."""
+    layers, num_tokens = buffer.shape[0], buffer.shape[1]
+    row = buffer.shape[2] * buffer.shape[3]
+    _COPY[buffer.device.type][(layers, blocks.numel())](
+        ptrs, blocks, buffer, first, slots_per_chunk, num_tokens, ROW=row,
+        ROW_P2=next_power_of_2(row), BLOCK=block_size, GATHER=gather)
