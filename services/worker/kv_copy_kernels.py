@@ -7,8 +7,10 @@ slots_per_chunk, kv_heads, head_dim], and a session's tokens lie in blocks
 of `block_size` consecutive slots spread over them. Done with torch's
 index_select and index_copy_, a piece of a park takes two launches (and an
 index tensor) per chunk it touches: 2,048 launches for a 1 GiB Llama-1B
-entry (32 one-layer pieces over 32 chunks), whose host cost held its park
-to 15 GB/s on an H200. Here one program copies one block of one layer,
+entry (32 one-layer pieces over 32 chunks), whose park ran at 15 GB/s on
+an H200 against 55 for the bare copy (the launches' host cost is the
+suspect; bench/kv_copy_probe.py times both ways). Here one program copies
+one block of one layer,
 reading the chunk's address from a table (as paged_kernels.py does), so a
 piece is one launch whatever the number of chunks.
 
