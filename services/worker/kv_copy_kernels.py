@@ -35,6 +35,11 @@ if AVAILABLE:
     from services.worker.paged_kernels import _both
 
 
+#: Elements of a row one program copies (a row is kv_heads * head_dim): a
+#: block's 16 rows of 256 are 4,096 elements, 32 a thread at 4 warps.
+ROW_TILE = 256
+
+
 def blocks_of(slots: Sequence[int], block_size: int,
               device: torch.device) -> torch.Tensor | None:
     """The blocks holding `slots` in token order (int64, on `device`) if the
@@ -52,18 +57,19 @@ def blocks_of(slots: Sequence[int], block_size: int,
 
 if AVAILABLE:
     def _copy_kernel(ptrs, blocks, buffer, first, slots_per_chunk, num_tokens,
-                     ROW: tl.constexpr, ROW_P2: tl.constexpr, BLOCK: tl.constexpr,
+                     ROW: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
                      GATHER: tl.constexpr):
-        """Layer `first + program_id(0)`, the session's block program_id(1):
-        its BLOCK rows between the chunk (through the address table) and the
-        buffer [layers, num_tokens, ROW]."""
+        """Layer `first + program_id(0)`, the session's block program_id(1),
+        elements [TILE * program_id(2), +TILE) of each of its BLOCK rows:
+        between the chunk (through the address table) and the buffer
+        [layers, num_tokens, ROW]."""
         layer = tl.program_id(0)
         j = tl.program_id(1)
         slot0 = tl.load(blocks + j).to(tl.int64) * BLOCK
         chunk = slot0 // slots_per_chunk
         local = slot0 % slots_per_chunk
         t = tl.arange(0, BLOCK)
-        e = tl.arange(0, ROW_P2)
+        e = tl.program_id(2) * TILE + tl.arange(0, TILE)
         token = j * BLOCK + t
         mask = (token < num_tokens)[:, None] & (e < ROW)[None, :]
         base = tl.load(ptrs + chunk).to(tl.pointer_type(buffer.dtype.element_ty))
@@ -85,6 +91,7 @@ def copy_blocks(ptrs: torch.Tensor, blocks: torch.Tensor, buffer: torch.Tensor, 
     head_dim] (contiguous): into the buffer if `gather`, else out of it."""
     layers, num_tokens = buffer.shape[0], buffer.shape[1]
     row = buffer.shape[2] * buffer.shape[3]
-    _COPY[buffer.device.type][(layers, blocks.numel())](
-        ptrs, blocks, buffer, first, slots_per_chunk, num_tokens, ROW=row,
-        ROW_P2=next_power_of_2(row), BLOCK=block_size, GATHER=gather)
+    tile = min(next_power_of_2(row), ROW_TILE)
+    _COPY[buffer.device.type][(layers, blocks.numel(), -(-row // tile))](
+        ptrs, blocks, buffer, first, slots_per_chunk, num_tokens, ROW=row, TILE=tile,
+        BLOCK=block_size, GATHER=gather)

@@ -2,7 +2,7 @@
 run by Triton's interpreter on the CPU, against the pool's own index
 operations (KVStorage.gather_layers / write_layers), and through KVTransfer:
 blocks interleaved over several chunks, a last block part full, float32 and
-bfloat16, an odd row (3 KV heads)."""
+bfloat16, an odd row (3 KV heads), a row wider than one program's tile."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_blocks_of_whole_blocks_in_order_only():
 
 
 @needs_triton_interpreter
-@pytest.mark.parametrize("dtype,kv_heads", [(torch.float32, 2), (torch.bfloat16, 3)])
+@pytest.mark.parametrize("dtype,kv_heads", [(torch.float32, 2), (torch.bfloat16, 3),
+                                            (torch.float32, 40)])   # a row of 320: two tiles
 def test_one_launch_gathers_and_scatters_what_the_index_operations_do(dtype, kv_heads):
     storage = filled(dtype, kv_heads)
     blocks = [4, 1, 5, 0]                               # over all three chunks, out of order
