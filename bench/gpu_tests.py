@@ -121,25 +121,28 @@ def main() -> int:
     rc, cut, tests = run_pytest(["tests/gpu", *extra])
     mark_fault(tests)
     reruns = 0
-    while not cut and reruns < 3:
-        again = lost_context(tests)
-        if not again:
-            break
-        reruns += 1
-        print(f"== {len(again)} tests ran after the CUDA context was lost: again, in a new "
-              f"process (round {reruns})", flush=True)
-        rc_again, cut, rerun = run_pytest([*(node_id(t["test"]) for t in again), *extra])
-        mark_fault(rerun)
-        by_name = {t["test"]: t for t in rerun}
-        for test in again:
-            new = by_name.get(test["test"])
-            if new is not None:
-                first = test.get("lost_context") or {"outcome": test["outcome"],
-                                                     "message": test["message"]}
-                test.update(new, lost_context=first)
-        rc = rc or rc_again
-        if len(lost_context(tests)) >= len(again):
-            break
+    try:
+        while not cut and reruns < 3:
+            again = lost_context(tests)
+            if not again:
+                break
+            reruns += 1
+            print(f"== {len(again)} tests ran after the CUDA context was lost: again, in a new "
+                  f"process (round {reruns})", flush=True)
+            rc_again, cut, rerun = run_pytest([*(node_id(t["test"]) for t in again), *extra])
+            mark_fault(rerun)
+            by_name = {t["test"]: t for t in rerun}
+            for test in again:
+                new = by_name.get(test["test"])
+                if new is not None:
+                    first = test.get("lost_context") or {"outcome": test["outcome"],
+                                                         "message": test["message"]}
+                    test.update(new, lost_context=first)
+            rc = rc or rc_again
+            if len(lost_context(tests)) >= len(again):
+                break
+    except KeyboardInterrupt:     # the stage's limit between two runs: write what ran
+        cut = True
     counts: dict[str, int] = {}
     for test in tests:
         counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
