@@ -25,7 +25,7 @@ def store_config(settings: KVStoreSettings) -> StoreConfig:
         when_full=settings.when_full, spill_dir=Path(settings.spill_dir),
         state_dir=Path(settings.state_dir), keep_on_stop=settings.keep_on_stop,
         clean_stale=settings.clean_stale, max_entry_bytes=settings.max_entry_bytes,
-        reservation_ttl_s=settings.reservation_ttl_s)
+        reservation_ttl_s=settings.reservation_ttl_s, spare_bytes=settings.spare_bytes)
 
 
 class KVStoreApp:

@@ -6,11 +6,11 @@ Regular segments are `segment_bytes` long and hold many regions; a region
 larger than that gets a dedicated segment of at least its size. Freed ranges
 coalesce with their neighbours; an empty segment is unlinked at once, except
 one empty regular segment kept as a spare, and empty dedicated segments kept
-for the next large regions while all segments together map at most
-`spare_limit` bytes (the store's capacity). A new segment costs its pages'
-first touch and, in a GPU worker, registering it as pinned memory (30-55 ms
-for 256 MiB on an H200): a dedicated segment made afresh for every large
-entry held parks and restores of it to 2 GB/s. Files are created sparse
+for the next large regions, up to `spare_bytes` of them and while all
+segments together map at most `mapped_limit` bytes (the store's capacity).
+A new segment costs its pages' first touch and, in a GPU worker, registering
+it as pinned memory (30-55 ms for 256 MiB on an H200): a dedicated segment
+made afresh for every large entry held parks and restores of it to 2 GB/s. Files are created sparse
 (ftruncate), so a segment costs host memory only for the pages written into
 it.
 
@@ -115,15 +115,17 @@ class Arena:
     """Allocates page-aligned regions in shared-memory segment files."""
 
     def __init__(self, shm_dir: str | Path, store_id: str, segment_bytes: int,
-                 spare_limit: int = 0):
+                 spare_bytes: int = 0, mapped_limit: int = 0):
         if segment_bytes <= 0 or segment_bytes % ALIGN:
             raise ValueError(f"segment_bytes must be a positive multiple of {ALIGN}")
         self.shm_dir = Path(shm_dir)
         self.store_id = store_id
         self.segment_bytes = segment_bytes
-        #: Empty dedicated segments are kept for reuse while every segment
-        #: together maps at most this many bytes (0: never kept).
-        self.spare_limit = spare_limit
+        #: Empty dedicated segments kept for reuse: at most this many bytes of
+        #: them (0: none), and only while every segment together maps at most
+        #: mapped_limit bytes.
+        self.spare_bytes_limit = spare_bytes
+        self.mapped_limit = mapped_limit
         self._segments: dict[str, Segment] = {}
         self._next_number = 0
 
@@ -229,7 +231,9 @@ class Arena:
 
     def _maybe_drop(self, seg: Segment) -> None:
         if seg.dedicated:
-            if self.mapped_bytes > self.spare_limit:
+            others = self.spare_bytes - seg.size      # the empty ones besides this one
+            if (others + seg.size > self.spare_bytes_limit
+                    or self.mapped_bytes > self.mapped_limit):
                 self._drop(seg)
             return
         spares = [other for other in self._segments.values()
@@ -250,12 +254,12 @@ class Arena:
 
     def _make_room(self, size: int) -> None:
         """Empty dedicated segments go, the largest first, until a new
-        segment of `size` bytes keeps the mapped bytes within spare_limit
+        segment of `size` bytes keeps the mapped bytes within mapped_limit
         (or none is left)."""
         spares = sorted((seg for seg in self._segments.values() if seg.dedicated and seg.empty),
                         key=lambda seg: seg.size, reverse=True)
         for seg in spares:
-            if self.mapped_bytes + size <= self.spare_limit:
+            if self.mapped_bytes + size <= self.mapped_limit:
                 return
             self._drop(seg)
 

@@ -45,6 +45,11 @@ class KVStoreSettings(ServerFields):
     segment_bytes: int = field(default=256 << 20, metadata={
         "help": "size of a shared-memory segment (a larger entry gets its own)",
         "parse": parse_bytes})
+    spare_bytes: int = field(default=2 << 30, metadata={
+        "help": "emptied segments of entries larger than --segment-bytes kept for the next such "
+                "entry (a new segment costs its first touch and a GPU worker's pinning of it), "
+                "at most this many bytes of them, within --capacity-bytes (0: none)",
+        "parse": parse_bytes})
     capacity_bytes: int = field(default=0, metadata={
         "help": "shared memory the entries may use (0: a quarter of RAM, at most 90% of --shm-dir)", "parse": parse_bytes})
     when_full: str = field(default="spill", metadata={
@@ -85,7 +90,7 @@ class KVStoreSettings(ServerFields):
             raise ConfigError("when_full", f"unknown policy {self.when_full!r}",
                               fix="use spill or refuse")
         for name in ("capacity_bytes", "max_entry_bytes", "reservation_ttl_s",
-                     "manifest_delay_s"):
+                     "manifest_delay_s", "spare_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must not be negative")
         if not 0 < self.export_chunk_bytes <= 32 << 20:

@@ -60,6 +60,8 @@ class StoreConfig:
     max_entry_bytes: int = 0  # 0: capacity_bytes
     #: A reservation not committed within this is dropped (0: never).
     reservation_ttl_s: float = 60.0
+    #: Bytes of emptied dedicated segments kept for the next large entry.
+    spare_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,10 @@ class Store:
         self.config = config
         self.clock = clock
         # Empty dedicated segments (entries larger than a segment) are kept
-        # for the next such entry while the segments map at most the capacity.
+        # for the next such entry, up to spare_bytes of them, while the
+        # segments map at most the capacity.
         self.arena = Arena(config.shm_dir, config.store_id, config.segment_bytes,
-                           spare_limit=config.capacity_bytes)
+                           spare_bytes=config.spare_bytes, mapped_limit=config.capacity_bytes)
         self.spill = SpillDir(config.spill_dir)
         self.manifest = Manifest(config.state_dir)
         self._lock = StoreLock(config.shm_dir, config.store_id)

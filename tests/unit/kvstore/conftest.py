@@ -41,6 +41,7 @@ def make_store(dirs):
 
     def make(store_id: str = "s1", start: bool = True, **overrides) -> Store:
         config = dict(dirs, store_id=store_id, segment_bytes=SEGMENT, capacity_bytes=1 << 20,
+                      spare_bytes=1 << 20,
                       when_full="spill", keep_on_stop=True, clean_stale=True)
         if store_id != "s1" and "state_dir" not in overrides:
             config["state_dir"] = dirs["state_dir"].parent / store_id

@@ -67,7 +67,7 @@ def test_empty_dedicated_segments_are_reused_for_the_next_large_region(tmp_path)
     """Kept while everything mapped stays within spare_limit: the next large
     region reuses the file (a worker's mapping and pinning of it stay
     good), the smallest that fits."""
-    arena = Arena(tmp_path, "t", SEGMENT, spare_limit=8 * SEGMENT)
+    arena = Arena(tmp_path, "t", SEGMENT, spare_bytes=8 * SEGMENT, mapped_limit=8 * SEGMENT)
     big = arena.allocate(2 * SEGMENT)
     arena.free(big)
     assert names(tmp_path) == [big.segment] and arena.spare_bytes == 2 * SEGMENT
@@ -84,7 +84,7 @@ def test_empty_dedicated_segments_are_reused_for_the_next_large_region(tmp_path)
 
 
 def test_spare_dedicated_segments_stay_within_the_limit(tmp_path):
-    arena = Arena(tmp_path, "t", SEGMENT, spare_limit=5 * SEGMENT)
+    arena = Arena(tmp_path, "t", SEGMENT, spare_bytes=8 * SEGMENT, mapped_limit=5 * SEGMENT)
     a, b = arena.allocate(2 * SEGMENT), arena.allocate(2 * SEGMENT)
     arena.free(a)                          # 4 segments' worth mapped: kept
     assert arena.segment(a.segment) is not None
@@ -96,6 +96,18 @@ def test_spare_dedicated_segments_stay_within_the_limit(tmp_path):
     assert arena.spare_bytes == 5 * SEGMENT
     arena.allocate(ALIGN)                  # a regular segment needs room: the largest spare goes
     assert arena.segment(c.segment) is None and arena.segment(b.segment) is not None
+    arena.close()
+
+
+def test_spare_dedicated_segments_are_kept_up_to_their_own_limit(tmp_path):
+    """An idle store does not keep its capacity in spares: at most
+    spare_bytes of emptied dedicated segments."""
+    arena = Arena(tmp_path, "t", SEGMENT, spare_bytes=3 * SEGMENT, mapped_limit=64 * SEGMENT)
+    a, b = arena.allocate(2 * SEGMENT), arena.allocate(2 * SEGMENT)
+    arena.free(a)                          # 2 of 3 spare bytes: kept
+    arena.free(b)                          # 4 > 3: dropped
+    assert arena.segment(a.segment) is not None and arena.segment(b.segment) is None
+    assert arena.spare_bytes == 2 * SEGMENT
     arena.close()
 
 

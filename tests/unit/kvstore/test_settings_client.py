@@ -30,6 +30,7 @@ def test_defaults_resolve_once():
     assert settings.spill_dir == settings.state_dir + "/spill"
     assert settings.when_full == "spill" and settings.keep_on_stop and settings.clean_stale
     assert settings.export_chunk_bytes == 4 << 20
+    assert settings.spare_bytes == 2 << 30
 
 
 def test_capacity_fits_the_shm_filesystem(tmp_path):
@@ -59,6 +60,7 @@ def test_flags_and_environment():
     (["--segment-bytes", "1000"], "segment_bytes"),
     (["--listen", "nowhere"], "listen"),
     (["--export-chunk-bytes", "0"], "export_chunk_bytes"),
+    (["--spare-bytes", "-1"], "spare_bytes"),
 ])
 def test_bad_settings_name_the_setting(argv, setting):
     with pytest.raises(ConfigError) as err:
