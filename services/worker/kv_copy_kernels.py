@@ -10,9 +10,9 @@ index tensor) per chunk it touches: 2,048 launches for a 1 GiB Llama-1B
 entry (32 one-layer pieces over 32 chunks), whose park ran at 15 GB/s on
 an H200 against 55 for the bare copy (the launches' host cost is the
 suspect; bench/kv_copy_probe.py times both ways). Here one program copies
-one block of one layer,
-reading the chunk's address from a table (as paged_kernels.py does), so a
-piece is one launch whatever the number of chunks.
+a tile of one block of one layer, reading the chunk's address from a table
+(as paged_kernels.py does), so a piece is one launch whatever the number
+of chunks.
 
 The session's slots must be whole blocks in order, each but the last full
 (what the engine hands out: `blocks_of` checks, and says None otherwise;
