@@ -414,10 +414,8 @@ class DecodeGraphs:
         if self.storage.version == self._chunks_version:
             return
         count = self.storage.num_chunks
-        self.k_ptrs[:count].copy_(torch.tensor([t.data_ptr() for t in self.storage._k],
-                                               dtype=torch.long))
-        self.v_ptrs[:count].copy_(torch.tensor([t.data_ptr() for t in self.storage._v],
-                                               dtype=torch.long))
+        self.k_ptrs[:count].copy_(torch.tensor(self.storage.chunk_addresses(0), dtype=torch.long))
+        self.v_ptrs[:count].copy_(torch.tensor(self.storage.chunk_addresses(1), dtype=torch.long))
         self._chunks_version = self.storage.version
 
     def _fill(self, items, size: int, feed: list[int] | None = None) -> None:
