@@ -10,9 +10,9 @@ for the next large regions, up to `spare_bytes` of them and while all
 segments together map at most `mapped_limit` bytes (the store's capacity).
 A new segment costs its pages' first touch and, in a GPU worker, registering
 it as pinned memory (30-55 ms for 256 MiB on an H200): a dedicated segment
-made afresh for every large entry held parks and restores of it to 2 GB/s. Files are created sparse
-(ftruncate), so a segment costs host memory only for the pages written into
-it.
+made afresh for every large entry held parks and restores of it to 2 GB/s.
+Files are created sparse (ftruncate), so a segment costs host memory only
+for the pages written into it.
 
 Pure Python + mmap: no grpc, no policy (capacity and eviction are the store's).
 """
@@ -231,9 +231,7 @@ class Arena:
 
     def _maybe_drop(self, seg: Segment) -> None:
         if seg.dedicated:
-            others = self.spare_bytes - seg.size      # the empty ones besides this one
-            if (others + seg.size > self.spare_bytes_limit
-                    or self.mapped_bytes > self.mapped_limit):
+            if self.spare_bytes > self.spare_bytes_limit or self.mapped_bytes > self.mapped_limit:
                 self._drop(seg)
             return
         spares = [other for other in self._segments.values()
@@ -241,24 +239,25 @@ class Arena:
         if spares:
             self._drop(seg)
 
+    def _spares(self) -> list[Segment]:
+        """The empty dedicated segments (kept for the next large region)."""
+        return [seg for seg in self._segments.values() if seg.dedicated and seg.empty]
+
     @property
     def spare_bytes(self) -> int:
         """Bytes of the empty dedicated segments kept for reuse."""
-        return sum(seg.size for seg in self._segments.values() if seg.dedicated and seg.empty)
+        return sum(seg.size for seg in self._spares())
 
     def _spare_for(self, length: int) -> Segment | None:
         """The smallest empty dedicated segment that holds `length` bytes."""
-        fits = [seg for seg in self._segments.values()
-                if seg.dedicated and seg.empty and seg.size >= length]
-        return min(fits, key=lambda seg: seg.size, default=None)
+        return min((seg for seg in self._spares() if seg.size >= length),
+                   key=lambda seg: seg.size, default=None)
 
     def _make_room(self, size: int) -> None:
         """Empty dedicated segments go, the largest first, until a new
         segment of `size` bytes keeps the mapped bytes within mapped_limit
         (or none is left)."""
-        spares = sorted((seg for seg in self._segments.values() if seg.dedicated and seg.empty),
-                        key=lambda seg: seg.size, reverse=True)
-        for seg in spares:
+        for seg in sorted(self._spares(), key=lambda seg: seg.size, reverse=True):
             if self.mapped_bytes + size <= self.mapped_limit:
                 return
             self._drop(seg)
