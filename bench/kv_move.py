@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import secrets
 import shutil
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
 
-from benchkit import git_commit  # noqa: E402
+from benchkit import git_commit, write_report  # noqa: E402
 from lmx.v1 import worker_pb2 as pb  # noqa: E402
 from lmx.v1 import worker_pb2_grpc  # noqa: E402
 from services.admission.app import SERVICE_NAME as ADMISSION  # noqa: E402
@@ -158,12 +157,9 @@ def main(argv=None) -> int:
     report = {"benchmark": "kv_move", "date": started.isoformat(timespec="seconds"),
               "commit": git_commit(), "device": args.device, "model": args.model,
               "card": _card(args.device), "exit_codes": codes, "rows": rows}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = args.model.replace(":", "-")
-    path = out / f"kv-move-{args.device}-{name}-{started.date().isoformat()}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(report, Path(args.out_dir) / f"kv-move-{args.device}-{name}-"
+                                              f"{started.date().isoformat()}.json")
     return 0 if rows and all(r["same_tokens"] for r in rows) else 1
 
 
