@@ -29,6 +29,7 @@ from services.worker.memory import FixedMemory  # noqa: E402
 from services.worker.models import default_cache_dir, load_model  # noqa: E402
 from services.worker.sampling import SamplingParams  # noqa: E402
 from services.worker.sessions import SessionTable  # noqa: E402
+from services.worker.settings import COMPILE_MODES  # noqa: E402
 
 
 async def engine_rate(loaded, sessions: int, tokens: int, graphs: bool = False,
@@ -154,7 +155,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                         help="decode steps replay CUDA graphs (auto, on CUDA) or run eagerly")
-    parser.add_argument("--compile-decode", choices=("auto", "tuned", "off"), default="auto",
+    parser.add_argument("--compile-decode", choices=COMPILE_MODES, default="auto",
                         help="the graphed decode step compiled by torch.compile (auto; tuned: "
                              "with Inductor's coordinate descent tuning) or not")
     parser.add_argument("--decode-ahead", choices=("auto", "off"), default="auto",

@@ -62,6 +62,7 @@ import grpc  # noqa: E402
 from lmx.v1 import worker_pb2 as pb  # noqa: E402
 from lmx.v1 import worker_pb2_grpc  # noqa: E402
 from services.common.launch import start_service  # noqa: E402
+from services.worker.settings import COMPILE_MODES  # noqa: E402
 
 ADMISSION_SERVICE = "lmx.v1.AdmissionService"
 WORKER_SERVICE = "lmx.v1.WorkerService"
@@ -517,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                         help="the worker's --cuda-graphs: auto replays CUDA graphs of decode "
                              "steps on a GPU, off runs them eagerly [auto]")
-    parser.add_argument("--compile-decode", choices=("auto", "tuned", "off"), default="auto",
+    parser.add_argument("--compile-decode", choices=COMPILE_MODES, default="auto",
                         help="the worker's --compile-decode: auto compiles the graphed decode "
                              "step with torch.compile, tuned with Inductor's coordinate descent "
                              "tuning too, off captures it as the model runs [auto]")
