@@ -411,12 +411,15 @@ class DecodeGraphs:
         self.ctx_lens[:size].zero_()
 
     def _update_chunk_table(self) -> None:
-        if self.storage.version == self._chunks_version:
+        # The storage changes only on this (the compute) thread, between steps
+        # (Engine._resize): the version and the addresses read here agree.
+        version = self.storage.version
+        if version == self._chunks_version:
             return
-        count = self.storage.num_chunks
-        self.k_ptrs[:count].copy_(torch.tensor(self.storage.chunk_addresses(0), dtype=torch.long))
-        self.v_ptrs[:count].copy_(torch.tensor(self.storage.chunk_addresses(1), dtype=torch.long))
-        self._chunks_version = self.storage.version
+        k, v = self.storage.chunk_addresses(0), self.storage.chunk_addresses(1)
+        self.k_ptrs[:len(k)].copy_(torch.tensor(k, dtype=torch.long))
+        self.v_ptrs[:len(v)].copy_(torch.tensor(v, dtype=torch.long))
+        self._chunks_version = version
 
     def _fill(self, items, size: int, feed: list[int] | None = None) -> None:
         """This step's rows into the static buffers (two small host-to-device

@@ -448,7 +448,7 @@ class Engine:
         try:
             if self._chain is not None and not self._chain.done():
                 await asyncio.shield(self._chain)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await self._on_compute(fn, *args)
         finally:
             self._between -= 1
 
@@ -995,14 +995,30 @@ class Engine:
             self._resize_task = asyncio.create_task(
                 self._resize(self.pool.num_chunks - removable), name="kv-shrink")
 
+    async def _on_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _add_storage_chunks(self, count: int) -> None:
+        for _ in range(count):
+            self.storage.add_chunk()
+
+    def _remove_storage_chunks(self, count: int) -> None:
+        self.storage.remove_chunks(count)
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the memory back before the lease shrinks
+
     async def _resize(self, target_chunks: int) -> None:
         current = self.pool.num_chunks
         chunk_bytes = self.storage.chunk_bytes
         try:
             if target_chunks > current:
                 await self.memory.set_kv_bytes(target_chunks * chunk_bytes, self.kv_wait_s)
+                # The storage changes on the compute thread, between two steps:
+                # a step there reads its chunk list (decode graphs' address
+                # table, the eager path's tensors); the pool hands the new
+                # blocks out only once the chunks exist.
+                await self._on_compute(self._add_storage_chunks, target_chunks - current)
                 for _ in range(target_chunks - current):
-                    self.storage.add_chunk()
                     self.pool.add_chunk()
                 log.info("kv_grown", chunks=target_chunks, bytes=target_chunks * chunk_bytes)
             elif target_chunks < current:
@@ -1013,9 +1029,7 @@ class Engine:
                 if count <= 0:
                     return
                 self.pool.remove_chunks(count)
-                self.storage.remove_chunks(count)
-                if self.loaded.device.type == "cuda":
-                    torch.cuda.empty_cache()  # give the memory back before the lease shrinks
+                await self._on_compute(self._remove_storage_chunks, count)
                 await self.memory.set_kv_bytes(self.pool.num_chunks * chunk_bytes, 0)
                 log.info("kv_shrunk", chunks=self.pool.num_chunks,
                          bytes=self.pool.num_chunks * chunk_bytes)

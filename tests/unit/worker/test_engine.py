@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -478,6 +479,47 @@ def test_generations_that_outgrow_the_kv_budget_together_are_preempted_not_faile
         f"a generation was failed instead of preempted: {a_end}, {b_end}")
     assert stats.preemptions >= 1, f"nothing was preempted: {stats}"
     assert [a_ids, b_ids] == expected, "a preempted generation went on differently"
+
+
+def test_the_kv_storage_grows_and_shrinks_only_on_the_compute_thread(tiny):
+    """A step on the compute thread reads the storage's chunk list (decode
+    graphs' address table): a chunk added meanwhile from the event loop left
+    the table one chunk short, an illegal address on an H100 (issue 18). Every
+    change to the storage happens on the compute thread, and the generations
+    that grew and shrank it still make their own tokens."""
+    prompts = [list(range(200, 230)), list(range(300, 390))]
+    params = SamplingParams(max_tokens=40)
+    threads = []
+
+    async def grow_and_shrink(engine):
+        storage = engine.storage
+        for name in ("add_chunk", "remove_chunks"):
+            original = getattr(storage, name)
+
+            def record(*args, _original=original, _name=name):
+                threads.append((_name, threading.current_thread().name))
+                return _original(*args)
+
+            setattr(storage, name, record)
+        ids = []
+        sessions = SessionTable()
+        for prompt in prompts:
+            session = sessions.open()
+            ids.append(tokens_of((await collect(engine, engine.submit_tokens(
+                session, params, prompt)))[0]))
+            engine.drop_session(session)
+        await engine.wait_settled()
+        return ids, engine.storage.num_chunks, engine.pool.num_chunks
+
+    expected = run(tiny, each_alone(prompts, params))
+    ids, storage_chunks, pool_chunks = run(tiny, grow_and_shrink, spare_chunks=0)
+    names = {name for name, _ in threads}
+    assert names == {"add_chunk", "remove_chunks"}, f"the KV should have grown and shrunk: {threads}"
+    elsewhere = [(name, thread) for name, thread in threads if not thread.startswith("lmx-compute")]
+    assert not elsewhere, f"the storage changed off the compute thread: {elsewhere}"
+    assert storage_chunks == pool_chunks, (
+        f"storage and pool disagree: {storage_chunks} vs {pool_chunks} chunks")
+    assert ids == expected, "a generation went on differently"
 
 
 def test_paused_generations_hold_no_kv_and_go_on_exactly_after_resume(tiny):
