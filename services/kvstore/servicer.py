@@ -1,5 +1,5 @@
 """KVStoreService over gRPC: converts protobuf to domain values, calls one
-store method per RPC, converts back. Export and Import move the bytes in
+store method per RPC (Hold, Place and ReleaseHold too), converts back. Export and Import move the bytes in
 chunks straight between the stream and the shared-memory region."""
 
 from __future__ import annotations
@@ -67,6 +67,30 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
     async def Commit(self, request, context):
         entry = self.store.commit(request.entry_id, request.secret, request.checksum)
         return pb.CommitResponse(entry=entry_to_pb(entry, self.store.clock(), contents=False))
+
+    def _hold_to_pb(self, held) -> pb.HoldResponse:
+        return pb.HoldResponse(hold_id=held.hold_id, region=self._region_to_pb(held.region),
+                               ttl_s=self.store.config.reservation_ttl_s)
+
+    async def Hold(self, request, context):
+        return self._hold_to_pb(self.store.hold(request.owner, request.secret,
+                                                request.num_bytes, request.hold_id))
+
+    async def Place(self, request, context):
+        if not request.HasField("entry"):
+            raise InvalidArgument("entry", "is required")
+        header = request.entry
+        entry, following = self.store.place(
+            request.hold_id, request.hold_secret, header.owner, header.session_id,
+            header.secret, layout_from_pb(header.layout, header.HasField("layout")),
+            header.token_ids, header.metadata, request.checksum, request.hold_again)
+        return pb.PlaceResponse(
+            entry=entry_to_pb(entry, self.store.clock(), contents=False),
+            next=self._hold_to_pb(following) if following is not None else None)
+
+    async def ReleaseHold(self, request, context):
+        return pb.ReleaseHoldResponse(
+            freed_bytes=self.store.release_hold(request.hold_id, request.secret))
 
     async def Open(self, request, context):
         entry, region = self.store.open(request.entry_id, request.secret)

@@ -1,5 +1,6 @@
 """The entry table and its policy: reserve, commit, open, delete, list and
-status over the shared-memory arena; capacity, least-recently-used spilling
+status over the shared-memory arena, and holds (memory kept ahead of an
+owner's next entry, placed in one step: hold.py); capacity, least-recently-used spilling
 or refusal when full; re-adoption after a crash; a clean stop. No grpc.
 
 Every method is synchronous and runs on the server's event loop thread, so
@@ -31,9 +32,11 @@ from services.common.errors import (
     Shortfall,
 )
 from services.kvstore import limits
-from services.kvstore.arena import Arena, Region, parse_segment_name
+from services.kvstore.arena import Arena, Region, align_up, parse_segment_name
 from services.kvstore.checksum import checksum
 from services.kvstore.entry import Entry, Layout, State, hash_secret, secret_matches
+from services.kvstore import hold as holds
+from services.kvstore.hold import Hold
 from services.kvstore.manifest import Manifest, StoreLock, has_manifest, is_locked
 from services.kvstore.spill import SpillDir
 
@@ -89,6 +92,7 @@ class Store:
         self.manifest = Manifest(config.state_dir)
         self._lock = StoreLock(config.shm_dir, config.store_id)
         self._entries: dict[str, Entry] = {}
+        self._holds: dict[str, Hold] = {}
         self._expired: OrderedDict[str, float] = OrderedDict()
         self._closed = False
         #: Called when a commit or delete went on the manifest's journal
@@ -148,6 +152,20 @@ class Store:
     # ---- requests ---------------------------------------------------------
     def reserve(self, owner: str, session_id: str, secret: str, layout: Layout,
                 token_ids: Iterable[int], metadata: bytes = b"") -> tuple[Entry, Region]:
+        token_ids = self._check_entry(owner, session_id, secret, layout, token_ids, metadata)
+        self.expire_reservations()
+        self._check_bookkeeping(limits.bookkeeping_bytes(len(token_ids), len(metadata)))
+        self._make_room(layout.num_bytes)
+        region = self.arena.allocate(layout.num_bytes)
+        entry = self._new_entry(owner, session_id, secret, layout, token_ids, metadata, region)
+        log.info("entry_reserved", entry_id=entry.entry_id, owner=owner,
+                 session_id=session_id, bytes=layout.num_bytes, segment=region.segment)
+        return entry, region
+
+    def _check_entry(self, owner: str, session_id: str, secret: str, layout: Layout,
+                     token_ids: Iterable[int], metadata: bytes):
+        """A new entry's fields within bounds (InvalidArgument naming the
+        field); its token ids, with a length."""
         if not hasattr(token_ids, "__len__"):
             token_ids = list(token_ids)   # a repeated field has a length: checked before copied
         layout.validate(len(token_ids))
@@ -157,20 +175,107 @@ class Store:
                                             f"store ever holds ({self.max_entry_bytes})")
         limits.check_reserve(owner, session_id, secret, layout.model, layout.model_version,
                              layout.num_tokens, token_ids, metadata)
-        self.expire_reservations()
-        self._check_bookkeeping(limits.bookkeeping_bytes(len(token_ids), len(metadata)))
-        self._make_room(num_bytes)
-        token_ids = array("i", token_ids)   # 4 bytes an id, not a Python int each
-        region = self.arena.allocate(num_bytes)
+        return token_ids
+
+    def _new_entry(self, owner: str, session_id: str, secret: str, layout: Layout,
+                   token_ids, metadata: bytes, region: Region) -> Entry:
         now = self.clock()
         entry = Entry(entry_id=f"kv-{secrets.token_hex(8)}", owner=owner, session_id=session_id,
-                      layout=layout, token_ids=token_ids, secret_hash=hash_secret(secret),
-                      created_at=now, last_used_at=now, region=region,
-                      metadata=bytes(metadata))
+                      layout=layout, token_ids=array("i", token_ids),  # 4 bytes an id
+                      secret_hash=hash_secret(secret), created_at=now, last_used_at=now,
+                      region=region, metadata=bytes(metadata))
         self._entries[entry.entry_id] = entry
-        log.info("entry_reserved", entry_id=entry.entry_id, owner=owner,
-                 session_id=session_id, bytes=num_bytes, segment=region.segment)
-        return entry, region
+        return entry
+
+    # ---- holds: memory kept ahead of an owner's next entry (hold.py) ----
+    def hold(self, owner: str, secret: str, num_bytes: int, hold_id: str = "") -> Hold:
+        """A new hold of `num_bytes` (at most the share of hold.py), or
+        (`hold_id`) that hold renewed."""
+        if hold_id:
+            held = self._held(hold_id, secret)
+            held.renewed_at = self.clock()
+            return held
+        limits.check_name("owner", owner)
+        limits.check_name("secret", secret)
+        if not 0 < num_bytes <= self.max_entry_bytes:
+            raise InvalidArgument("num_bytes", f"must be in [1, {self.max_entry_bytes}] (the "
+                                               f"largest entry), got {num_bytes}")
+        self.expire_reservations()
+        if sum(h.owner == owner for h in self._holds.values()) >= holds.MAX_PER_OWNER:
+            raise CapacityExhausted(
+                f"{owner!r} holds {holds.MAX_PER_OWNER} regions already: place or release one",
+                Shortfall(f"kvstore:{self.config.store_id}", num_bytes, 0), RETRY_AFTER_S)
+        capacity = self.config.capacity_bytes
+        num_bytes = min(num_bytes, capacity // holds.SHARE)
+        held_bytes = sum(h.num_bytes for h in self._holds.values())
+        if num_bytes <= 0 or held_bytes + num_bytes > capacity // holds.ALL_SHARE:
+            raise CapacityExhausted(
+                f"holds take {held_bytes} bytes of the store's {capacity}; {num_bytes} more "
+                f"would pass their share (1/{holds.ALL_SHARE})",
+                Shortfall(f"kvstore:{self.config.store_id}", num_bytes,
+                          max(0, capacity // holds.ALL_SHARE - held_bytes)), RETRY_AFTER_S)
+        self._make_room(num_bytes)
+        held = Hold(hold_id=f"hold-{secrets.token_hex(8)}", owner=owner,
+                    secret_hash=hash_secret(secret), region=self.arena.allocate(num_bytes),
+                    renewed_at=self.clock())
+        self._holds[held.hold_id] = held
+        log.info("region_held", hold_id=held.hold_id, owner=owner, bytes=num_bytes,
+                 segment=held.region.segment)
+        return held
+
+    def place(self, hold_id: str, hold_secret: str, owner: str, session_id: str, secret: str,
+              layout: Layout, token_ids: Iterable[int], metadata: bytes, crc: int,
+              hold_again: bool = False) -> tuple[Entry, Hold | None]:
+        """The bytes at the start of the hold's region, a ready entry (a
+        Reserve and a Commit in one); the rest of the region is freed. With
+        `hold_again`, a new hold of the same size and secret for the next
+        (None when there is no room: the entry is placed all the same)."""
+        held = self._held(hold_id, hold_secret)
+        token_ids = self._check_entry(owner, session_id, secret, layout, token_ids, metadata)
+        if owner != held.owner:
+            raise InvalidArgument("entry.owner", f"must be the hold's owner {held.owner!r}, "
+                                                 f"got {owner!r}")
+        num_bytes = layout.num_bytes
+        if num_bytes > held.num_bytes:
+            raise FailedPrecondition(f"the entry needs {num_bytes} bytes, more than hold "
+                                     f"{hold_id!r}'s {held.num_bytes}: reserve it instead",
+                                     "HOLD_TOO_SMALL")
+        self._check_bookkeeping(limits.bookkeeping_bytes(len(token_ids), len(metadata)))
+        del self._holds[hold_id]
+        region = held.region
+        used = align_up(num_bytes)
+        if align_up(region.length) > used:
+            self.arena.free(Region(region.segment, region.offset + used,
+                                   align_up(region.length) - used))
+        entry = self._new_entry(owner, session_id, secret, layout, token_ids, metadata,
+                                Region(region.segment, region.offset, num_bytes))
+        self._ready(entry, crc)
+        log.info("entry_placed", entry_id=entry.entry_id, hold_id=hold_id, owner=owner,
+                 session_id=session_id, bytes=num_bytes, checksum=crc)
+        following = None
+        if hold_again:
+            try:
+                following = self.hold(held.owner, hold_secret, held.num_bytes)
+            except CapacityExhausted as exc:
+                log.info("hold_not_renewed", owner=held.owner, reason=exc.message)
+        return entry, following
+
+    def release_hold(self, hold_id: str, secret: str) -> int:
+        held = self._held(hold_id, secret)
+        del self._holds[hold_id]
+        self.arena.free(held.region)
+        log.info("hold_released", hold_id=hold_id, bytes=held.num_bytes)
+        return held.num_bytes
+
+    def _held(self, hold_id: str, secret: str) -> Hold:
+        limits.check_name("hold_id", hold_id)
+        self.expire_reservations()
+        held = self._holds.get(hold_id)
+        if held is None:
+            raise NotFound("hold", hold_id, "it expired, was used or was never made")
+        if not secret or not secret_matches(secret, held.secret_hash):
+            raise PermissionDenied("secret", f"does not match hold {hold_id!r}'s")
+        return held
 
     def commit(self, entry_id: str, secret: str, crc: int, verify: bool = False) -> Entry:
         """The entry ready, with the writer's checksum; `verify` checks the
@@ -183,6 +288,12 @@ class Store:
             raise FailedPrecondition(f"checksum mismatch for {entry_id!r}: given {crc:#018x}, "
                                      f"the bytes have {actual:#018x}; the entry was deleted, "
                                      f"reserve and write it again", "CHECKSUM_MISMATCH")
+        self._ready(entry, crc)
+        log.info("entry_committed", entry_id=entry_id, bytes=entry.num_bytes, checksum=crc)
+        return entry
+
+    def _ready(self, entry: Entry, crc: int) -> None:
+        """The entry ready with its checksum, on the manifest's journal."""
         entry.state = State.READY
         entry.checksum = crc
         entry.last_used_at = self.clock()
@@ -190,8 +301,6 @@ class Store:
         self._changed({"op": "commit", "entry": entry.to_json(),
                        "segment": {"name": segment.name, "size": segment.size,
                                    "dedicated": segment.dedicated}})
-        log.info("entry_committed", entry_id=entry_id, bytes=entry.num_bytes, checksum=crc)
-        return entry
 
     def open(self, entry_id: str, secret: str) -> tuple[Entry, Region]:
         """The entry's region (the reader checks the checksum); a spilled
@@ -241,7 +350,9 @@ class Store:
 
     @property
     def used_bytes(self) -> int:
-        return sum(e.num_bytes for e in self._entries.values() if e.region is not None)
+        """Bytes of the entries in shared memory and of the holds."""
+        return (sum(e.num_bytes for e in self._entries.values() if e.region is not None)
+                + sum(h.num_bytes for h in self._holds.values()))
 
     # ---- internals --------------------------------------------------------
     def _authorized(self, entry_id: str, secret: str) -> Entry:
@@ -260,7 +371,8 @@ class Store:
 
     def expire_reservations(self) -> int:
         """Drop the reservations older than the TTL that no one is writing
-        (an Import pins its entry); returns how many. A writer through
+        (an Import pins its entry), and the holds neither renewed nor used
+        within it; returns how many reservations. A writer through
         shared memory slower than the TTL would write into a freed region:
         its Commit is refused (RESERVATION_EXPIRED), and whatever entry the
         region went to meanwhile fails its checksum when read."""
@@ -270,6 +382,11 @@ class Store:
         now = self.clock()
         stale = [e for e in self._entries.values()
                  if e.state == State.RESERVED and not e.pins and now - e.created_at > ttl]
+        for held in [h for h in self._holds.values() if now - h.renewed_at > ttl]:
+            del self._holds[held.hold_id]
+            self.arena.free(held.region)
+            log.warning("hold_expired", hold_id=held.hold_id, owner=held.owner,
+                        bytes=held.num_bytes, ttl_s=ttl)
         for entry in stale:
             self._forget(entry)
             self._expired[entry.entry_id] = now

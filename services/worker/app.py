@@ -192,7 +192,8 @@ class WorkerApp:
         self.engine.start()
         if settings.kvstore != "none":
             self.kvstore = KVStoreLink(settings.kvstore, owner=self.worker_id)
-        parking = Parking(self.loaded, self.engine, self.sessions, self.kvstore)
+        parking = Parking(self.loaded, self.engine, self.sessions, self.kvstore,
+                          park_ahead_bytes=self.settings.park_ahead_bytes)
         parking.on_activity = self._report_activity
         self.pressure = PressureRelief(
             self.engine, self.sessions, parking, self.memory,
@@ -218,6 +219,7 @@ class WorkerApp:
             await asyncio.to_thread(self.pressure.stash.prepare)
         if self.kvstore is not None:
             await self._find_orphans(parking)
+            parking.hold_ahead()    # shared memory for the next park, in the background
         self._set_state("ready")
         # Admission lists the worker ready before its health check says
         # SERVING: a client that waited for the health check and then asks
@@ -241,6 +243,7 @@ class WorkerApp:
         if self.engine is not None:
             await self.engine.close()
         if self.core is not None:
+            await self.core.parking.release()
             self.core.parking.close()
             if self.core.sandbox is not None:
                 self.core.sandbox.close()

@@ -1,5 +1,6 @@
 """The worker's client of the kvstore's control plane: Reserve a region,
-Commit it with the checksum of what was written, Open an entry (its region
+Commit it with the checksum of what was written (or Hold a region ahead
+and Place an entry in it: one round trip a park), Open an entry (its region
 and checksum), Delete it. The bytes themselves never pass through here:
 services/worker/kv_transfer.py copies them straight to and from the shared
 memory. gRPC errors come back as domain errors, so that the worker's callers
@@ -35,6 +36,35 @@ log = structlog.get_logger(__name__)
 class Reservation:
     entry_id: str
     region: pb.ShmRegion
+
+
+@dataclass(frozen=True)
+class ShmRegion:
+    """`length` bytes at `offset` of the segment file `segment` (a path)."""
+
+    segment: str
+    offset: int
+    length: int
+
+    def prefix(self, length: int) -> ShmRegion:
+        return ShmRegion(self.segment, self.offset, length)
+
+
+@dataclass(frozen=True)
+class Held:
+    """Shared memory held ahead of a park (the kvstore's Hold); renewed
+    within ttl_s, or the kvstore drops it."""
+
+    hold_id: str
+    secret: str
+    region: ShmRegion
+    ttl_s: float
+
+
+def _held(reply: pb.HoldResponse, secret: str) -> Held:
+    region = reply.region
+    return Held(reply.hold_id, secret, ShmRegion(region.segment, region.offset, region.length),
+                reply.ttl_s)
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,45 @@ class KVStoreLink:
                                                     checksum=checksum), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, entry_id) from None
+
+    async def hold(self, num_bytes: int, secret: str, renew: str = "") -> Held:
+        """`num_bytes` of shared memory held for the next park (or the hold
+        `renew` kept a TTL longer)."""
+        try:
+            held = await self.stub.Hold(pb.HoldRequest(owner=self.owner, secret=secret,
+                                                       num_bytes=num_bytes, hold_id=renew),
+                                        timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, renew) from None
+        return _held(held, secret)
+
+    async def place(self, held: Held, layout: Layout, session_id: str, secret: str,
+                    token_ids: list[int], metadata: bytes, checksum: int,
+                    hold_again: bool = True) -> tuple[str, Held | None]:
+        """The bytes written at the start of `held`'s region, an entry (a
+        Reserve and a Commit in one round trip): its id, and the next hold."""
+        try:
+            placed = await self.stub.Place(pb.PlaceRequest(
+                hold_id=held.hold_id, hold_secret=held.secret, checksum=checksum,
+                hold_again=hold_again,
+                entry=pb.ReserveRequest(owner=self.owner, session_id=session_id, secret=secret,
+                                        layout=layout_to_pb(layout), token_ids=token_ids,
+                                        metadata=metadata)), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, held.hold_id) from None
+        following = _held(placed.next, held.secret) if placed.HasField("next") else None
+        return placed.entry.entry_id, following
+
+    async def release_hold(self, held: Held) -> None:
+        """Best effort, as delete."""
+        try:
+            await self.stub.ReleaseHold(pb.ReleaseHoldRequest(hold_id=held.hold_id,
+                                                              secret=held.secret),
+                                        timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("kv_hold_release_failed", hold_id=held.hold_id,
+                            code=exc.code().name)
 
     async def open(self, entry_id: str, secret: str, contents: bool = True) -> OpenedEntry:
         """The entry's region and checksum (the reader checks the bytes);

@@ -252,6 +252,12 @@ class KVTransfer:
     def close(self) -> None:
         self.segments.close()
 
+    def prepare(self, region) -> None:
+        """Map (and on a GPU pin) the region's segment now, off a park's
+        path (a region held ahead: parking.py)."""
+        with self.segments.region(region):
+            pass
+
     def park(self, slots: Sequence[int], region) -> int:
         """The KV at `slots` (token order) into the region; its sum64."""
         n = len(slots)

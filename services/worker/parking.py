@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 import torch
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import CapacityExhausted, FailedPrecondition, NotFound
 from services.kvstore.entry import Layout
 from services.worker.engine import Engine
 from services.worker.kv_transfer import ChecksumMismatch, KVTransfer, RegionError
@@ -32,11 +33,13 @@ from services.worker.models import LoadedModel
 from services.worker.sessions import Session, SessionTable
 
 if TYPE_CHECKING:  # the link speaks grpc; parking itself does not
-    from services.worker.kv_link import KVStoreLink, OpenedEntry
+    from services.worker.kv_link import Held, KVStoreLink, OpenedEntry
 
 log = structlog.get_logger(__name__)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: After a failed Hold, parks reserve for this long before the next try.
+HOLD_RETRY_S = 5.0
 
 
 # ---- entries -------------------------------------------------------------------
@@ -81,12 +84,23 @@ class Restored:
 
 
 class Parking:
+    """`park_ahead_bytes`: shared memory held in the kvstore ahead of the next
+    park (0: none). A park that fits writes there at once and makes its entry
+    in one round trip (Place) instead of two (Reserve, then Commit), and the
+    reply holds the next region; a larger one reserves as before."""
+
     def __init__(self, loaded: LoadedModel, engine: Engine, sessions: SessionTable,
-                 link: KVStoreLink | None):
+                 link: KVStoreLink | None, park_ahead_bytes: int = 0):
         self.loaded = loaded
         self.engine = engine
         self.sessions = sessions
         self.link = link
+        self.park_ahead_bytes = park_ahead_bytes if link is not None else 0
+        #: The region held for the next park (None: none yet, or in use).
+        self._held: Held | None = None
+        self._holding: asyncio.Task | None = None   # getting or renewing it
+        self._wanted = asyncio.Event()                # a park used it up
+        self._hold_secret = secrets.token_hex(16)
         self.model_version = model_version(loaded)
         self.transfer = KVTransfer(engine.storage, block_size=engine.pool.block_size)
         self._deletes: set[asyncio.Task] = set()
@@ -100,6 +114,72 @@ class Parking:
     def close(self) -> None:
         """Unmap (and unpin) the kvstore's segments."""
         self.transfer.close()
+
+    # ---- a region held ahead of the next park ----
+    def hold_ahead(self) -> None:
+        """Get a region for the next park, and keep it renewed, in the
+        background (one task; woken when a park used the region up)."""
+        if not self.park_ahead_bytes:
+            return
+        if self._holding is None or self._holding.done():
+            self._holding = asyncio.create_task(self._keep_held(), name="kv-hold")
+        elif self._held is None:
+            self._wanted.set()
+
+    async def _keep_held(self) -> None:
+        link = self._link()
+        renewed = time.monotonic()
+        while True:
+            self._wanted.clear()
+            held, wait_s = self._held, None
+            try:
+                if held is None:
+                    held = await link.hold(self.park_ahead_bytes, self._hold_secret)
+                    await asyncio.to_thread(self.transfer.prepare, held.region)
+                    if self._held is None:
+                        self._held = held
+                    else:                        # a park's Place brought one meanwhile
+                        await link.release_hold(held)
+                    renewed = time.monotonic()
+                elif held.ttl_s > 0 and time.monotonic() - renewed >= held.ttl_s / 3:
+                    await link.hold(0, held.secret, renew=held.hold_id)
+                    renewed = time.monotonic()
+                if self._held is not None and self._held.ttl_s > 0:
+                    wait_s = max(0.5, self._held.ttl_s / 3 - (time.monotonic() - renewed))
+            except asyncio.CancelledError:
+                raise
+            except NotFound:                     # expired, or the kvstore restarted
+                if self._held is held:
+                    self._held = None
+                continue
+            except CapacityExhausted as exc:     # the kvstore is full: parks reserve
+                log.info("kv_hold_refused", reason=exc.message, retry_s=HOLD_RETRY_S)
+                wait_s = HOLD_RETRY_S
+            except Exception as exc:  # noqa: BLE001 - parks reserve meanwhile
+                log.warning("kv_hold_failed", error=str(exc), retry_s=HOLD_RETRY_S)
+                wait_s = HOLD_RETRY_S
+            try:
+                await asyncio.wait_for(self._wanted.wait(), wait_s)
+            except TimeoutError:
+                pass
+
+    async def release(self) -> None:
+        """Stop holding (at stop): the region goes back to the kvstore."""
+        if self._holding is not None:
+            self._holding.cancel()
+            await asyncio.gather(self._holding, return_exceptions=True)
+        held, self._held = self._held, None
+        if held is not None and self.link is not None:
+            await self.link.release_hold(held)
+
+    def _take_hold(self, num_bytes: int) -> Held | None:
+        """The held region when the entry fits it (taken: no other park
+        writes there meanwhile)."""
+        held = self._held
+        if held is None or num_bytes > held.region.length:
+            return None
+        self._held = None
+        return held
 
     def layout(self, num_tokens: int) -> Layout:
         shape = self.loaded.kv_shape
@@ -132,21 +212,25 @@ class Parking:
             metadata = json.dumps({"messages": session.messages,
                                    "chat_template": session.chat_template}).encode()
             layout = self.layout(len(slots))
-            reservation = await link.reserve(layout, session.session_id, session.token,
-                                             list(session.tokens), metadata)
-            entry_id = reservation.entry_id
-            try:
-                crc = await asyncio.to_thread(self.transfer.park, slots, reservation.region)
-                await link.commit(entry_id, session.token, crc)
-            except RegionError as exc:
-                await link.delete(entry_id, session.token)
-                raise _unreachable_region(exc) from None
-            except BaseException:
-                await link.delete(entry_id, session.token)
-                raise
+            placed = await self._park_in_hold(session, slots, layout, metadata)
+            if placed is not None:
+                entry_id, region, crc = placed
+            else:
+                reservation = await link.reserve(layout, session.session_id, session.token,
+                                                 list(session.tokens), metadata)
+                entry_id, region = reservation.entry_id, reservation.region
+                try:
+                    crc = await asyncio.to_thread(self.transfer.park, slots, region)
+                    await link.commit(entry_id, session.token, crc)
+                except RegionError as exc:
+                    await link.delete(entry_id, session.token)
+                    raise _unreachable_region(exc) from None
+                except BaseException:
+                    await link.delete(entry_id, session.token)
+                    raise
             freed = self.engine.release_kv(session)
             session.parked_entry = entry_id
-            session.parked_at = ParkedAt(reservation.region, crc, len(slots))
+            session.parked_at = ParkedAt(region, crc, len(slots))
         finally:
             session.moving = False
         log.info("session_parked", session_id=session.session_id, entry_id=entry_id,
@@ -154,6 +238,33 @@ class Parking:
         self._activity("session_parked", session.session_id, layout.num_bytes,
                        time.perf_counter() - started, reason)
         return Parked(entry_id, len(slots), freed)
+
+    async def _park_in_hold(self, session: Session, slots, layout: Layout, metadata: bytes):
+        """The park through the region held ahead, when the entry fits it:
+        (entry id, its region, checksum); None to reserve instead (no hold,
+        too small, or gone: the kvstore restarted or it expired)."""
+        held = self._take_hold(layout.num_bytes)
+        if held is None:
+            self.hold_ahead()
+            return None
+        region = held.region.prefix(layout.num_bytes)
+        try:
+            crc = await asyncio.to_thread(self.transfer.park, slots, region)
+            entry_id, self._held = await self._link().place(
+                held, layout, session.session_id, session.token, list(session.tokens),
+                metadata, crc)
+        except NotFound:
+            log.info("kv_hold_gone", hold_id=held.hold_id)
+            self.hold_ahead()
+            return None
+        except RegionError as exc:
+            raise _unreachable_region(exc) from None
+        except BaseException:
+            if self._held is None:
+                self._held = held               # still the kvstore's: used next time
+            raise
+        self.hold_ahead()
+        return entry_id, region, crc
 
     # ---- a previous run's parked sessions ----
     async def find_orphans(self) -> int:

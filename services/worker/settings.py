@@ -43,6 +43,10 @@ class WorkerSettings(ServerFields):
         "help": "admission's address; 'none' runs without admission inside --budget"})
     kvstore: str = field(default="127.0.0.1:50052", metadata={
         "help": "the kvstore's address, for ParkSession/RestoreSession; 'none' disables parking"})
+    park_ahead_bytes: int = field(default=64 << 20, metadata={
+        "help": "shared memory held in the kvstore ahead of the next park: a park that fits "
+                "it takes one round trip instead of two (0: none; a larger park reserves)",
+        "parse": parse_bytes})
     budget: int = field(default=8 << 30, metadata={
         "help": "device bytes to stay within when running without admission",
         "parse": parse_bytes})
@@ -207,6 +211,8 @@ class WorkerSettings(ServerFields):
                 raise ConfigError(name, "must be positive")
         if self.max_context < 0:
             raise ConfigError("max_context", "must not be negative")
+        if self.park_ahead_bytes < 0:
+            raise ConfigError("park_ahead_bytes", "must not be negative", fix="0 for none")
         if self.chat_template:
             try:
                 with open(self.chat_template, encoding="utf-8") as template:

@@ -13,7 +13,7 @@ import pytest
 from lmx.v1 import kvstore_pb2 as pb
 from services.admission.client import error_details
 from services.kvstore.checksum import checksum
-from services.kvstore.client import ChecksumMismatch, read_checked, read_region
+from services.kvstore.client import ChecksumMismatch, read_checked, read_region, write_region
 
 from .support import (
     REPO_ROOT,
@@ -80,6 +80,48 @@ def test_reserve_write_commit_open_read_back(kv, shared_kvstore):
     assert freed.freed_bytes == 8192
     exc = rpc_error(kv.Open, pb.OpenRequest(entry_id=entry.entry_id, secret=SECRET))
     assert exc.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_hold_then_place_makes_ready_entries_in_one_call_each(kv):
+    """A hold's region is written at once, then Place makes the entry (a
+    Reserve and a Commit in one round trip), holding the next region."""
+    held = kv.Hold(pb.HoldRequest(owner="worker-1", secret="hold-1", num_bytes=32 << 10),
+                   timeout=RPC_TIMEOUT_S)
+    assert held.region.length == 32 << 10 and held.ttl_s > 0
+    placed = []
+    for _ in range(3):
+        request = reserve_request()
+        data = os.urandom(num_bytes(request.layout))
+        region = pb.ShmRegion(segment=held.region.segment, offset=held.region.offset,
+                              length=len(data))
+        crc = write_region(region, data)
+        answer = kv.Place(pb.PlaceRequest(hold_id=held.hold_id, hold_secret="hold-1",
+                                          entry=request, checksum=crc, hold_again=True),
+                          timeout=RPC_TIMEOUT_S)
+        assert answer.entry.state == "ready" and answer.entry.checksum == crc
+        assert answer.entry.token_ids == [], "Place's reply, like Commit's, has no contents"
+        assert answer.HasField("next") and answer.next.hold_id != held.hold_id
+        placed.append((answer.entry.entry_id, data))
+        old, held = held, answer.next
+        exc = rpc_error(kv.Place, pb.PlaceRequest(hold_id=old.hold_id, hold_secret="hold-1",
+                                                  entry=request, checksum=crc))
+        assert exc.code() == grpc.StatusCode.NOT_FOUND, "a hold is used once"
+    for entry_id, data in placed:
+        opened = kv.Open(pb.OpenRequest(entry_id=entry_id, secret=SECRET), timeout=RPC_TIMEOUT_S)
+        assert read_checked(opened.region, opened.entry.checksum) == data
+    exc = rpc_error(kv.ReleaseHold, pb.ReleaseHoldRequest(hold_id=held.hold_id, secret="x"))
+    assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+    big = reserve_request(layout(num_tokens=64))                       # 64 KiB
+    exc = rpc_error(kv.Place, pb.PlaceRequest(hold_id=held.hold_id, hold_secret="hold-1",
+                                              entry=big, checksum=0))
+    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(exc).reason == "HOLD_TOO_SMALL"
+    exc = rpc_error(kv.Hold, pb.HoldRequest(owner="worker-1", secret="hold-1"))
+    assert (exc.code(), error_details(exc).field) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                      "num_bytes")
+    freed = kv.ReleaseHold(pb.ReleaseHoldRequest(hold_id=held.hold_id, secret="hold-1"),
+                           timeout=RPC_TIMEOUT_S)
+    assert freed.freed_bytes == 32 << 10
 
 
 def test_wrong_secret_is_permission_denied(kv):

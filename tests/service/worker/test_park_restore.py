@@ -61,8 +61,11 @@ def stack(tmp_path_factory, worker_admission) -> Stack:
         fleet = WorkerFleet(tmp)
         flags = ("--max-context", str(SHARED_MAX_CONTEXT), "--kvstore", kvstore.address)
         try:
-            for key in ("w1", "w2"):
-                fleet.launch(key, SMOLLM2, worker_admission.address, *flags)
+            # w1 parks through a region held ahead (one round trip: Place),
+            # w2 holds none (Reserve, then Commit).
+            fleet.launch("w1", SMOLLM2, worker_admission.address, *flags)
+            fleet.launch("w2", SMOLLM2, worker_admission.address, *flags,
+                         "--park-ahead-bytes", "0")
             yield Stack(kvstore, fleet.workers["w1"].wait_ready(),
                         fleet.workers["w2"].wait_ready())
         except BaseException:
@@ -122,6 +125,33 @@ def test_park_then_restore_on_the_same_worker_is_exact(stack):
             "the restored session continued differently from the control")
         w1.close_session(restored)
         w1.close_session(control)
+
+
+def test_a_park_uses_the_region_held_ahead_when_it_has_one(stack):
+    """w1 holds a region ahead: its park is one Place; w2 holds none: its
+    park reserves and commits. Both restore exactly."""
+    with WorkerClient(stack.w1.address) as w1, WorkerClient(stack.w2.address) as w2:
+        done = []
+        for client in (w1, w2):
+            session, control = first_turns(client)
+            parked = park(client, session)
+            restored = restore(client, parked.entry_id, session.token)
+            assert turn(client, restored, TURN_2) == turn(client, control, TURN_2)
+            done.append(parked.entry_id)
+            client.close_session(restored)
+            client.close_session(control)
+    events = {}
+    for line in stack.kvstore.log().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("entry_id") in done:
+                events.setdefault(record["entry_id"], []).append(record["event"])
+    held_park, reserved_park = done
+    assert "entry_placed" in events[held_park], events[held_park]
+    assert "entry_reserved" not in events[held_park], events[held_park]
+    assert {"entry_reserved", "entry_committed"} <= set(events[reserved_park]), (
+        events[reserved_park])
+    assert '"region_held"' in stack.kvstore.log()
 
 
 def test_move_to_another_worker_is_exact(stack):
