@@ -4,7 +4,9 @@ instead of two (Reserve, then Commit). Plain values; no grpc.
 
 A hold counts as used memory, like a reservation, and is dropped when it is
 neither renewed nor used within the store's reservation TTL (a worker that
-dies leaves nothing held for long). An owner keeps at most MAX_PER_OWNER.
+dies leaves nothing held for long), and it is on the manifest: a kvstore
+restarted after a crash keeps its region. An owner keeps at most
+MAX_PER_OWNER.
 A hold is at most 1/SHARE of the store's capacity (a larger ask gets that
 much) and all holds together at most 1/ALL_SHARE of it: the rest is for
 entries, so that a hold never leaves a Reserve or a spilled entry's return
@@ -14,8 +16,8 @@ writing into it).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from services.kvstore.arena import Region
 
@@ -24,7 +26,6 @@ MAX_PER_OWNER = 4
 #: A hold is at most capacity / SHARE; all holds at most capacity / ALL_SHARE.
 SHARE = 8
 ALL_SHARE = 4
-HOLD_ID = re.compile(r"^hold-[0-9a-f]{16}$")
 
 
 @dataclass
@@ -39,3 +40,18 @@ class Hold:
     @property
     def num_bytes(self) -> int:
         return self.region.length
+
+    def to_json(self) -> dict[str, Any]:
+        """For the manifest: a restart after a crash keeps a hold's region
+        (its owner may write there any time) and its TTL starts again."""
+        return {"hold_id": self.hold_id, "owner": self.owner, "secret_hash": self.secret_hash,
+                "region": asdict(self.region)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], now: float) -> Hold:
+        """Raises KeyError/TypeError/ValueError on a malformed record."""
+        region = Region(**data["region"])
+        return cls(hold_id=str(data["hold_id"]), owner=str(data["owner"]),
+                   secret_hash=str(data["secret_hash"]),
+                   region=Region(str(region.segment), int(region.offset), int(region.length)),
+                   renewed_at=now)

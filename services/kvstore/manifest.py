@@ -90,14 +90,15 @@ class Manifest:
         finally:
             os.close(fd)
 
-    def write(self, segments: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+    def write(self, segments: list[dict[str, Any]], entries: list[dict[str, Any]],
+              holds: list[dict[str, Any]] = ()) -> None:
         """Atomic against a crash of the process (write, then rename); not
         fsynced: what it describes, shared memory, does not outlive the host
         either, and an fsync per commit cost milliseconds on the hot path."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.generation += 1
         data = {"version": VERSION, "pid": os.getpid(), "generation": self.generation,
-                "segments": segments, "entries": entries}
+                "segments": segments, "entries": entries, "holds": list(holds)}
         # Owner-only: it lists the sessions' tokens, their chat metadata and
         # their secrets' hashes.
         write_private_json(self.path, data)

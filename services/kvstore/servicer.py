@@ -1,6 +1,7 @@
 """KVStoreService over gRPC: converts protobuf to domain values, calls one
-store method per RPC (Hold, Place and ReleaseHold too), converts back. Export and Import move the bytes in
-chunks straight between the stream and the shared-memory region."""
+store method per RPC (Hold, Place and ReleaseHold too), converts back.
+Export and Import move the bytes in chunks straight between the stream and
+the shared-memory region."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The entry table and its policy: reserve, commit, open, delete, list and
 status over the shared-memory arena, and holds (memory kept ahead of an
-owner's next entry, placed in one step: hold.py); capacity, least-recently-used spilling
-or refusal when full; re-adoption after a crash; a clean stop. No grpc.
+owner's next entry, placed in one step: hold.py); capacity,
+least-recently-used spilling or refusal when full; re-adoption after a crash; a clean stop. No grpc.
 
 Every method is synchronous and runs on the server's event loop thread, so
 the table needs no lock. Checksums are sum64 (services/kvstore/checksum.py):
@@ -128,6 +128,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._holds.clear()     # their segments go: a restart keeps none (a crash's keeps them)
         kept = 0
         for entry in list(self._entries.values()):
             if self.config.keep_on_stop and entry.state == State.READY:
@@ -219,6 +220,8 @@ class Store:
                     secret_hash=hash_secret(secret), region=self.arena.allocate(num_bytes),
                     renewed_at=self.clock())
         self._holds[held.hold_id] = held
+        self._changed({"op": "hold", "hold": held.to_json(),
+                       "segment": self._segment_record(held.region)})
         log.info("region_held", hold_id=held.hold_id, owner=owner, bytes=num_bytes,
                  segment=held.region.segment)
         return held
@@ -249,7 +252,7 @@ class Store:
                                    align_up(region.length) - used))
         entry = self._new_entry(owner, session_id, secret, layout, token_ids, metadata,
                                 Region(region.segment, region.offset, num_bytes))
-        self._ready(entry, crc)
+        self._ready(entry, crc, hold_id=hold_id)
         log.info("entry_placed", entry_id=entry.entry_id, hold_id=hold_id, owner=owner,
                  session_id=session_id, bytes=num_bytes, checksum=crc)
         following = None
@@ -262,10 +265,14 @@ class Store:
 
     def release_hold(self, hold_id: str, secret: str) -> int:
         held = self._held(hold_id, secret)
-        del self._holds[hold_id]
-        self.arena.free(held.region)
+        self._drop_hold(held)
         log.info("hold_released", hold_id=hold_id, bytes=held.num_bytes)
         return held.num_bytes
+
+    def _drop_hold(self, held: Hold) -> None:
+        del self._holds[held.hold_id]
+        self.arena.free(held.region)
+        self._changed({"op": "unhold", "hold_id": held.hold_id})
 
     def _held(self, hold_id: str, secret: str) -> Hold:
         limits.check_name("hold_id", hold_id)
@@ -292,15 +299,21 @@ class Store:
         log.info("entry_committed", entry_id=entry_id, bytes=entry.num_bytes, checksum=crc)
         return entry
 
-    def _ready(self, entry: Entry, crc: int) -> None:
-        """The entry ready with its checksum, on the manifest's journal."""
+    def _ready(self, entry: Entry, crc: int, hold_id: str = "") -> None:
+        """The entry ready with its checksum, on the manifest's journal (and
+        the hold it was placed in gone, in the same line)."""
         entry.state = State.READY
         entry.checksum = crc
         entry.last_used_at = self.clock()
-        segment = self.arena.segment(entry.region.segment)
-        self._changed({"op": "commit", "entry": entry.to_json(),
-                       "segment": {"name": segment.name, "size": segment.size,
-                                   "dedicated": segment.dedicated}})
+        record = {"op": "commit", "entry": entry.to_json(),
+                  "segment": self._segment_record(entry.region)}
+        if hold_id:
+            record["hold_id"] = hold_id
+        self._changed(record)
+
+    def _segment_record(self, region: Region) -> dict:
+        segment = self.arena.segment(region.segment)
+        return {"name": segment.name, "size": segment.size, "dedicated": segment.dedicated}
 
     def open(self, entry_id: str, secret: str) -> tuple[Entry, Region]:
         """The entry's region (the reader checks the checksum); a spilled
@@ -383,8 +396,7 @@ class Store:
         stale = [e for e in self._entries.values()
                  if e.state == State.RESERVED and not e.pins and now - e.created_at > ttl]
         for held in [h for h in self._holds.values() if now - h.renewed_at > ttl]:
-            del self._holds[held.hold_id]
-            self.arena.free(held.region)
+            self._drop_hold(held)
             log.warning("hold_expired", hold_id=held.hold_id, owner=held.owner,
                         bytes=held.num_bytes, ttl_s=ttl)
         for entry in stale:
@@ -495,7 +507,7 @@ class Store:
                     for s in self.arena.segments()]
         entries = [e.to_json() for e in self._entries.values()
                    if e.state in (State.READY, State.SPILLED)]
-        self.manifest.write(segments, entries)
+        self.manifest.write(segments, entries, [h.to_json() for h in self._holds.values()])
 
     def _recover(self) -> None:
         data = self.manifest.read() or {}
@@ -506,14 +518,22 @@ class Store:
                     if isinstance(raw, dict)}
         entries = {str(raw.get("entry_id")): raw for raw in data.get("entries", [])
                    if isinstance(raw, dict)}
-        # The commits and deletes since that snapshot, in order.
+        held = {str(raw.get("hold_id")): raw for raw in data.get("holds", [])
+                if isinstance(raw, dict)}
+        # The commits, deletes and holds since that snapshot, in order.
         for record in self.manifest.read_journal():
-            if record.get("op") == "commit" and isinstance(record.get("entry"), dict):
+            op = record.get("op")
+            if op == "commit" and isinstance(record.get("entry"), dict):
                 entries[str(record["entry"].get("entry_id"))] = record["entry"]
-                if isinstance(record.get("segment"), dict):
-                    segments.setdefault(str(record["segment"].get("name")), record["segment"])
-            elif record.get("op") == "delete":
+                held.pop(str(record.get("hold_id")), None)
+            elif op == "delete":
                 entries.pop(str(record.get("entry_id")), None)
+            elif op == "hold" and isinstance(record.get("hold"), dict):
+                held[str(record["hold"].get("hold_id"))] = record["hold"]
+            elif op == "unhold":
+                held.pop(str(record.get("hold_id")), None)
+            if op in ("commit", "hold") and isinstance(record.get("segment"), dict):
+                segments.setdefault(str(record["segment"].get("name")), record["segment"])
         data = {"segments": list(segments.values()), "entries": list(entries.values())}
         for raw in data.get("segments", []):
             try:
@@ -533,6 +553,20 @@ class Store:
                 self._entries[entry.entry_id] = entry
                 log.info("entry_adopted", entry_id=entry.entry_id, state=entry.state,
                          bytes=entry.num_bytes)
+        now = self.clock()
+        for raw in held.values():
+            try:
+                hold = Hold.from_json(raw, now)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("hold_dropped", reason=f"malformed record: {exc}")
+                continue
+            if hold.hold_id in self._holds or not self.arena.claim(hold.region):
+                log.warning("hold_dropped", hold_id=hold.hold_id,
+                            reason="its region is not free in an adopted segment")
+                continue
+            self._holds[hold.hold_id] = hold
+            log.info("hold_adopted", hold_id=hold.hold_id, owner=hold.owner,
+                     bytes=hold.num_bytes)
         own = {s.name for s in self.arena.segments()}
         for path in self._shm_files():
             parsed = parse_segment_name(path.name)

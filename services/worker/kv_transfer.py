@@ -119,8 +119,10 @@ class HostSegments:
         self.pin_failed = False
 
     @contextlib.contextmanager
-    def region(self, region) -> Iterator[torch.Tensor]:
-        """The region's bytes as a uint8 CPU tensor aliasing the segment."""
+    def region(self, region, inode: int | None = None) -> Iterator[torch.Tensor]:
+        """The region's bytes as a uint8 CPU tensor aliasing the segment;
+        with `inode`, only in that very file (RegionError if the path names
+        another now: a kvstore restarted since the region was handed out)."""
         path = Path(region.segment)
         if not path.name.startswith("lmx-"):
             raise RegionError(f"{region.segment!r} is not an lmx- segment")
@@ -128,6 +130,8 @@ class HostSegments:
         with self._lock:
             self._sweep()
             mapped = self._map(path)
+            if inode is not None and mapped.inode != inode:
+                raise RegionError(f"{path} is another file than when the region was held")
             if length <= 0 or offset < 0 or offset + length > mapped.size:
                 raise RegionError(f"region [{offset}, +{length}) is outside {path}")
             mapped.users += 1
@@ -136,6 +140,11 @@ class HostSegments:
         finally:
             with self._lock:
                 mapped.users -= 1
+
+    def inode_of(self, region) -> int:
+        """The inode of the region's segment as mapped."""
+        with self._lock:
+            return self._maps[str(Path(region.segment))].inode
 
     @property
     def num_mapped(self) -> int:
@@ -252,19 +261,20 @@ class KVTransfer:
     def close(self) -> None:
         self.segments.close()
 
-    def prepare(self, region) -> None:
+    def prepare(self, region) -> int:
         """Map (and on a GPU pin) the region's segment now, off a park's
-        path (a region held ahead: parking.py)."""
+        path (a region held ahead: parking.py); the segment file's inode."""
         with self.segments.region(region):
-            pass
+            return self.segments.inode_of(region)
 
-    def park(self, slots: Sequence[int], region) -> int:
-        """The KV at `slots` (token order) into the region; its sum64."""
+    def park(self, slots: Sequence[int], region, inode: int | None = None) -> int:
+        """The KV at `slots` (token order) into the region; its sum64. With
+        `inode`, only into that segment file (HostSegments.region)."""
         n = len(slots)
         self._check_length(region, n)
         pieces = self._pieces(n)
         aligned = all(p.offset % 8 == 0 and p.length % 8 == 0 for p in pieces)
-        with self.segments.region(region) as dest:
+        with self.segments.region(region, inode) as dest:
             self._begin()
             with self._on(self._compute_stream):
                 move = self._mover(slots)

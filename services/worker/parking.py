@@ -100,10 +100,14 @@ class Parking:
         self._held: Held | None = None
         self._holding: asyncio.Task | None = None   # getting or renewing it
         self._wanted = asyncio.Event()                # a park used it up
+        #: hold id -> the inode of its segment file when the hold came: a park
+        #: writes there only into that very file (not a restarted kvstore's
+        #: new file of the same name, whose region may be another entry's).
+        self._inodes: dict[str, int] = {}
         self._hold_secret = secrets.token_hex(16)
         self.model_version = model_version(loaded)
         self.transfer = KVTransfer(engine.storage, block_size=engine.pool.block_size)
-        self._deletes: set[asyncio.Task] = set()
+        self._calls: set[asyncio.Task] = set()   # RPCs nothing waits for
         #: Sessions a previous run of this worker (same worker id, the
         #: kvstore's owner) parked: session id -> entry id. The first request
         #: with such a session id and its token brings it back (adopt).
@@ -135,7 +139,8 @@ class Parking:
             try:
                 if held is None:
                     held = await link.hold(self.park_ahead_bytes, self._hold_secret)
-                    await asyncio.to_thread(self.transfer.prepare, held.region)
+                    self._inodes[held.hold_id] = await asyncio.to_thread(self.transfer.prepare,
+                                                                         held.region)
                     if self._held is None:
                         self._held = held
                     else:                        # a park's Place brought one meanwhile
@@ -148,9 +153,10 @@ class Parking:
                     wait_s = max(0.5, self._held.ttl_s / 3 - (time.monotonic() - renewed))
             except asyncio.CancelledError:
                 raise
-            except NotFound:                     # expired, or the kvstore restarted
-                if self._held is held:
+            except (NotFound, RegionError):      # expired, or the kvstore restarted
+                if held is not None and self._held is held:
                     self._held = None
+                    self._inodes.pop(held.hold_id, None)
                 continue
             except CapacityExhausted as exc:     # the kvstore is full: parks reserve
                 log.info("kv_hold_refused", reason=exc.message, retry_s=HOLD_RETRY_S)
@@ -169,8 +175,21 @@ class Parking:
             self._holding.cancel()
             await asyncio.gather(self._holding, return_exceptions=True)
         held, self._held = self._held, None
+        self._inodes.clear()
         if held is not None and self.link is not None:
             await self.link.release_hold(held)
+
+    async def _note_inode(self, held: Held) -> None:
+        """The inode of a hold's segment, as soon as the hold came (a Place's
+        reply): mapped now, off the next park's path."""
+        try:
+            self._inodes[held.hold_id] = await asyncio.to_thread(self.transfer.prepare,
+                                                                 held.region)
+        except RegionError as exc:
+            log.info("kv_hold_gone", hold_id=held.hold_id, reason=str(exc))
+            if self._held is held:
+                self._held = None
+                self.hold_ahead()
 
     def _take_hold(self, num_bytes: int) -> Held | None:
         """The held region when the entry fits it (taken: no other park
@@ -248,21 +267,28 @@ class Parking:
             self.hold_ahead()
             return None
         region = held.region.prefix(layout.num_bytes)
+        inode = self._inodes.pop(held.hold_id, None)
         try:
-            crc = await asyncio.to_thread(self.transfer.park, slots, region)
-            entry_id, self._held = await self._link().place(
+            if inode is None:                    # its Place's reply came just now
+                inode = await asyncio.to_thread(self.transfer.prepare, held.region)
+            crc = await asyncio.to_thread(self.transfer.park, slots, region, inode)
+            entry_id, following = await self._link().place(
                 held, layout, session.session_id, session.token, list(session.tokens),
                 metadata, crc)
-        except NotFound:
-            log.info("kv_hold_gone", hold_id=held.hold_id)
+        except (NotFound, RegionError) as exc:   # expired, or the kvstore restarted
+            log.info("kv_hold_gone", hold_id=held.hold_id, reason=str(exc))
             self.hold_ahead()
             return None
-        except RegionError as exc:
-            raise _unreachable_region(exc) from None
         except BaseException:
-            if self._held is None:
-                self._held = held               # still the kvstore's: used next time
+            if self._held is None:               # still the kvstore's: used next time
+                self._held = held
+                self._inodes[held.hold_id] = inode
             raise
+        if following is not None and self._held is not None:   # _keep_held made one meanwhile
+            self._background(self._link().release_hold(following))
+        elif following is not None:
+            self._held = following
+            self._background(self._note_inode(following))
         self.hold_ahead()
         return entry_id, region, crc
 
@@ -393,9 +419,13 @@ class Parking:
             self._delete_later(session.parked_entry, session.token)
 
     def _delete_later(self, entry_id: str, token: str) -> None:
-        task = asyncio.create_task(self._link().delete(entry_id, token))
-        self._deletes.add(task)
-        task.add_done_callback(self._deletes.discard)
+        self._background(self._link().delete(entry_id, token))
+
+    def _background(self, call) -> None:
+        """An RPC whose answer nothing waits for (kept referenced until done)."""
+        task = asyncio.create_task(call)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
     def _check_layout(self, layout: Layout, num_token_ids: int) -> None:
         expected = self.layout(layout.num_tokens)

@@ -159,3 +159,38 @@ def test_holds_are_not_kept_across_a_restart_but_their_entries_are(make_store, d
     with pytest.raises(NotFound):
         again.release_hold(following.hold_id, HOLD_SECRET)
     assert again.status().used_bytes == 8 << 10
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_a_crash_restart_keeps_the_holds_regions(make_store, journal):
+    """A worker may write into its hold any time: a kvstore restarted after
+    a crash keeps the region held (from the manifest, or its journal), so
+    that no new entry is put where the worker writes."""
+    first = make_store(reservation_ttl_s=0)
+    if journal:
+        first.save_later = lambda: None        # commits and holds go on the journal
+    held = first.hold("w1", HOLD_SECRET, 32 << 10)
+    entry, following, data = place(first, held, hold_again=True)
+    spare = first.hold("w1", HOLD_SECRET, 16 << 10)
+    first.release_hold(spare.hold_id, HOLD_SECRET)
+    # the first store "crashes": its lock goes, its segments stay
+    first._lock.release()
+    second = make_store(reservation_ttl_s=0)
+    _, region = second.open(entry.entry_id, SECRET)
+    assert bytes(second.view(region)) == data
+    with pytest.raises(NotFound):
+        second.release_hold(held.hold_id, HOLD_SECRET)      # placed: gone
+    with pytest.raises(NotFound):
+        second.release_hold(spare.hold_id, HOLD_SECRET)     # released: gone
+    # The next hold is kept: what is reserved now goes elsewhere, and it places.
+    lay = layout(num_tokens=16)                             # 32 KiB
+    _, other = second.reserve("w2", "sess", SECRET, lay, range(16))
+    start, end = following.region.offset, following.region.offset + following.num_bytes
+    assert (other.segment != following.region.segment
+            or other.offset >= end or other.offset + other.length <= start), (
+        "a restarted store put a new entry inside a region still held")
+    again, _, data2 = place(second, following)
+    _, region = second.open(again.entry_id, SECRET)
+    assert bytes(second.view(region)) == data2
+    first._closed = True                                    # its segments are second's now
+    first.arena._segments.clear()

@@ -8,6 +8,7 @@ kvstore's control plane in memory: exact continuation and the refusals."""
 from __future__ import annotations
 
 import asyncio
+import os
 import dataclasses
 import secrets
 from types import SimpleNamespace
@@ -143,6 +144,27 @@ def test_segments_are_mapped_once_and_dropped_when_gone(arena):
     assert transfer.segments.num_mapped == 1, "the unlinked segment's mapping was kept"
     transfer.close()
     assert transfer.segments.num_mapped == 0
+
+
+def test_a_park_into_a_held_region_writes_only_into_the_file_it_was_held_in(arena, tmp_path):
+    """A region held ahead keeps its segment file's inode (KVTransfer.prepare):
+    a kvstore restarted since may have made a new file of the same name,
+    whose bytes there may be another entry's; the park refuses it."""
+    storage = make_storage(torch.float32, 1)
+    fill(storage, [0, 1], seed=4)
+    transfer = KVTransfer(storage)
+    region = region_of(arena, transfer.num_bytes(2))
+    inode = transfer.prepare(region)
+    transfer.park([0, 1], region, inode)                  # the same file: written
+    path = arena.path_of(region.name)
+    replaced = tmp_path / "replacement"
+    replaced.write_bytes(path.read_bytes())
+    os.replace(replaced, path)                            # a new file under the old name
+    before = path.read_bytes()
+    with pytest.raises(RegionError, match="another file"):
+        transfer.park([0, 1], region, inode)
+    assert path.read_bytes() == before, "the park wrote into the new file"
+    transfer.close()
 
 
 @pytest.mark.parametrize("num_bytes", [8, 64, 8 * 65536, 8 * (65536 * 2 + 3)])
