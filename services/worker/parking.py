@@ -153,11 +153,19 @@ class Parking:
                     wait_s = max(0.5, self._held.ttl_s / 3 - (time.monotonic() - renewed))
             except asyncio.CancelledError:
                 raise
-            except (NotFound, RegionError):      # expired, or the kvstore restarted
+            except NotFound:                     # expired, or the kvstore restarted
                 if held is not None and self._held is held:
                     self._held = None
                     self._inodes.pop(held.hold_id, None)
-                continue
+                continue                         # hold anew at once
+            except RegionError as exc:           # its segment is not reachable from here
+                if held is not None:
+                    if self._held is held:
+                        self._held = None
+                    self._inodes.pop(held.hold_id, None)
+                    await link.release_hold(held)
+                log.info("kv_hold_unusable", reason=str(exc), retry_s=HOLD_RETRY_S)
+                wait_s = HOLD_RETRY_S
             except CapacityExhausted as exc:     # the kvstore is full: parks reserve
                 log.info("kv_hold_refused", reason=exc.message, retry_s=HOLD_RETRY_S)
                 wait_s = HOLD_RETRY_S

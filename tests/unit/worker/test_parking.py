@@ -23,7 +23,7 @@ from services.worker.core import WorkerCore
 from services.worker.engine import Engine, Finished
 from services.kvstore.arena import Arena, Region
 from services.kvstore.checksum import MASK, checksum
-from services.worker.kv_link import OpenedEntry, Reservation
+from services.worker.kv_link import Held, OpenedEntry, Reservation, ShmRegion
 from services.worker.kv_storage import KVShape, KVStorage, SlotGroups
 from services.worker.kv_transfer import ChecksumMismatch, KVTransfer, RegionError, sum64, sum64_torch
 from services.worker.memory import FixedMemory
@@ -225,15 +225,68 @@ class FakeLink:
             self.arena.free(Region(region.name, region.offset, region.length))
 
 
-def run_core(loaded, scenario, link=None):
+class HoldingLink(FakeLink):
+    """FakeLink with holds (Hold, Place, ReleaseHold) and a count of calls;
+    `unreachable`: holds in a segment this process cannot open (a kvstore
+    on another host)."""
+
+    def __init__(self, arena: Arena, unreachable: bool = False):
+        super().__init__(arena)
+        self.unreachable = unreachable
+        self.calls: list[str] = []
+        self.holds: dict[str, Held] = {}
+        self.names: dict[str, str] = {}       # segment path -> the arena's name
+
+    def _new_hold(self, num_bytes, secret) -> Held:
+        region = region_of(self.arena, num_bytes)
+        self.names[region.segment] = region.name
+        segment = "/nonexistent/lmx-elsewhere-0" if self.unreachable else region.segment
+        held = Held(f"hold-{secrets.token_hex(8)}", secret,
+                    ShmRegion(segment, region.offset, num_bytes), 60.0)
+        self.holds[held.hold_id] = held
+        return held
+
+    async def hold(self, num_bytes, secret, renew=""):
+        self.calls.append("hold")
+        if renew:
+            if renew not in self.holds:
+                raise NotFound("hold", renew)
+            return self.holds[renew]
+        return self._new_hold(num_bytes, secret)
+
+    async def place(self, held, layout, session_id, secret, token_ids, metadata, checksum,
+                    hold_again=True):
+        self.calls.append("place")
+        if self.holds.pop(held.hold_id, None) is None:
+            raise NotFound("hold", held.hold_id)
+        entry_id = f"kv-{secrets.token_hex(8)}"
+        region = SimpleNamespace(segment=held.region.segment, offset=held.region.offset,
+                                 length=layout.num_bytes,
+                                 name=self.names[held.region.segment])
+        self.entries[entry_id] = (secret, OpenedEntry(entry_id, layout, list(token_ids),
+                                                      metadata, region, checksum))
+        return entry_id, self._new_hold(held.region.length, held.secret) if hold_again else None
+
+    async def release_hold(self, held) -> None:
+        self.calls.append("release_hold")
+        self.holds.pop(held.hold_id, None)
+
+    async def reserve(self, *args):
+        self.calls.append("reserve")
+        return await super().reserve(*args)
+
+
+def run_core(loaded, scenario, link=None, park_ahead_bytes: int = 0):
     async def main():
         engine = Engine(loaded, FixedMemory(1 << 30), chunk_bytes=1 << 16)
         engine.start()
         sessions = SessionTable()
-        core = WorkerCore(loaded, engine, sessions, Parking(loaded, engine, sessions, link))
+        parking = Parking(loaded, engine, sessions, link, park_ahead_bytes=park_ahead_bytes)
+        core = WorkerCore(loaded, engine, sessions, parking)
         try:
             return await asyncio.wait_for(scenario(core, link), 60)
         finally:
+            await parking.release()
             await engine.close()
 
     return asyncio.run(main())
@@ -356,3 +409,44 @@ def test_parking_disabled(tiny):
         assert caught.value.reason == "PARKING_DISABLED"
 
     run_core(tiny, scenario, None)
+
+
+def test_a_park_goes_through_the_region_held_ahead_and_restores_exactly(tiny, arena):
+    """With a region held ahead, parks are one Place each (no Reserve, no
+    Commit), each reply holding the next region; a park larger than the hold
+    reserves; the sessions come back exactly."""
+    async def scenario(core, link):
+        core.parking.hold_ahead()
+        while core.parking._held is None:
+            await asyncio.sleep(0.01)
+        control, a, b, big = (core.open_session().session for _ in range(4))
+        for session in (control, a, b):
+            await ids_of(core, session, "one two three")
+        await ids_of(core, big, "one two three " * 30)
+        expected = await ids_of(core, control, " four five")
+        link.calls.clear()
+        for session in (a, b):
+            await core.park_session(session.session_id, session.token)
+        assert link.calls == ["place", "place"], link.calls
+        await core.park_session(big.session_id, big.token)       # over the hold's bytes
+        assert link.calls[2:] == ["reserve"], link.calls
+        for session in (a, b):
+            assert await ids_of(core, session, " four five") == expected
+        assert len(link.holds) == 1, "one hold should be kept, the next park's"
+
+    run_core(tiny, scenario, HoldingLink(arena), park_ahead_bytes=16 << 10)
+
+
+def test_a_hold_this_process_cannot_reach_is_given_back_and_parks_reserve(tiny, arena):
+    async def scenario(core, link):
+        session = core.open_session().session
+        await ids_of(core, session, "one two three")
+        core.parking.hold_ahead()
+        await asyncio.sleep(0.3)
+        assert link.calls == ["hold", "release_hold"], (
+            f"an unreachable hold should be given back, then tried again later: {link.calls}")
+        assert core.parking._held is None and not link.holds
+        await core.park_session(session.session_id, session.token)
+        assert "reserve" in link.calls
+
+    run_core(tiny, scenario, HoldingLink(arena, unreachable=True), park_ahead_bytes=16 << 10)
