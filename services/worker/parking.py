@@ -38,8 +38,10 @@ if TYPE_CHECKING:  # the link speaks grpc; parking itself does not
 log = structlog.get_logger(__name__)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-#: After a failed Hold, parks reserve for this long before the next try.
+#: After a failed Hold, parks reserve for this long before the next try,
+#: doubled after each failure in a row up to HOLD_RETRY_MAX_S.
 HOLD_RETRY_S = 5.0
+HOLD_RETRY_MAX_S = 300.0
 
 
 # ---- entries -------------------------------------------------------------------
@@ -133,9 +135,11 @@ class Parking:
     async def _keep_held(self) -> None:
         link = self._link()
         renewed = time.monotonic()
+        failures = 0                              # in a row: the retries back off
         while True:
             self._wanted.clear()
             held, wait_s = self._held, None
+            retry_s = min(HOLD_RETRY_S * 2 ** failures, HOLD_RETRY_MAX_S)
             try:
                 if held is None:
                     held = await link.hold(self.park_ahead_bytes, self._hold_secret)
@@ -151,6 +155,7 @@ class Parking:
                     renewed = time.monotonic()
                 if self._held is not None and self._held.ttl_s > 0:
                     wait_s = max(0.5, self._held.ttl_s / 3 - (time.monotonic() - renewed))
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except NotFound:                     # expired, or the kvstore restarted
@@ -164,14 +169,16 @@ class Parking:
                         self._held = None
                     self._inodes.pop(held.hold_id, None)
                     await link.release_hold(held)
-                log.info("kv_hold_unusable", reason=str(exc), retry_s=HOLD_RETRY_S)
-                wait_s = HOLD_RETRY_S
+                log.info("kv_hold_unusable", reason=str(exc), retry_s=retry_s)
+                wait_s, failures = retry_s, failures + 1
             except CapacityExhausted as exc:     # the kvstore is full: parks reserve
-                log.info("kv_hold_refused", reason=exc.message, retry_s=HOLD_RETRY_S)
-                wait_s = HOLD_RETRY_S
+                log.info("kv_hold_refused", reason=exc.message, retry_s=retry_s)
+                wait_s, failures = retry_s, failures + 1
             except Exception as exc:  # noqa: BLE001 - parks reserve meanwhile
-                log.warning("kv_hold_failed", error=str(exc), retry_s=HOLD_RETRY_S)
-                wait_s = HOLD_RETRY_S
+                # Once a run of failures (a kvstore not started yet): parks say why.
+                (log.warning if not failures else log.debug)(
+                    "kv_hold_failed", error=str(exc), retry_s=retry_s)
+                wait_s, failures = retry_s, failures + 1
             try:
                 await asyncio.wait_for(self._wanted.wait(), wait_s)
             except TimeoutError:
