@@ -102,10 +102,11 @@ class Parking:
         self._held: Held | None = None
         self._holding: asyncio.Task | None = None   # getting or renewing it
         self._wanted = asyncio.Event()                # a park used it up
-        #: hold id -> the inode of its segment file when the hold came: a park
-        #: writes there only into that very file (not a restarted kvstore's
-        #: new file of the same name, whose region may be another entry's).
-        self._inodes: dict[str, int] = {}
+        #: The inode of its segment file when it came (None: not noted yet): a
+        #: park writes there only into that very file (not a restarted
+        #: kvstore's new file of the same name, whose region may be another
+        #: entry's). Set with _held, always (_hold).
+        self._held_inode: int | None = None
         self._hold_secret = secrets.token_hex(16)
         self.model_version = model_version(loaded)
         self.transfer = KVTransfer(engine.storage, block_size=engine.pool.block_size)
@@ -143,10 +144,9 @@ class Parking:
             try:
                 if held is None:
                     held = await link.hold(self.park_ahead_bytes, self._hold_secret)
-                    self._inodes[held.hold_id] = await asyncio.to_thread(self.transfer.prepare,
-                                                                         held.region)
+                    inode = await asyncio.to_thread(self.transfer.prepare, held.region)
                     if self._held is None:
-                        self._held = held
+                        self._hold(held, inode)
                     else:                        # a park's Place brought one meanwhile
                         await link.release_hold(held)
                     renewed = time.monotonic()
@@ -160,14 +160,12 @@ class Parking:
                 raise
             except NotFound:                     # expired, or the kvstore restarted
                 if held is not None and self._held is held:
-                    self._held = None
-                    self._inodes.pop(held.hold_id, None)
+                    self._hold(None)
                 continue                         # hold anew at once
             except RegionError as exc:           # its segment is not reachable from here
                 if held is not None:
                     if self._held is held:
-                        self._held = None
-                    self._inodes.pop(held.hold_id, None)
+                        self._hold(None)
                     await link.release_hold(held)
                 log.info("kv_hold_unusable", reason=str(exc), retry_s=retry_s)
                 wait_s, failures = retry_s, failures + 1
@@ -189,8 +187,8 @@ class Parking:
         if self._holding is not None:
             self._holding.cancel()
             await asyncio.gather(self._holding, return_exceptions=True)
-        held, self._held = self._held, None
-        self._inodes.clear()
+        held = self._held
+        self._hold(None)
         if held is not None and self.link is not None:
             await self.link.release_hold(held)
 
@@ -198,22 +196,27 @@ class Parking:
         """The inode of a hold's segment, as soon as the hold came (a Place's
         reply): mapped now, off the next park's path."""
         try:
-            self._inodes[held.hold_id] = await asyncio.to_thread(self.transfer.prepare,
-                                                                 held.region)
+            inode = await asyncio.to_thread(self.transfer.prepare, held.region)
         except RegionError as exc:
             log.info("kv_hold_gone", hold_id=held.hold_id, reason=str(exc))
             if self._held is held:
-                self._held = None
+                self._hold(None)
                 self.hold_ahead()
+            return
+        if self._held is held:
+            self._held_inode = inode
 
-    def _take_hold(self, num_bytes: int) -> Held | None:
-        """The held region when the entry fits it (taken: no other park
-        writes there meanwhile)."""
-        held = self._held
+    def _hold(self, held: Held | None, inode: int | None = None) -> None:
+        self._held, self._held_inode = held, inode
+
+    def _take_hold(self, num_bytes: int) -> tuple[Held | None, int | None]:
+        """The held region and its inode when the entry fits it (taken: no
+        other park writes there meanwhile)."""
+        held, inode = self._held, self._held_inode
         if held is None or num_bytes > held.region.length:
-            return None
-        self._held = None
-        return held
+            return None, None
+        self._hold(None)
+        return held, inode
 
     def layout(self, num_tokens: int) -> Layout:
         shape = self.loaded.kv_shape
@@ -277,12 +280,11 @@ class Parking:
         """The park through the region held ahead, when the entry fits it:
         (entry id, its region, checksum); None to reserve instead (no hold,
         too small, or gone: the kvstore restarted or it expired)."""
-        held = self._take_hold(layout.num_bytes)
+        held, inode = self._take_hold(layout.num_bytes)
         if held is None:
             self.hold_ahead()
             return None
         region = held.region.prefix(layout.num_bytes)
-        inode = self._inodes.pop(held.hold_id, None)
         try:
             if inode is None:                    # its Place's reply came just now
                 inode = await asyncio.to_thread(self.transfer.prepare, held.region)
@@ -296,13 +298,12 @@ class Parking:
             return None
         except BaseException:
             if self._held is None:               # still the kvstore's: used next time
-                self._held = held
-                self._inodes[held.hold_id] = inode
+                self._hold(held, inode)
             raise
         if following is not None and self._held is not None:   # _keep_held made one meanwhile
             self._background(self._link().release_hold(following))
         elif following is not None:
-            self._held = following
+            self._hold(following)
             self._background(self._note_inode(following))
         self.hold_ahead()
         return entry_id, region, crc
