@@ -57,8 +57,14 @@ def outcomes(junit: Path) -> list[dict]:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 message = (found.get("message") or "")[:500]
                 break
-        tests.append(dict(test=f"{case.get('classname')}::{case.get('name')}", outcome=outcome,
-                          seconds=round(float(case.get("time") or 0), 2), message=message))
+        test = dict(test=f"{case.get('classname')}::{case.get('name')}", outcome=outcome,
+                    seconds=round(float(case.get("time") or 0), 2), message=message)
+        # What a test measured (its record_property calls), e.g. the reference
+        # check's agreement: kept for passed tests too.
+        figures = {prop.get("name"): prop.get("value") for prop in case.iter("property")}
+        if figures:
+            test["figures"] = figures
+        tests.append(test)
     return tests
 
 
@@ -81,7 +87,9 @@ def run_pytest(args: list[str]) -> tuple[int, bool, list[dict]]:
         # debug logs buried the message once).
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu",
                                  "-p", "no:cacheprovider", "--tb=line", "-rf",
-                                 "--show-capture=no", f"--junitxml={junit}", *args],
+                                 "--show-capture=no", f"--junitxml={junit}",
+                                 # record_property's figures land in the XML (xunit2 drops them)
+                                 "-o", "junit_family=xunit1", *args],
                                 cwd=ROOT)
         cut = False
         try:

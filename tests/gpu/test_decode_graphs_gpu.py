@@ -125,23 +125,66 @@ def test_decode_steps_launched_ahead_give_the_same_tokens(cache):
     assert ahead == one_at_a_time
 
 
+def float32_reference(shape: str, cache):
+    """The worker's own bfloat16 weights of `shape` (load_model's seed),
+    upcast to float32, as bench/worker.py's reference. Built in float32 the
+    reference had the same weights while the layers were drawn on the CPU
+    (to 6783507); since 1c5b21b they are drawn on the device, and on an H100
+    a check against that read 0% for llama-1b eager, graphed and compiled
+    alike (8d96686)."""
+    from services.worker.models import build_synthetic, model_config
+
+    config, _ = model_config(f"synthetic:{shape}", cache)
+    return build_synthetic(config, torch.device("cuda"), torch.bfloat16, 0).float()
+
+
+@pytest.mark.timeout(300)     # the compiled case compiles its step (tens of seconds)
 @pytest.mark.parametrize("compile", [True, False])
-def test_graphed_decode_in_bfloat16_agrees_with_eager(cache, compile):
+def test_graphed_decode_in_bfloat16_agrees_with_eager(cache, compile, record_property):
+    """Graphed (and compiled) bfloat16 steps against eager ones: where a
+    prompt's tokens first part, the two tokens are a near tie of the float32
+    reference of the same weights (random weights leave many; after the
+    parting the sessions decode different texts). Until 526ad81 this asked
+    that the first four tokens be the same: compiled, llama-1b parted at the
+    4th and 2nd token of two prompts while the compiled tokens were the
+    reference's choice, or a near tie, at >= 99% of positions (H100)."""
     from services.worker.models import load_model
+    from services.worker.quality import NEAR_TIE_NATS, log_probs
 
     loaded = load_model("synthetic:llama-1b", cache=cache, device=torch.device("cuda"),
                         dtype=torch.bfloat16)
     eager, _ = generate(loaded, graphs=False)
     graphed, runner = generate(loaded, graphs=True, compile=compile)
     assert runner.graphs.broken is None
+    assert runner.graphs.forward.on is compile, runner.graphs.forward.broken
+    vocab_limit = loaded.vocab_limit
+    prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+    del loaded, runner
+    torch.cuda.empty_cache()
     same = sum(a == b for e, g in zip(eager, graphed) for a, b in zip(e, g))
     total = sum(len(e) for e in eager)
-    # bf16: the first tokens agree; a near-tie may send a session elsewhere later.
-    first = [e[:4] == g[:4] for e, g in zip(eager, graphed)]
-    assert all(first), (f"compile={compile}: {same}/{total} tokens the same; the first four "
-                        f"differ for prompts {[i for i, ok in enumerate(first) if not ok]}: "
-                        f"eager {[e[:6] for e in eager]} graphed {[g[:6] for g in graphed]}")
-    print(f"bf16 agreement: {same}/{total}")
+    partings = []
+    reference = None
+    for index, (prompt, e, g) in enumerate(zip(prompts, eager, graphed)):
+        at = next((i for i, (a, b) in enumerate(zip(e, g)) if a != b), None)
+        if at is None:
+            continue
+        if reference is None:
+            reference = float32_reference("llama-1b", cache)
+        with torch.inference_mode():
+            row = log_probs(reference, prompt + e[:at + 1], torch.device("cuda"))[-1, :vocab_limit]
+        top = row.max().item()
+        partings.append({"prompt": index, "token": at,
+                         "eager_gap_nats": round(top - row[e[at]].item(), 4),
+                         "graphed_gap_nats": round(top - row[g[at]].item(), 4)})
+    record_property("agreement", f"{same}/{total}")
+    record_property("partings", str(partings))
+    print(f"bf16 compile={compile}: {same}/{total} tokens as eager; partings {partings}")
+    far = [p for p in partings
+           if max(p["eager_gap_nats"], p["graphed_gap_nats"]) > NEAR_TIE_NATS]
+    assert not far, (f"compile={compile}: {same}/{total} tokens as eager; where these prompts' "
+                     f"tokens part, one of the two is more than {NEAR_TIE_NATS} nats below the "
+                     f"float32 reference's choice: {far}")
 
 
 #: The shapes of the three architectures the worker serves, at sizes where
@@ -151,16 +194,18 @@ def test_graphed_decode_in_bfloat16_agrees_with_eager(cache, compile):
 REFERENCE_SHAPES = ["llama-1b", "qwen2.5-1.5b", "gemma3-1b"]
 
 
+@pytest.mark.timeout(300)     # compiling gemma3-1b's step took 126 s once (H100, 526ad81)
 @pytest.mark.parametrize("shape, mode", [(shape, "compiled") for shape in REFERENCE_SHAPES]
                          + [("llama-1b", "graphed"), ("llama-1b", "eager")])
-def test_graphed_bfloat16_decode_chooses_the_float32_references_tokens(cache, shape, mode):
+def test_graphed_bfloat16_decode_chooses_the_float32_references_tokens(cache, shape, mode,
+                                                                         record_property):
     """The worker's greedy tokens (bfloat16, graphed decode steps, paged
     Triton kernels), teacher-forced through a float32 copy of the same
     weights with PyTorch's own attention: at least 99% its choices,
     counting near ties (services/worker/quality.py). `mode`: the worker's
     own (graphed steps, compiled), graphed but not compiled, or eager: where
     a drop comes from."""
-    from services.worker.models import build_synthetic, load_model, model_config
+    from services.worker.models import load_model
     from services.worker.quality import Choices, choices
 
     device = torch.device("cuda")
@@ -173,18 +218,13 @@ def test_graphed_bfloat16_decode_chooses_the_float32_references_tokens(cache, sh
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     del loaded, runner
     torch.cuda.empty_cache()
-    config, _ = model_config(f"synthetic:{shape}", cache)
-    # The worker's own bfloat16 weights (load_model's seed), upcast, as
-    # bench/worker.py's reference. Built in float32 the reference had the same
-    # weights while the layers were drawn on the CPU (to 6783507, where this
-    # passed); since 1c5b21b they are drawn on the device, and on an H100 the
-    # check read 0% for llama-1b eager, graphed and compiled alike (8d96686).
-    reference = build_synthetic(config, device, torch.bfloat16, 0).float()
+    reference = float32_reference(shape, cache)
     total = Choices(0, 0, 0)
     with torch.inference_mode():
         for prompt, tokens in zip(prompts, graphed):
             total += choices(reference, prompt, tokens, device, vocab_limit)
     print(f"{shape}: {total.as_dict()}")
+    record_property("choices", str(total.as_dict()))
     assert total.positions >= 100 and total.agreement_near_ties >= 0.99, (
         f"{shape} ({mode}): the worker's bfloat16 tokens are the float32 "
         f"reference's choice at "

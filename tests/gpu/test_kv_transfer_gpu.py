@@ -102,6 +102,7 @@ def test_pinned_park_and_restore_on_cuda(arena, start, other_start):
     assert parker.segments.num_mapped == 0
 
 
+@pytest.mark.timeout(420)  # two workers start and compile their decode step (cut at 100 s once)
 def test_park_restore_and_move_between_cuda_workers(tmp_path):
     """admission (NVML), a kvstore and two synthetic:llama-1b workers on the
     GPU; a session parked on worker 1 and restored on worker 2 continues like
