@@ -16,7 +16,8 @@
 #               image's 5.17)
 #   .devcache/  the converted smollm2-135m's tokenizer and config, no
 #               weights: the synthetic models' tokenizer (the weights are
-#               random and built there)
+#               random and built there); and compile-cache.tgz where a
+#               gpu_suite.sh call brought one back (copy it there)
 # Both are ignored by git. On the GPU machine, before bench/gpu_suite.sh:
 #   source bench/gpu_setup.sh    (installs them into /tmp/site, checks that the
 #                                 services import, sets PYTHONPATH and LMX_CACHE)
@@ -38,7 +39,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
-rm -rf .devcache && mkdir -p .devcache/lmx/models/smollm2-135m
+rm -rf .devcache/lmx && mkdir -p .devcache/lmx/models/smollm2-135m   # keeps compile-cache.tgz
 find "$CACHE/models/smollm2-135m" -maxdepth 1 -type f ! -name '*.safetensors' \
     -exec cp {} .devcache/lmx/models/smollm2-135m/ \;
 du -sh .whl .devcache

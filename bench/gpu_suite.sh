@@ -34,7 +34,9 @@
 #
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
-# machine sends back only a few. Each step has its own time limit, so a step
+# machine sends back only a few. Beside it, compile-cache.tgz: Inductor's and
+# Triton's caches (gpu_setup.sh's TORCHINDUCTOR_CACHE_DIR), where they pack
+# under 14 MiB; copied to .devcache/ here, the next call's compiles hit them. Each step has its own time limit, so a step
 # that hangs costs its limit, not the stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -223,6 +225,17 @@ for stage in "$@"; do
     esac
 done
 pack
+if [ -d "${TORCHINDUCTOR_CACHE_DIR:-}" ]; then   # gpu_setup.sh's: the next call starts warm
+    tar -czf "$OUT/compile-cache.tgz.part" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
+    size=$(stat -c %s "$OUT/compile-cache.tgz.part" 2>/dev/null || echo 0)
+    if [ "$size" -gt 0 ] && [ "$size" -le $((14 << 20)) ]; then
+        mv "$OUT/compile-cache.tgz.part" "$OUT/compile-cache.tgz"
+        echo "compile cache: $((size >> 10)) KiB in $OUT/compile-cache.tgz"
+    else
+        rm -f "$OUT/compile-cache.tgz.part"
+        echo "compile cache: $((size >> 10)) KiB, over what a call carries: not kept"
+    fi
+fi
 rm -rf "$marker" "$LOGS"
 echo "results and logs: $OUT/gpu-suite-$suite-$stamp.tgz"
 tar -tzf "$OUT/gpu-suite-$suite-$stamp.tgz" | tr '\n' ' '
