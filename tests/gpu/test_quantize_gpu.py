@@ -94,6 +94,7 @@ def test_a_quantized_model_loads_within_its_packed_bytes(mode):
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.timeout(300)     # compiles the step as the worker does
 def test_the_step_plan_holds_for_quantized_weights(mode, step_memory_bench):
     report = step_memory_bench.run_model(
         "synthetic:llama-1b", argparse.Namespace(quick=True, quantize=mode, group_size=32), CUDA)

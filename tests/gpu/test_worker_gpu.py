@@ -31,6 +31,7 @@ async def _generate(stub, pb, prompt: str, max_tokens: int) -> tuple[int, str]:
     return count, text
 
 
+@pytest.mark.timeout(300)     # the worker compiles its decode step at the warm-up
 def test_worker_on_cuda_stays_inside_its_lease(tmp_path):
     import grpc
 
@@ -115,6 +116,7 @@ def _nvml_used(pid: int) -> int:
         pynvml.nvmlShutdown()
 
 
+@pytest.mark.timeout(400)     # 100 s before the step was compiled (6783507)
 def test_a_sleeping_worker_holds_no_more_than_the_lease_it_keeps_cycle_after_cycle(tmp_path):
     """Another holder asks for nearly all the memory: the worker sleeps, and
     then NVML's figure for its process (context, weights' leftovers, the
