@@ -176,6 +176,8 @@ class WorkerApp:
         if settings.chat_template:
             self.loaded = with_chat_template(self.loaded, settings.chat_template)
         graphs = devices.decode_graphs(settings.cuda_graphs, self.device)
+        if compiled_decode.enabled(settings.compile_decode, graphs):
+            log.info("compile_cache", path=str(compiled_decode.keep_caches_in(self.cache)))
         self.engine = Engine(self.loaded, self.memory, block_size=settings.block_size,
                              chunk_bytes=settings.kv_chunk_bytes, kv_wait_s=settings.kv_wait_s,
                              max_batch=settings.max_batch,

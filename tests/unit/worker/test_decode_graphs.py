@@ -10,6 +10,9 @@ attention: services/worker/quality.py `choices`), which sees a wrong one."""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
+
 import pytest
 
 from services.worker import paged_kernels
@@ -189,6 +192,25 @@ def test_tuned_compiles_with_inductors_coordinate_descent_tuning(tiny, monkeypat
     assert asked == [options]
     with pytest.raises(Exception, match="compile_decode"):
         load_settings(["--model", "m", "--compile-decode", "fast"], {})
+
+
+def test_the_compile_caches_live_under_the_model_cache_unless_named(monkeypatch, tmp_path):
+    """A worker's compiled step is kept under its model cache (a container's
+    cache volume), not Inductor's /tmp default that goes with the container;
+    a folder the environment names wins."""
+    from services.worker import compiled_decode
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    folder = compiled_decode.keep_caches_in(tmp_path)
+    assert folder == tmp_path / "compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compile" / "triton")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(tmp_path / "compile"), "Inductor reads it"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert compiled_decode.keep_caches_in(tmp_path) == Path("/elsewhere")
 
 
 def test_models_that_graphs_cannot_serve_are_refused_clearly(tiny):
