@@ -226,7 +226,11 @@ for stage in "$@"; do
 done
 pack
 if [ -d "${TORCHINDUCTOR_CACHE_DIR:-}" ]; then   # gpu_setup.sh's: the next call starts warm
-    tar -czf "$OUT/compile-cache.tgz.part" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
+    # Triton's intermediate forms stay behind: a cache hit needs a kernel's
+    # metadata and binary only (triton.compiler.compile reads what is there).
+    tar -czf "$OUT/compile-cache.tgz.part" --exclude='*.ttir' --exclude='*.ttgir' \
+        --exclude='*.llir' --exclude='*.ptx' --exclude='*.source' \
+        -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
     size=$(stat -c %s "$OUT/compile-cache.tgz.part" 2>/dev/null || echo 0)
     if [ "$size" -gt 0 ] && [ "$size" -le $((14 << 20)) ]; then
         mv "$OUT/compile-cache.tgz.part" "$OUT/compile-cache.tgz"
