@@ -36,8 +36,9 @@
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
 # machine sends back only a few. Beside it, compile-cache.tgz: Inductor's and
 # Triton's caches (gpu_setup.sh's TORCHINDUCTOR_CACHE_DIR), where they pack
-# under 14 MiB; copied to .devcache/ here, the next call's compiles hit them. Each step has its own time limit, so a step
-# that hangs costs its limit, not the stage.
+# under 14 MiB; copied to .devcache/ here, the next call's compiles hit them.
+# Each step has its own time limit, so a step that hangs costs its limit, not
+# the stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

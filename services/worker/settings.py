@@ -146,9 +146,9 @@ class WorkerSettings(ServerFields):
         "help": "auto: the graphed decode step's forward pass is compiled by torch.compile "
                 "(Inductor fuses the norms, rotary embedding, activations and residual adds "
                 "around the matrix products; two compiles at the warm-up, cached under the model "
-                "cache's compile/ for the next start) | tuned: the same with Inductor's coordinate descent tuning "
-                "(batch-1 matrix products as tuned reductions, gpt-fast's setting; a longer "
-                "first compile) | off: captured as the model runs it"})
+                "cache's compile/ for the next start) | tuned: the same with Inductor's "
+                "coordinate descent tuning (batch-1 matrix products as tuned reductions, "
+                "gpt-fast's setting; a longer first compile) | off: captured as the model runs it"})
     decode_ahead: str = field(default="auto", metadata={
         "help": "auto: where decode steps are graphed, a greedy decode step is launched before "
                 "the last one's tokens are read, so that the device computes while the host "
