@@ -1,7 +1,8 @@
 """The entry table and its policy: reserve, commit, open, delete, list and
 status over the shared-memory arena, and holds (memory kept ahead of an
-owner's next entry, placed in one step: hold.py); capacity,
-least-recently-used spilling or refusal when full; re-adoption after a crash; a clean stop. No grpc.
+owner's next entry, placed in one step: hold.py); capacity, least-recently-
+used spilling or refusal when full; re-adoption after a crash; a clean stop.
+No grpc.
 
 Every method is synchronous and runs on the server's event loop thread, so
 the table needs no lock. Checksums are sum64 (services/kvstore/checksum.py):
@@ -31,11 +32,11 @@ from services.common.errors import (
     PermissionDenied,
     Shortfall,
 )
+from services.kvstore import hold as holds
 from services.kvstore import limits
 from services.kvstore.arena import Arena, Region, align_up, parse_segment_name
 from services.kvstore.checksum import checksum
 from services.kvstore.entry import Entry, Layout, State, hash_secret, secret_matches
-from services.kvstore import hold as holds
 from services.kvstore.hold import Hold
 from services.kvstore.manifest import Manifest, StoreLock, has_manifest, is_locked
 from services.kvstore.spill import SpillDir
