@@ -360,14 +360,30 @@ class WorkerApp:
         """A worker streaming with --resident-fraction auto answers a weights
         ask by streaming more of its layers, when that frees what the waiter
         misses, and goes on serving; None when it cannot (then it sleeps)."""
+        streamed = await self._stream_more(needed_bytes)
+        if streamed is None:
+            return None
+        moved, frees = streamed
+        held = self.memory.granted().get("weights", 0)
+        await self.memory.resize_base(held - frees)
+        self._register_soon()
+        assert self.streamer is not None
+        return Relief(frees, f"streaming {moved} more layers "
+                             f"({self.streamer.info().resident_fraction:.0%} resident)")
+
+    async def _stream_more(self, needed_bytes: int) -> tuple[int, int] | None:
+        """The fewest more layers streamed whose weights free `needed_bytes`
+        on the device (the lease is the caller's to shrink): how many moved
+        and the bytes freed; None when the worker may not (a share that was set, not
+        chosen automatically) or cannot (even every layer would not)."""
         streamer = self.streamer
         if (streamer is None or needed_bytes <= 0
                 or self.settings.resident_fraction != AUTO):
             return None
         resident = streamer.num_layers - streamer.count
-        # The fewest layers whose streaming frees what the waiter misses (a
-        # resident model's first ones also pay for the ring); none if even
-        # all of them would not.
+        # The fewest layers whose streaming frees what is missing (a resident
+        # model's first ones also pay for the ring); none if even all of them
+        # would not.
         count = next((k for k in range(1, resident + 1) if streamer.more_frees(k) >= needed_bytes),
                      None)
         if count is None:
@@ -378,12 +394,10 @@ class WorkerApp:
         if not moved:
             return None
         after = streamer.info()
-        frees = (after.host_bytes - before.host_bytes) - (after.ring_bytes - before.ring_bytes)
-        held = self.memory.granted().get("weights", 0)
-        await self.memory.resize_base(held - frees)
-        self._register_soon()
-        return Relief(frees, f"streaming {moved} more layers "
-                             f"({streamer.info().resident_fraction:.0%} resident)")
+        log.info("worker_streamed_more", layers=moved, needed_bytes=needed_bytes,
+                 resident_fraction=round(after.resident_fraction, 3))
+        return moved, ((after.host_bytes - before.host_bytes)
+                       - (after.ring_bytes - before.ring_bytes))
 
     async def _weight_plan(self):
         """The model's weights counted on the meta device, once (placement
@@ -569,10 +583,16 @@ class WorkerApp:
         self.lease_terms = await self.sizing.measure(
             self.engine, lambda: core.open_session().session, close, self.memory,
             weight_bytes=self.device_weight_bytes, overhead=self.overhead_bytes,
-            staging=core.parking.transfer.staging_bytes, estimated=self.lease_terms)
+            staging=core.parking.transfer.staging_bytes, estimated=self.lease_terms,
+            shed_weights=self._shed_weights)
         self.overhead_bytes = self.lease_terms.overhead
         self.pressure.keep_bytes = self.overhead_bytes
         self.pressure.base_bytes = self.lease_terms.total
+
+    async def _shed_weights(self, needed_bytes: int) -> bool:
+        """At start, the measured lease larger than admission can grant:
+        more layers streamed, where the share was chosen automatically."""
+        return await self._stream_more(needed_bytes) is not None
 
     def _load(self, streamed: list[int]) -> LoadedModel:
         """The model, loaded once. Streamed (--resident-fraction below 1):

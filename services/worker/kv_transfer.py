@@ -218,6 +218,13 @@ class HostSegments:
 
 # ---- park and restore copies ---------------------------------------------------------
 
+#: The largest piece a park or restore copies at once (KVTransfer).
+PIECE_BYTES = 32 << 20
+#: Device memory a park or restore takes beside the pool, with the default
+#: pieces: two staging buffers and the checksum's temporary.
+STAGING_BYTES = 3 * PIECE_BYTES
+
+
 class KVTransfer:
     """Copies a session's KV between `storage` and kvstore regions, in pieces
     of at most `piece_bytes` (a run of layers of K or of V, contiguous both in
@@ -232,7 +239,7 @@ class KVTransfer:
     `block_size` in order (a session's always are); else, and on the CPU,
     with torch's index operations, two a pool chunk."""
 
-    def __init__(self, storage: KVStorage, piece_bytes: int = 32 << 20, block_size: int = 16,
+    def __init__(self, storage: KVStorage, piece_bytes: int = PIECE_BYTES, block_size: int = 16,
                  kernels: bool | None = None):
         self.storage = storage
         self.device = storage.device

@@ -8,15 +8,24 @@ beyond what was allocated before it measured by the runner and compared
 with the plan (a plan below it is scaled up for every later step and logged
 as step_plan_below_measured: a missing term); every decode graph captured,
 the largest bucket first, and their pool measured; the CUDA context measured
-again. The measured terms are what the base lease is resized to; if
-admission cannot grant the graphs' pool, graphs go off (only where they fit).
+again. The measured terms are what the base lease is resized to. If
+admission cannot grant a growth, the worker fits what it holds instead of
+failing its start (`measure`): fewer decode graphs, a smaller prefill per
+step, more layers streamed (when the share was chosen automatically), the
+smallest prefill; only when none of those fits does the start fail.
+
+The estimate before the load counts what the profile run then measures: the
+context as the kernels load (CONTEXT_WARMUP_BYTES) and a park's staging
+buffers, so that the measured lease is rarely larger than the first grant
+(an H100 at 0269351: llama-3b's measured lease was 230 MB over its grant, on a
+full device, and its start failed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -25,6 +34,7 @@ import torch
 from services.common.errors import CapacityExhausted
 from services.worker import device as devices
 from services.worker.engine import Engine, Failed, Finished
+from services.worker.kv_transfer import STAGING_BYTES
 from services.worker.memory import Memory
 from services.worker.sampling import SamplingParams
 from services.worker.quantize import QuantSpec, step_dims
@@ -41,9 +51,17 @@ log = structlog.get_logger(__name__)
 
 #: The smallest prefill per step the warm-up falls back to on a full device.
 MIN_PREFILL_TOKENS = 64
+#: The smallest prefill per step a start cuts to before it streams more
+#: layers to fit its lease (below it, long prompts take many steps).
+PREFILL_FLOOR_TOKENS = 256
 #: Room left in the lease for kernels a later step may still load into the
 #: CUDA context after the warm-up measured it.
 CONTEXT_GROWTH_BYTES = 64 << 20
+#: How much the CUDA context grows as the first steps load their kernels and
+#: cuBLAS makes its handles, counted before the load: on an H100 (torch 2.11)
+#: 145-195 MB over the 640 MB measured at start, in every worker log so far,
+#: plus CONTEXT_GROWTH_BYTES of room.
+CONTEXT_WARMUP_BYTES = 256 << 20
 #: How long one growth of the base lease at start waits for admission to
 #: reclaim memory from other holders before the graphs are cut to fit.
 SIZING_WAIT_S = 10.0
@@ -83,19 +101,23 @@ class LeaseSizing:
 
     def initial(self, overhead: int) -> BaseLease:
         """Before the load (the weights' term is set by the caller): on CUDA
-        the context, the workspace, the graphs' pool estimated and the
-        allocator's slack; nothing beside the weights on the CPU."""
+        the context with what the first steps' kernels add to it, the
+        workspace, the graphs' pool estimated, a park's staging buffers and
+        the allocator's slack; nothing beside the weights on the CPU."""
         if self.device.type != "cuda":
             return BaseLease(0, 0, 0)
-        return BaseLease(0, overhead, self.workspace(), self.graph_pool_estimate(), 0,
-                         ALLOCATOR_SLACK_BYTES)
+        return BaseLease(0, overhead + CONTEXT_WARMUP_BYTES, self.workspace(),
+                         self.graph_pool_estimate(), STAGING_BYTES, ALLOCATOR_SLACK_BYTES)
 
     async def measure(self, engine: Engine, open_session, close_session, memory: Memory, *,
                       weight_bytes: Callable[[], int], overhead: int, staging: int,
-                      estimated: BaseLease) -> BaseLease:
+                      estimated: BaseLease,
+                      shed_weights: Callable[[int], Awaitable[bool]] | None = None) -> BaseLease:
         """The profile run (CUDA), then the base lease resized to the
-        measured terms, which are returned. The engine's runner keeps every
-        step within their workspace from then on."""
+        measured terms, which are returned (`fit`). The engine's runner keeps
+        every step within their workspace from then on. `shed_weights(bytes)`
+        streams more layers to free at least that many bytes of weights, if
+        the worker may (False when it may not)."""
         tokens = min(self.settings.max_prefill_tokens, self.max_context - 2)
         # On a device this full, the KV of a full-size prefill may not be
         # granted: halve the prefill (the engine's tokens per step) until it
@@ -143,30 +165,66 @@ class LeaseSizing:
         log.info("worker_workspace_measured", prefill_tokens=tokens, planned_step_bytes=planned,
                  measured_step_bytes=measured, kv_bytes=kv_at_peak,
                  graph_pool_estimate_bytes=estimated.graph_pool, **terms.fields())
+        terms = await self.fit(engine, memory, terms, weight_bytes, shed_weights)
+        engine.runner.workspace_bytes = terms.workspace
+        return terms
+
+    async def fit(self, engine: Engine, memory: Memory, terms: BaseLease,
+                  weight_bytes: Callable[[], int],
+                  shed_weights: Callable[[int], Awaitable[bool]] | None) -> BaseLease:
+        """The base lease resized to `terms`; where admission cannot grow it
+        (other holders keep their memory past SIZING_WAIT_S), the terms cut
+        until they fit what is held, one step at a time, in the order that
+        costs the least speed: decode graphs for the largest buckets (half
+        the rows, down to 8, then none), the prefill per step halved down to
+        PREFILL_FLOOR_TOKENS, more layers streamed, the prefill down to
+        MIN_PREFILL_TOKENS. Each cut is logged (worker_lease_fitted); the
+        terms that fit are returned. When nothing is left to cut, the start
+        fails with admission's refusal."""
+        graphs = engine.runner.graphs
         while True:
             try:
                 # A short wait: admission asks other holders to give back in
-                # it, and should none, fewer graphs is better than a start
+                # it, and should none, a smaller lease is better than a start
                 # that waits a minute per try.
                 await memory.resize_base(terms.total, wait_s=SIZING_WAIT_S)
-                break
+                return terms
             except CapacityExhausted as exc:
-                if graphs is None or not terms.graph_pool:
-                    raise
-                # Decode graphs only for the buckets that fit: half the rows,
-                # captured again and measured; none below 8 rows.
-                top = graphs.sizes[-1] // 2
-                if top < 8:
-                    await engine.between_steps(graphs.disable, "their memory pool does not fit "
-                                               f"the lease ({exc.message})")
-                    torch.cuda.empty_cache()
-                    terms = dataclasses.replace(terms, graph_pool=0)
+                held = memory.granted().get("weights", 0)
+                missing = terms.total - held
+                if graphs is not None and terms.graph_pool and graphs.broken is None:
+                    # Decode graphs only for the buckets that fit: half the
+                    # rows, captured again and measured; none below 8 rows.
+                    top = graphs.sizes[-1] // 2
+                    if top < 8:
+                        await engine.between_steps(graphs.disable, "their memory pool does not "
+                                                   f"fit the lease ({exc.message})")
+                        torch.cuda.empty_cache()
+                        terms = dataclasses.replace(terms, graph_pool=0)
+                        cut = "decode graphs off"
+                    else:
+                        await engine.between_steps(graphs.limit, top)
+                        terms = dataclasses.replace(terms,
+                                                    graph_pool=await self._graph_pool(engine))
+                        cut = f"decode graphs up to {top} rows"
+                elif self.max_prefill_tokens > PREFILL_FLOOR_TOKENS:
+                    cut = self._halve_prefill(engine, PREFILL_FLOOR_TOKENS)
+                    terms = dataclasses.replace(terms, workspace=self.workspace())
+                elif shed_weights is not None and await shed_weights(missing):
+                    terms = dataclasses.replace(terms, weights=weight_bytes())
+                    cut = "more layers streamed"
+                elif self.max_prefill_tokens > MIN_PREFILL_TOKENS:
+                    cut = self._halve_prefill(engine, MIN_PREFILL_TOKENS)
+                    terms = dataclasses.replace(terms, workspace=self.workspace())
                 else:
-                    await engine.between_steps(graphs.limit, top)
-                    terms = dataclasses.replace(terms, graph_pool=await self._graph_pool(engine))
-                log.info("worker_lease_retried", reason=exc.message, **terms.fields())
-        engine.runner.workspace_bytes = terms.workspace
-        return terms
+                    raise
+                log.warning("worker_lease_fitted", cut=cut, held_bytes=held,
+                            missing_bytes=missing, reason=exc.message, **terms.fields())
+
+    def _halve_prefill(self, engine: Engine, floor: int) -> str:
+        tokens = max(floor, self.max_prefill_tokens // 2)
+        engine.max_prefill_tokens = self.max_prefill_tokens = tokens
+        return f"prefill of {tokens} tokens per step"
 
     async def _graph_pool(self, engine: Engine) -> int:
         """Every decode graph captured now, the largest first, and the bytes

@@ -39,6 +39,11 @@ def test_lmx_demo_runs_on_the_gpu(tmp_path: Path):
                              "--at-scale", "--max-tokens", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     print(result.stdout[-6000:])
+    if result.returncode != 0:   # what admission and each worker did last: the log has it
+        for log in sorted((tmp_path / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            keep = 60 if log.name.startswith("admission") else 20
+            print(f"--- {log.name}, last {keep} lines\n" + "\n".join(lines[-keep:]))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "NVIDIA" in summary["device"], summary["device"]
