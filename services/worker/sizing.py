@@ -65,6 +65,8 @@ CONTEXT_WARMUP_BYTES = 256 << 20
 #: How long one growth of the base lease at start waits for admission to
 #: reclaim memory from other holders before the graphs are cut to fit.
 SIZING_WAIT_S = 10.0
+#: How long each growth after a cut waits (fit).
+RETRY_WAIT_S = 1.0
 
 
 class LeaseSizing:
@@ -182,14 +184,17 @@ class LeaseSizing:
         terms that fit are returned. When nothing is left to cut, the start
         fails with admission's refusal."""
         graphs = engine.runner.graphs
+        # A short wait: admission asks other holders to give back in it, and
+        # should none, a smaller lease is better than a start that waits a
+        # minute. After a cut, a glance: what others could give back, they
+        # would have.
+        wait_s = SIZING_WAIT_S
         while True:
             try:
-                # A short wait: admission asks other holders to give back in
-                # it, and should none, a smaller lease is better than a start
-                # that waits a minute per try.
-                await memory.resize_base(terms.total, wait_s=SIZING_WAIT_S)
+                await memory.resize_base(terms.total, wait_s=wait_s)
                 return terms
             except CapacityExhausted as exc:
+                wait_s = RETRY_WAIT_S
                 held = memory.granted().get("weights", 0)
                 missing = terms.total - held
                 if graphs is not None and terms.graph_pool and graphs.broken is None:

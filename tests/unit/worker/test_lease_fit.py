@@ -24,6 +24,8 @@ from services.worker.sizing import (
     CONTEXT_WARMUP_BYTES,
     MIN_PREFILL_TOKENS,
     PREFILL_FLOOR_TOKENS,
+    RETRY_WAIT_S,
+    SIZING_WAIT_S,
     LeaseSizing,
 )
 from services.worker.step_memory import BaseLease
@@ -67,9 +69,23 @@ class Weights:
         return True
 
 
+class Budget(FixedMemory):
+    """The worker's FixedMemory, with how long each growth would have
+    waited in admission's queue."""
+
+    def __init__(self, capacity_bytes: int):
+        super().__init__(capacity_bytes)
+        self.waits: list[float] = []
+
+    async def resize_base(self, num_bytes: int, wait_forever: bool = False,
+                          wait_s: float = 60.0) -> None:
+        self.waits.append(wait_s)
+        await super().resize_base(num_bytes, wait_forever, wait_s)
+
+
 def fit(tiny, sizing: LeaseSizing, capacity: int, weights: Weights):
     async def main():
-        memory = FixedMemory(capacity)
+        memory = Budget(capacity)
         await memory.acquire_base(capacity)     # the first grant: all there was
         engine = Engine(tiny, memory, max_batch=1, max_prefill_tokens=sizing.max_prefill_tokens)
         terms = BaseLease(weights.bytes, 0, sizing.workspace())
@@ -91,6 +107,9 @@ def test_the_prefill_is_cut_before_any_layer_is_streamed(tiny, model_cache):
     assert weights.asked == [], "no layer streamed while a smaller prefill fits"
     assert terms.workspace == workspace_at(sizing, PREFILL_FLOOR_TOKENS)
     assert memory.granted()["weights"] == terms.total <= capacity
+    # 2,048 tokens, then 1,024, 512 and 256: only the first try waits for
+    # admission to reclaim from others
+    assert memory.waits == [SIZING_WAIT_S, RETRY_WAIT_S, RETRY_WAIT_S, RETRY_WAIT_S]
 
 
 def test_below_the_floor_layers_are_streamed_before_the_prefill_is_cut_again(tiny, model_cache):
