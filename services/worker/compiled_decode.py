@@ -129,7 +129,7 @@ class CompiledForward:
             self.seconds += seconds
             self.compiled_at.append(int(input_ids.shape[1]))
             log.info("decode_step_compiled", rows=int(input_ids.shape[1]),
-                     seconds=round(seconds, 2))
+                     seconds=round(seconds, 2), **compile_report())
         return logits
 
     def release_workers(self) -> None:
@@ -144,6 +144,36 @@ class CompiledForward:
             shutdown_compile_workers()
         except Exception as exc:  # noqa: BLE001 - only memory is at stake
             log.warning("compile_workers_not_released", error=str(exc))
+
+
+#: The compile's phases named in the log (torch._dynamo.utils.compile_times):
+#: Dynamo's tracing, AOTAutograd, Inductor's code generation, the wait for
+#: the kernels' compiles, and loading the generated module.
+PHASES = {"bytecode_tracing": "trace", "create_aot_dispatcher_function": "aot",
+          "GraphLowering.codegen": "codegen", "async_compile.wait": "kernels",
+          "PyCodeCache.load_by_key_path": "load"}
+
+
+def compile_report() -> dict:
+    """Where this process's compiles spent their time, in seconds per phase
+    (PHASES), and whether Inductor's graph cache served them (hits and
+    misses: a hit is a compile the cache saved, under <LMX_CACHE>/compile or
+    TORCHINDUCTOR_CACHE_DIR). Totals so far, for the log; {} where torch
+    does not say."""
+    from torch._dynamo.utils import compile_times, counters
+
+    try:
+        names, values = compile_times(repr="csv")
+    except Exception:  # noqa: BLE001 - a log line's figures, not worth failing for
+        return {}
+    phases = {}
+    for name, value in zip(names, values):
+        if name in PHASES:
+            phases[PHASES[name]] = round(sum(float(v) for v in str(value).split(",")
+                                             if v.strip()), 2)
+    inductor = counters["inductor"]
+    return {"phase_seconds": phases, "fxgraph_cache_hits": inductor.get("fxgraph_cache_hit", 0),
+            "fxgraph_cache_misses": inductor.get("fxgraph_cache_miss", 0)}
 
 
 def _frames() -> int:

@@ -144,6 +144,13 @@ def test_compiled_decode_steps_equal_eager_ones(tiny):
     assert compiled == eager
     assert runner.graphed_steps > 0
     assert len(forward.compiled_at) == 2, forward.compiled_at     # one row, and all the others
+    # What the log line of each compile says: where the time went, and
+    # whether Inductor's cache served the graphs (a warm cache: hits)
+    from services.worker.compiled_decode import compile_report
+
+    report = compile_report()
+    assert report["fxgraph_cache_hits"] + report["fxgraph_cache_misses"] >= 2, report
+    assert report["phase_seconds"]["trace"] > 0, report
 
 
 def test_a_compile_that_fails_leaves_the_graphed_step_as_it_was(tiny, monkeypatch):
