@@ -214,6 +214,11 @@ def test_graphed_bfloat16_decode_chooses_the_float32_references_tokens(cache, sh
     if mode != "eager":
         assert runner.graphs.broken is None and runner.graphed_steps > 10, runner.graphs.broken
         assert runner.graphs.forward.on is (mode == "compiled"), runner.graphs.forward.broken
+    if mode == "compiled":   # the compile's seconds and phases, and the cache's hits
+        from services.worker.compiled_decode import compile_report
+
+        record_property("compile", str({"seconds": round(runner.graphs.forward.seconds, 1),
+                                        **compile_report()}))
     vocab_limit = loaded.vocab_limit
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     del loaded, runner
