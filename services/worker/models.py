@@ -480,8 +480,9 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
         # GPU too and moved to host memory before the next is made. The CPU
         # took 122 s to draw a llama-3b shape's layers on an H100 host (16
         # cores), the GPU a fraction of a second; and the weights are the
-        # same as the same model's resident on the GPU. The GPU holds one
-        # layer at a time (within the lease: the ring holds two).
+        # same as the same model's resident on the GPU. Meanwhile the GPU
+        # holds the embeddings and one layer: within the lease, which counts
+        # the embeddings resident and a ring of two layers.
         draw_on = kernels_on if quant.on or kernels_on.type == "cuda" else device
         model = build_synthetic(config, draw_on, dtype, seed,
                                 each_layer=quantize if quant.on else (
