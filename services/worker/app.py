@@ -293,7 +293,11 @@ class WorkerApp:
                 continue
             held = self.memory.granted().get("weights", 0)
             try:
-                await self.memory.resize_base(held + count * layer)
+                # Now or not at all: the room seen may be gone (another
+                # worker grew into it), and a growth waiting in admission's
+                # queue would keep every request behind it waiting, a
+                # starting worker's among them (none overtakes).
+                await self.memory.resize_base(held + count * layer, wait_s=0)
             except LmxError as exc:
                 log.info("stream_grow_refused", layers=count, reason=exc.message)
                 continue
