@@ -10,8 +10,8 @@ as step_plan_below_measured: a missing term); every decode graph captured,
 the largest bucket first, and their pool measured; the CUDA context measured
 again. The measured terms are what the base lease is resized to. If
 admission cannot grant a growth, the worker fits what it holds instead of
-failing its start (`measure`): fewer decode graphs, a smaller prefill per
-step, more layers streamed (when the share was chosen automatically), the
+failing its start (`fit`): a smaller prefill per step, fewer decode graphs,
+more layers streamed (when the share was chosen automatically), the
 smallest prefill; only when none of those fits does the start fail.
 
 The estimate before the load counts what the profile run then measures: the
@@ -63,7 +63,7 @@ CONTEXT_GROWTH_BYTES = 64 << 20
 #: plus CONTEXT_GROWTH_BYTES of room.
 CONTEXT_WARMUP_BYTES = 256 << 20
 #: How long one growth of the base lease at start waits for admission to
-#: reclaim memory from other holders before the graphs are cut to fit.
+#: reclaim memory from other holders before the lease is cut to fit (fit).
 SIZING_WAIT_S = 10.0
 #: How long each growth after a cut waits (fit).
 RETRY_WAIT_S = 1.0
@@ -177,12 +177,13 @@ class LeaseSizing:
         """The base lease resized to `terms`; where admission cannot grow it
         (other holders keep their memory past SIZING_WAIT_S), the terms cut
         until they fit what is held, one step at a time, in the order that
-        costs the least speed: decode graphs for the largest buckets (half
-        the rows, down to 8, then none), the prefill per step halved down to
-        PREFILL_FLOOR_TOKENS, more layers streamed, the prefill down to
-        MIN_PREFILL_TOKENS. Each cut is logged (worker_lease_fitted); the
-        terms that fit are returned. When nothing is left to cut, the start
-        fails with admission's refusal."""
+        costs the least speed: the prefill per step halved down to
+        PREFILL_FLOOR_TOKENS (a long prompt takes a few more steps), decode
+        graphs for the largest buckets (half the rows, down to 8, then none:
+        large batches decode eagerly), more layers streamed (every step
+        slower), the prefill down to MIN_PREFILL_TOKENS. Each cut is logged
+        (worker_lease_fitted); the terms that fit are returned. When nothing
+        is left to cut, the start fails with admission's refusal."""
         graphs = engine.runner.graphs
         # A short wait: admission asks other holders to give back in it, and
         # should none, a smaller lease is better than a start that waits a
@@ -197,7 +198,10 @@ class LeaseSizing:
                 wait_s = RETRY_WAIT_S
                 held = memory.granted().get("weights", 0)
                 missing = terms.total - held
-                if graphs is not None and terms.graph_pool and graphs.broken is None:
+                if self.max_prefill_tokens > PREFILL_FLOOR_TOKENS:
+                    cut = self._halve_prefill(engine, PREFILL_FLOOR_TOKENS)
+                    terms = dataclasses.replace(terms, workspace=self.workspace())
+                elif graphs is not None and terms.graph_pool and graphs.broken is None:
                     # Decode graphs only for the buckets that fit: half the
                     # rows, captured again and measured; none below 8 rows.
                     top = graphs.sizes[-1] // 2
@@ -212,9 +216,6 @@ class LeaseSizing:
                         terms = dataclasses.replace(terms,
                                                     graph_pool=await self._graph_pool(engine))
                         cut = f"decode graphs up to {top} rows"
-                elif self.max_prefill_tokens > PREFILL_FLOOR_TOKENS:
-                    cut = self._halve_prefill(engine, PREFILL_FLOOR_TOKENS)
-                    terms = dataclasses.replace(terms, workspace=self.workspace())
                 elif shed_weights is not None and await shed_weights(missing):
                     terms = dataclasses.replace(terms, weights=weight_bytes())
                     cut = "more layers streamed"

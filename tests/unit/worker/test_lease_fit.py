@@ -1,8 +1,8 @@
 """A start whose measured base lease admission cannot grow fits what it
 holds (services/worker/sizing.py, LeaseSizing.fit): the prefill per step
-halved to PREFILL_FLOOR_TOKENS first, then more layers streamed where the
-worker may, then the prefill down to MIN_PREFILL_TOKENS; only then does the
-start fail. Found on an H100 (0269351): `lmx demo`'s llama-3b worker, started
+halved to PREFILL_FLOOR_TOKENS first, then (on a GPU) fewer decode graphs,
+then more layers streamed where the worker may, then the prefill down to
+MIN_PREFILL_TOKENS; only then does the start fail. Found on an H100 (0269351): `lmx demo`'s llama-3b worker, started
 on a full 8 GiB cap, measured 230 MB more than its first grant and exited.
 
 The engine is the real one over llama-tiny; the memory is the worker's
@@ -146,7 +146,8 @@ def test_when_nothing_left_to_cut_fits_the_start_fails_with_admissions_refusal(t
     assert sizing.max_prefill_tokens == MIN_PREFILL_TOKENS
 
 
-def test_the_first_estimate_counts_the_contexts_growth_and_a_parks_staging(model_cache, monkeypatch):
+def test_the_first_estimate_counts_the_contexts_growth_and_a_parks_staging(model_cache,
+                                                                          monkeypatch):
     """Before the load on a GPU: the context as measured at start, plus what
     the first steps' kernels add (145-195 MB on an H100, with 64 MiB of
     room), and the staging buffers every park and restore takes; the profile
