@@ -48,6 +48,9 @@ mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d)
 LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
+# Where a GPU test may leave logs worth keeping (tests/gpu/test_demo_gpu.py:
+# its stack's): packed with the rest, even when a step is cut at its limit.
+export LMX_GPU_LOGS=$LOGS
 export LMX_BENCH_COMMIT=${LMX_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 marker=$(mktemp)
 suite=$(echo "$@" | tr " " "-")
