@@ -2,8 +2,9 @@
 holds (services/worker/sizing.py, LeaseSizing.fit): the prefill per step
 halved to PREFILL_FLOOR_TOKENS first, then (on a GPU) fewer decode graphs,
 then more layers streamed where the worker may, then the prefill down to
-MIN_PREFILL_TOKENS; only then does the start fail. Found on an H100 (0269351): `lmx demo`'s llama-3b worker, started
-on a full 8 GiB cap, measured 230 MB more than its first grant and exited.
+MIN_PREFILL_TOKENS; only then does the start fail. Found on an H100
+(0269351): `lmx demo`'s llama-3b worker, started on a full 8 GiB cap,
+measured 230 MB more than its first grant and exited.
 
 The engine is the real one over llama-tiny; the memory is the worker's
 FixedMemory (a budget that refuses a growth past it, as admission does)."""
