@@ -220,9 +220,17 @@ class HostSegments:
 
 #: The largest piece a park or restore copies at once (KVTransfer).
 PIECE_BYTES = 32 << 20
-#: Device memory a park or restore takes beside the pool, with the default
-#: pieces: two staging buffers and the checksum's temporary.
-STAGING_BYTES = 3 * PIECE_BYTES
+
+
+def staging_bytes_for(piece_bytes: int) -> int:
+    """Device memory a park or restore takes beside the pool: two staging
+    buffers and the checksum's temporary, a piece each (more only when a
+    single layer's K or V of a very long context exceeds piece_bytes)."""
+    return 3 * piece_bytes
+
+
+#: The same with the default pieces (the lease's estimate before the load).
+STAGING_BYTES = staging_bytes_for(PIECE_BYTES)
 
 
 class KVTransfer:
@@ -260,10 +268,7 @@ class KVTransfer:
 
     @property
     def staging_bytes(self) -> int:
-        """Device memory a park or restore takes beside the pool: two staging
-        buffers and the checksum's temporary, a piece each (more only when a
-        single layer's K or V of a very long context exceeds piece_bytes)."""
-        return 3 * self.piece_bytes
+        return staging_bytes_for(self.piece_bytes)
 
     def close(self) -> None:
         self.segments.close()
