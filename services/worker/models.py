@@ -344,7 +344,8 @@ def weight_plan(name: str, cache: Path, dtype: torch.dtype,
 
 def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
                     each_layer: Callable[[torch.nn.Module], None] | None = None,
-                    before_layers: Callable[[torch.nn.Module], None] | None = None):
+                    before_layers: Callable[[torch.nn.Module], None] | None = None,
+                    layers_on: torch.device | None = None):
     """A model of `config` with random weights (seeded), built on `device`
     with no more memory than its weights: the parameters are made on the meta
     device first, so a model with tied embeddings never holds a separate
@@ -363,7 +364,9 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
     Llama-3.2-3B's 0.39 billion embedding weights on 2 cores), then
     `before_layers` runs on the model (quantizing the embeddings onto the
     device a block of rows at a time: their 16-bit form never is there), and
-    what is left of the rest moves to the device before the first layer."""
+    what is left of the rest moves to the device before the first layer.
+    With `layers_on`, the decoder layers are drawn there instead (a GPU, for
+    a model built in host memory: `each_layer` then moves each back)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -421,7 +424,7 @@ def build_synthetic(config, device: torch.device, dtype: torch.dtype, seed: int,
             before_layers(model)
         to_device([m for m in model.modules() if id(m) not in in_layers])
         for index, layer in enumerate(layers):
-            materialise(layer.modules(), device)
+            materialise(layer.modules(), layers_on or device)
             torch.manual_seed(seed * 1_000_003 + index + 1)
             initialise(layer.modules())
             if each_layer is not None:
@@ -481,16 +484,14 @@ def load_model(name: str, *, cache: Path, device: torch.device, dtype: torch.dty
         # took 122 s to draw a llama-3b shape's layers on an H100 host (16
         # cores), the GPU a fraction of a second; and the weights are the
         # same as the same model's resident on the GPU. Meanwhile the GPU
-        # holds the embeddings and one layer: within the lease, which counts
-        # the embeddings resident and a ring of two layers.
-        draw_on = kernels_on if quant.on or kernels_on.type == "cuda" else device
-        model = build_synthetic(config, draw_on, dtype, seed,
-                                each_layer=quantize if quant.on else (
-                                    to_host if draw_on != device else None),
-                                before_layers=embeddings if quant.on else None)
-        if draw_on != device and not quant.on:
-            model.to(device)       # the rest too (build_synthetic put it on the GPU)
-            torch.cuda.empty_cache()
+        # holds one layer: within the lease, which counts a ring of two.
+        on_gpu = not quant.on and kernels_on.type == "cuda" and kernels_on != device
+        model = build_synthetic(config, kernels_on if quant.on else device, dtype, seed,
+                                each_layer=quantize if quant.on else (to_host if on_gpu else None),
+                                before_layers=embeddings if quant.on else None,
+                                layers_on=kernels_on if on_gpu else None)
+        if on_gpu:
+            torch.cuda.empty_cache()     # the drawn layers' blocks: nothing stays there
         tokenizer = _tokenizer_for_synthetic(cache)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
