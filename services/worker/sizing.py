@@ -199,8 +199,7 @@ class LeaseSizing:
                 held = memory.granted().get("weights", 0)
                 missing = terms.total - held
                 if self.max_prefill_tokens > PREFILL_FLOOR_TOKENS:
-                    cut = self._halve_prefill(engine, PREFILL_FLOOR_TOKENS)
-                    terms = dataclasses.replace(terms, workspace=self.workspace())
+                    terms, cut = self._halve_prefill(engine, terms, PREFILL_FLOOR_TOKENS)
                 elif graphs is not None and terms.graph_pool and graphs.broken is None:
                     # Decode graphs only for the buckets that fit: half the
                     # rows, captured again and measured; none below 8 rows.
@@ -220,17 +219,20 @@ class LeaseSizing:
                     terms = dataclasses.replace(terms, weights=weight_bytes())
                     cut = "more layers streamed"
                 elif self.max_prefill_tokens > MIN_PREFILL_TOKENS:
-                    cut = self._halve_prefill(engine, MIN_PREFILL_TOKENS)
-                    terms = dataclasses.replace(terms, workspace=self.workspace())
+                    terms, cut = self._halve_prefill(engine, terms, MIN_PREFILL_TOKENS)
                 else:
                     raise
                 log.warning("worker_lease_fitted", cut=cut, held_bytes=held,
                             missing_bytes=missing, reason=exc.message, **terms.fields())
 
-    def _halve_prefill(self, engine: Engine, floor: int) -> str:
+    def _halve_prefill(self, engine: Engine, terms: BaseLease,
+                       floor: int) -> tuple[BaseLease, str]:
+        """The engine's prefill per step halved (not below `floor`), the
+        terms' workspace with it, and the cut said for the log."""
         tokens = max(floor, self.max_prefill_tokens // 2)
         engine.max_prefill_tokens = self.max_prefill_tokens = tokens
-        return f"prefill of {tokens} tokens per step"
+        return (dataclasses.replace(terms, workspace=self.workspace()),
+                f"prefill of {tokens} tokens per step")
 
     async def _graph_pool(self, engine: Engine) -> int:
         """Every decode graph captured now, the largest first, and the bytes
