@@ -5,7 +5,7 @@ the shared-memory region."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import structlog
 
@@ -14,7 +14,7 @@ from lmx.v1 import kvstore_pb2_grpc
 from services.common.errors import InvalidArgument, LmxError
 from services.kvstore import limits
 from services.kvstore.arena import Region
-from services.kvstore.entry import Entry, Layout
+from services.kvstore.entry import Entry, Layout, pack_tokens, unpack_tokens
 from services.kvstore.store import Store
 
 log = structlog.get_logger(__name__)
@@ -36,11 +36,28 @@ def layout_to_pb(layout: Layout) -> pb.KVLayout:
                        num_tokens=layout.num_tokens, block_size=layout.block_size)
 
 
-def entry_to_pb(entry: Entry, now: float, contents: bool = True) -> pb.EntryInfo:
-    """`contents`: with the token ids and the metadata (the session's chat)."""
+def token_ids_from_pb(request: pb.ReserveRequest) -> Sequence[int]:
+    """The entry's token ids: its packed_token_ids as an array("i"), else
+    the repeated field as it is (the store copies it)."""
+    if not request.packed_token_ids:
+        return request.token_ids
+    if len(request.token_ids):
+        raise InvalidArgument("packed_token_ids", "set token_ids or packed_token_ids, not both")
+    try:
+        return unpack_tokens(request.packed_token_ids)
+    except ValueError as exc:
+        raise InvalidArgument("packed_token_ids", str(exc)) from None
+
+
+def entry_to_pb(entry: Entry, now: float, contents: bool = True,
+                packed: bool = False) -> pb.EntryInfo:
+    """`contents`: with the token ids and the metadata (the session's chat);
+    `packed`: the ids in packed_token_ids rather than token_ids."""
+    ids = entry.token_ids if contents else ()
     return pb.EntryInfo(
         entry_id=entry.entry_id, owner=entry.owner, session_id=entry.session_id,
-        layout=layout_to_pb(entry.layout), token_ids=entry.token_ids if contents else (),
+        layout=layout_to_pb(entry.layout), token_ids=() if packed else ids,
+        packed_token_ids=pack_tokens(ids) if packed and contents else b"",
         num_bytes=entry.num_bytes, checksum=entry.checksum or 0, state=entry.state,
         metadata=entry.metadata if contents else b"",
         age_s=max(0.0, now - entry.created_at), idle_s=max(0.0, now - entry.last_used_at))
@@ -59,7 +76,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
     def _reserve(self, request: pb.ReserveRequest) -> tuple[Entry, Region]:
         return self.store.reserve(request.owner, request.session_id, request.secret,
                                   layout_from_pb(request.layout, request.HasField("layout")),
-                                  request.token_ids, request.metadata)
+                                  token_ids_from_pb(request), request.metadata)
 
     async def Reserve(self, request, context):
         entry, region = self._reserve(request)
@@ -84,7 +101,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         entry, following = self.store.place(
             request.hold_id, request.hold_secret, header.owner, header.session_id,
             header.secret, layout_from_pb(header.layout, header.HasField("layout")),
-            header.token_ids, header.metadata, request.checksum, request.hold_again)
+            token_ids_from_pb(header), header.metadata, request.checksum, request.hold_again)
         return pb.PlaceResponse(
             entry=entry_to_pb(entry, self.store.clock(), contents=False),
             next=self._hold_to_pb(following) if following is not None else None)
@@ -96,7 +113,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
     async def Open(self, request, context):
         entry, region = self.store.open(request.entry_id, request.secret)
         return pb.OpenResponse(entry=entry_to_pb(entry, self.store.clock(),
-                                                 contents=not request.omit_contents),
+                                                 contents=not request.omit_contents,
+                                                 packed=request.packed_token_ids),
                                region=self._region_to_pb(region))
 
     async def Delete(self, request, context):

@@ -25,7 +25,7 @@ from services.common.errors import (
     PermissionDenied,
     Shortfall,
 )
-from services.kvstore.entry import Layout
+from services.kvstore.entry import Layout, pack_tokens, unpack_tokens
 from services.kvstore.servicer import layout_to_pb
 from services.common import transport
 
@@ -116,8 +116,8 @@ class KVStoreLink:
         try:
             reserved = await self.stub.Reserve(pb.ReserveRequest(
                 owner=self.owner, session_id=session_id, secret=secret,
-                layout=layout_to_pb(layout), token_ids=token_ids, metadata=metadata),
-                timeout=self.timeout_s)
+                layout=layout_to_pb(layout), packed_token_ids=pack_tokens(token_ids),
+                metadata=metadata), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, "") from None
         return Reservation(reserved.entry_id, reserved.region)
@@ -150,7 +150,8 @@ class KVStoreLink:
                 hold_id=held.hold_id, hold_secret=held.secret, checksum=checksum,
                 hold_again=hold_again,
                 entry=pb.ReserveRequest(owner=self.owner, session_id=session_id, secret=secret,
-                                        layout=layout_to_pb(layout), token_ids=token_ids,
+                                        layout=layout_to_pb(layout),
+                                        packed_token_ids=pack_tokens(token_ids),
                                         metadata=metadata)), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, held.hold_id) from None
@@ -174,7 +175,8 @@ class KVStoreLink:
         them: its own parked session)."""
         try:
             opened = await self.stub.Open(pb.OpenRequest(entry_id=entry_id, secret=secret,
-                                                         omit_contents=not contents),
+                                                         omit_contents=not contents,
+                                                         packed_token_ids=True),
                                           timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, entry_id) from None
@@ -184,8 +186,12 @@ class KVStoreLink:
                         num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads,
                         head_dim=lay.head_dim, num_tokens=lay.num_tokens,
                         block_size=lay.block_size)
-        return OpenedEntry(entry_id, layout, list(entry.token_ids), entry.metadata,
-                           opened.region, entry.checksum)
+        try:
+            token_ids = unpack_tokens(entry.packed_token_ids).tolist()
+        except ValueError as exc:   # the store broke the proto's contract
+            raise FailedPrecondition(f"kvstore entry {entry_id!r}: {exc}") from None
+        return OpenedEntry(entry_id, layout, token_ids, entry.metadata, opened.region,
+                           entry.checksum)
 
     async def list_own(self) -> list[tuple[str, str, str]]:
         """(entry id, session id, state) of every entry this owner parked."""

@@ -14,6 +14,7 @@ from lmx.v1 import kvstore_pb2 as pb
 from services.admission.client import error_details
 from services.kvstore.checksum import checksum
 from services.kvstore.client import ChecksumMismatch, read_checked, read_region, write_region
+from services.kvstore.entry import pack_tokens, unpack_tokens
 
 from .support import (
     REPO_ROOT,
@@ -124,6 +125,41 @@ def test_hold_then_place_makes_ready_entries_in_one_call_each(kv):
     assert freed.freed_bytes == 32 << 10
 
 
+def test_token_ids_packed_in_bytes_come_back_the_same_either_way(kv):
+    """packed_token_ids (little-endian int32) in place of the repeated field,
+    at Reserve and at Place; Open gives them back packed when asked, as the
+    repeated field when not, the same ids both ways."""
+    ids = [0, 1, 151_935, 2**31 - 1, 42, *range(1000, 1100)]
+    lay = layout(num_tokens=100)
+    request = pb.ReserveRequest(owner="worker-1", session_id="s-packed", secret=SECRET,
+                                layout=lay, packed_token_ids=pack_tokens(ids))
+    answer = kv.Reserve(request, timeout=RPC_TIMEOUT_S)
+    crc = write_region(answer.region, os.urandom(num_bytes(lay)))
+    kv.Commit(pb.CommitRequest(entry_id=answer.entry_id, secret=SECRET, checksum=crc),
+              timeout=RPC_TIMEOUT_S)
+    held = kv.Hold(pb.HoldRequest(owner="worker-1", secret="hold-p", num_bytes=num_bytes(lay)),
+                   timeout=RPC_TIMEOUT_S)
+    region = pb.ShmRegion(segment=held.region.segment, offset=held.region.offset,
+                          length=num_bytes(lay))
+    crc = write_region(region, os.urandom(num_bytes(lay)))
+    placed = kv.Place(pb.PlaceRequest(
+        hold_id=held.hold_id, hold_secret="hold-p", checksum=crc, entry=pb.ReserveRequest(
+            owner="worker-1", session_id="s-placed", secret=SECRET, layout=lay,
+            packed_token_ids=pack_tokens(ids))), timeout=RPC_TIMEOUT_S).entry
+    for entry_id in (answer.entry_id, placed.entry_id):
+        packed = kv.Open(pb.OpenRequest(entry_id=entry_id, secret=SECRET, packed_token_ids=True),
+                         timeout=RPC_TIMEOUT_S).entry
+        assert not packed.token_ids and list(unpack_tokens(packed.packed_token_ids)) == ids
+        plain = kv.Open(pb.OpenRequest(entry_id=entry_id, secret=SECRET), timeout=RPC_TIMEOUT_S)
+        assert list(plain.entry.token_ids) == ids and not plain.entry.packed_token_ids
+        bare = kv.Open(pb.OpenRequest(entry_id=entry_id, secret=SECRET, omit_contents=True,
+                                      packed_token_ids=True), timeout=RPC_TIMEOUT_S).entry
+        assert not bare.packed_token_ids and not bare.token_ids
+        header, _, _ = export(kv, entry_id)
+        assert list(header.token_ids) == ids
+        kv.Delete(pb.DeleteRequest(entry_id=entry_id, secret=SECRET), timeout=RPC_TIMEOUT_S)
+
+
 def test_wrong_secret_is_permission_denied(kv):
     entry, _ = park(kv)
     for secret in ("", "other-session"):
@@ -147,6 +183,13 @@ def test_wrong_secret_is_permission_denied(kv):
     (reserve_request(secret=""), "secret"),
     (reserve_request(owner=""), "owner"),
     (reserve_request(layout(num_layers=1 << 20, num_tokens=1 << 20, head_dim=1 << 10)), "layout"),
+    (pb.ReserveRequest(owner="w", session_id="s", secret="x", layout=layout(),
+                       token_ids=list(range(10)), packed_token_ids=pack_tokens(range(10))),
+     "packed_token_ids"),
+    (pb.ReserveRequest(owner="w", session_id="s", secret="x", layout=layout(),
+                       packed_token_ids=pack_tokens(range(10))[:-1]), "packed_token_ids"),
+    (pb.ReserveRequest(owner="w", session_id="s", secret="x", layout=layout(),
+                       packed_token_ids=pack_tokens(range(7))), "layout.num_tokens"),
 ])
 def test_bad_reserve_is_invalid_argument_naming_the_field(kv, request_, field):
     exc = rpc_error(kv.Reserve, request_)
