@@ -57,7 +57,7 @@ def entry_to_pb(entry: Entry, now: float, contents: bool = True,
     return pb.EntryInfo(
         entry_id=entry.entry_id, owner=entry.owner, session_id=entry.session_id,
         layout=layout_to_pb(entry.layout), token_ids=() if packed else ids,
-        packed_token_ids=pack_tokens(ids) if packed and contents else b"",
+        packed_token_ids=pack_tokens(ids) if packed else b"",
         num_bytes=entry.num_bytes, checksum=entry.checksum or 0, state=entry.state,
         metadata=entry.metadata if contents else b"",
         age_s=max(0.0, now - entry.created_at), idle_s=max(0.0, now - entry.last_used_at))
