@@ -478,6 +478,9 @@ def parse_args(argv):
     p.add_argument("--cuda-stack-bytes", type=int, default=0,
                    help="the workers' --cuda-stack-bytes: the per-thread GPU stack their CUDA "
                         "contexts reserve (0: CUDA's default)")
+    p.add_argument("--compile-decode", default="auto", choices=("off", "auto", "tuned"),
+                   help="the workers' --compile-decode, shared and alone alike (off: decode "
+                        "graphs of the uncompiled step, no minute of compiling per worker)")
     p.add_argument("--worker-start-timeout-s", type=float, default=600.0)
     p.add_argument("--quiet-wait-s", type=float, default=5.0)
     p.add_argument("--no-warmup", action="store_true")
@@ -536,6 +539,7 @@ def run_alone(args, model: str, agents: list[Agent], log_dir: Path) -> dict:
              "--max-context", str(args.max_context), "--max-prefill-tokens",
              str(args.max_prefill_tokens), "--max-batch", str(args.max_batch),
              "--cuda-stack-bytes", str(args.cuda_stack_bytes),
+             "--compile-decode", args.compile_decode,
              "--quantize", args.quantize, "--device", args.device, "--log-format", "json"],
             log_path=log_dir / f"alone-{tag}.log", timeout_s=args.worker_start_timeout_s)
         address = procs["worker"].address
@@ -646,6 +650,7 @@ def main(argv=None) -> int:
                   "--max-prefill-tokens", str(args.max_prefill_tokens),
                   "--max-batch", str(args.max_batch),
                   "--cuda-stack-bytes", str(args.cuda_stack_bytes),
+                  "--compile-decode", args.compile_decode,
                   "--max-context", str(args.max_context), "--kv-wait-s", "300",
                   "--min-awake-s", str(args.min_awake_s),
                   "--resident-fraction", args.resident_fraction, "--quantize", args.quantize,
