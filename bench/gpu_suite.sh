@@ -30,7 +30,8 @@
 # TESTS_ARGS="--ignore=tests/gpu/test_demo_gpu.py" goes to pytest (split on
 # spaces); TESTS_K="not test_demo_gpu and not test_worker_gpu" is pytest's -k,
 # whole. SEED3_WEIGHTS="int4" (or bf16): one of seed3's two runs, SEED3_LIMIT
-# its limit, SEED3_ARGS more arguments for it (e.g. "--cuda-stack-bytes 256").
+# its limit, SEED3_ARGS more arguments for it (e.g. "--min-awake-s 1"; the
+# last of a repeated flag wins, e.g. "--compile-decode auto").
 #
 # Results go to bench/results as usual; one tarball of the new results and
 # every log goes to $OUT (default bench/results/logs): one file, as a lent
@@ -144,16 +145,22 @@ seed() {
     done
 }
 
-seed3() {     # each 6-9 min with --naive and --alone (workers compile their step): one per call
+# seed3: a 256-byte GPU stack per thread (0.18 GB less per worker's CUDA
+# context on an H100) and decode steps graphed, not compiled: compiling took
+# 70-110 s per worker start with no cache, and a run starts nine workers
+# (shared and alone alike, so the sharing efficiency compares like with like).
+SEED3_COMMON="--cuda-stack-bytes 256 --compile-decode off"
+seed3() {     # int4 about 370 s, bf16 about 460 s with --naive and --alone: one per call
     for w in ${SEED3_WEIGHTS:-int4 bf16}; do
         if [ "$w" = int4 ]; then
-            step "seed-three-int4-$stamp" ${SEED3_LIMIT:-570} $PY bench/seed_scenario.py \
+            step "seed-three-int4-$stamp" ${SEED3_LIMIT:-540} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --quantize int4 --shared-agent \
-                --alone --naive --log-dir "$LOGS/seed3-int4" ${SEED3_ARGS:-}
+                --alone --naive --log-dir "$LOGS/seed3-int4" $SEED3_COMMON ${SEED3_ARGS:-}
         else
-            step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-570} $PY bench/seed_scenario.py \
+            step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-540} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --resident-fraction auto \
-                --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16" ${SEED3_ARGS:-}
+                --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16" $SEED3_COMMON \
+                ${SEED3_ARGS:-}
         fi
     done
 }

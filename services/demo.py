@@ -161,8 +161,11 @@ class Place:
         common = f'max-context = 1024\nkv-wait-s = 300\nquantize = "{self.quantize}"\n'
         if self.cuda:   # a model that does not fit beside the others' contexts streams;
             # one or two agents a worker: its workspace and graphs sized for
-            # 8 rows, not the default 64 (about 0.4 GB less a 1.5-3B worker)
-            return 'device = "cuda"\nresident-fraction = "auto"\nmax-batch = 8\n' + common
+            # 8 rows, not the default 64 (about 0.4 GB less a 1.5-3B worker);
+            # a 256-byte GPU stack per thread (an H100's CUDA context 0.18 GB
+            # smaller, docs/benchmarks.md)
+            return ('device = "cuda"\nresident-fraction = "auto"\nmax-batch = 8\n'
+                    'cuda-stack-bytes = 256\n' + common)
         return 'device = "cpu"\nkv-chunk-bytes = "4MiB"\n' + common
 
 

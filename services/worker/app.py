@@ -38,6 +38,7 @@ from services.worker.kv_link import KVStoreLink
 from services.worker.models import LoadedModel, default_cache_dir, load_model, weight_plan
 from services.worker.quantize import QuantSpec
 from services.worker.settings import AUTO
+from services.worker.stream_policy import StreamPolicy
 from services.worker.streaming import LayerStreamer, streamed_indices
 from services.worker.parking import Parking
 from services.worker.placement import Candidate, place
@@ -79,6 +80,8 @@ class WorkerApp:
         self.overhead_bytes = 0
         self.loaded: LoadedModel | None = None
         self.streamer: LayerStreamer | None = None
+        #: --resident-fraction auto: how many layers may stream to make room.
+        self.stream_policy: StreamPolicy | None = None
         self.engine: Engine | None = None
         self.core: WorkerCore | None = None
         self.sessions = SessionTable(settings.max_sessions)
@@ -375,11 +378,13 @@ class WorkerApp:
         return Relief(frees, f"streaming {moved} more layers "
                              f"({self.streamer.info().resident_fraction:.0%} resident)")
 
-    async def _stream_more(self, needed_bytes: int) -> tuple[int, int] | None:
+    async def _stream_more(self, needed_bytes: int, within_policy: bool = True
+                           ) -> tuple[int, int] | None:
         """The fewest more layers streamed whose weights free `needed_bytes`
         on the device (the lease is the caller's to shrink): how many moved
-        and the bytes freed; None when the worker may not (a share that was set, not
-        chosen automatically) or cannot (even every layer would not)."""
+        and the bytes freed; None when the worker may not (a share that was
+        set, not chosen automatically; past its StreamPolicy, unless not
+        `within_policy`) or cannot (even every layer would not)."""
         streamer = self.streamer
         if (streamer is None or needed_bytes <= 0
                 or self.settings.resident_fraction != AUTO):
@@ -391,6 +396,12 @@ class WorkerApp:
         count = next((k for k in range(1, resident + 1) if streamer.more_frees(k) >= needed_bytes),
                      None)
         if count is None:
+            return None
+        policy = self.stream_policy
+        if within_policy and policy is not None and not policy.may_stream(streamer.count + count):
+            # Past what a step's compute hides: taking turns whole costs less.
+            log.info("worker_stream_limit", needed_layers=count, streamed=streamer.count,
+                     max_streamed=policy.max_streamed, needed_bytes=needed_bytes)
             return None
         assert self.engine is not None
         before = streamer.info()
@@ -594,9 +605,11 @@ class WorkerApp:
         self.pressure.base_bytes = self.lease_terms.total
 
     async def _shed_weights(self, needed_bytes: int) -> bool:
-        """At start, the measured lease larger than admission can grant:
-        more layers streamed, where the share was chosen automatically."""
-        return await self._stream_more(needed_bytes) is not None
+        """At start, the measured lease larger than admission can grant (the
+        others did not give memory back within the sizing wait): more layers
+        streamed, where the share was chosen automatically, past the
+        StreamPolicy too (the alternative is a start that fails)."""
+        return await self._stream_more(needed_bytes, within_policy=False) is not None
 
     def _load(self, streamed: list[int]) -> LoadedModel:
         """The model, loaded once. Streamed (--resident-fraction below 1):
@@ -632,23 +645,33 @@ class WorkerApp:
         """--resident-fraction auto: all layers if they fit what admission
         (or --budget) has free now, else the largest share that does, the
         rest streamed through the ring; all streamed if even that is too
-        much (the lease then waits in admission's queue)."""
+        much (the lease then waits in admission's queue). A model that fits
+        the device alone streams no more than its StreamPolicy allows: past
+        it, all layers (the lease waits while admission asks the others)."""
         if self.admission is not None:
             status = await self.admission.status()
-            free = next((d.free_bytes for d in status.devices
-                         if d.device == self.admission_device), 0)
+            device = next((d for d in status.devices if d.device == self.admission_device), None)
+            free = device.free_bytes if device is not None else 0
+            budget = device.budget_bytes if device is not None else 0
         else:
-            free = self.settings.budget
-        if plan.total_bytes + fixed_bytes <= free:
-            chosen = plan.num_layers
+            free = budget = self.settings.budget
+        whole = plan.total_bytes + fixed_bytes
+        self.stream_policy = StreamPolicy.for_model(plan.num_layers, self.settings.stream_max_share,
+                                                    whole, budget)
+        if whole <= free:
+            fitting = plan.num_layers
         else:
             ring = min(self.settings.stream_ring, plan.num_layers) * plan.layer_bytes
             others = plan.total_bytes - plan.num_layers * plan.layer_bytes   # embeddings, norms
             room = free - fixed_bytes - others - ring
-            chosen = max(0, min(plan.num_layers - 1, room // plan.layer_bytes))
+            fitting = max(0, min(plan.num_layers - 1, room // plan.layer_bytes))
+        chosen = self.stream_policy.start_layers(fitting)
         fraction = chosen / plan.num_layers if chosen else 1e-9
-        log.info("worker_resident_fraction_chosen", free_bytes=free, layers=plan.num_layers,
-                 resident_layers=chosen, resident_fraction=round(chosen / plan.num_layers, 3))
+        log.info("worker_resident_fraction_chosen", free_bytes=free, budget_bytes=budget,
+                 layers=plan.num_layers, fitting_layers=fitting, resident_layers=chosen,
+                 resident_fraction=round(chosen / plan.num_layers, 3),
+                 fits_alone=self.stream_policy.fits_alone,
+                 max_streamed=self.stream_policy.max_streamed)
         return fraction
 
     def _weights(self) -> str:

@@ -9,6 +9,7 @@ from services.common import settings as loader
 from services.common.settings import ServerFields
 from services.common.errors import ConfigError
 from services.common.units import parse_address, parse_bytes
+from services.worker.stream_policy import DEFAULT_MAX_SHARE
 
 DEFAULT_LISTEN = "127.0.0.1:50061"
 #: --resident-fraction auto: the largest share of the layers that fits now.
@@ -122,6 +123,12 @@ class WorkerSettings(ServerFields):
         "help": "share of the decoder layers kept on the device (0 < f <= 1), or auto: the "
                 "largest share admission can grant now; the others stay in host memory and are "
                 "streamed through a ring of --stream-ring layers", "parse": parse_fraction})
+    stream_max_share: float = field(default=DEFAULT_MAX_SHARE, metadata={
+        "help": "with --resident-fraction auto, the largest share of its layers a worker whose "
+                "model fits the device alone streams to make room for other models; asked for "
+                "more, it sleeps and the models take turns whole (a streamed layer crosses the "
+                "host link every step: services/worker/stream_policy.py). A model that does "
+                "not fit alone streams what it must"})
     stream_ring: int = field(default=2, metadata={
         "help": "device buffers (one layer each) the streamed layers are copied through"})
     stream_grow_interval_s: float = field(default=5.0, metadata={
@@ -162,6 +169,9 @@ class WorkerSettings(ServerFields):
         if not (0.0 < self.resident_fraction <= 1.0 or self.resident_fraction == AUTO):
             raise ConfigError("resident_fraction", f"must be in (0, 1] or auto, got "
                                                    f"{self.resident_fraction}")
+        if not 0.0 <= self.stream_max_share <= 1.0:
+            raise ConfigError("stream_max_share", f"must be in [0, 1], got "
+                                                  f"{self.stream_max_share}")
         if self.stream_ring < 1:
             raise ConfigError("stream_ring", "must be at least 1")
         if self.advertise:

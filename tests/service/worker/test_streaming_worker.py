@@ -143,9 +143,11 @@ def test_a_streamed_worker_takes_its_layers_back_when_memory_frees(tmp_path):
             blocker = stub.Acquire(apb.AcquireRequest(
                 holder=apb.Holder(name="agent/blocker"), bytes=400 << 20,
                 purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=10).lease
+            # --stream-max-share 1: stream what does not fit now, however much
+            # (the default would wait for the blocker to give its memory back).
             worker = fleet.ready("grow", SMOLLM2, admission.address, "--resident-fraction",
                                  "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
-                                 "--stream-grow-interval-s", "0.5")
+                                 "--stream-grow-interval-s", "0.5", "--stream-max-share", "1")
             with WorkerClient(worker.address) as client:
                 before = client.status().resident_fraction
             assert before < 1.0, "with the blocker holding 400 MiB the worker should stream"
@@ -207,7 +209,8 @@ def test_a_streamed_worker_streams_more_to_make_room_and_goes_on(tmp_path):
                 purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=10)
             worker = fleet.ready("shrink", SMOLLM2, admission.address, "--resident-fraction",
                                  "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
-                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "0")
+                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "0",
+                                 "--stream-max-share", "1")
             with WorkerClient(worker.address) as client:
                 before = client.status()
             assert 0 < before.resident_fraction < 1.0
@@ -262,9 +265,12 @@ def test_a_resident_auto_worker_starts_streaming_to_make_room(tmp_path):
     try:
         with grpc.insecure_channel(admission.address) as channel:
             stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+            # Up to 6 of 30 layers may stream to make room (the default, 5%,
+            # allows one: test_past_its_share_an_auto_worker_sleeps_instead).
             worker = fleet.ready("start", SMOLLM2, admission.address, "--resident-fraction",
                                  "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
-                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "1")
+                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "1",
+                                 "--stream-max-share", "0.2")
             with WorkerClient(worker.address) as client:
                 before = client.status()
             assert before.resident_fraction == 1.0 and before.streamed_bytes == 0
@@ -298,6 +304,67 @@ def test_a_resident_auto_worker_starts_streaming_to_make_room(tmp_path):
                 time.sleep(0.5)
             assert now.resident_fraction == 1.0, "its layers should come back once memory frees"
             assert generate_once(worker.address, item).token_ids == want
+    finally:
+        fleet.stop_all()
+        admission.stop()
+
+
+def test_past_its_share_an_auto_worker_sleeps_instead(tmp_path):
+    """--resident-fraction auto with the default --stream-max-share (5%: one
+    of SmolLM2's 30 layers): a waiter that misses more than one layer's
+    worth is not made room for by streaming (every step would copy those
+    layers over the host link) but by the model's sleep, whole; the waiter
+    is granted, and the next request wakes the model, exact."""
+    import time
+
+    import grpc
+
+    from lmx.v1 import admission_pb2_grpc
+    from services.common.launch import start_service
+
+    from .test_exactness import Input
+    from .worker_support import Reference, WorkerClient, WorkerFleet
+
+    admission = start_service("services.admission", "lmx.v1.AdmissionService",
+                              ["--device", "cpu:0=1200MiB", "--log-format", "json",
+                               "--reclaim-deadline-s", "2", "--state-file", "none"],
+                              log_path=tmp_path / "admission.log")
+    fleet = WorkerFleet(tmp_path)
+    try:
+        with grpc.insecure_channel(admission.address) as channel:
+            stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+            worker = fleet.ready("turns", SMOLLM2, admission.address, "--resident-fraction",
+                                 "auto", "--kv-chunk-bytes", "1MiB", "--kvstore", "none",
+                                 "--max-prefill-tokens", "256", "--stream-grow-interval-s", "0")
+            chosen = [line for line in worker.log_lines()
+                      if line.get("event") == "worker_resident_fraction_chosen"]
+            assert chosen and chosen[0]["fits_alone"] and chosen[0]["max_streamed"] == 1, chosen
+            item = Input("prompt", "The capital of France is")
+            want = generate_once(worker.address, item).token_ids
+            free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
+            asked = free + (40 << 20)          # about three layers' worth more than is free
+            lease = stub.Acquire(apb.AcquireRequest(
+                holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
+                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+            assert lease.bytes == asked, "the waiter should be granted"
+            def asleep(lines):
+                return any(line.get("event") == "model_state" and line.get("state") == "asleep"
+                           for line in lines)
+            deadline = time.monotonic() + 10     # the worker's log may lag its answer
+            while not asleep(lines := worker.log_lines()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            events = [line.get("event") for line in lines]
+            assert asleep(lines), "the model sleeps whole"
+            assert "worker_stream_limit" in events and "layers_streamed_more" not in events
+            with WorkerClient(worker.address) as client:
+                assert client.status().resident_fraction == 1.0, "asleep whole, not streaming"
+            stub.Release(apb.ReleaseRequest(lease_id=lease.lease_id, epoch=lease.epoch),
+                         timeout=10)
+            got = generate_once(worker.address, item)
+            assert got.token_ids == want
+            assert_matches_reference(SMOLLM2, item, got, Reference(SMOLLM2), "woken whole")
+            assert [line.get("state") for line in worker.log_lines()
+                    if line.get("event") == "model_state"][-1] == "ready", "woken"
     finally:
         fleet.stop_all()
         admission.stop()
