@@ -7,6 +7,12 @@ buffer, copies the host buffer into it in one transfer (pinned, so at PCIe
 speed) and points every parameter and buffer at its slice. Tied weights
 (one tensor under two names) are moved once.
 
+Parameters do not change while the model serves, so the host buffer still
+holds them after a wake: later sleeps copy only the buffers (small; a model
+may keep state in them) and free the parameters' device copies, which
+halves what a swap between models moves over the link. A new plan (more or
+fewer layers streamed) or a new host buffer copies everything again.
+
 On the CPU the device is host memory: sleeping keeps the tensors where they
 are (there is nothing to free), and only the lease goes back; waking is then
 free. Pure torch; called from a worker thread.
@@ -67,6 +73,9 @@ class WeightStash:
         #: memory for these weights lets it go (the decode graphs and their
         #: pool), so that the sleep gives back all but the lease it keeps.
         self.before_sleep: Callable[[], None] | None = None
+        #: Whether the host buffer holds the parameters as they are on the
+        #: device (since the last sleep's copy: they do not change).
+        self._host_current = False
 
     def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
         """Move none of `tensors` from now on (planned again at the next sleep)."""
@@ -76,6 +85,7 @@ class WeightStash:
             # it is large enough (fewer tensors move when more layers stream).
             self._skip = skip
             self._slots, self.num_bytes = [], 0
+            self._host_current = False
 
     def _plan(self) -> None:
         seen: dict[int, None] = {}
@@ -108,6 +118,7 @@ class WeightStash:
         if self._host is not None and self._host.numel() < self.num_bytes:
             self._host = None
         if self._host is None:
+            self._host_current = False
             self._host = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=self.cuda)
         seconds = time.perf_counter() - started
         log.info("stash_prepared", bytes=self.num_bytes, pinned=self.cuda,
@@ -125,7 +136,8 @@ class WeightStash:
         if self.before_sleep is not None:
             self.before_sleep()
         self.prepare()
-        self._copy_out()
+        copied = self._copy_out(parameters=not self._host_current)
+        self._host_current = True
         weights_moved(self.model)
         with torch.no_grad():
             for slot in self._slots:
@@ -137,18 +149,25 @@ class WeightStash:
             torch.cuda.empty_cache()
         self.asleep = True
         moved = Moved(self.num_bytes, time.perf_counter() - started)
-        log.info("model_asleep", bytes=moved.num_bytes, seconds=round(moved.seconds, 4))
+        log.info("model_asleep", bytes=moved.num_bytes, copied_bytes=copied,
+                 seconds=round(moved.seconds, 4))
         return moved
 
-    def _copy_out(self) -> None:
-        """Every weight into the host buffer (its own frame: no reference to
-        a device tensor outlives it)."""
+    def _copy_out(self, parameters: bool) -> int:
+        """Every buffer into the host buffer, and every parameter when asked
+        (its own frame: no reference to a device tensor outlives it). The
+        bytes copied."""
         assert self._host is not None
+        copied = 0
         with torch.no_grad():
             for slot in self._slots:
+                if slot.is_param and not parameters:
+                    continue
                 flat = self._get(slot).detach().reshape(-1).view(torch.uint8)
                 self._host[slot.offset:slot.offset + slot.num_bytes].copy_(flat, non_blocking=True)
+                copied += slot.num_bytes
         self._sync()
+        return copied
 
     def wake(self) -> Moved:
         """Weights back on the device: one allocation, one copy."""
