@@ -157,10 +157,13 @@ seed3() {     # int4 about 370 s, bf16 about 460 s with --naive and --alone: one
                 --device cuda --cap-gib 8 --models three --quantize int4 --shared-agent \
                 --alone --naive --log-dir "$LOGS/seed3-int4" $SEED3_COMMON ${SEED3_ARGS:-}
         else
+            # The models take turns (--stream-max-share); a quantum of 1 s lets
+            # a woken model serve its agents' back-to-back turns before the
+            # next swap (each wake also captures the decode graphs again).
             step "seed-three-bf16-$stamp" ${SEED3_LIMIT:-540} $PY bench/seed_scenario.py \
                 --device cuda --cap-gib 8 --models three --resident-fraction auto \
-                --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16" $SEED3_COMMON \
-                ${SEED3_ARGS:-}
+                --min-awake-s 1 --shared-agent --alone --naive --log-dir "$LOGS/seed3-bf16" \
+                $SEED3_COMMON ${SEED3_ARGS:-}
         fi
     done
 }
