@@ -3,14 +3,23 @@ each a file `lmx-<store_id>-<n>` of mode 0600 mapped with mmap, and a
 first-fit allocator over them.
 
 Regular segments are `segment_bytes` long and hold many regions; a region
-larger than that gets a dedicated segment of at least its size. Freed ranges
-coalesce with their neighbours; an empty segment is unlinked at once, except
-one empty regular segment kept as a spare, and empty dedicated segments kept
-for the next large regions, up to `spare_bytes` of them and while all
-segments together map at most `mapped_limit` bytes (the store's capacity).
+larger than that gets a dedicated segment of at least its size, rounded up
+to a multiple of a sixteenth of the largest power of two not above it (at
+most 6.25% more), so that entries of
+nearly the same size (the same context plus a few tokens) fit one another's
+segment. Freed ranges coalesce with their neighbours; an empty segment is
+unlinked at once, except one empty regular segment kept as a spare, and
+empty dedicated segments kept for the next large regions, up to
+`spare_bytes` of them and while all segments together map at most
+`mapped_limit` bytes (the store's capacity); past those limits the spares
+freed longest ago go first (the one just freed is the likeliest size for
+the next large region).
 A new segment costs its pages' first touch and, in a GPU worker, registering
-it as pinned memory (30-55 ms for 256 MiB on an H200): a dedicated segment
-made afresh for every large entry held parks and restores of it to 2 GB/s.
+it as pinned memory (30-55 ms for 256 MiB on an H200, 530 ms for 1 GiB on
+an H100): a dedicated segment made afresh for every large entry held parks
+and restores of it to 2 GB/s (an H100 at 0afff2d, entries of 1 GiB + 16
+KiB: the freed one was dropped while a 1 GiB spare they did not fit was
+kept).
 Files are created sparse (ftruncate), so a segment costs host memory only
 for the pages written into it.
 
@@ -37,6 +46,14 @@ SEGMENT_NAME = re.compile(r"^lmx-([A-Za-z0-9_]+)-(\d+)$")
 
 def align_up(num: int) -> int:
     return (num + ALIGN - 1) // ALIGN * ALIGN
+
+
+def dedicated_size(length: int) -> int:
+    """A dedicated segment's size for a region of `length` (aligned) bytes:
+    rounded up to a multiple of a sixteenth of the largest power of two not
+    above it (at most 6.25% more)."""
+    step = max(ALIGN, 1 << max(0, length.bit_length() - 5))
+    return (length + step - 1) // step * step
 
 
 def segment_name(store_id: str, number: int) -> str:
@@ -67,6 +84,9 @@ class Segment:
     map: mmap.mmap = field(repr=False)
     #: Free ranges, sorted by offset, never adjacent (coalesced): (offset, length).
     free: list[tuple[int, int]] = field(default_factory=list)
+    #: When it last became empty (the arena's counter): spares freed longest
+    #: ago go first.
+    emptied: int = 0
 
     @property
     def free_bytes(self) -> int:
@@ -128,6 +148,7 @@ class Arena:
         self.mapped_limit = mapped_limit
         self._segments: dict[str, Segment] = {}
         self._next_number = 0
+        self._frees = 0
 
     # ---- segments ---------------------------------------------------------
     def segments(self) -> list[Segment]:
@@ -208,8 +229,9 @@ class Arena:
         if length > self.segment_bytes:
             seg = self._spare_for(length)
             if seg is None:
-                self._make_room(length)
-                seg = self._create(length, dedicated=True)
+                size = dedicated_size(length)
+                self._make_room(size)
+                seg = self._create(size, dedicated=True)
             seg.take(0, length)
             return Region(seg.name, 0, num_bytes)
         for seg in self._segments.values():
@@ -231,8 +253,15 @@ class Arena:
 
     def _maybe_drop(self, seg: Segment) -> None:
         if seg.dedicated:
-            if self.spare_bytes > self.spare_bytes_limit or self.mapped_bytes > self.mapped_limit:
-                self._drop(seg)
+            self._frees += 1
+            seg.emptied = self._frees
+            # Over the limits: the spares freed longest ago go first, this
+            # one (the likeliest size for the next large region) last.
+            for spare in sorted(self._spares(), key=lambda other: other.emptied):
+                if (self.spare_bytes <= self.spare_bytes_limit
+                        and self.mapped_bytes <= self.mapped_limit):
+                    return
+                self._drop(spare)
             return
         spares = [other for other in self._segments.values()
                   if other is not seg and not other.dedicated and other.empty]

@@ -101,14 +101,45 @@ def test_spare_dedicated_segments_stay_within_the_limit(tmp_path):
 
 def test_spare_dedicated_segments_are_kept_up_to_their_own_limit(tmp_path):
     """An idle store does not keep its capacity in spares: at most
-    spare_bytes of emptied dedicated segments."""
+    spare_bytes of emptied dedicated segments, the one freed last kept."""
     arena = Arena(tmp_path, "t", SEGMENT, spare_bytes=3 * SEGMENT, mapped_limit=64 * SEGMENT)
     a, b = arena.allocate(2 * SEGMENT), arena.allocate(2 * SEGMENT)
     arena.free(a)                          # 2 of 3 spare bytes: kept
-    arena.free(b)                          # 4 > 3: dropped
-    assert arena.segment(a.segment) is not None and arena.segment(b.segment) is None
+    arena.free(b)                          # 4 > 3: the one freed longer ago goes
+    assert arena.segment(a.segment) is None and arena.segment(b.segment) is not None
     assert arena.spare_bytes == 2 * SEGMENT
     arena.close()
+
+
+def test_entries_a_little_larger_each_round_reuse_one_segment(tmp_path):
+    """The cliff an H100 showed at 0afff2d: a spare of exactly 1 GiB (the
+    first hold) was kept, and entries of 1 GiB + 16 KiB, too large for it,
+    each got a new segment (pinned again by the worker: 530 ms), their
+    own freed one dropped as over the spare limit. Now the segment just
+    freed is kept (the older spare goes) and sizes are rounded up, so the
+    next entry of about the same size reuses it."""
+    arena = Arena(tmp_path, "t", SEGMENT, spare_bytes=32 * SEGMENT, mapped_limit=64 * SEGMENT)
+    first = arena.allocate(16 * SEGMENT)   # exactly 16 segments' worth
+    arena.free(first)
+    created = set()
+    for extra in (4 * ALIGN, 4 * ALIGN, 5 * ALIGN, 3 * ALIGN, 6 * ALIGN):
+        region = arena.allocate(16 * SEGMENT + extra)
+        created.add(region.segment)
+        assert arena.segment(region.segment).size <= (16 * SEGMENT + extra) * 17 // 16
+        arena.free(region)
+    assert len(created) == 1, f"a new segment for each round: {sorted(created)}"
+    assert arena.segment(first.segment) is None, "the spare none of them fit went"
+    arena.close()
+
+
+def test_a_dedicated_segment_is_at_most_a_sixteenth_larger_than_its_region():
+    from services.kvstore.arena import dedicated_size
+
+    for length in (SEGMENT + ALIGN, 2 * SEGMENT, (1 << 30) + (16 << 10), 1 << 30, 3 << 28):
+        size = dedicated_size(length)
+        assert length <= size <= length + length // 16 and size % ALIGN == 0
+    assert dedicated_size(1 << 30) == 1 << 30
+    assert dedicated_size((1 << 30) + (16 << 10)) == (1 << 30) + (64 << 20)
 
 
 def test_without_a_limit_a_dedicated_segment_goes_when_freed(arena, tmp_path):
