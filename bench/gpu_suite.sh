@@ -23,6 +23,7 @@
 #   bench/gpu_suite.sh kvstore   # park/restore against the link and against prefill, the copy taken apart
 #   bench/gpu_suite.sh kvmove    # a context moved between two llama-1b workers against recomputing it
 #   bench/gpu_suite.sh graphfault  # the illegal address of a capture after other graphs were freed
+#   bench/gpu_suite.sh vmm       # CUDA's virtual memory API: a graph kept across unmap and remap
 #   bench/gpu_suite.sh tests plan   # several stages in one call, one tarball
 #
 # Subsets: SEED_MODES="1.0" (seed's modes), WORKER_MODELS="synthetic:llama-1b"
@@ -228,14 +229,18 @@ graphfault() {   # about 300 s: bench/diag_graph_fault.py as it faulted, then wh
         --print-limit 8 $PY bench/diag_graph_fault.py
 }
 
+vmm() {       # issue 20, seconds: can a sleeping model keep its decode graphs (bench/vmm_probe.py)
+    step "vmm-probe-$stamp" 60 $PY bench/vmm_probe.py --mib 1024
+}
+
 stream() {
     step "layer-stream-$stamp" 540 $PY bench/layer_stream.py --device cuda
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|kvmove|graphfault ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|kvmove|graphfault|vmm ..." >&2; exit 2; }
 for stage in "$@"; do
     case "$stage" in
-        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|kvmove|graphfault) "$stage" ;;
+        tests|plan|stress|workers|seed|seed3|speed|speed8b|compile|ahead|context|profile|stream|tools|quant|quant2|kvstore|kvmove|graphfault|vmm) "$stage" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
