@@ -17,6 +17,28 @@ from .worker_support import SMOLLM2, run_concurrently
 pytestmark = pytest.mark.timeout(240, func_only=True)
 
 
+def _admission(tmp_path, device: str, *extra: str):
+    """An admission of its own on a simulated device (`cpu:0=<size>`)."""
+    from services.common.launch import start_service
+
+    return start_service("services.admission", "lmx.v1.AdmissionService",
+                         ["--device", device, "--log-format", "json", *extra,
+                          "--state-file", "none"],
+                         log_path=tmp_path / "admission.log")
+
+
+def _waiter_beyond_free(stub, extra_bytes: int):
+    """A plain holder asking for `extra_bytes` more than is free now, waiting
+    for admission to ask the others: the lease it was granted, and what it
+    asked."""
+    free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
+    asked = free + extra_bytes
+    lease = stub.Acquire(apb.AcquireRequest(
+        holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
+        purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+    return lease, asked
+
+
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("weights-shm")
@@ -69,15 +91,10 @@ def test_auto_streams_what_does_not_fit(tmp_path):
     """--resident-fraction auto on a device too small for the whole model
     (360 MiB of leases for SmolLM2's 513 MiB of float32 weights): the worker
     keeps as many layers resident as fit, streams the rest, and is exact."""
-    from services.common.launch import start_service
-
     from .test_exactness import Input
     from .worker_support import WorkerFleet
 
-    admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=400MiB", "--log-format", "json",
-                               "--state-file", "none"],
-                              log_path=tmp_path / "admission.log")
+    admission = _admission(tmp_path, "cpu:0=400MiB")
     fleet = WorkerFleet(tmp_path)
     try:
         worker = fleet.ready("auto", SMOLLM2, admission.address, "--resident-fraction", "auto",
@@ -127,15 +144,10 @@ def test_a_streamed_worker_takes_its_layers_back_when_memory_frees(tmp_path):
     import grpc
 
     from lmx.v1 import admission_pb2_grpc
-    from services.common.launch import start_service
-
     from .test_exactness import Input
     from .worker_support import Reference, WorkerClient, WorkerFleet
 
-    admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=800MiB", "--log-format", "json",
-                               "--state-file", "none"],
-                              log_path=tmp_path / "admission.log")
+    admission = _admission(tmp_path, "cpu:0=800MiB")
     fleet = WorkerFleet(tmp_path)
     try:
         with grpc.insecure_channel(admission.address) as channel:
@@ -190,15 +202,10 @@ def test_a_streamed_worker_streams_more_to_make_room_and_goes_on(tmp_path):
     import grpc
 
     from lmx.v1 import admission_pb2_grpc
-    from services.common.launch import start_service
-
     from .test_exactness import Input
     from .worker_support import Reference, WorkerClient, WorkerFleet
 
-    admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=800MiB", "--log-format", "json",
-                               "--reclaim-deadline-s", "2", "--state-file", "none"],
-                              log_path=tmp_path / "admission.log")
+    admission = _admission(tmp_path, "cpu:0=800MiB", "--reclaim-deadline-s", "2")
     fleet = WorkerFleet(tmp_path)
     try:
         with grpc.insecure_channel(admission.address) as channel:
@@ -216,11 +223,8 @@ def test_a_streamed_worker_streams_more_to_make_room_and_goes_on(tmp_path):
             assert 0 < before.resident_fraction < 1.0
             item = Input("prompt", "The capital of France is")
             want = generate_once(worker.address, item).token_ids
-            free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
-            asked = free + (40 << 20)          # three layers' worth more than is free
-            lease = stub.Acquire(apb.AcquireRequest(
-                holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
-                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+            # Three layers' worth more than is free:
+            lease, asked = _waiter_beyond_free(stub, 40 << 20)
             assert lease.bytes == asked, "the waiter should be granted"
             with WorkerClient(worker.address) as client:
                 after = client.status()
@@ -252,15 +256,10 @@ def test_a_resident_auto_worker_starts_streaming_to_make_room(tmp_path):
     import grpc
 
     from lmx.v1 import admission_pb2_grpc
-    from services.common.launch import start_service
-
     from .test_exactness import Input
     from .worker_support import Reference, WorkerClient, WorkerFleet
 
-    admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=1200MiB", "--log-format", "json",
-                               "--reclaim-deadline-s", "2", "--state-file", "none"],
-                              log_path=tmp_path / "admission.log")
+    admission = _admission(tmp_path, "cpu:0=1200MiB", "--reclaim-deadline-s", "2")
     fleet = WorkerFleet(tmp_path)
     try:
         with grpc.insecure_channel(admission.address) as channel:
@@ -276,11 +275,8 @@ def test_a_resident_auto_worker_starts_streaming_to_make_room(tmp_path):
             assert before.resident_fraction == 1.0 and before.streamed_bytes == 0
             item = Input("prompt", "The capital of France is")
             want = generate_once(worker.address, item).token_ids
-            free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
-            asked = free + (20 << 20)          # two layers' worth (14.2 MB each) more than is free
-            lease = stub.Acquire(apb.AcquireRequest(
-                holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
-                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+            # Two layers' worth (14.2 MB each) more than is free:
+            lease, asked = _waiter_beyond_free(stub, 20 << 20)
             assert lease.bytes == asked, "the waiter should be granted"
             with WorkerClient(worker.address) as client:
                 after = client.status()
@@ -320,15 +316,10 @@ def test_past_its_share_an_auto_worker_sleeps_instead(tmp_path):
     import grpc
 
     from lmx.v1 import admission_pb2_grpc
-    from services.common.launch import start_service
-
     from .test_exactness import Input
     from .worker_support import Reference, WorkerClient, WorkerFleet
 
-    admission = start_service("services.admission", "lmx.v1.AdmissionService",
-                              ["--device", "cpu:0=1200MiB", "--log-format", "json",
-                               "--reclaim-deadline-s", "2", "--state-file", "none"],
-                              log_path=tmp_path / "admission.log")
+    admission = _admission(tmp_path, "cpu:0=1200MiB", "--reclaim-deadline-s", "2")
     fleet = WorkerFleet(tmp_path)
     try:
         with grpc.insecure_channel(admission.address) as channel:
@@ -341,11 +332,8 @@ def test_past_its_share_an_auto_worker_sleeps_instead(tmp_path):
             assert chosen and chosen[0]["fits_alone"] and chosen[0]["max_streamed"] == 1, chosen
             item = Input("prompt", "The capital of France is")
             want = generate_once(worker.address, item).token_ids
-            free = next(d.free_bytes for d in stub.Status(apb.StatusRequest(), timeout=10).devices)
-            asked = free + (40 << 20)          # about three layers' worth more than is free
-            lease = stub.Acquire(apb.AcquireRequest(
-                holder=apb.Holder(name="agent/waiter"), bytes=asked, wait_ms=30_000,
-                purpose=apb.PURPOSE_OTHER, ttl_ms=600_000), timeout=40).lease
+            # About three layers' worth more than is free:
+            lease, asked = _waiter_beyond_free(stub, 40 << 20)
             assert lease.bytes == asked, "the waiter should be granted"
             def asleep(lines):
                 return any(line.get("event") == "model_state" and line.get("state") == "asleep"
